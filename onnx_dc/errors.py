@@ -1,0 +1,36 @@
+"""Exception types raised by onnx-dc.
+
+Every error that is the user's (bad file, bad setting, corrupted container)
+derives from :class:`OnnxDcError`; the command line turns it into one line on
+stderr and exit code 2. Anything else escaping is a bug.
+"""
+
+from __future__ import annotations
+
+
+class OnnxDcError(Exception):
+    """Base class of all errors onnx-dc reports to its user."""
+
+
+class ContainerError(OnnxDcError, ValueError):
+    """A container byte string is truncated, corrupted, oversized or of an unsupported version."""
+
+
+class InvalidTensorError(OnnxDcError, ValueError):
+    """A tensor cannot be compressed (NaN or Inf values, unsupported dtype)."""
+
+
+class SettingsError(OnnxDcError, ValueError):
+    """A compression setting is unknown, out of range, or matches nothing."""
+
+
+class ModelError(OnnxDcError):
+    """A model file is missing, unreadable, not ONNX, or cannot be processed."""
+
+
+class CalibrationError(OnnxDcError, ValueError):
+    """Calibration or evaluation data does not fit the model."""
+
+
+class LibraryNotFoundError(OnnxDcError, FileNotFoundError):
+    """The custom operator library was not built or cannot be found."""
