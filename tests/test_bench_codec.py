@@ -1,0 +1,37 @@
+"""Runs benchmarks/bench_codec.py at a tiny size so the script cannot rot (no timing is checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_codec.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_codec", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_codec_runs_and_prints_its_table(capsys):
+    bench = _load()
+    assert bench.main(["--sizes", "5000", "--repeats", "1"]) == 0
+    output = capsys.readouterr().out
+    assert "encode Mw/s" in output and "decode Mw/s" in output
+    for case in bench.CASES:
+        assert case.name in output
+
+
+def test_bench_rows_describe_the_containers():
+    bench = _load()
+    rows = bench.run((3000,), repeats=1)
+    assert [row.case for row in rows] == [case.name for case in bench.CASES]
+    pruned, unpruned = rows
+    assert pruned.layout == "sparse" and unpruned.layout == "dense"
+    assert pruned.size_bytes < unpruned.size_bytes
+    assert all(row.encode_seconds > 0 and row.decode_seconds > 0 for row in rows)
