@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-APT_PACKAGES=(dataset-fashion-mnist cmake g++ clang libclang-rt-14-dev)
+APT_PACKAGES=(dataset-fashion-mnist cmake g++ clang libclang-rt-14-dev fonts-wqy-microhei fonts-dejavu-core)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -21,4 +21,4 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 echo "setup: installing onnx-dc (builds the operator library)"
-"$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test,bench]"
+"$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test,bench,real]"
