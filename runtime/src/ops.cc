@@ -1,0 +1,653 @@
+// onnxruntime glue: the custom operators of domain "ai.onnx_dc" and the
+// library entry point RegisterCustomOps. Only onnxruntime's C API is used; the
+// API table comes from the OrtApiBase that onnxruntime passes in, so nothing
+// from onnxruntime is linked. See docs/OPERATORS.md for the contract.
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "container.h"
+#include "onnxruntime_c_api.h"
+#include "sparse_matmul.h"
+
+#define ONNX_DC_EXPORT __attribute__((visibility("default")))
+
+namespace onnx_dc {
+namespace {
+
+// The API version this library is written against (onnxruntime 1.21). Newer
+// onnxruntime releases serve older API versions, so asking for exactly this
+// one lets the library load into every onnxruntime from 1.21 on, whatever
+// headers it was compiled with.
+constexpr uint32_t kOrtApiVersion = 21;
+static_assert(ORT_API_VERSION >= kOrtApiVersion, "onnxruntime headers older than 1.21");
+
+constexpr const char* kDomain = "ai.onnx_dc";
+
+enum class OpKind { kMatMul, kDecompress };
+
+struct OpDef {
+  OrtCustomOp base;  // first member: onnxruntime hands &base back to the callbacks
+  const char* name;
+  OpKind kind;
+  DType dtype;  // DCDecompress*: the output element type
+};
+
+const OpDef& DefOf(const OrtCustomOp* op) { return *reinterpret_cast<const OpDef*>(op); }
+
+ONNXTensorElementDataType OnnxType(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    case DType::kFloat16:
+      return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    case DType::kFloat64:
+      return ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE;
+    case DType::kBFloat16:
+      return ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
+  }
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
+
+const char* DecompressOpName(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return "DCDecompress";
+    case DType::kFloat16:
+      return "DCDecompressFloat16";
+    case DType::kFloat64:
+      return "DCDecompressDouble";
+    case DType::kBFloat16:
+      return "DCDecompressBFloat16";
+  }
+  return "";
+}
+
+// ------------------------------------------------------------ API helpers
+
+// Takes ownership of an OrtStatus and returns its message ("" for success).
+std::string TakeStatusMessage(const OrtApi* api, OrtStatus* status) {
+  if (status == nullptr) return std::string();
+  std::string message = api->GetErrorMessage(status);
+  api->ReleaseStatus(status);
+  return message.empty() ? std::string("onnxruntime call failed") : message;
+}
+
+struct TensorInfoDeleter {
+  const OrtApi* api;
+  void operator()(OrtTensorTypeAndShapeInfo* info) const { api->ReleaseTensorTypeAndShapeInfo(info); }
+};
+using TensorInfoPtr = std::unique_ptr<OrtTensorTypeAndShapeInfo, TensorInfoDeleter>;
+
+// Shape of a tensor value; returns an error message or "".
+std::string GetShape(const OrtApi* api, const OrtValue* value, std::vector<int64_t>* dims) {
+  OrtTensorTypeAndShapeInfo* raw = nullptr;
+  std::string error = TakeStatusMessage(api, api->GetTensorTypeAndShape(value, &raw));
+  if (!error.empty()) return error;
+  TensorInfoPtr info(raw, TensorInfoDeleter{api});
+  size_t count = 0;
+  error = TakeStatusMessage(api, api->GetDimensionsCount(info.get(), &count));
+  if (!error.empty()) return error;
+  dims->assign(count, 0);
+  return TakeStatusMessage(api, api->GetDimensions(info.get(), dims->data(), count));
+}
+
+// Element count of a shape, or false if a dimension is negative or it overflows.
+bool ElementCount(const std::vector<int64_t>& dims, uint64_t* count) {
+  uint64_t n = 1;
+  for (int64_t d : dims) {
+    if (d < 0) return false;
+    const uint64_t u = static_cast<uint64_t>(d);
+    if (u != 0 && n > UINT64_MAX / u) return false;
+    n *= u;
+  }
+  for (int64_t d : dims) {
+    if (d == 0) n = 0;
+  }
+  *count = n;
+  return true;
+}
+
+std::string ShapeString(const std::vector<int64_t>& dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+// Reads a name through one of onnxruntime's two-call string getters.
+template <typename Getter>
+std::string ReadName(const OrtApi* api, Getter getter) {
+  size_t size = 0;
+  if (!TakeStatusMessage(api, getter(nullptr, &size)).empty() || size == 0) return std::string();
+  std::string name(size, '\0');
+  if (!TakeStatusMessage(api, getter(&name[0], &size)).empty()) return std::string();
+  name.resize(std::strlen(name.c_str()));
+  return name;
+}
+
+// Bytes of a uint8 tensor (the container). Returns an error message or "".
+std::string ContainerBytes(const OrtApi* api, const OrtValue* value, const uint8_t** data, size_t* size) {
+  std::vector<int64_t> dims;
+  std::string error = GetShape(api, value, &dims);
+  if (!error.empty()) return error;
+  uint64_t count = 0;
+  if (!ElementCount(dims, &count)) return "invalid container tensor shape " + ShapeString(dims);
+  void* raw = nullptr;
+  error = TakeStatusMessage(api, api->GetTensorMutableData(const_cast<OrtValue*>(value), &raw));
+  if (!error.empty()) return error;
+  *data = static_cast<const uint8_t*>(raw);
+  *size = static_cast<size_t>(count);
+  return std::string();
+}
+
+// Describes a node's input for error messages.
+struct InputLabel {
+  std::string op;
+  std::string node;
+  std::string input;
+
+  std::string Prefix() const {
+    std::string s = op + (node.empty() ? std::string(" node (unnamed)") : " node '" + node + "'");
+    if (!input.empty()) s += ", container '" + input + "'";
+    return s + ": ";
+  }
+};
+
+OrtStatus* MakeStatus(const OrtApi* api, OrtErrorCode code, const std::string& message) {
+  return api->CreateStatus(code, message.c_str());
+}
+
+// Runs `body`, turning allocation failures and stray exceptions into statuses:
+// nothing may unwind into onnxruntime.
+template <typename Body>
+OrtStatus* Guarded(const OrtApi* api, const std::string& prefix, Body body) {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    return MakeStatus(api, ORT_FAIL, prefix + "out of memory");
+  } catch (const std::exception& e) {
+    return MakeStatus(api, ORT_FAIL, prefix + e.what());
+  } catch (...) {
+    return MakeStatus(api, ORT_FAIL, prefix + "unexpected error");
+  }
+}
+
+// Reads the container input (index 1 for DCMatMul, 0 for DCDecompress) if it
+// is a constant initializer. Returns an error message or "".
+std::string ConstantInput(const OrtApi* api, const OrtKernelInfo* info, size_t index, bool* is_constant,
+                          const uint8_t** data, size_t* size) {
+  int constant = 0;
+  const OrtValue* value = nullptr;
+  std::string error = TakeStatusMessage(api, api->KernelInfoGetConstantInput_tensor(info, index, &constant, &value));
+  if (!error.empty()) return error;
+  *is_constant = constant != 0 && value != nullptr;
+  if (!*is_constant) return std::string();
+  return ContainerBytes(api, value, data, size);
+}
+
+// KernelContext_ParallelFor adapter for SparseMatMul.
+struct OrtRunner {
+  const OrtApi* api;
+  OrtKernelContext* context;
+};
+
+std::string OrtParallelFor(void* runner, size_t total, void (*fn)(void*, size_t), void* context) {
+  if (total == 0) return std::string();
+  if (total == 1) {
+    fn(context, 0);
+    return std::string();
+  }
+  const OrtRunner& r = *static_cast<const OrtRunner*>(runner);
+  return TakeStatusMessage(r.api, r.api->KernelContext_ParallelFor(r.context, fn, total, 0, context));
+}
+
+// ------------------------------------------------------------ DCMatMul
+
+class MatMulKernel {
+ public:
+  MatMulKernel(const OrtApi* api, InputLabel label) : api_(api), label_(std::move(label)) {}
+
+  OrtStatus* Init(const OrtKernelInfo* info) {
+    int64_t trans_b = 0;
+    OrtStatus* status = api_->KernelInfoGetAttribute_int64(info, "trans_b", &trans_b);
+    if (status != nullptr) {
+      api_->ReleaseStatus(status);  // absent: default 0
+      trans_b = 0;
+    }
+    if (trans_b != 0 && trans_b != 1)
+      return MakeStatus(api_, ORT_INVALID_ARGUMENT,
+                        label_.Prefix() + "attribute trans_b must be 0 or 1, got " + std::to_string(trans_b));
+    trans_b_ = trans_b == 1;
+    ReadFloatAttribute(info, "alpha", &alpha_);
+    ReadFloatAttribute(info, "beta", &beta_);
+    isa_ = DetectKernelIsa();
+
+    bool constant = false;
+    const uint8_t* data = nullptr;
+    size_t size = 0;
+    std::string error = ConstantInput(api_, info, 1, &constant, &data, &size);
+    if (!error.empty()) return MakeStatus(api_, ORT_FAIL, label_.Prefix() + error);
+    if (!constant) return nullptr;  // decoded on every call
+    weights_.reset(new SparseWeights);
+    error = Decode(data, size, weights_.get());
+    if (!error.empty()) return MakeStatus(api_, ORT_INVALID_GRAPH, label_.Prefix() + error);
+    return nullptr;
+  }
+
+  OrtStatus* Compute(OrtKernelContext* context) const {
+    const OrtValue* x_value = nullptr;
+    OrtStatus* status = api_->KernelContext_GetInput(context, 0, &x_value);
+    if (status != nullptr) return status;
+    std::vector<int64_t> x_dims;
+    std::string error = GetShape(api_, x_value, &x_dims);
+    if (!error.empty()) return Fail(error);
+    uint64_t x_count = 0;
+    if (x_dims.empty() || !ElementCount(x_dims, &x_count)) return Fail("input X must have rank >= 1, got shape " + ShapeString(x_dims));
+
+    const SparseWeights* weights = weights_.get();
+    SparseWeights per_call;
+    if (weights == nullptr) {
+      const OrtValue* container = nullptr;
+      status = api_->KernelContext_GetInput(context, 1, &container);
+      if (status != nullptr) return status;
+      const uint8_t* data = nullptr;
+      size_t size = 0;
+      error = ContainerBytes(api_, container, &data, &size);
+      if (error.empty()) error = Decode(data, size, &per_call);
+      if (!error.empty()) return Fail(error);
+      weights = &per_call;
+    }
+
+    const uint64_t k_count = static_cast<uint64_t>(x_dims.back());
+    if (k_count != weights->in_features)
+      return Fail("input X has shape " + ShapeString(x_dims) + ", its last dimension must be the weight's K = " +
+                  std::to_string(weights->in_features));
+    uint64_t rows = 0;
+    if (k_count != 0) {
+      rows = x_count / k_count;
+    } else if (!CountRows(x_dims, &rows)) {
+      return Fail("input X has shape " + ShapeString(x_dims) + ", too many rows");
+    }
+
+    MatMulArgs args;
+    args.rows = rows;
+    args.alpha = alpha_;
+    args.beta = beta_;
+    size_t input_count = 0;
+    status = api_->KernelContext_GetInputCount(context, &input_count);
+    if (status != nullptr) return status;
+    if (input_count > 2) {
+      const OrtValue* bias = nullptr;
+      status = api_->KernelContext_GetInput(context, 2, &bias);
+      if (status != nullptr) return status;
+      if (bias != nullptr) {
+        error = ReadBias(bias, weights->out_features, &args);
+        if (!error.empty()) return Fail(error);
+      }
+    }
+
+    std::vector<int64_t> y_dims(x_dims);
+    y_dims.back() = static_cast<int64_t>(weights->out_features);
+    OrtValue* y_value = nullptr;
+    status = api_->KernelContext_GetOutput(context, 0, y_dims.data(), y_dims.size(), &y_value);
+    if (status != nullptr) return status;
+    void* y = nullptr;
+    status = api_->GetTensorMutableData(y_value, &y);
+    if (status != nullptr) return status;
+    void* x = nullptr;
+    status = api_->GetTensorMutableData(const_cast<OrtValue*>(x_value), &x);
+    if (status != nullptr) return status;
+    args.x = static_cast<const float*>(x);
+    args.y = static_cast<float*>(y);
+
+    OrtRunner runner{api_, context};
+    error = SparseMatMul(*weights, args, isa_, &OrtParallelFor, &runner);
+    if (!error.empty()) return Fail(error);
+    return nullptr;
+  }
+
+ private:
+  // Product of the leading dimensions (X's last dimension is 0 here, so
+  // X's element count says nothing about it); false if it overflows.
+  static bool CountRows(const std::vector<int64_t>& dims, uint64_t* rows) {
+    uint64_t n = 1;
+    for (size_t i = 0; i + 1 < dims.size(); ++i) {
+      const uint64_t d = static_cast<uint64_t>(dims[i]);  // ORT shapes are non-negative
+      if (d == 0) {
+        *rows = 0;
+        return true;
+      }
+      if (n > UINT64_MAX / d) return false;
+      n *= d;
+    }
+    *rows = n;
+    return true;
+  }
+
+  void ReadFloatAttribute(const OrtKernelInfo* info, const char* name, float* value) {
+    float v = 0.0f;
+    OrtStatus* status = api_->KernelInfoGetAttribute_float(info, name, &v);
+    if (status != nullptr) {
+      api_->ReleaseStatus(status);  // absent: keep the default
+      return;
+    }
+    *value = v;
+  }
+
+  std::string Decode(const uint8_t* data, size_t size, SparseWeights* weights) const {
+    DecodedContainer decoded;
+    std::string error;
+    if (!DecodeContainer(data, size, DecodeOptions(), &decoded, &error)) return error;
+    if (!BuildSparseWeights(decoded, trans_b_, weights, &error)) return error;
+    return std::string();
+  }
+
+  // Gemm's C broadcast per column: shape [N], [1, N], [1], [1, 1] or [].
+  std::string ReadBias(const OrtValue* bias, uint64_t n_count, MatMulArgs* args) const {
+    std::vector<int64_t> dims;
+    std::string error = GetShape(api_, bias, &dims);
+    if (!error.empty()) return error;
+    uint64_t count = 0;
+    bool ok = ElementCount(dims, &count) && dims.size() <= 2 && (count == 1 || count == n_count);
+    if (ok && dims.size() == 2 && dims[0] != 1) ok = false;
+    if (!ok)
+      return "bias has shape " + ShapeString(dims) + "; it must broadcast per output column: [" +
+             std::to_string(n_count) + "], [1, " + std::to_string(n_count) + "] or [1]";
+    void* data = nullptr;
+    error = TakeStatusMessage(api_, api_->GetTensorMutableData(const_cast<OrtValue*>(bias), &data));
+    if (!error.empty()) return error;
+    args->bias = static_cast<const float*>(data);
+    args->bias_size = count;
+    if (count == 0) args->bias = nullptr;  // N == 0: nothing to add
+    return std::string();
+  }
+
+  OrtStatus* Fail(const std::string& message) const {
+    return MakeStatus(api_, ORT_INVALID_ARGUMENT, label_.Prefix() + message);
+  }
+
+  const OrtApi* api_;
+  InputLabel label_;
+  bool trans_b_ = false;
+  float alpha_ = 1.0f;
+  float beta_ = 1.0f;
+  KernelIsa isa_ = KernelIsa::kGeneric;
+  std::unique_ptr<SparseWeights> weights_;  // null: the container is not constant
+};
+
+// ------------------------------------------------------------ DCDecompress
+
+class DecompressKernel {
+ public:
+  DecompressKernel(const OrtApi* api, InputLabel label, DType dtype)
+      : api_(api), label_(std::move(label)), dtype_(dtype) {}
+
+  OrtStatus* Init(const OrtKernelInfo* info) {
+    bool constant = false;
+    const uint8_t* data = nullptr;
+    size_t size = 0;
+    std::string error = ConstantInput(api_, info, 0, &constant, &data, &size);
+    if (!error.empty()) return MakeStatus(api_, ORT_FAIL, label_.Prefix() + error);
+    if (!constant) return nullptr;
+    DecodedContainer decoded;
+    error = Decode(data, size, &decoded, &dims_);
+    if (!error.empty()) return MakeStatus(api_, ORT_INVALID_GRAPH, label_.Prefix() + error);
+    dense_.resize(static_cast<size_t>(decoded.info.numel) * ItemSize(dtype_));
+    ExpandToDense(decoded, dense_.data());
+    constant_ = true;
+    return nullptr;
+  }
+
+  OrtStatus* Compute(OrtKernelContext* context) const {
+    DecodedContainer decoded;
+    std::vector<int64_t> per_call_dims;
+    const std::vector<int64_t>* dims = &dims_;
+    if (!constant_) {
+      const OrtValue* container = nullptr;
+      OrtStatus* status = api_->KernelContext_GetInput(context, 0, &container);
+      if (status != nullptr) return status;
+      const uint8_t* data = nullptr;
+      size_t size = 0;
+      std::string error = ContainerBytes(api_, container, &data, &size);
+      if (error.empty()) error = Decode(data, size, &decoded, &per_call_dims);
+      if (!error.empty()) return MakeStatus(api_, ORT_INVALID_ARGUMENT, label_.Prefix() + error);
+      dims = &per_call_dims;
+    }
+    OrtValue* y_value = nullptr;
+    OrtStatus* status = api_->KernelContext_GetOutput(context, 0, dims->data(), dims->size(), &y_value);
+    if (status != nullptr) return status;
+    void* y = nullptr;
+    status = api_->GetTensorMutableData(y_value, &y);
+    if (status != nullptr) return status;
+    if (constant_) {
+      if (!dense_.empty()) std::memcpy(y, dense_.data(), dense_.size());
+    } else if (decoded.info.numel > 0) {
+      ExpandToDense(decoded, y);
+    }
+    return nullptr;
+  }
+
+ private:
+  std::string Decode(const uint8_t* data, size_t size, DecodedContainer* decoded, std::vector<int64_t>* dims) const {
+    std::string error;
+    if (!DecodeContainer(data, size, DecodeOptions(), decoded, &error)) return error;
+    const DType dtype = decoded->info.dtype;
+    if (dtype != dtype_)
+      return std::string("the container holds ") + DTypeName(dtype) + " but " + DecompressOpName(dtype_) +
+             " outputs " + DTypeName(dtype_) + "; use " + DecompressOpName(dtype) + " for it";
+    dims->clear();
+    for (uint64_t d : decoded->info.dims) {
+      if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+        return "dimension " + std::to_string(d) + " does not fit an onnxruntime shape";
+      dims->push_back(static_cast<int64_t>(d));
+    }
+    return std::string();
+  }
+
+  const OrtApi* api_;
+  InputLabel label_;
+  DType dtype_;
+  bool constant_ = false;
+  std::vector<int64_t> dims_;
+  std::vector<uint8_t> dense_;
+};
+
+// ------------------------------------------------------------ OrtCustomOp callbacks
+
+struct KernelBox {
+  const OrtApi* api;
+  std::string op_name;
+  OpKind kind;
+  std::unique_ptr<MatMulKernel> matmul;
+  std::unique_ptr<DecompressKernel> decompress;
+};
+
+OrtStatusPtr ORT_API_CALL CreateKernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
+                                       void** kernel) {
+  const OpDef& def = DefOf(op);
+  *kernel = nullptr;
+  return Guarded(api, std::string(def.name) + ": ", [&]() -> OrtStatus* {
+    std::unique_ptr<KernelBox> box(new KernelBox);
+    box->api = api;
+    box->op_name = def.name;
+    box->kind = def.kind;
+    InputLabel label;
+    label.op = def.name;
+    label.node =
+        ReadName(api, [&](char* out, size_t* size) { return api->KernelInfo_GetNodeName(info, out, size); });
+    const size_t container_index = def.kind == OpKind::kMatMul ? 1 : 0;
+    label.input = ReadName(
+        api, [&](char* out, size_t* size) { return api->KernelInfo_GetInputName(info, container_index, out, size); });
+    OrtStatus* status = nullptr;
+    if (def.kind == OpKind::kMatMul) {
+      box->matmul.reset(new MatMulKernel(api, label));
+      status = box->matmul->Init(info);
+    } else {
+      box->decompress.reset(new DecompressKernel(api, label, def.dtype));
+      status = box->decompress->Init(info);
+    }
+    if (status != nullptr) return status;
+    *kernel = box.release();
+    return nullptr;
+  });
+}
+
+OrtStatusPtr ORT_API_CALL ComputeKernel(void* kernel, OrtKernelContext* context) {
+  const KernelBox& box = *static_cast<const KernelBox*>(kernel);
+  return Guarded(box.api, box.op_name + ": ", [&]() -> OrtStatus* {
+    return box.kind == OpKind::kMatMul ? box.matmul->Compute(context) : box.decompress->Compute(context);
+  });
+}
+
+void ORT_API_CALL DestroyKernel(void* kernel) { delete static_cast<KernelBox*>(kernel); }
+
+const char* ORT_API_CALL GetName(const OrtCustomOp* op) { return DefOf(op).name; }
+const char* ORT_API_CALL GetExecutionProviderType(const OrtCustomOp*) { return nullptr; }  // CPU
+
+size_t ORT_API_CALL GetInputTypeCount(const OrtCustomOp* op) {
+  return DefOf(op).kind == OpKind::kMatMul ? 3 : 1;
+}
+ONNXTensorElementDataType ORT_API_CALL GetInputType(const OrtCustomOp* op, size_t index) {
+  if (DefOf(op).kind == OpKind::kMatMul)
+    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+}
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL GetInputCharacteristic(const OrtCustomOp* op, size_t index) {
+  return DefOf(op).kind == OpKind::kMatMul && index == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+size_t ORT_API_CALL GetOutputTypeCount(const OrtCustomOp*) { return 1; }
+ONNXTensorElementDataType ORT_API_CALL GetOutputType(const OrtCustomOp* op, size_t) {
+  return DefOf(op).kind == OpKind::kMatMul ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : OnnxType(DefOf(op).dtype);
+}
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL GetOutputCharacteristic(const OrtCustomOp*, size_t) {
+  return INPUT_OUTPUT_REQUIRED;
+}
+OrtMemType ORT_API_CALL GetInputMemoryType(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
+int ORT_API_CALL GetVariadicMinArity(const OrtCustomOp*) { return 1; }
+int ORT_API_CALL GetVariadicHomogeneity(const OrtCustomOp*) { return 1; }
+int ORT_API_CALL GetStartVersion(const OrtCustomOp*) { return 1; }
+int ORT_API_CALL GetEndVersion(const OrtCustomOp*) { return std::numeric_limits<int>::max(); }
+size_t ORT_API_CALL GetNoPairs(int** input_index, int** output_index) {
+  *input_index = nullptr;
+  *output_index = nullptr;
+  return 0;
+}
+void ORT_API_CALL ReleaseNoPairs(int*, int*) {}
+
+OpDef MakeOpDef(const char* name, OpKind kind, DType dtype) {
+  OpDef def;
+  std::memset(&def.base, 0, sizeof(def.base));
+  OrtCustomOp& op = def.base;
+  op.version = kOrtApiVersion;
+  op.CreateKernel = nullptr;  // the V2 entry points below replace it
+  op.GetName = &GetName;
+  op.GetExecutionProviderType = &GetExecutionProviderType;
+  op.GetInputType = &GetInputType;
+  op.GetInputTypeCount = &GetInputTypeCount;
+  op.GetOutputType = &GetOutputType;
+  op.GetOutputTypeCount = &GetOutputTypeCount;
+  op.KernelCompute = nullptr;
+  op.KernelDestroy = &DestroyKernel;
+  op.GetInputCharacteristic = &GetInputCharacteristic;
+  op.GetOutputCharacteristic = &GetOutputCharacteristic;
+  op.GetInputMemoryType = &GetInputMemoryType;
+  op.GetVariadicInputMinArity = &GetVariadicMinArity;
+  op.GetVariadicInputHomogeneity = &GetVariadicHomogeneity;
+  op.GetVariadicOutputMinArity = &GetVariadicMinArity;
+  op.GetVariadicOutputHomogeneity = &GetVariadicHomogeneity;
+  op.CreateKernelV2 = &CreateKernel;
+  op.KernelComputeV2 = &ComputeKernel;
+  op.InferOutputShapeFn = nullptr;
+  op.GetStartVersion = &GetStartVersion;
+  op.GetEndVersion = &GetEndVersion;
+  op.GetMayInplace = &GetNoPairs;
+  op.ReleaseMayInplace = &ReleaseNoPairs;
+  op.GetAliasMap = &GetNoPairs;
+  op.ReleaseAliasMap = &ReleaseNoPairs;
+  def.name = name;
+  def.kind = kind;
+  def.dtype = dtype;
+  return def;
+}
+
+constexpr size_t kNumOps = 5;
+
+const OpDef* OpDefs() {
+  static const OpDef defs[kNumOps] = {
+      MakeOpDef("DCMatMul", OpKind::kMatMul, DType::kFloat32),
+      MakeOpDef(DecompressOpName(DType::kFloat32), OpKind::kDecompress, DType::kFloat32),
+      MakeOpDef(DecompressOpName(DType::kFloat16), OpKind::kDecompress, DType::kFloat16),
+      MakeOpDef(DecompressOpName(DType::kFloat64), OpKind::kDecompress, DType::kFloat64),
+      MakeOpDef(DecompressOpName(DType::kBFloat16), OpKind::kDecompress, DType::kBFloat16),
+  };
+  return defs;
+}
+
+// The one OrtCustomOpDomain of this library, created on first registration and
+// shared by every session options object it is added to (onnxruntime only
+// reads it). Released when the library is unloaded.
+class DomainRegistry {
+ public:
+  ~DomainRegistry() {
+    if (domain_ != nullptr) api_->ReleaseCustomOpDomain(domain_);
+  }
+
+  OrtStatus* AddTo(OrtSessionOptions* options, const OrtApi* api) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (domain_ == nullptr) {
+      OrtCustomOpDomain* domain = nullptr;
+      OrtStatus* status = api->CreateCustomOpDomain(kDomain, &domain);
+      if (status != nullptr) return status;
+      const OpDef* defs = OpDefs();
+      for (size_t i = 0; i < kNumOps; ++i) {
+        status = api->CustomOpDomain_Add(domain, &defs[i].base);
+        if (status != nullptr) {
+          api->ReleaseCustomOpDomain(domain);
+          return status;
+        }
+      }
+      domain_ = domain;
+      api_ = api;
+    }
+    return api->AddCustomOpDomain(options, domain_);
+  }
+
+ private:
+  std::mutex mutex_;
+  const OrtApi* api_ = nullptr;
+  OrtCustomOpDomain* domain_ = nullptr;
+};
+
+DomainRegistry& Registry() {
+  static DomainRegistry registry;
+  return registry;
+}
+
+}  // namespace
+}  // namespace onnx_dc
+
+extern "C" ONNX_DC_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                    const OrtApiBase* api_base) {
+  if (api_base == nullptr) return nullptr;  // cannot report anything without an API table
+  const OrtApi* api = api_base->GetApi(onnx_dc::kOrtApiVersion);
+  if (api == nullptr) {
+    // Too old an onnxruntime: report through the oldest API table, which every
+    // release serves.
+    const OrtApi* oldest = api_base->GetApi(1);
+    if (oldest == nullptr) return nullptr;
+    const std::string message = std::string("the onnx-dc operator library needs onnxruntime >= 1.21, this is ") +
+                                api_base->GetVersionString();
+    return oldest->CreateStatus(ORT_FAIL, message.c_str());
+  }
+  try {
+    return onnx_dc::Registry().AddTo(options, api);
+  } catch (...) {
+    return api->CreateStatus(ORT_FAIL, "onnx-dc: registering the custom operators failed (out of memory)");
+  }
+}

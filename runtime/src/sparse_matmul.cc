@@ -1,0 +1,239 @@
+// Builds the codebook-index layout of a weight and drives the block kernels.
+#include "sparse_matmul.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "matmul_kernels.h"
+
+namespace onnx_dc {
+
+namespace {
+
+static_assert(8 * kMaxBlockColumns <= kMaxTileFloats, "a tile of 8 rows must fit every block");
+
+// The tile width for `rows` remaining batch rows: the smallest of 1, 4, 8, 16
+// that holds them, narrowed until the accumulator (width x block columns
+// floats) fits.
+unsigned TileWidthFor(uint64_t rows, uint32_t block_columns) {
+  unsigned width = 1;
+  if (rows > 1) width = rows <= 4 ? 4 : rows <= 8 ? 8 : kMaxTileWidth;
+  // Halve until the accumulator fits: 1, 4, 8 and 16 are the compiled widths.
+  while (width > 4 && uint64_t{width} * block_columns > kMaxTileFloats) width /= 2;
+  return width;
+}
+
+struct Tile {
+  uint64_t first_row;
+  unsigned rows;
+  unsigned width;
+  size_t x_offset;       // into the transposed scratch (width > 1)
+  size_t active_offset;  // into the active-row scratch
+  uint64_t num_active;
+};
+
+struct MatMulRun {
+  const SparseWeights* weights;
+  const MatMulArgs* args;
+  void (*run_task)(const BlockTask&);
+  std::vector<Tile> tiles;
+  std::vector<float> transposed;
+  std::vector<uint32_t> active;
+};
+
+// Transposes one tile of X (width > 1) and lists its rows k with a nonzero
+// activation; for width 1 only lists them.
+void PrepareTile(void* context, size_t index) {
+  MatMulRun& run = *static_cast<MatMulRun*>(context);
+  Tile& tile = run.tiles[index];
+  const uint64_t k_count = run.weights->in_features;
+  const float* x = run.args->x + tile.first_row * k_count;
+  uint32_t* active = run.active.data() + tile.active_offset;
+  uint64_t n = 0;
+  if (tile.width == 1) {
+    for (uint64_t k = 0; k < k_count; ++k) {
+      if (x[k] != 0.0f) active[n++] = static_cast<uint32_t>(k);
+    }
+  } else {
+    float* xt = run.transposed.data() + tile.x_offset;
+    for (uint64_t k = 0; k < k_count; ++k) {
+      bool nonzero = false;
+      float* column = xt + k * tile.width;
+      for (unsigned t = 0; t < tile.rows; ++t) {
+        const float v = x[t * k_count + k];
+        column[t] = v;
+        nonzero |= (v != 0.0f);
+      }
+      for (unsigned t = tile.rows; t < tile.width; ++t) column[t] = 0.0f;
+      if (nonzero) active[n++] = static_cast<uint32_t>(k);
+    }
+  }
+  tile.num_active = n;
+}
+
+void RunTask(void* context, size_t index) {
+  const MatMulRun& run = *static_cast<const MatMulRun*>(context);
+  const SparseWeights& w = *run.weights;
+  const MatMulArgs& args = *run.args;
+  const Tile& tile = run.tiles[index / w.num_blocks];
+  BlockTask task;
+  task.weights = &w;
+  task.block = static_cast<uint32_t>(index % w.num_blocks);
+  task.x = tile.width == 1 ? args.x + tile.first_row * w.in_features : run.transposed.data() + tile.x_offset;
+  task.tile_width = tile.width;
+  task.tile_rows = tile.rows;
+  task.active_rows = run.active.data() + tile.active_offset;
+  task.num_active_rows = tile.num_active;
+  task.y = args.y + tile.first_row * w.out_features;
+  task.y_stride = w.out_features;
+  task.alpha = args.alpha;
+  task.beta = args.beta;
+  task.bias = args.bias;
+  task.bias_size = args.bias_size;
+  run.run_task(task);
+}
+
+}  // namespace
+
+size_t SparseWeights::memory_bytes() const {
+  return sizeof(*this) + codebook.capacity() * sizeof(float) + row_offsets.capacity() * sizeof(uint32_t) +
+         entries.capacity() * sizeof(uint16_t);
+}
+
+bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseWeights* out, std::string* error) {
+  const ContainerInfo& info = decoded.info;
+  if (info.dtype != DType::kFloat32) {
+    *error = std::string("the weight must be float32, the container holds ") + DTypeName(info.dtype);
+    return false;
+  }
+  if (info.dims.size() != 2) {
+    *error = "the weight must be 2-D, the container holds a " + std::to_string(info.dims.size()) + "-D tensor";
+    return false;
+  }
+  const uint64_t rows = info.dims[0], cols = info.dims[1];
+  const uint64_t k_count = trans_b ? cols : rows;
+  const uint64_t n_count = trans_b ? rows : cols;
+  if (k_count >= UINT32_MAX || n_count >= UINT32_MAX) {
+    *error = "the weight's dimensions must be below 2^32 - 1";
+    return false;
+  }
+  const uint32_t zero_symbol = info.codebook_size;
+  uint64_t kept = 0;
+  for (uint16_t c : decoded.codes) kept += (c != zero_symbol);
+  if (kept >= UINT32_MAX) {
+    *error = "the weight has 2^32 or more nonzero values";
+    return false;
+  }
+
+  SparseWeights& w = *out;
+  w.in_features = k_count;
+  w.out_features = n_count;
+  unsigned index_bits = 0;  // bits of the largest codebook index (codebook_size <= 256)
+  while (info.codebook_size > (1u << index_bits)) ++index_bits;
+  w.column_bits = 16 - index_bits;
+  // As few blocks as the width limit allows, of equal width (balanced tasks).
+  const uint64_t max_width = std::min<uint64_t>(kMaxBlockColumns, uint64_t{1} << w.column_bits);
+  w.num_blocks = static_cast<uint32_t>((n_count + max_width - 1) / max_width);
+  w.block_columns = n_count == 0 ? 1 : static_cast<uint32_t>((n_count + w.num_blocks - 1) / w.num_blocks);
+  w.codebook.assign(size_t{1} << index_bits, 0.0f);
+  if (info.codebook_size > 0) std::memcpy(w.codebook.data(), decoded.codebook.data(), info.codebook_size * sizeof(float));
+  const uint64_t stride = k_count + 1;
+  w.row_offsets.assign(static_cast<size_t>(w.num_blocks * stride), 0);
+  w.entries.assign(static_cast<size_t>(kept), 0);
+
+  // Visits the kept entries in order as (row, col) of the container's tensor.
+  auto for_each_kept = [&](auto&& visit) {
+    const bool sparse = info.layout == Layout::kSparse;
+    uint64_t row = 0, col = 0;  // element after the previous entry
+    for (uint64_t i = 0; i < info.entries; ++i) {
+      if (sparse) {
+        col += decoded.gaps[i];
+        if (col >= cols) {
+          row += col / cols;
+          col %= cols;
+        }
+      }
+      const uint16_t code = decoded.codes[i];
+      if (code != zero_symbol) visit(row, col, code);
+      if (++col == cols) {
+        col = 0;
+        ++row;
+      }
+    }
+  };
+  const uint32_t block_columns = w.block_columns;
+  uint32_t* offsets = w.row_offsets.data();
+  for_each_kept([&](uint64_t row, uint64_t col, uint16_t) {
+    const uint64_t k = trans_b ? col : row, n = trans_b ? row : col;
+    offsets[(n / block_columns) * stride + k + 1]++;
+  });
+  uint32_t total = 0;
+  for (uint64_t b = 0; b < w.num_blocks; ++b) {
+    uint32_t* block = offsets + b * stride;
+    block[0] = total;
+    for (uint64_t k = 0; k < k_count; ++k) block[k + 1] += block[k];
+    total = block[k_count];
+  }
+  std::vector<uint32_t> cursor(w.row_offsets);
+  uint16_t* entries = w.entries.data();
+  const unsigned shift = w.column_bits;
+  for_each_kept([&](uint64_t row, uint64_t col, uint16_t code) {
+    const uint64_t k = trans_b ? col : row, n = trans_b ? row : col;
+    const uint64_t block = n / block_columns;
+    const uint32_t column_in_block = static_cast<uint32_t>(n - block * block_columns);  // < 2^column_bits
+    // code < codebook_size <= 2^(16 - column_bits): the entry fits 16 bits.
+    entries[cursor[block * stride + k]++] = static_cast<uint16_t>((uint32_t{code} << shift) | column_in_block);
+  });
+  return true;
+}
+
+KernelIsa DetectKernelIsa() {
+  const char* forced = std::getenv("ONNX_DC_KERNEL_ISA");
+  if (forced != nullptr && std::strcmp(forced, "generic") == 0) return KernelIsa::kGeneric;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2"))
+    return KernelIsa::kAvx2;
+#endif
+  return KernelIsa::kGeneric;
+}
+
+const char* KernelIsaName(KernelIsa isa) { return isa == KernelIsa::kAvx2 ? "avx2" : "generic"; }
+
+std::string SparseMatMul(const SparseWeights& weights, const MatMulArgs& args, KernelIsa isa,
+                         ParallelForFn parallel_for, void* runner) {
+  if (args.rows == 0 || weights.out_features == 0) return std::string();
+  MatMulRun run;
+  run.weights = &weights;
+  run.args = &args;
+  run.run_task = isa == KernelIsa::kAvx2 ? &avx2::RunBlockTask : &generic::RunBlockTask;
+
+  const uint64_t k_count = weights.in_features;
+  size_t transposed_floats = 0;
+  for (uint64_t first = 0; first < args.rows;) {
+    const uint64_t left = args.rows - first;
+    Tile tile{};
+    tile.first_row = first;
+    tile.width = TileWidthFor(left, weights.block_columns);
+    tile.rows = static_cast<unsigned>(std::min<uint64_t>(tile.width, left));
+    tile.x_offset = transposed_floats;
+    tile.active_offset = run.tiles.size() * static_cast<size_t>(k_count);
+    if (tile.width > 1) transposed_floats += static_cast<size_t>(k_count) * tile.width;
+    run.tiles.push_back(tile);
+    first += tile.rows;
+  }
+  run.transposed.resize(transposed_floats);
+  run.active.resize(run.tiles.size() * static_cast<size_t>(k_count));
+
+  std::string error;
+  if (run.tiles.size() == 1) {
+    PrepareTile(&run, 0);
+  } else {
+    error = parallel_for(runner, run.tiles.size(), &PrepareTile, &run);
+    if (!error.empty()) return error;
+  }
+  return parallel_for(runner, run.tiles.size() * weights.num_blocks, &RunTask, &run);
+}
+
+}  // namespace onnx_dc

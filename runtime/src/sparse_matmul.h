@@ -1,0 +1,82 @@
+// Sparse matrix multiplication directly on codebook indices (EIE-style).
+//
+// The weight W' ([in_features, out_features], the right operand of X @ W') is
+// held as codebook indices and compact column positions, never as dense
+// floats: its columns (the outputs) are cut into blocks of at most 2048
+// columns, and inside a block the nonzero weights of input row k are a run of
+// 16-bit entries
+//     entry = (codebook index << column_bits) | (column - first column of block)
+// where column_bits = 16 - (bits of the largest codebook index), so blocks are
+// at most 2^column_bits wide (2048 for codebooks of up to 32 values, 256 for
+// 256 values). Runs are stored block by block, row by row, columns ascending;
+// row_offsets delimits each (block, row) run. Pruned weights and filler
+// entries are not stored: the layout holds 2 bytes per nonzero weight plus 4
+// bytes per (block, row).
+//
+// The kernel walks, for each output block, only the input rows whose
+// activation is nonzero (zero activations are skipped, as in EIE), adding
+// x[k] * codebook[code] into the block's outputs. Blocks (times tiles of the
+// batch) are independent tasks run through a caller-supplied parallel-for, so
+// every output is computed by one task in a fixed order: results do not depend
+// on the thread count.
+#ifndef ONNX_DC_RUNTIME_SPARSE_MATMUL_H_
+#define ONNX_DC_RUNTIME_SPARSE_MATMUL_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "container.h"
+
+namespace onnx_dc {
+
+struct SparseWeights {
+  uint64_t in_features = 0;   // K: rows of W'
+  uint64_t out_features = 0;  // N: columns of W'
+  unsigned column_bits = 16;    // low bits of an entry: the column inside its block
+  uint32_t block_columns = 0;  // width of every block but possibly the last
+  uint32_t num_blocks = 0;
+  // Codebook as float32, padded with zeros to 2^(16 - column_bits) values
+  // (every index an entry can hold).
+  std::vector<float> codebook;
+  // num_blocks * (in_features + 1) offsets into `entries`; the run of
+  // (block b, row k) is [row_offsets[b * (K + 1) + k], row_offsets[b * (K + 1) + k + 1]).
+  std::vector<uint32_t> row_offsets;
+  std::vector<uint16_t> entries;
+
+  // Bytes held by the layout (what a session keeps for this weight).
+  size_t memory_bytes() const;
+};
+
+// Builds the layout from a decoded 2-D float32 container. With trans_b false
+// the container holds W' itself ([K, N]); with trans_b true it holds W'^T
+// ([N, K], Gemm's transB). Returns false with a one-line *error otherwise.
+bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseWeights* out, std::string* error);
+
+// Runs fn(context, i) for i in [0, total), possibly in parallel. Returns an
+// empty string on success or an error message.
+using ParallelForFn = std::string (*)(void* runner, size_t total, void (*fn)(void*, size_t), void* context);
+
+struct MatMulArgs {
+  const float* x = nullptr;  // [rows, in_features], row-major
+  float* y = nullptr;        // [rows, out_features], row-major
+  uint64_t rows = 0;
+  float alpha = 1.0f;
+  float beta = 1.0f;
+  const float* bias = nullptr;  // nullptr, or 1 or out_features values
+  uint64_t bias_size = 0;
+};
+
+// Which compiled kernel variant to use (chosen once per process from CPUID).
+enum class KernelIsa { kGeneric, kAvx2 };  // kAvx2: AVX2 + FMA + BMI2
+KernelIsa DetectKernelIsa();
+const char* KernelIsaName(KernelIsa isa);
+
+// y = alpha * x @ W' + beta * bias. Returns an empty string on success.
+std::string SparseMatMul(const SparseWeights& weights, const MatMulArgs& args, KernelIsa isa,
+                         ParallelForFn parallel_for, void* runner);
+
+}  // namespace onnx_dc
+
+#endif  // ONNX_DC_RUNTIME_SPARSE_MATMUL_H_
