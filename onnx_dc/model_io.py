@@ -1,0 +1,396 @@
+"""Loading and saving ONNX models safely.
+
+* :func:`load_model` reads a model file with its external data (models over
+  2 GB keep their tensors in side files) or copies an in-memory
+  ``onnx.ModelProto``, so the caller's model is never modified.
+* :func:`save_model` writes a model atomically: every file goes to a temporary
+  file in the target directory and is renamed into place only once it is
+  complete, so an error, a full disk or an interrupt never leaves a partial
+  output. Models whose protobuf would exceed the 2 GB limit are written with
+  their large tensors in one external data file beside the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from onnx_dc.errors import ModelError
+
+ModelSource = str | os.PathLike | onnx.ModelProto
+
+# A serialized protobuf message cannot exceed 2 GiB. Stay clear of it: the graph
+# structure and small tensors still have to fit beside the inline tensors.
+PROTOBUF_LIMIT_BYTES = 2**31 - 2**26
+
+# Tensors at least this large go to the external data file when one is written.
+EXTERNAL_DATA_MIN_BYTES = 1024
+
+# Offsets of large tensors in the external data file are aligned for mmap.
+_EXTERNAL_ALIGN_BYTES = 4096
+_EXTERNAL_ALIGN_MIN_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    """The files :func:`save_model` wrote."""
+
+    model_path: Path
+    external_data_path: Path | None
+
+    @property
+    def size_bytes(self) -> int:
+        """Total size on disk of the model file and its external data file."""
+        total = self.model_path.stat().st_size
+        if self.external_data_path is not None:
+            total += self.external_data_path.stat().st_size
+        return total
+
+
+def load_model(source: ModelSource) -> onnx.ModelProto:
+    """Load an ONNX model from a path (with its external data) or copy a ``ModelProto``.
+
+    Raises :class:`ModelError` with one line naming the problem when the file
+    is missing, unreadable, not an ONNX model, or its external data is missing.
+    The returned model is always a new object: the caller's is never touched.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        _check_is_model(model, "the given ModelProto")
+        if _has_external_refs(model):
+            raise ModelError(
+                "the given ModelProto refers to external data that is not loaded; "
+                "pass the model's file path instead"
+            )
+        return model
+    if not isinstance(source, (str, os.PathLike)):
+        raise ModelError(f"expected a model path or onnx.ModelProto, got {type(source).__name__}")
+    path = Path(source)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelError(f"{path}: is a directory, not an ONNX model file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError):
+        raise ModelError(f"{path}: not an ONNX model (the file is not a valid ModelProto)") from None
+    del data
+    _check_is_model(model, str(path))
+    if _has_external_refs(model):
+        try:
+            external_data_helper.load_external_data_for_model(model, str(path.resolve().parent))
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise ModelError(f"{path}: cannot load external data: {_one_line(exc)}") from None
+    return model
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """Resolved paths of the external data files an ONNX model file refers to (may be empty)."""
+    model = onnx.load_model(str(path), load_external_data=False)
+    base = Path(path).resolve().parent
+    files: list[Path] = []
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    candidate = (base / entry.value).resolve()
+                    if candidate not in files:
+                        files.append(candidate)
+    return files
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when two paths name the same file (also through symlinks and hard links)."""
+    pa, pb = Path(a), Path(b)
+    try:
+        if pa.exists() and pb.exists():
+            return os.path.samefile(pa, pb)
+    except OSError:
+        pass
+    return pa.resolve() == pb.resolve()
+
+
+def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> Path:
+    """Refuse an output path that would overwrite an input model or its external data.
+
+    Returns the output as a :class:`Path`. Raises :class:`ModelError`.
+    """
+    out = Path(output)
+    if str(output) == "":
+        raise ModelError("output path is empty")
+    if out.is_dir():
+        raise ModelError(f"{out}: output is a directory; give a file name")
+    if not out.resolve().parent.is_dir():
+        raise ModelError(f"{out}: output directory {out.resolve().parent} does not exist")
+    data_path = out.with_name(out.name + ".data")
+    for inp in inputs:
+        if same_file(out, inp):
+            raise ModelError(f"{out}: output is the same file as the input; choose another output path")
+        protected = [Path(inp)]
+        with contextlib.suppress(Exception):
+            protected += external_data_files(inp)
+        for p in protected:
+            if same_file(data_path, p) or same_file(out, p):
+                raise ModelError(
+                    f"{out}: writing it would overwrite {p}, which belongs to the input model"
+                )
+    return out
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+) -> SavedModel:
+    """Write ``model`` to ``path`` atomically; never leaves a partial file behind.
+
+    ``external_data``: ``None`` (default) writes one self-contained file unless
+    the model is too large for protobuf's 2 GB limit, in which case tensors of at
+    least :data:`EXTERNAL_DATA_MIN_BYTES` go to ``<path>.data`` beside it;
+    ``True`` always writes the external data file; ``False`` never does (and
+    fails for models over the limit). ``model`` is left as it was.
+    Raises :class:`ModelError` when the file cannot be written.
+    """
+    path = Path(path)
+    if external_data is None:
+        external_data = tensor_bytes(model) > PROTOBUF_LIMIT_BYTES
+    elif not external_data and tensor_bytes(model) > PROTOBUF_LIMIT_BYTES:
+        raise ModelError(f"{path}: model is over the 2 GB protobuf limit; it needs external data")
+    directory = path.resolve().parent
+    if not directory.is_dir():
+        raise ModelError(f"{path}: directory {directory} does not exist")
+    data_path = path.with_name(path.name + ".data") if external_data else None
+    temps: list[Path] = []
+    # Temporary files are removed in two nested finally clauses, both in place before any file
+    # exists, so an interrupt arriving anywhere (even during one clean-up) leaves nothing behind.
+    try:
+        try:
+            try:
+                if data_path is None:
+                    model_tmp = _temp_file(directory, path.name, temps)
+                    _write_bytes(model_tmp, _serialize(model, path))
+                    os.replace(model_tmp, path)  # the commit point
+                else:
+                    _save_with_external_data(model, path, data_path, directory, temps)
+            except OSError as exc:
+                raise ModelError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        finally:
+            _remove_files(temps)
+    finally:
+        _remove_files(temps)
+    return SavedModel(model_path=path, external_data_path=data_path)
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Approximate serialized size of every tensor in the model (initializers, Constant values)."""
+    total = 0
+    for tensor in _all_tensors(model):
+        total += _tensor_payload_bytes(tensor)
+    return total
+
+
+def serialized_size_bytes(model: onnx.ModelProto) -> int:
+    """Size of the model's single-file serialization, computed without serializing it."""
+    return model.ByteSize()
+
+
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """Yield ``graph`` and every subgraph nested in it (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from iter_graphs(sub)
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    for graph in iter_graphs(model.graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+                elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                    yield attr.sparse_tensor.values
+                    yield attr.sparse_tensor.indices
+
+
+def _tensor_payload_bytes(tensor: onnx.TensorProto) -> int:
+    return tensor.ByteSize()  # computed without copying raw_data out of the message
+
+
+def _has_external_refs(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model))
+
+
+def _check_is_model(model: onnx.ModelProto, what: str) -> None:
+    if not model.HasField("graph") or model.ir_version <= 0 or len(model.opset_import) == 0:
+        raise ModelError(f"{what}: not an ONNX model (no graph, IR version or opset import)")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _temp_file(directory: Path, name: str, temps: list[Path], *, create: bool = True) -> Path:
+    """A new temporary file name in ``directory``, registered in ``temps`` before the file exists."""
+    tmp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+    temps.append(tmp)
+    if create:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # permissions as open() gives
+        os.close(fd)
+    return tmp
+
+
+def _remove_files(paths: list[Path]) -> None:
+    for tmp in paths:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _save_with_external_data(
+    model: onnx.ModelProto, path: Path, data_path: Path, directory: Path, temps: list[Path]
+) -> None:
+    """Write ``path`` and ``data_path`` so that a failure or interrupt leaves the old pair or the new pair.
+
+    The data file is renamed into place first, then the model (the commit point).
+    If anything stops the sequence before the model is in place, the data file
+    is rolled back (the previous one restored from a hard link, or removed).
+    """
+    data_tmp = _temp_file(directory, data_path.name, temps)
+    model_tmp = _temp_file(directory, path.name, temps)
+    with _externalized(model, data_tmp, data_path.name):
+        _write_bytes(model_tmp, _serialize(model, path))
+    new_data, new_model = _file_id(data_tmp), _file_id(model_tmp)
+    backup: Path | None = None
+    try:
+        if data_path.exists():
+            backup = _temp_file(directory, data_path.name, temps, create=False)
+            os.link(data_path, backup)
+        os.replace(data_tmp, data_path)
+        os.replace(model_tmp, path)  # the commit point
+    except BaseException:
+        if _file_id(path) != new_model and _file_id(data_path) == new_data:
+            if backup is not None and backup.exists():
+                os.replace(backup, data_path)
+            else:
+                with contextlib.suppress(OSError):
+                    data_path.unlink()
+        raise
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _serialize(model: onnx.ModelProto, path: Path) -> bytes:
+    try:
+        return model.SerializeToString()
+    except ValueError as exc:  # protobuf refuses messages over 2 GB
+        raise ModelError(f"{path}: cannot serialize the model: {_one_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def _externalized(model: onnx.ModelProto, data_file: Path, location: str) -> Iterator[None]:
+    """Move large tensors' bytes into ``data_file`` for the duration of the block, then put them back."""
+    moved: list[tuple[onnx.TensorProto, onnx.TensorProto]] = []
+    # Restored in two nested finally clauses, both in place before anything is moved: the
+    # caller's model comes back whole even if an interrupt hits one of them.
+    try:
+        try:
+            with open(data_file, "wb") as f:
+                offset = 0
+                for tensor in _all_tensors(model):
+                    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                        continue
+                    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+                        continue
+                    if _tensor_payload_bytes(tensor) < EXTERNAL_DATA_MIN_BYTES:
+                        continue
+                    raw = _raw_bytes(tensor)
+                    if len(raw) >= _EXTERNAL_ALIGN_MIN_BYTES and offset % _EXTERNAL_ALIGN_BYTES:
+                        pad = _EXTERNAL_ALIGN_BYTES - offset % _EXTERNAL_ALIGN_BYTES
+                        f.write(b"\0" * pad)
+                        offset += pad
+                    f.write(raw)
+                    original = onnx.TensorProto()
+                    original.CopyFrom(tensor)
+                    moved.append((tensor, original))
+                    _clear_data(tensor)
+                    tensor.data_location = onnx.TensorProto.EXTERNAL
+                    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                        entry = tensor.external_data.add()
+                        entry.key = key
+                        entry.value = value
+                    offset += len(raw)
+                    del raw
+                f.flush()
+                os.fsync(f.fileno())
+            yield
+        finally:
+            _restore_tensors(moved)
+    finally:
+        _restore_tensors(moved)
+
+
+def _restore_tensors(moved: list[tuple[onnx.TensorProto, onnx.TensorProto]]) -> None:
+    for tensor, original in moved:
+        tensor.CopyFrom(original)
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    from onnx import numpy_helper
+
+    array = numpy_helper.to_array(tensor)
+    return numpy_helper.from_array(array).raw_data
+
+
+def _clear_data(tensor: onnx.TensorProto) -> None:
+    for field in (
+        "raw_data",
+        "float_data",
+        "int32_data",
+        "int64_data",
+        "double_data",
+        "uint64_data",
+        "string_data",
+    ):
+        tensor.ClearField(field)

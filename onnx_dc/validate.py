@@ -1,0 +1,375 @@
+"""Checking that a compressed model still answers like the original.
+
+:func:`validate_models` runs both models with onnxruntime on the same inputs
+(an ``.npz`` keyed by input name, a dict, or inputs generated from the
+original's input specs) and compares every output: max and mean absolute
+difference, cosine similarity and, for outputs whose last axis holds scores,
+top-1 agreement. The compressed model runs through the onnx-dc custom operator
+library when it is available; otherwise through its decompressed form (the
+same quantized weights in standard operators), and the report says which.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnx_dc.errors import CalibrationError, LibraryNotFoundError, ModelError, OnnxDcError
+from onnx_dc import model_io
+from onnx_dc.model_io import save_model, tensor_bytes
+from onnx_dc.rewrite import decompress_model, has_custom_ops
+
+# Generated inputs: the first dynamic axis (the batch) gets this size, the others the second.
+GENERATED_BATCH = 1
+GENERATED_DIM = 32
+GENERATED_SEED = 0
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """How one output of the compressed model compares with the original's."""
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs_diff: float
+    mean_abs_diff: float
+    cosine: float | None  # None for non-float outputs
+    top1_agreement: float | None  # None when the output has no class axis
+    passed: bool
+    problem: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "max_abs_diff": _finite_or_str(self.max_abs_diff),
+            "mean_abs_diff": _finite_or_str(self.mean_abs_diff),
+            "cosine": None if self.cosine is None else _finite_or_str(self.cosine),
+            "top1_agreement": self.top1_agreement,
+            "passed": self.passed,
+            "problem": self.problem,
+        }
+
+
+@dataclass
+class ValidationReport:
+    """Per-output comparison of two models, the thresholds applied and how the compressed model ran."""
+
+    outputs: list[OutputComparison]
+    runner: str
+    used_library: bool
+    inputs_source: str
+    max_abs_diff: float | None = None
+    min_cosine: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when every output is within the thresholds (and shapes and dtypes agree)."""
+        return all(o.passed for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Machine-readable report."""
+        return {
+            "passed": self.passed,
+            "runner": self.runner,
+            "used_library": self.used_library,
+            "inputs": self.inputs_source,
+            "thresholds": {"max_abs_diff": self.max_abs_diff, "min_cosine": self.min_cosine},
+            "outputs": [o.to_dict() for o in self.outputs],
+            "notes": list(self.notes),
+        }
+
+    def format_table(self) -> str:
+        """The comparison as a text table plus a verdict line."""
+        header = ["output", "shape", "max abs diff", "mean abs diff", "cosine", "top-1 agree", "ok"]
+        rows = []
+        for o in self.outputs:
+            rows.append(
+                [
+                    o.name,
+                    "x".join(str(d) for d in o.shape) or "scalar",
+                    f"{o.max_abs_diff:.3g}",
+                    f"{o.mean_abs_diff:.3g}",
+                    "-" if o.cosine is None else f"{o.cosine:.6f}",
+                    "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f}%",
+                    "yes" if o.passed else "NO",
+                ]
+            )
+        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+        right = {2, 3, 4, 5}
+
+        def fmt(row: list[str]) -> str:
+            return "  ".join(row[i].rjust(widths[i]) if i in right else row[i].ljust(widths[i]) for i in range(len(row))).rstrip()
+
+        lines = [f"compressed model ran through: {self.runner}", f"inputs: {self.inputs_source}", fmt(header)]
+        lines.append("-" * len(lines[-1]))
+        lines += [fmt(r) for r in rows]
+        for o in self.outputs:
+            if o.problem:
+                lines.append(f"{o.name}: {o.problem}")
+        lines += [f"note: {n}" for n in self.notes]
+        limits = []
+        if self.max_abs_diff is not None:
+            limits.append(f"max abs diff <= {self.max_abs_diff:g}")
+        if self.min_cosine is not None:
+            limits.append(f"cosine >= {self.min_cosine:g}")
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines.append(f"{verdict}" + (f" ({', '.join(limits)})" if limits else ""))
+        return "\n".join(lines)
+
+
+def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read an ``.npz`` file of arrays keyed by model input name. Raises :class:`CalibrationError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationError(f"{p}: no such inputs file")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            return {key: np.asarray(data[key]) for key in data.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise CalibrationError(f"{p}: not a readable .npz file ({exc})") from None
+
+
+def generate_inputs(model: onnx.ModelProto, *, seed: int = GENERATED_SEED) -> dict[str, np.ndarray]:
+    """Inputs built from the model's input specs: dynamic axes small, floats standard normal, integers 0."""
+    rng = np.random.default_rng(seed)
+    initializers = {t.name for t in model.graph.initializer}
+    feeds: dict[str, np.ndarray] = {}
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        if not vi.type.HasField("tensor_type"):
+            raise CalibrationError(f"input {vi.name!r} is not a tensor; give the inputs with --inputs FILE.npz")
+        ttype = vi.type.tensor_type
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        except (KeyError, TypeError, ValueError):
+            raise CalibrationError(
+                f"input {vi.name!r} has an element type inputs cannot be generated for; use --inputs FILE.npz"
+            ) from None
+        shape = []
+        for axis, dim in enumerate(ttype.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                shape.append(dim.dim_value)
+            else:
+                shape.append(GENERATED_BATCH if axis == 0 else GENERATED_DIM)
+        if dtype.kind == "f":
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            feeds[vi.name] = np.zeros(shape, dtype=dtype)
+        elif dtype.kind == "b":
+            feeds[vi.name] = rng.random(shape) < 0.5
+        else:
+            raise CalibrationError(f"input {vi.name!r} of type {dtype} cannot be generated; use --inputs FILE.npz")
+    return feeds
+
+
+def validate_models(
+    original: onnx.ModelProto,
+    compressed: onnx.ModelProto,
+    *,
+    inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    max_abs_diff: float | None = None,
+    min_cosine: float | None = None,
+    use_library: bool | None = None,
+) -> ValidationReport:
+    """Run ``original`` and ``compressed`` on the same inputs and compare their outputs.
+
+    ``use_library``: ``None`` uses the custom operator library when it can be
+    found and falls back to decompressing the model otherwise; ``True`` requires
+    it (raises :class:`LibraryNotFoundError`); ``False`` always decompresses.
+    """
+    if max_abs_diff is not None and not (max_abs_diff >= 0):
+        raise CalibrationError(f"--max-abs-diff must be >= 0, got {max_abs_diff}")
+    if min_cosine is not None and not (-1 <= min_cosine <= 1):
+        raise CalibrationError(f"--min-cosine must be between -1 and 1, got {min_cosine}")
+    if inputs is None:
+        feeds = generate_inputs(original)
+        source = (
+            f"generated from the input specs (seed {GENERATED_SEED}; dynamic axes: first {GENERATED_BATCH}, "
+            f"others {GENERATED_DIM}; floats standard normal, integers 0)"
+        )
+    elif isinstance(inputs, (str, os.PathLike)):
+        feeds = load_inputs(inputs)
+        source = str(inputs)
+    else:
+        feeds = {k: np.asarray(v) for k, v in inputs.items()}
+        source = "given arrays"
+    feeds = _check_feeds(original, feeds)
+
+    library: str | None = None
+    notes: list[str] = []
+    if has_custom_ops(compressed):
+        if use_library is not False:
+            try:
+                from onnx_dc._library import ops_library_path
+
+                library = str(ops_library_path())
+            except (ImportError, LibraryNotFoundError) as exc:
+                if use_library:
+                    raise LibraryNotFoundError(f"custom operator library not available: {_first_line(exc)}") from None
+                notes.append(f"custom operator library not available ({_first_line(exc)})")
+        if library is not None:
+            runner = f"onnx-dc custom operator library ({library})"
+            run_model = compressed
+        else:
+            runner = "decompressed model (standard onnxruntime operators)"
+            run_model = onnx.ModelProto()
+            run_model.CopyFrom(compressed)
+            decompress_model(run_model)
+    else:
+        runner = "plain onnxruntime (the model has no onnx-dc operators)"
+        run_model = compressed
+
+    expected = _run(original, feeds, None, "original model")
+    actual = _run(run_model, feeds, library, "compressed model")
+    comparisons = []
+    for name, ref in expected.items():
+        if name not in actual:
+            comparisons.append(OutputComparison(name, tuple(ref.shape), math.inf, math.inf, None, None, False, "missing from the compressed model's outputs"))
+            continue
+        comparisons.append(_compare(name, ref, actual[name], max_abs_diff, min_cosine))
+    return ValidationReport(comparisons, runner, library is not None, source, max_abs_diff, min_cosine, notes)
+
+
+def _check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    initializers = {t.name for t in model.graph.initializer}
+    required = [vi for vi in model.graph.input if vi.name not in initializers]
+    names = {vi.name for vi in model.graph.input}
+    unknown = sorted(set(feeds) - names)
+    if unknown:
+        raise CalibrationError(
+            f"inputs {', '.join(map(repr, unknown))} are not inputs of the model "
+            f"(its inputs: {', '.join(vi.name for vi in required)})"
+        )
+    missing = [vi.name for vi in required if vi.name not in feeds]
+    if missing:
+        raise CalibrationError(f"no data for model input(s) {', '.join(map(repr, missing))}")
+    checked = {}
+    for vi in model.graph.input:
+        if vi.name not in feeds:
+            continue
+        array = feeds[vi.name]
+        ttype = vi.type.tensor_type
+        if ttype.elem_type:
+            want = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+            if array.dtype != want:
+                if array.dtype.kind in "fiub" and want.kind in "fiub":
+                    array = array.astype(want)
+                else:
+                    raise CalibrationError(f"input {vi.name!r}: got {array.dtype} data, the model expects {want}")
+        if ttype.HasField("shape") and len(ttype.shape.dim) != array.ndim:
+            raise CalibrationError(
+                f"input {vi.name!r}: got an array of rank {array.ndim}, the model expects rank {len(ttype.shape.dim)}"
+            )
+        for axis, dim in enumerate(ttype.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value > 0 and array.shape[axis] != dim.dim_value:
+                raise CalibrationError(
+                    f"input {vi.name!r}: axis {axis} has size {array.shape[axis]}, the model expects {dim.dim_value}"
+                )
+        checked[vi.name] = array
+    return checked
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], library: str | None, what: str) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # errors come back as exceptions, reported in one line
+    if library is not None:
+        options.register_custom_ops_library(library)
+    try:
+        with _serialized(model) as source:
+            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        values = session.run(names, feeds)
+    except OnnxDcError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception types for bad models
+        raise ModelError(f"{what}: onnxruntime failed: {_first_line(exc)}") from None
+    return {name: np.asarray(value) for name, value in zip(names, values)}
+
+
+class _serialized:
+    """Bytes of a model for InferenceSession, or a temporary file with external data when over 2 GB."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.tmpdir: tempfile.TemporaryDirectory | None = None
+
+    def __enter__(self) -> bytes | str:
+        if tensor_bytes(self.model) <= model_io.PROTOBUF_LIMIT_BYTES:
+            return self.model.SerializeToString()
+        self.tmpdir = tempfile.TemporaryDirectory(prefix="onnx_dc_validate_")
+        path = Path(self.tmpdir.name) / "model.onnx"
+        save_model(self.model, path, external_data=True)
+        return str(path)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmpdir is not None:
+            self.tmpdir.cleanup()
+
+
+def _compare(
+    name: str, ref: np.ndarray, got: np.ndarray, max_abs_diff: float | None, min_cosine: float | None
+) -> OutputComparison:
+    if ref.shape != got.shape:
+        return OutputComparison(name, tuple(ref.shape), math.inf, math.inf, None, None, False, f"shape {got.shape} differs from the original's {ref.shape}")
+    is_float = ref.dtype.kind == "f"
+    if ref.dtype.kind not in "fiub":
+        equal = bool(np.array_equal(ref, got))
+        return OutputComparison(name, tuple(ref.shape), 0.0 if equal else math.inf, 0.0 if equal else math.inf, None, None, equal, None if equal else "values differ")
+    a = ref.astype(np.float64).ravel()
+    b = got.astype(np.float64).ravel()
+    diff = np.abs(a - b)
+    if a.size:
+        max_diff = float(np.max(diff)) if np.all(np.isfinite(diff)) else math.inf
+        mean_diff = float(np.mean(diff)) if np.all(np.isfinite(diff)) else math.inf
+    else:
+        max_diff = mean_diff = 0.0
+    cosine = None
+    if is_float:
+        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+        if not (math.isfinite(na) and math.isfinite(nb)):
+            cosine = math.nan
+        elif na == 0.0 and nb == 0.0:
+            cosine = 1.0
+        elif na == 0.0 or nb == 0.0:
+            cosine = 0.0
+        else:
+            cosine = float(np.dot(a, b) / (na * nb))
+    top1 = None
+    if is_float and ref.ndim >= 2 and ref.shape[-1] >= 2 and ref.size:
+        top1 = float(np.mean(np.argmax(ref, axis=-1) == np.argmax(got, axis=-1)))
+    passed = True
+    problems = []
+    if not math.isfinite(max_diff) and a.size:
+        passed = False
+        problems.append("non-finite values")
+    if max_abs_diff is not None and not (max_diff <= max_abs_diff):
+        passed = False
+        problems.append(f"max abs diff {max_diff:.3g} > {max_abs_diff:g}")
+    if min_cosine is not None and cosine is not None and not (cosine >= min_cosine):
+        passed = False
+        problems.append(f"cosine {cosine:.6f} < {min_cosine:g}")
+    return OutputComparison(name, tuple(ref.shape), max_diff, mean_diff, cosine, top1, passed, "; ".join(problems) or None)
+
+
+def _finite_or_str(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,218 @@
+"""Tests for onnx_dc.cli: the four subcommands, exit codes, and one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+import graph_builders as gb
+from onnx_dc.cli import EXIT_INTERRUPTED, EXIT_THRESHOLD, EXIT_USAGE, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "onnx_dc", *args], capture_output=True, text=True, env=_env(), timeout=300, **kwargs
+    )
+
+
+@pytest.fixture()
+def mlp_file(tmp_path) -> Path:
+    path = tmp_path / "mlp.onnx"
+    onnx.save(gb.mlp(), path)
+    return path
+
+
+def test_compress_inspect_validate_decompress(tmp_path, mlp_file, capsys):
+    out = tmp_path / "mlp.dc.onnx"
+    assert main(["compress", str(mlp_file), "-o", str(out), "--sparsity", "fc=0.8", "--bits", "fc=5,b1=6"]) == 0
+    table = capsys.readouterr().out
+    assert "total (every weight)" in table and "file size" in table and f"wrote {out}" in table
+    onnx.checker.check_model(str(out), full_check=True)
+
+    assert main(["inspect", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"original_bytes", "compressed_bytes", "ratio", "tensors"} <= set(report)
+    names = {t["name"]: t for t in report["tensors"]}
+    assert set(names) == {"w1", "b1", "w2", "w3"}
+    assert names["b1"]["bits"] == 6 and names["w1"]["bits"] == 5
+    assert abs(names["w1"]["kept_fraction"] - 0.2) < 0.01
+    assert report["compressed_file_bytes"] == out.stat().st_size
+    assert main(["inspect", str(out)]) == 0
+    assert "w1" in capsys.readouterr().out
+
+    assert main(["validate", str(mlp_file), str(out), "--json", "--min-cosine", "0.5", "--no-library"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] and result["outputs"][0]["name"] == "y" and not result["used_library"]
+    assert main(["validate", str(mlp_file), str(out), "--max-abs-diff", "0", "--no-library"]) == EXIT_THRESHOLD
+    assert capsys.readouterr().out.splitlines()[-1].startswith("FAILED")
+
+    restored = tmp_path / "mlp.restored.onnx"
+    assert main(["decompress", str(out), "-o", str(restored)]) == 0
+    model = onnx.load(restored)
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == [n.op_type for n in gb.mlp().graph.node]
+
+
+def test_validate_with_npz_inputs(tmp_path, mlp_file, capsys):
+    out = tmp_path / "c.onnx"
+    assert main(["compress", str(mlp_file), "-o", str(out), "--no-progress"]) == 0
+    np.savez(tmp_path / "in.npz", x=gb.inputs_for(gb.mlp(), batch=7)["x"])
+    capsys.readouterr()
+    assert main(["validate", str(mlp_file), str(out), "--inputs", str(tmp_path / "in.npz"), "--json", "--no-library"]) == 0
+    assert json.loads(capsys.readouterr().out)["outputs"][0]["shape"] == [7, 10]
+
+
+def _mistakes(tmp_path: Path, mlp_file: Path) -> list[tuple[list[str], str]]:
+    text = tmp_path / "notes.onnx"
+    text.write_text("not a model\n")
+    out = str(tmp_path / "out.onnx")
+    m = str(mlp_file)
+    return [
+        (["compress", str(tmp_path / "missing.onnx"), "-o", out], "no such file"),
+        (["compress", str(text), "-o", out], "not an ONNX model"),
+        (["compress", m, "-o", m], "same file as the input"),
+        (["compress", m, "-o", out, "--init", "foo"], "unknown initialisation"),
+        (["compress", m, "-o", out, "--colour", "red"], "unrecognized arguments"),
+        (["compress", m, "-o", out, "--bits", "enc*=6"], "matches no floating-point weight"),
+        (["compress", m, "-o", out, "--exclude", "enc*"], "matches no floating-point weight"),
+        (["compress", m, "-o", out, "--bits", "9"], "out of range"),
+        (["compress", m, "-o", out, "--sparsity", "fc=abc"], "not a number"),
+        (["compress", m, "-o", out, "--min-elements", "-1"], "out of range"),
+        (["compress", m], "required"),
+        (["compress", m, "-o", str(tmp_path / "nodir" / "out.onnx")], "does not exist"),
+        (["decompress", str(tmp_path / "missing.onnx"), "-o", out], "no such file"),
+        (["inspect", str(text)], "not an ONNX model"),
+        (["validate", m, m, "--inputs", str(tmp_path / "missing.npz")], "no such inputs file"),
+        (["validate", m, m, "--max-abs-diff", "abc"], "invalid float value"),
+        (["frobnicate"], "invalid choice"),
+        ([], "missing command"),
+    ]
+
+
+def test_user_mistakes_give_one_line_and_exit_code_2(tmp_path, mlp_file, capsys):
+    for argv, message in _mistakes(tmp_path, mlp_file):
+        before = sorted(os.listdir(tmp_path))
+        assert main(argv) == EXIT_USAGE, argv
+        captured = capsys.readouterr()
+        lines = captured.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("onnx-dc: error: "), (argv, captured.err)
+        assert message in lines[0], (argv, lines[0])
+        assert captured.out == ""
+        assert sorted(os.listdir(tmp_path)) == before, argv  # no output, no temporary file
+
+
+def test_user_mistakes_through_the_real_command(tmp_path, mlp_file):
+    """The same through ``python -m onnx_dc``: exit code 2, one stderr line, no traceback."""
+    for argv, message in _mistakes(tmp_path, mlp_file)[:4]:
+        result = _run(*argv)
+        assert result.returncode == EXIT_USAGE
+        assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_corrupted_compressed_model_is_one_line(tmp_path, mlp_file, capsys):
+    out = tmp_path / "c.onnx"
+    assert main(["compress", str(mlp_file), "-o", str(out)]) == 0
+    model = onnx.load(out)
+    t = next(t for t in model.graph.initializer if t.name == "w1__dc")
+    t.raw_data = t.raw_data[:-7]
+    onnx.save(model, tmp_path / "bad.onnx")
+    capsys.readouterr()
+    assert main(["decompress", str(tmp_path / "bad.onnx"), "-o", str(tmp_path / "d.onnx")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "w1__dc" in err
+    assert not (tmp_path / "d.onnx").exists()
+    assert main(["inspect", str(tmp_path / "bad.onnx")]) == EXIT_USAGE
+    capsys.readouterr()
+    # Through the operator library: session creation fails; still one line (onnxruntime's log silenced).
+    for extra in ([], ["--no-library"]):
+        result = _run("validate", str(mlp_file), str(tmp_path / "bad.onnx"), *extra)
+        assert result.returncode == EXIT_USAGE
+        assert result.stderr.count("\n") == 1 and "w1__dc" in result.stderr, result.stderr
+
+
+def _big_model(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i in range(6):
+        inits.append(nh.from_array(rng.standard_normal((1024, 1024)).astype(np.float32), f"w{i}"))
+        nodes.append(h.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"]))
+        prev = f"h{i}"
+    graph = h.make_graph(nodes, "big", [h.make_tensor_value_info("x", T.FLOAT, [1, 1024])], [h.make_tensor_value_info(prev, T.FLOAT, [1, 1024])], inits)
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_leaves_no_partial_output(tmp_path, signum):
+    """Whenever the signal lands, the output is either complete or absent, and no temporary file remains."""
+    src = tmp_path / "big.onnx"
+    _big_model(src)
+    out = tmp_path / "big.dc.onnx"
+    for delay in (1.0, 2.5, 5.0):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "onnx_dc", "compress", str(src), "-o", str(out), "--no-progress"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        time.sleep(delay)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=300)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+        # A signal during Python's start-up or shutdown may end the process by its default action.
+        assert process.returncode in (0, EXIT_INTERRUPTED, -signum), err
+        if process.returncode == EXIT_INTERRUPTED:
+            if out.exists():  # the signal came after the atomic rename
+                assert err.strip() == f"onnx-dc: error: interrupted after {out} was written completely"
+            else:
+                assert err.strip() == "onnx-dc: error: interrupted; no output was written"
+        if out.exists():  # finished before the signal: complete and valid
+            onnx.checker.check_model(str(out), full_check=True)
+            out.unlink()
+
+
+@pytest.mark.parametrize("name", ["lenet_300_100", "lenet5"])
+def test_zoo_models_from_the_command_line(name, tmp_path):
+    """compress -> validate -> decompress -> evaluate, each as a command, on the committed zoo model."""
+    from model_zoo import get_model_path
+
+    src = get_model_path(name)
+    compressed, restored = tmp_path / "c.onnx", tmp_path / "d.onnx"
+    result = _run("compress", str(src), "-o", str(compressed))
+    assert result.returncode == 0, result.stderr
+    assert "total (every weight)" in result.stdout
+    result = _run("validate", str(src), str(compressed), "--min-cosine", "0.9", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["used_library"]
+    assert _run("decompress", str(compressed), "-o", str(restored)).returncode == 0
+    accuracies = {}
+    for path, flag in ((src, "--no-custom-ops"), (compressed, "--custom-ops"), (restored, "--no-custom-ops")):
+        run = subprocess.run(
+            [sys.executable, "-m", "model_zoo.evaluate", str(path), flag, "--json"],
+            capture_output=True, text=True, env=_env(), timeout=300, cwd=REPO,
+        )
+        assert run.returncode == 0, run.stderr
+        accuracies[path.name] = json.loads(run.stdout)["accuracy"]
+    assert abs(accuracies["c.onnx"] - accuracies["d.onnx"]) <= 2e-4
+    assert accuracies["c.onnx"] >= accuracies[src.name] - 0.015

@@ -1,0 +1,113 @@
+"""Tests for onnx_dc.validate: comparing a compressed model's outputs with the original's."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+
+import graph_builders as gb
+from graph_builders import ops_library  # noqa: F401  (fixture)
+from onnx_dc.errors import CalibrationError, ModelError
+from onnx_dc.validate import generate_inputs, load_inputs, validate_models
+
+
+def test_identical_models_agree_exactly():
+    model = gb.mlp()
+    report = validate_models(model, model, max_abs_diff=0.0, min_cosine=1.0)
+    assert report.passed
+    (out,) = report.outputs
+    assert out.name == "y" and out.shape == (1, 10)
+    assert out.max_abs_diff == 0.0 and out.mean_abs_diff == 0.0
+    assert out.cosine == pytest.approx(1.0) and out.top1_agreement == 1.0
+    assert "no onnx-dc operators" in report.runner and not report.used_library
+
+
+def test_compressed_model_through_the_library(ops_library):
+    model = gb.mlp()
+    compressed, _ = gb.compress_all(model, sparsity=0.5, bits=6)
+    report = validate_models(model, compressed, inputs=gb.inputs_for(model, batch=64))
+    assert report.used_library and "custom operator library" in report.runner
+    (out,) = report.outputs
+    assert out.shape == (64, 10)
+    assert 0 < out.max_abs_diff < math.inf and 0.5 < out.cosine < 1.0
+    assert 0.0 <= out.top1_agreement <= 1.0
+    # The decompressed form gives the same comparison.
+    fallback = validate_models(model, compressed, inputs=gb.inputs_for(model, batch=64), use_library=False)
+    assert not fallback.used_library and "decompressed" in fallback.runner
+    assert fallback.outputs[0].cosine == pytest.approx(out.cosine, abs=1e-5)
+    assert fallback.outputs[0].top1_agreement == out.top1_agreement
+
+
+def test_thresholds_fail_the_report():
+    model = gb.mlp()
+    compressed, _ = gb.compress_all(model, sparsity=0.9, bits=2)
+    report = validate_models(model, compressed, max_abs_diff=1e-6, min_cosine=0.99999, use_library=False)
+    assert not report.passed
+    assert "max abs diff" in report.outputs[0].problem and "cosine" in report.outputs[0].problem
+    assert report.format_table().splitlines()[-1].startswith("FAILED")
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["passed"] is False and data["thresholds"] == {"max_abs_diff": 1e-6, "min_cosine": 0.99999}
+
+
+def test_npz_inputs(tmp_path):
+    model = gb.embedding()
+    feeds = gb.inputs_for(model, batch=5)
+    np.savez(tmp_path / "in.npz", **feeds)
+    assert set(load_inputs(tmp_path / "in.npz")) == {"ids"}
+    report = validate_models(model, model, inputs=tmp_path / "in.npz")
+    assert report.outputs[0].shape == (5, 8) and report.inputs_source == str(tmp_path / "in.npz")
+
+
+@pytest.mark.parametrize(
+    ("feeds", "message"),
+    [
+        ({}, "no data for model input"),
+        ({"x": np.zeros((2, 64), np.float32), "z": np.zeros(3)}, "'z' are not inputs of the model"),
+        ({"x": np.zeros((2, 3, 64), np.float32)}, "rank 3"),
+        ({"x": np.zeros((2, 63), np.float32)}, "axis 1 has size 63"),
+        ({"x": np.array([["a"] * 64])}, "expects float32"),
+    ],
+)
+def test_inputs_that_do_not_fit_are_refused(feeds, message):
+    with pytest.raises(CalibrationError, match=message):
+        validate_models(gb.mlp(), gb.mlp(), inputs=feeds)
+
+
+def test_bad_inputs_file(tmp_path):
+    with pytest.raises(CalibrationError, match="no such inputs file"):
+        load_inputs(tmp_path / "missing.npz")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(CalibrationError, match="not a readable .npz"):
+        load_inputs(tmp_path / "bad.npz")
+
+
+def test_generated_inputs_follow_the_specs():
+    feeds = generate_inputs(gb.convnet())
+    assert feeds["x"].shape == (1, 1, 12, 12) and feeds["x"].dtype == np.float32
+    feeds = generate_inputs(gb.embedding())
+    assert feeds["ids"].shape == (1, 32) and feeds["ids"].dtype == np.int64 and not feeds["ids"].any()
+    feeds = generate_inputs(gb.if_model())
+    assert feeds["cond"].shape == () and feeds["cond"].dtype == bool
+    assert set(generate_inputs(gb.ir3_model())) == {"x"}  # initializer-inputs are not fed
+
+
+def test_output_shape_mismatch_and_runtime_failure():
+    model = gb.mlp()
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    other.graph.node[-1].CopyFrom(h.make_node("Gemm", ["r2", "w3"], ["y0"], name="fc3"))
+    other.graph.node.append(h.make_node("Concat", ["y0", "y0"], ["y"], axis=1))
+    other.graph.output[0].CopyFrom(h.make_tensor_value_info("y", T.FLOAT, ["N", 20]))
+    report = validate_models(model, other)
+    assert not report.passed and "shape" in report.outputs[0].problem
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    broken.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(ModelError, match="compressed model: onnxruntime failed"):
+        validate_models(model, broken)
