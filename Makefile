@@ -2,7 +2,9 @@
 # Debian machine themselves (scripts/setup.sh) before running.
 PYTHON ?= python3
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench fuzz
+
+FUZZ_SECONDS ?= 60
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -15,3 +17,6 @@ test: setup
 
 bench: setup
 	$(PYTHON) benchmarks/run_all.py
+
+fuzz: setup
+	PYTHON=$(PYTHON) bash fuzz/run.sh all $(FUZZ_SECONDS)

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-APT_PACKAGES=(dataset-fashion-mnist cmake g++ clang libclang-rt-14-dev fonts-wqy-microhei fonts-dejavu-core)
+APT_PACKAGES=(dataset-fashion-mnist cmake g++ clang libclang-rt-14-dev llvm-14 fonts-wqy-microhei fonts-dejavu-core)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
