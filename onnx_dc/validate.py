@@ -169,7 +169,7 @@ def generate_inputs(model: onnx.ModelProto, *, seed: int = GENERATED_SEED) -> di
         elif dtype.kind in "iu":
             feeds[vi.name] = np.zeros(shape, dtype=dtype)
         elif dtype.kind == "b":
-            feeds[vi.name] = rng.random(shape) < 0.5
+            feeds[vi.name] = np.asarray(rng.random(shape) < 0.5)  # 0-d stays an ndarray, which onnxruntime needs
         else:
             raise CalibrationError(f"input {vi.name!r} of type {dtype} cannot be generated; use --inputs FILE.npz")
     return feeds

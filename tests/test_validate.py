@@ -111,3 +111,11 @@ def test_output_shape_mismatch_and_runtime_failure():
     broken.graph.node[0].op_type = "NoSuchOp"
     with pytest.raises(ModelError, match="compressed model: onnxruntime failed"):
         validate_models(model, broken)
+
+
+def test_generated_inputs_include_scalar_bool_conditions():
+    model = gb.if_model()
+    feeds = generate_inputs(model)
+    assert isinstance(feeds["cond"], np.ndarray) and feeds["cond"].shape == () and feeds["cond"].dtype == np.bool_
+    report = validate_models(model, model, max_abs_diff=0.0)
+    assert report.passed
