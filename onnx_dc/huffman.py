@@ -314,24 +314,18 @@ def decode_chunked_streams(
         [np.full(n_chunks - 1, k << table_bits, dtype=np.int64) for k in range(n_streams)]
         + [np.array([k << table_bits for k in range(n_streams)], dtype=np.int64)]
     )
-    n_lanes = lane_starts.size
     windows = byte_windows(buffer)
-    entries = np.empty((steps, n_lanes), dtype=np.int32)  # row i: symbol i of every lane
-    position = lane_starts.copy()
-    shift_base = 32 - table_bits
-    value_mask = (1 << table_bits) - 1
-    pos, offsets, row_end = position, lane_offsets if n_streams > 1 else None, n_lanes
-    for i in range(steps):
-        if i == last_count:  # the short last chunks are finished
-            row_end = n_lanes - n_streams
-            pos = position[:row_end]
-            offsets = lane_offsets[:row_end] if n_streams > 1 else None
-        value = (windows.take(pos >> 3, mode="clip") >> (shift_base - (pos & 7))) & value_mask
-        if offsets is not None:
-            value += offsets
-        entry = table.take(value)
-        pos += entry & _LENGTH_MASK
-        entries[i, :row_end] = entry
+    lane_counts = np.full(lane_starts.size, steps, dtype=np.int64)
+    lane_counts[lane_starts.size - n_streams :] = last_count
+    decoded = None
+    if _prefer_doubling(starts, streams, steps, lane_starts.size):
+        regions = [(int(s[0]), int(s[0]) + int(np.sum(stream.chunk_bits, dtype=np.int64))) for s, stream in zip(starts, streams)]
+        lane_regions = np.array([regions[k] for k in range(n_streams) for _ in range(n_chunks - 1)] + regions, dtype=np.int64)
+        decoded = _decode_by_doubling(windows, table, table_bits, lane_starts, lane_offsets, lane_counts, lane_regions)
+    if decoded is None:
+        decoded = _decode_in_lockstep(windows, table, table_bits, lane_starts, lane_offsets, steps, last_count, n_streams)
+    entries, position = decoded
+    n_lanes = lane_starts.size
 
     results = []
     full = n_chunks - 1
@@ -357,6 +351,125 @@ def decode_chunked_streams(
             )
         results.append(symbols)
     return results
+
+
+# Above this many bits in one stream the pointer-doubling decoder's arrays
+# (a few int64 values per payload bit) would cost more memory than they save time.
+_DOUBLING_MAX_BITS = 1 << 26
+
+
+def _prefer_doubling(starts: list[np.ndarray], streams: Sequence[ChunkedStream], steps: int, n_lanes: int) -> bool:
+    """Whether few, long chunks make pointer doubling cheaper than the lockstep loop.
+
+    The lockstep loop costs one Python step (about ten numpy calls) per symbol
+    of a chunk whatever the number of lanes; pointer doubling costs a few
+    whole-array operations per payload bit and per doubling level
+    (``log2(steps)`` of them). Our encoder's default chunking (1024 symbols,
+    many chunks) stays on the lockstep loop; a foreign container with one huge
+    chunk per stream goes to doubling.
+    """
+    if steps < 512:
+        return False
+    total_bits = sum(int(np.sum(stream.chunk_bits, dtype=np.int64)) for stream in streams)
+    if any(int(np.sum(stream.chunk_bits, dtype=np.int64)) > _DOUBLING_MAX_BITS for stream in streams):
+        return False
+    levels = max(1, (steps - 1).bit_length())
+    # ~10 numpy calls of ~1.5 us per lockstep step against ~4 passes of ~2 ns per bit per level.
+    return total_bits * levels * 8e-9 < steps * (15e-6 + n_lanes * 4e-9)
+
+
+def _decode_in_lockstep(
+    windows: np.ndarray,
+    table: np.ndarray,
+    table_bits: int,
+    lane_starts: np.ndarray,
+    lane_offsets: np.ndarray,
+    steps: int,
+    last_count: int,
+    n_streams: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Entries ``[steps, n_lanes]`` and end positions of every lane, one symbol of every lane per step.
+
+    The last ``n_streams`` lanes stop after ``last_count`` symbols (their rows
+    beyond are left unset).
+    """
+    n_lanes = lane_starts.size
+    entries = np.empty((steps, n_lanes), dtype=np.int32)  # row i: symbol i of every lane
+    position = lane_starts.copy()
+    shift_base = 32 - table_bits
+    value_mask = (1 << table_bits) - 1
+    pos, offsets, row_end = position, lane_offsets if n_streams > 1 else None, n_lanes
+    for i in range(steps):
+        if i == last_count:  # the short last chunks are finished
+            row_end = n_lanes - n_streams
+            pos = position[:row_end]
+            offsets = lane_offsets[:row_end] if n_streams > 1 else None
+        value = (windows.take(pos >> 3, mode="clip") >> (shift_base - (pos & 7))) & value_mask
+        if offsets is not None:
+            value += offsets
+        entry = table.take(value)
+        pos += entry & _LENGTH_MASK
+        entries[i, :row_end] = entry
+    return entries, position
+
+
+def _decode_by_doubling(
+    windows: np.ndarray,
+    table: np.ndarray,
+    table_bits: int,
+    lane_starts: np.ndarray,
+    lane_offsets: np.ndarray,
+    lane_counts: np.ndarray,
+    lane_regions: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The same entries and end positions as :func:`_decode_in_lockstep`, by pointer doubling.
+
+    For every bit position ``p`` of a lane's stream region ``[lo, hi)`` the
+    table entry starting there is computed at once, giving the successor
+    ``next(p) = p + length``. The position of symbol ``i`` of a lane is
+    ``next^i(start)``; positions ``0 .. 2^j - 1`` known, ``next^(2^j)`` (the
+    successor composed with itself ``j`` times) gives the next ``2^j`` of them.
+    Work: a few whole-array passes over the region per doubling level, so
+    ``O(bits log(symbols))`` with ``log2(symbols)`` Python steps.
+
+    Returns None when a lane leaves its stream's region before its last symbol
+    (only a malformed container does): the caller then uses the lockstep loop,
+    whose handling of such input is the reference.
+    """
+    steps = int(lane_counts.max())
+    n_lanes = lane_starts.size
+    entries = np.empty((steps, n_lanes), dtype=np.int32)
+    position = np.empty(n_lanes, dtype=np.int64)
+    shift_base = 32 - table_bits
+    value_mask = (1 << table_bits) - 1
+    for lo, hi, offset in {(int(r[0]), int(r[1]), int(o)) for r, o in zip(lane_regions, lane_offsets)}:
+        lanes = np.flatnonzero((lane_regions[:, 0] == lo) & (lane_regions[:, 1] == hi) & (lane_offsets == offset))
+        bits = np.arange(lo, hi, dtype=np.int64)
+        value = (windows.take(bits >> 3, mode="clip") >> (shift_base - (bits & 7))) & value_mask
+        entry_at = table.take(value + offset)
+        sink = hi - lo  # any position outside the region
+        jump = np.append(np.arange(sink, dtype=np.int64) + (entry_at & _LENGTH_MASK), sink)
+        jump[jump > sink] = sink
+        path = np.empty((lanes.size, steps), dtype=np.int64)
+        path[:, 0] = lane_starts[lanes] - lo
+        path[:, 0][(path[:, 0] < 0) | (path[:, 0] > sink)] = sink
+        filled = 1
+        while filled < steps:
+            count = min(filled, steps - filled)
+            path[:, filled : filled + count] = jump[path[:, :count]]
+            filled += count
+            if filled < steps:
+                jump = jump[jump]
+        counts = lane_counts[lanes]
+        used = np.arange(steps)[None, :] < counts[:, None]
+        if np.any((path == sink) & used):
+            return None
+        entry_at = np.append(entry_at, 0)
+        lane_entries = entry_at[path]
+        entries[:, lanes] = lane_entries.T
+        last = path[np.arange(lanes.size), counts - 1]
+        position[lanes] = lo + last + (entry_at[last] & _LENGTH_MASK)
+    return entries, position
 
 
 def _canonical_codes(lengths: np.ndarray) -> np.ndarray:

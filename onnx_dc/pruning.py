@@ -27,10 +27,10 @@ never on the sorting algorithm.
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import numpy as np
 
+from onnx_dc._checks import finite_real, fraction
 from onnx_dc.errors import InvalidTensorError, SettingsError
 
 __all__ = ["prune_by_magnitude", "prune_by_score", "prune_by_std", "removed_count"]
@@ -42,7 +42,7 @@ def removed_count(n_elements: int, sparsity: float) -> int:
     It is ``floor(sparsity * n_elements + 0.5)`` (round half up), clipped to
     ``[0, n_elements]``.
     """
-    sparsity = _check_fraction(sparsity, "sparsity")
+    sparsity = fraction(sparsity, "sparsity")
     if n_elements < 0:
         raise SettingsError(f"n_elements must be >= 0, got {n_elements}")
     return min(n_elements, max(0, math.floor(sparsity * n_elements + 0.5)))
@@ -127,7 +127,7 @@ def prune_by_std(weights: np.ndarray, quality: float) -> np.ndarray:
         InvalidTensorError: weights are not real numbers, or contain NaN/Inf.
         SettingsError: quality is negative, not finite, or not a number.
     """
-    quality = _check_real(quality, "quality")
+    quality = finite_real(quality, "quality")
     if quality < 0:
         raise SettingsError(f"quality must be >= 0, got {quality}")
     flat = _as_real_flat(weights, "weights")
@@ -146,22 +146,6 @@ def _std(values: np.ndarray) -> float:
     # Dividing by a power of two is exact, and keeps the squares finite.
     exponent = math.frexp(peak)[1]
     return math.ldexp(float(np.std(np.ldexp(values, -exponent))), exponent)
-
-
-def _check_real(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (Real, np.floating, np.integer)):
-        raise SettingsError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise SettingsError(f"{name} must be finite, got {value}")
-    return value
-
-
-def _check_fraction(value: object, name: str) -> float:
-    value = _check_real(value, name)
-    if not 0.0 <= value <= 1.0:
-        raise SettingsError(f"{name} must be in [0, 1], got {value}")
-    return value
 
 
 def _as_real_flat(array: np.ndarray, name: str) -> np.ndarray:

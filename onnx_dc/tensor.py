@@ -24,15 +24,15 @@ entry is used by at least one weight; it has at most ``2**bits`` entries
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 
 import ml_dtypes
 import numpy as np
 
 from onnx_dc.clustering import INIT_METHODS, assign_to_centroids, kmeans_1d
 from onnx_dc.container import LAYOUTS, encode_container
+from onnx_dc._checks import finite_real
 from onnx_dc.errors import InvalidTensorError, SettingsError
 from onnx_dc.pruning import prune_by_magnitude, prune_by_std
 
@@ -94,11 +94,11 @@ class TensorSettings:
                 f"set at most one of sparsity and quality, got sparsity={self.sparsity} and quality={self.quality}"
             )
         if self.sparsity is not None:
-            sparsity = _real_setting("sparsity", self.sparsity)
+            sparsity = finite_real(self.sparsity, "sparsity")
             if not 0.0 <= sparsity <= 1.0:
                 raise SettingsError(f"sparsity must be in [0, 1], got {sparsity}")
         if self.quality is not None:
-            quality = _real_setting("quality", self.quality)
+            quality = finite_real(self.quality, "quality")
             if quality < 0.0:
                 raise SettingsError(f"quality must be >= 0, got {quality}")
         _int_setting("bits", self.bits, 1, _MAX_BITS)
@@ -313,15 +313,6 @@ def _check_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if mask.shape != shape:
         raise SettingsError(f"mask shape {mask.shape} does not match the tensor's shape {shape}")
     return mask
-
-
-def _real_setting(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (Real, np.floating, np.integer)):
-        raise SettingsError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise SettingsError(f"{name} must be finite, got {value}")
-    return value
 
 
 def _int_setting(name: str, value: object, low: int, high: int | None) -> None:

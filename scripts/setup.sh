@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up of a fresh Debian machine for onnx-dc: system packages, then the
-# package itself (which builds the C++ operator library) with its test extras.
+# package itself (which builds the C++ operator library) with its test, benchmark,
+# real-model and training extras (torch==2.13.0, the CPU build on local disk).
 # Idempotent: packages already present are not reinstalled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,4 +22,4 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 echo "setup: installing onnx-dc (builds the operator library)"
-"$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test,bench,real]"
+"$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test,bench,real,train]"

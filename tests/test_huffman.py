@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from onnx_dc import huffman
 from onnx_dc.errors import ContainerError, InvalidTensorError, SettingsError
 from onnx_dc.huffman import (
     MAX_CODE_LENGTH,
@@ -282,3 +283,66 @@ def test_from_lengths_accepts_exactly_the_prefix_codes(lengths):
         shift = bits - int(lengths[symbol])
         assert table[int(code.codes[symbol]) << shift] >> 4 == symbol
         assert table[((int(code.codes[symbol]) + 1) << shift) - 1] & 15 == lengths[symbol]
+
+
+# ------------------------------------------------------------------ the two decoding strategies
+
+
+@st.composite
+def long_chunk_streams(draw):
+    """One or two streams with few, long chunks (the case pointer doubling is for), possibly corrupted."""
+    n = draw(st.integers(1, 4000))
+    chunk = draw(st.integers(max(1, n // 3), n))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    parts, streams_, first_bit = [], [], 0
+    for name in ("codes", "gaps")[: draw(st.integers(1, 2))]:
+        alphabet = int(rng.integers(1, 40))
+        weights = rng.pareto(1.0, alphabet) + 1e-3
+        symbols = rng.choice(alphabet, size=n, p=weights / weights.sum())
+        lengths_from = np.bincount(symbols, minlength=alphabet)
+        if rng.random() < 0.3:  # an incomplete code: some bit patterns are no code word
+            lengths_from = np.append(lengths_from, [1, 1])
+        code = HuffmanCode.from_frequencies(lengths_from)
+        payload, chunk_bits = code.encode_chunks(symbols, chunk)
+        parts.append(payload)
+        streams_.append(ChunkedStream(code, first_bit, chunk_bits, name))
+        first_bit += 8 * payload.size
+    buffer = np.concatenate(parts)
+    corrupt = draw(st.booleans())
+    if corrupt and buffer.size:
+        flips = rng.integers(0, buffer.size, size=int(rng.integers(1, 4)))
+        buffer = buffer.copy()
+        buffer[flips] ^= rng.integers(1, 256, size=flips.size).astype(np.uint8)
+    return buffer, streams_, n, chunk
+
+
+def _decode_with(strategy: str, monkeypatch, buffer, streams_, n, chunk):
+    monkeypatch.setattr(huffman, "_prefer_doubling", lambda *args: strategy == "doubling")
+    try:
+        return [a.tolist() for a in decode_chunked_streams(buffer, streams_, n, chunk)]
+    except ContainerError as exc:
+        return f"ContainerError: {exc}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(long_chunk_streams())
+def test_pointer_doubling_decodes_exactly_like_the_lockstep_loop(case):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        by_doubling = _decode_with("doubling", monkeypatch, *case)
+        in_lockstep = _decode_with("lockstep", monkeypatch, *case)
+    assert by_doubling == in_lockstep
+
+
+def test_few_long_chunks_take_pointer_doubling_and_many_short_ones_the_loop(monkeypatch):
+    rng = np.random.default_rng(0)
+    symbols = rng.integers(0, 32, 200_000)
+    code = HuffmanCode.from_frequencies(np.bincount(symbols))
+    calls = []
+    real = huffman._decode_by_doubling
+    monkeypatch.setattr(huffman, "_decode_by_doubling", lambda *a: calls.append(1) or real(*a))
+    for chunk, doubled in ((200_000, True), (1024, False)):
+        calls.clear()
+        payload, chunk_bits = code.encode_chunks(symbols, chunk)
+        np.testing.assert_array_equal(code.decode_chunks(payload, chunk_bits, symbols.size, chunk), symbols)
+        assert bool(calls) == doubled, chunk

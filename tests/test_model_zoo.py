@@ -438,13 +438,12 @@ def test_compressed_and_decompressed_models_agree(name: str) -> None:
     assert abs(with_library.n_correct - plain.n_correct) <= 2  # identical weights; float summation order only
 
 
-# ---------------------------------------------------------------- training script (optional dependency)
+# ---------------------------------------------------------------- training script (the `train` extra, installed by make setup)
 
 
 @needs_data
 @pytest.mark.parametrize("name", list(MODELS))
 def test_training_script_exports_a_model_onnxruntime_agrees_with(name: str, tmp_path: Path) -> None:
-    pytest.importorskip("torch")
     from model_zoo import train_lenet
 
     train = calibration_set(256, seed=0)
