@@ -54,6 +54,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         quick_args=("--size", "256", "--batches", "1", "4", "--threads", "1", "--min-time", "0.05"),
     ),
     Benchmark(
+        "bench_lenet_latency",
+        "end-to-end batch-1 latency of the zoo LeNets through the operator library",
+        quick_args=("--rounds", "5", "--runs-per-block", "2", "--sparsities", "0.9", "--models", "lenet_300_100"),
+    ),
+    Benchmark(
         "default_sparsity",
         "accuracy of the zoo LeNets against the data-free default sparsity",
         quick_args=("--quick",),

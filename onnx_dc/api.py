@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnx_dc.errors import InvalidTensorError, ModelError
+from onnx_dc.errors import InvalidTensorError, ModelError, SettingsError
 from onnx_dc import model_io
 from onnx_dc.model_io import (
     ModelSource,
@@ -49,6 +49,7 @@ class CompressionResult:
     rewrite: RewriteSummary | None = None
     saved: SavedModel | None = None
     warnings: list[str] = field(default_factory=list)
+    calibration: object | None = None  # with calib=: CalibratedCompression, or AutotuneResult with a budget
 
 
 def compress(
@@ -66,6 +67,14 @@ def compress(
     progress: bool | ProgressCallback = False,
     external_data: bool | None = None,
     tensor_compressor: TensorCompressor | None = None,
+    calib=None,
+    calib_samples: int | None = None,
+    calibration=None,
+    min_cosine: float | None = None,
+    max_drop: float | None = None,
+    eval_data=None,
+    search_sparsities: Sequence[float] | None = None,
+    search_bits: Sequence[int] | None = None,
 ) -> CompressionResult:
     """Compress the weights of an ONNX model with Deep Compression.
 
@@ -77,6 +86,15 @@ def compress(
     tqdm bar per tensor; a callable gets ``(done, total, tensor_name)``.
     ``tensor_compressor`` replaces the per-tensor pipeline (used by calibrated
     compression); by default :func:`onnx_dc.tensor.compress_tensor`.
+
+    With ``calib`` (an ``.npz`` keyed by input name, a dict of arrays or an
+    iterable of feeds; at most ``calib_samples`` samples, default 4096) the layers
+    are fitted to calibration data with the options ``calibration``
+    (:class:`onnx_dc.calibrated.CalibrationOptions`); with a budget,
+    ``min_cosine`` and/or ``max_drop`` (percentage points of top-1, needs
+    ``eval_data`` with ``labels``), the per-layer sparsity and bits are searched
+    over ``search_sparsities`` x ``search_bits``. See docs/CALIBRATION.md and
+    :mod:`onnx_dc.calibrate`.
     """
     settings = parse_settings(
         sparsity=sparsity,
@@ -88,6 +106,21 @@ def compress(
         min_elements=min_elements,
         seed=seed,
     )
+    if calib is not None:
+        from onnx_dc.calibrate import compress_calibrated
+        from onnx_dc.calibration import DEFAULT_MAX_SAMPLES
+
+        if tensor_compressor is not None:
+            raise SettingsError("tensor_compressor cannot be combined with calib")
+        return compress_calibrated(
+            model, settings, calib, output=output, options=calibration,
+            calib_samples=DEFAULT_MAX_SAMPLES if calib_samples is None else calib_samples,
+            min_cosine=min_cosine, max_drop=max_drop, eval_data=eval_data,
+            search_sparsities=search_sparsities, search_bits=search_bits,
+            progress=progress, external_data=external_data,
+        )
+    if any(v is not None for v in (calib_samples, calibration, min_cosine, max_drop, eval_data, search_sparsities, search_bits)):
+        raise SettingsError("calibration options (budget, --eval, --calib-samples...) need calibration data (--calib)")
     return compress_model(
         model,
         settings,
@@ -194,6 +227,36 @@ def validate(
         max_abs_diff=max_abs_diff,
         min_cosine=min_cosine,
         use_library=use_library,
+    )
+
+
+def sensitivity(
+    model: ModelSource,
+    calib,
+    *,
+    eval_data=None,
+    calib_samples: int | None = None,
+    sparsities: Sequence[float] | None = None,
+    bits: Sequence[int] | None = None,
+    method: str = "calibrated",
+    calibration=None,
+    progress: bool = False,
+):
+    """Per-layer output error (and top-1 with labelled ``eval_data``) vs sparsity and vs bits.
+
+    Returns a :class:`onnx_dc.sensitivity.SensitivityReport` (``to_dict()`` is the
+    JSON of ``onnx-dc sensitivity``; :func:`onnx_dc.sensitivity.plot_sensitivity` plots it).
+    """
+    from onnx_dc.calibrate import sensitivity as _sensitivity
+    from onnx_dc.calibration import DEFAULT_MAX_SAMPLES
+    from onnx_dc.sensitivity import DEFAULT_BITS, DEFAULT_SPARSITIES
+
+    return _sensitivity(
+        model, calib, eval_data=eval_data,
+        calib_samples=DEFAULT_MAX_SAMPLES if calib_samples is None else calib_samples,
+        sparsities=DEFAULT_SPARSITIES if sparsities is None else sparsities,
+        bits=DEFAULT_BITS if bits is None else bits,
+        method=method, options=calibration, progress=progress,
     )
 
 

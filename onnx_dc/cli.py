@@ -8,6 +8,11 @@ Subcommands::
     onnx-dc inspect MODEL [--json]
     onnx-dc validate ORIGINAL COMPRESSED [--inputs F.npz] [--json] [--max-abs-diff X] [--min-cosine Y]
                                          [--library | --no-library]
+    onnx-dc sensitivity MODEL --calib C.npz [--eval E.npz] -o OUT.json [--plot OUT.png]
+
+``compress --calib C.npz`` fits the layers to calibration data; adding a budget
+(``--min-cosine Y``, or ``--eval E.npz --max-drop PP``) searches per-layer
+sparsity and bits (docs/CALIBRATION.md).
 
 Exit codes: 0 success; 1 ``validate`` ran but a threshold was violated;
 2 a user mistake (missing file, not ONNX, bad setting...), reported as one
@@ -25,7 +30,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from onnx_dc import __version__
-from onnx_dc.errors import OnnxDcError
+from onnx_dc.errors import OnnxDcError, SettingsError
 
 EXIT_OK = 0
 EXIT_THRESHOLD = 1
@@ -69,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", action="store_true", help="always write tensors to OUT.data beside the model")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_calibration_arguments(p)
+    p.add_argument("--eval", metavar="E.npz", help="held-out inputs and 'labels' for the budget (not used for fitting)")
+    p.add_argument("--min-cosine", metavar="Y", type=float, help="budget: search settings keeping every output's cosine >= Y")
+    p.add_argument("--max-drop", metavar="PP", type=float, help="budget: search settings losing at most PP points of top-1 on --eval")
+    p.add_argument("--search-sparsities", metavar="LIST", help="sparsities the budget search tries (comma-separated)")
+    p.add_argument("--search-bits", metavar="LIST", help="weight bits the budget search tries (comma-separated)")
 
     p = sub.add_parser("decompress", help="turn a compressed model back into standard ONNX")
     p.add_argument("input", metavar="IN", help="compressed ONNX model")
@@ -89,7 +100,68 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--library", dest="library", action="store_true", default=None, help="require the custom operator library")
     group.add_argument("--no-library", dest="library", action="store_false", help="run the decompressed model instead")
     p.add_argument("--json", action="store_true", help="machine-readable report")
+
+    p = sub.add_parser("sensitivity", help="per-layer output error (and top-1) vs sparsity and vs bits")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.json", help="JSON report to write")
+    p.add_argument("--plot", metavar="OUT.png", help="also plot the curves (needs matplotlib)")
+    p.add_argument("--eval", metavar="E.npz", help="inputs (and optional 'labels') the model-level effect is measured on")
+    p.add_argument("--sparsities", metavar="LIST", help="sparsities to measure (comma-separated)")
+    p.add_argument("--bits", metavar="LIST", help="weight bits to measure (comma-separated)")
+    p.add_argument("--method", choices=("calibrated", "plain"), default="calibrated",
+                   help="calibrated refits (default) or the paper's magnitude pruning and k-means")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_calibration_arguments(p, required=True)
     return parser
+
+
+def _add_calibration_arguments(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    p.add_argument("--calib", metavar="C.npz", required=required,
+                   help="calibration inputs keyed by model input name (axis 0 indexes samples; docs/CALIBRATION.md)")
+    p.add_argument("--calib-samples", metavar="N", type=int, help="use at most N calibration samples (default 4096)")
+    p.add_argument("--criterion", choices=("auto", "magnitude", "activation", "obs"), default=None,
+                   help="pruning criterion with calibration (default auto: the lowest reconstruction error per layer)")
+    p.add_argument("--refit-rounds", metavar="N", type=int, help="rounds of centroid refit and re-assignment (default 8, 0 = plain k-means)")
+    p.add_argument("--no-weight-refit", action="store_true", help="do not refit the surviving weights before clustering")
+    p.add_argument("--no-sequential", action="store_true", help="capture every layer from the original model (faster)")
+    p.add_argument("--no-bias-correction", action="store_true", help="leave the biases as they are")
+
+
+def _calibration_options(args: argparse.Namespace):
+    """CalibrationOptions from the flags, or None when none was given (library defaults)."""
+    flags = (args.criterion, args.refit_rounds, args.no_weight_refit, args.no_sequential, args.no_bias_correction)
+    if args.calib is None:
+        if any(f not in (None, False) for f in flags) or args.calib_samples is not None:
+            raise SettingsError("--criterion, --refit-rounds, --no-* calibration flags and --calib-samples need --calib")
+        return None
+    from onnx_dc.calibrated import CalibrationOptions
+
+    kwargs = {}
+    if args.criterion is not None:
+        kwargs["criterion"] = args.criterion
+    if args.refit_rounds is not None:
+        kwargs["refit_rounds"] = args.refit_rounds
+    return CalibrationOptions(
+        refit_weights=not args.no_weight_refit,
+        sequential=not args.no_sequential,
+        bias_correction=not args.no_bias_correction,
+        **kwargs,
+    )
+
+
+def _number_list(text: str | None, flag: str, kind: type) -> list | None:
+    if text is None:
+        return None
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            values.append(kind(item))
+        except ValueError:
+            raise SettingsError(f"{flag}: {item!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not values:
+        raise SettingsError(f"{flag}: empty list")
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _error(str(exc))
             return EXIT_USAGE
         if args.command is None:
-            _error("missing command (compress, decompress, inspect or validate); see onnx-dc --help")
+            _error("missing command (compress, decompress, inspect, validate or sensitivity); see onnx-dc --help")
             return EXIT_USAGE
         output = getattr(args, "output", None)
         before = _file_identity(output)
@@ -130,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _compress(args: argparse.Namespace) -> int:
     from onnx_dc.api import compress
 
+    calibration = _calibration_options(args)
+    if args.calib is None and any(v is not None for v in (args.eval, args.min_cosine, args.max_drop, args.search_sparsities, args.search_bits)):
+        raise SettingsError("--eval, --min-cosine, --max-drop and --search-* need --calib")
     result = compress(
         args.input,
         args.output,
@@ -143,14 +218,33 @@ def _compress(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress and sys.stderr.isatty(),
         external_data=True if args.external_data else None,
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        calibration=calibration,
+        min_cosine=args.min_cosine,
+        max_drop=args.max_drop,
+        eval_data=args.eval,
+        search_sparsities=_number_list(args.search_sparsities, "--search-sparsities", float),
+        search_bits=_number_list(args.search_bits, "--search-bits", int),
     )
+    budget_met = getattr(result.calibration, "budget_met", True)
     if args.json:
-        print(json.dumps(result.report.to_dict(), indent=2))
+        document = result.report.to_dict()
+        if result.calibration is not None and hasattr(result.calibration, "to_dict"):
+            document["calibration"] = result.calibration.to_dict()
+        print(json.dumps(document, indent=2))
     else:
         print(result.report.format_table())
+        if result.calibration is not None:
+            from onnx_dc.calibrate import describe_calibration
+
+            print(describe_calibration(result.calibration))
         print(f"wrote {args.output}")
     for warning in result.warnings:
         print(f"onnx-dc: warning: {warning}", file=sys.stderr)
+    if not budget_met:
+        print("onnx-dc: warning: the budget is not met even by the least compressed setting searched", file=sys.stderr)
+        return EXIT_THRESHOLD
     return EXIT_OK
 
 
@@ -191,7 +285,45 @@ def _validate(args: argparse.Namespace) -> int:
     return EXIT_OK if report.passed else EXIT_THRESHOLD
 
 
-_COMMANDS = {"compress": _compress, "decompress": _decompress, "inspect": _inspect, "validate": _validate}
+def _sensitivity(args: argparse.Namespace) -> int:
+    from onnx_dc.api import sensitivity
+    from onnx_dc.model_io import check_output_path
+    from onnx_dc.sensitivity import plot_sensitivity, write_json_atomic
+
+    check_output_path(args.output, [args.model])
+    if args.plot is not None:
+        check_output_path(args.plot, [args.model])
+        try:
+            import matplotlib  # noqa: F401  (fail before the work, not after)
+        except ImportError:
+            raise SettingsError("--plot needs matplotlib, an optional dependency: pip install matplotlib") from None
+    report = sensitivity(
+        args.model,
+        args.calib,
+        eval_data=args.eval,
+        calib_samples=args.calib_samples,
+        sparsities=_number_list(args.sparsities, "--sparsities", float),
+        bits=_number_list(args.bits, "--bits", int),
+        method=args.method,
+        calibration=_calibration_options(args),
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    print(report.format_table())
+    write_json_atomic(report.to_dict(), args.output)
+    print(f"wrote {args.output}")
+    if args.plot is not None:
+        plot_sensitivity(report, args.plot)
+        print(f"wrote {args.plot}")
+    return EXIT_OK
+
+
+_COMMANDS = {
+    "compress": _compress,
+    "decompress": _decompress,
+    "inspect": _inspect,
+    "validate": _validate,
+    "sensitivity": _sensitivity,
+}
 
 
 def _error(message: str) -> None:

@@ -8,6 +8,9 @@
   complete, so an error, a full disk or an interrupt never leaves a partial
   output. Models whose protobuf would exceed the 2 GB limit are written with
   their large tensors in one external data file beside the model.
+* :func:`constants_to_initializers` turns main-graph ``Constant`` weights (as
+  PaddlePaddle exports them) into initializers, so stages that look at
+  initializers (calibration) see them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +200,60 @@ def save_model(
     return SavedModel(model_path=path, external_data_path=data_path)
 
 
+def constants_to_initializers(model: onnx.ModelProto, names: Collection[str] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` whose main-graph ``Constant`` nodes holding a tensor became initializers.
+
+    Exporters such as PaddlePaddle's keep every weight in a ``Constant`` node
+    instead of an initializer. Each main-graph ``Constant`` node whose ``value``
+    attribute is a tensor is removed and its tensor becomes an initializer named
+    after the node's output, so every consumer reads the same values. With
+    ``names``, only the Constants whose output is in ``names`` are converted.
+    Everything else is unchanged (node order, other nodes, inputs, outputs,
+    metadata); the caller's model is never modified. Not converted: Constants
+    inside subgraphs (If/Loop/Scan bodies), Constants given by other attributes
+    (``value_float``, ``sparse_value``, ...), Constants whose output is a graph
+    output, and any Constant of a model with IR version < 4 (there an
+    initializer must also be a graph input, which would change the interface).
+    """
+    converted = onnx.ModelProto()
+    converted.CopyFrom(model)
+    if converted.ir_version < 4:
+        return converted
+    graph = converted.graph
+    graph_outputs = {output.name for output in graph.output}
+    wanted = None if names is None else set(names)
+    kept: list[onnx.NodeProto] = []
+    tensors: list[onnx.TensorProto] = []
+    for node in graph.node:
+        tensor = _constant_tensor(node)
+        output = node.output[0] if tensor is not None else ""
+        if tensor is None or output in graph_outputs or (wanted is not None and output not in wanted):
+            kept.append(node)
+            continue
+        tensor.name = output
+        tensors.append(tensor)
+    if not tensors:
+        return converted
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(tensors)
+    return converted
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """A copy of the tensor of a ``Constant`` node given by its ``value`` attribute, else None."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.output) != 1 or not node.output[0]:
+        return None
+    if len(node.attribute) != 1:
+        return None
+    attribute = node.attribute[0]
+    if attribute.name != "value" or attribute.type != onnx.AttributeProto.TENSOR:
+        return None
+    tensor = onnx.TensorProto()
+    tensor.CopyFrom(attribute.t)
+    return tensor
+
+
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Approximate serialized size of every tensor in the model (initializers, Constant values)."""
     total = 0
@@ -208,6 +265,15 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
 def serialized_size_bytes(model: onnx.ModelProto) -> int:
     """Size of the model's single-file serialization, computed without serializing it."""
     return model.ByteSize()
+
+
+def attribute_subgraphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    """The subgraphs a node attribute holds (If branches, Loop/Scan bodies): none, one or several."""
+    if attr.type == onnx.AttributeProto.GRAPH:
+        return [attr.g]
+    if attr.type == onnx.AttributeProto.GRAPHS:
+        return list(attr.graphs)
+    return []
 
 
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:

@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnx_dc.model_io import attribute_subgraphs
+
 WeightKind = Literal["fc", "conv", "other"]
 ConsumerRole = Literal["matmul_b", "gemm_b", "conv_w", "bias", "other", "graph_output"]
 
@@ -160,16 +162,8 @@ def _iter_scopes(scope: GraphScope) -> Iterator[GraphScope]:
     yield scope
     for index, node in enumerate(scope.graph.node):
         for attr in node.attribute:
-            for sub in _subgraphs(attr):
+            for sub in attribute_subgraphs(attr):
                 yield from _iter_scopes(GraphScope(sub, scope.path + (_step(node, index, attr, sub),), scope))
-
-
-def _subgraphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
-    if attr.type == onnx.AttributeProto.GRAPH:
-        return [attr.g]
-    if attr.type == onnx.AttributeProto.GRAPHS:
-        return list(attr.graphs)
-    return []
 
 
 def _step(node: onnx.NodeProto, index: int, attr: onnx.AttributeProto, sub: onnx.GraphProto) -> str:
@@ -217,7 +211,7 @@ def _collect(
                 order.append(w)
     for index, node in enumerate(scope.graph.node):
         for attr in node.attribute:
-            for sub in _subgraphs(attr):
+            for sub in attribute_subgraphs(attr):
                 _collect(GraphScope(sub, scope.path + (_step(node, index, attr, sub),), scope), weights, order, graph_inputs)
 
 
@@ -244,7 +238,7 @@ def _resolve_uses(scope: GraphScope, outer: list[tuple[GraphScope, set[str]]], w
             if weight is not None:
                 weight.consumers.append(Consumer(scope, node, slot, _role(node, slot)))
         for attr in node.attribute:
-            for sub in _subgraphs(attr):
+            for sub in attribute_subgraphs(attr):
                 _resolve_uses(GraphScope(sub, scope.path + (_step(node, index, attr, sub),), scope), chain, weights)
     for output in graph.output:
         weight = lookup(output.name)

@@ -198,3 +198,71 @@ def test_check_output_path_refuses_to_overwrite_inputs(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         check_output_path(tmp_path / "no" / "out.onnx", [src])
     assert check_output_path(tmp_path / "out.onnx", [src]) == tmp_path / "out.onnx"
+
+
+def _constant_weight_model(ir_version: int = 8) -> onnx.ModelProto:
+    """``y = relu(x @ w + b)`` with ``w`` and ``b`` in Constant nodes, a Reshape shape Constant and an If subgraph."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    b = rng.standard_normal(3).astype(np.float32)
+    then_graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Constant", [], ["inner"], value=nh.from_array(np.ones(3, np.float32)))],
+        "then", [], [onnx.helper.make_tensor_value_info("inner", onnx.TensorProto.FLOAT, [3])],
+    )
+    nodes = [
+        onnx.helper.make_node("Constant", [], ["w"], value=nh.from_array(w, "ignored_name")),
+        onnx.helper.make_node("Constant", [], ["b"], value=nh.from_array(b)),
+        onnx.helper.make_node("Constant", [], ["shape"], value=nh.from_array(np.array([-1, 3], np.int64))),
+        onnx.helper.make_node("Constant", [], ["flag"], value_int=1),
+        onnx.helper.make_node("Constant", [], ["also_out"], value=nh.from_array(np.float32(2.0))),
+        onnx.helper.make_node("MatMul", ["x", "w"], ["xw"]),
+        onnx.helper.make_node("Add", ["xw", "b"], ["pre"]),
+        onnx.helper.make_node("Reshape", ["pre", "shape"], ["flat"]),
+        onnx.helper.make_node("Cast", ["flag"], ["cond"], to=onnx.TensorProto.BOOL),
+        onnx.helper.make_node("If", ["cond"], ["branch"], then_branch=then_graph, else_branch=then_graph),
+        onnx.helper.make_node("Add", ["flat", "branch"], ["y"]),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes, "constants",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3]),
+         onnx.helper.make_tensor_value_info("also_out", onnx.TensorProto.FLOAT, [])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = ir_version
+    return model
+
+
+def test_constants_to_initializers_moves_tensor_constants_and_nothing_else():
+    import onnxruntime as ort
+
+    model = _constant_weight_model()
+    before = model.SerializeToString()
+    converted = model_io.constants_to_initializers(model)
+    assert model.SerializeToString() == before  # the caller's model is untouched
+    onnx.checker.check_model(converted, full_check=True)
+    inits = {t.name: nh.to_array(t) for t in converted.graph.initializer}
+    assert sorted(inits) == ["b", "shape", "w"]
+    constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+    np.testing.assert_array_equal(inits["w"], nh.to_array(constants["w"].attribute[0].t))
+    # value_int Constant and the one that is a graph output stay nodes; the If body is not touched
+    remaining = [n.output[0] for n in converted.graph.node]
+    assert remaining == ["flag", "also_out", "xw", "pre", "flat", "cond", "branch", "y"]
+    assert converted.graph.node[6].attribute[0].g.node[0].op_type == "Constant"
+    assert [i.name for i in converted.graph.input] == ["x"] and len(converted.graph.output) == 2
+    x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+           for m in (model, converted)]
+    for a, b in zip(*run):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_constants_to_initializers_names_and_old_ir():
+    model = _constant_weight_model()
+    only_w = model_io.constants_to_initializers(model, names=["w"])
+    assert [t.name for t in only_w.graph.initializer] == ["w"]
+    assert [n.output[0] for n in only_w.graph.node][:3] == ["b", "shape", "flag"]
+    unchanged = model_io.constants_to_initializers(model, names=[])
+    assert unchanged.SerializeToString() == model.SerializeToString() and unchanged is not model
+    old = _constant_weight_model(ir_version=3)  # initializers would have to be graph inputs: left alone
+    assert model_io.constants_to_initializers(old).SerializeToString() == old.SerializeToString()

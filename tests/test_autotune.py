@@ -1,0 +1,184 @@
+"""Tests of onnx_dc.autotune: the search respects its budget on held-out data and is reproducible."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_dc
+from calibration_models import classifier, inputs, labelled
+from onnx_dc.autotune import Budget, Candidate, _allocation_path, _hull
+from onnx_dc.calibration import load_calibration, run_model
+from onnx_dc.cli import main
+from onnx_dc.errors import CalibrationError, SettingsError
+from onnx_dc.rewrite import decompress_model
+
+GRID = {"search_sparsities": (0.0, 0.5, 0.8, 0.9), "search_bits": (2, 4, 6)}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return classifier(seed=7)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return {"x": inputs(600, seed=8)}
+
+
+@pytest.fixture(scope="module")
+def evaluation(model):
+    return labelled(model, 500, seed=9)
+
+
+def run_compressed(result, data):
+    runnable = onnx.ModelProto()
+    runnable.CopyFrom(result.model)
+    decompress_model(runnable)
+    return run_model(runnable, data)["logits"]
+
+
+def cosine(a, b):
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+class TestBudget:
+    def test_checks(self):
+        with pytest.raises(SettingsError):
+            Budget()
+        with pytest.raises(SettingsError):
+            Budget(min_cosine=1.5)
+        with pytest.raises(SettingsError):
+            Budget(max_drop=-1)
+        assert Budget(max_drop=0.5).describe() == "top-1 drop <= 0.5 pp"
+
+
+class TestPath:
+    def cand(self, size, error):
+        return Candidate(0.0, 4, size, error, 0.0, np.zeros(1), None, 4)
+
+    def test_hull_keeps_the_lower_convex_front(self):
+        points = [self.cand(100, 0.0), self.cand(80, 0.5), self.cand(60, 0.2), self.cand(40, 1.0), self.cand(50, 2.0), self.cand(10, 5.0)]
+        hull = _hull(points)
+        assert [c.size_bytes for c in hull] == [100, 60, 40, 10]
+
+    def test_path_sizes_decrease_and_errors_increase(self):
+        hulls = {
+            "a": [self.cand(100, 0.0), self.cand(50, 0.1), self.cand(20, 1.0)],
+            "b": [self.cand(30, 0.0), self.cand(10, 0.5)],
+        }
+        path = _allocation_path(hulls)
+        sizes = [sum(c.size_bytes for c in config.values()) for config in path]
+        errors = [sum(c.output_error for c in config.values()) for config in path]
+        assert sizes == sorted(sizes, reverse=True) and errors == sorted(errors)
+        assert len(path) == 4
+        # the cheapest step first: a 100->50 (0.1 per 50 B) before b 30->10 (0.5 per 20 B)
+        assert path[1]["a"].size_bytes == 50 and path[1]["b"].size_bytes == 30
+
+
+class TestSearch:
+    def test_max_drop_is_met_on_the_held_out_data(self, tmp_path, model, calib, evaluation):
+        out = tmp_path / "c.onnx"
+        result = onnx_dc.compress(model, out, calib=calib, max_drop=1.0, eval_data=evaluation, **GRID)
+        tuned = result.calibration
+        assert tuned.budget_met and out.exists()
+        data = load_calibration({"x": evaluation["x"]}, model)
+        original = run_model(model, data)["logits"].argmax(1)
+        compressed = run_compressed(result, data).argmax(1)
+        labels = evaluation["labels"]
+        drop = 100 * (np.mean(original == labels) - np.mean(compressed == labels))
+        assert drop <= 1.0 + 1e-9
+        assert tuned.metrics.accuracy == pytest.approx(np.mean(compressed == labels))
+        assert result.report.ratio > 4
+        assert {c.name for c in tuned.choices} == {"fc0.weight", "fc1.weight"}  # fc2 is below --min-elements
+        assert "budget met" in tuned.format_summary()
+        # the file on disk is the model that was verified
+        on_disk = onnx.load(str(out))
+        assert [t.raw_data for t in on_disk.graph.initializer] == [t.raw_data for t in result.model.graph.initializer]
+
+    def test_min_cosine_on_a_held_out_part_of_the_calibration_data(self, model, calib):
+        result = onnx_dc.compress(model, calib=calib, min_cosine=0.999, seed=3, **GRID)
+        tuned = result.calibration
+        assert tuned.budget_met and tuned.n_search_samples == 120 and tuned.n_fit_samples == 480
+        _, held_out = load_calibration(calib, model).split(120, seed=3)
+        reference = run_model(model, held_out)["logits"]
+        assert cosine(reference, run_compressed(result, held_out)) >= 0.999
+        assert tuned.metrics.cosine == pytest.approx(cosine(reference, run_compressed(result, held_out)), abs=1e-9)
+        looser = onnx_dc.compress(model, calib=calib, min_cosine=0.99, seed=3, **GRID)
+        assert looser.report.ratio >= result.report.ratio
+
+    def test_reproducible_with_a_seed(self, model, calib):
+        a = onnx_dc.compress(model, calib=calib, min_cosine=0.995, seed=5, **GRID)
+        b = onnx_dc.compress(model, calib=calib, min_cosine=0.995, seed=5, **GRID)
+        assert a.model.SerializeToString() == b.model.SerializeToString()
+
+    def test_impossible_budget(self, model, calib):
+        with pytest.raises(CalibrationError, match="cannot be met"):
+            onnx_dc.compress(model, calib=calib, min_cosine=1.0, search_sparsities=(0.9,), search_bits=(1,))
+
+    def test_max_drop_needs_labels(self, model, calib):
+        with pytest.raises(CalibrationError, match="--eval"):
+            onnx_dc.compress(model, calib=calib, max_drop=0.5)
+        with pytest.raises(CalibrationError, match="labels"):
+            onnx_dc.compress(model, calib=calib, max_drop=0.5, eval_data={"x": inputs(50, seed=1)})
+        with pytest.raises(SettingsError):
+            onnx_dc.compress(model, max_drop=0.5)
+
+    def test_command_line(self, tmp_path, model, calib, evaluation, capsys):
+        path = tmp_path / "m.onnx"
+        onnx.save(model, path)
+        np.savez(tmp_path / "c.npz", **calib)
+        np.savez(tmp_path / "e.npz", **evaluation)
+        out = tmp_path / "out.onnx"
+        code = main(["compress", str(path), "-o", str(out), "--calib", str(tmp_path / "c.npz"), "--eval",
+                     str(tmp_path / "e.npz"), "--max-drop", "1", "--search-sparsities", "0,0.5,0.9",
+                     "--search-bits", "3,6", "--no-progress"])
+        text = capsys.readouterr().out
+        assert code == 0 and out.exists()
+        assert "automatic settings" in text and "budget met" in text and "fc1.weight" in text
+        assert main(["compress", str(path), "-o", str(out), "--max-drop", "1"]) == 2  # needs --calib
+        assert main(["compress", str(path), "-o", str(out), "--calib", str(tmp_path / "c.npz"), "--max-drop", "1",
+                     "--search-bits", "3,x"]) == 2
+        assert "Traceback" not in capsys.readouterr().err
+
+
+def test_isotonic_choice_ignores_a_lucky_outlier():
+    from onnx_dc.autotune import _isotonic, _robust_choice
+    from onnx_dc.sensitivity import OutputMetrics
+
+    assert _isotonic([0.0, 2.0, 1.0, 3.0]) == [0.0, 1.5, 1.5, 3.0]
+    drops = [0.0, 0.2, 0.4, 0.9, 0.3, 1.2, 1.5]  # index 4 is a lucky measurement
+    measured = [OutputMetrics(0.0, 1.0, accuracy=0.9 - d / 100) for d in drops]
+    assert _robust_choice(measured, Budget(max_drop=0.5), 0.9) == 2
+    assert _robust_choice(measured, Budget(max_drop=1.0), 0.9) == 4
+
+
+def test_default_grids_are_coarse_for_many_layers():
+    from onnx_dc.autotune import DEFAULT_SEARCH_SPARSITIES, MANY_LAYERS, default_grids
+
+    fine, coarse = default_grids(MANY_LAYERS), default_grids(MANY_LAYERS + 1)
+    assert fine[0] == DEFAULT_SEARCH_SPARSITIES
+    assert set(coarse[0]) < set(fine[0]) and set(coarse[1]) < set(fine[1]) and set(coarse[2]) < set(fine[2])
+
+
+def test_step_back_tries_the_nearest_configurations_first():
+    from onnx_dc.autotune import _step_back
+
+    tried = []
+
+    def passes_below(limit):
+        def passes(i):
+            tried.append(i)
+            return i <= limit
+        return passes
+
+    assert _step_back(passes_below(37), 40, linear_steps=6) == 37 and tried == [39, 38, 37]
+    tried.clear()
+    assert _step_back(passes_below(10), 40, linear_steps=6) == 10  # linear, then 0, then binary search below 34
+    assert tried[:7] == [39, 38, 37, 36, 35, 34, 0] and max(tried[7:]) < 34
+    tried.clear()
+    assert _step_back(passes_below(-1), 40, linear_steps=6) == 0 and tried[-1] == 0
+    tried.clear()
+    assert _step_back(passes_below(-1), 3, linear_steps=6) == 0 and tried == [2, 1, 0]

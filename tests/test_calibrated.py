@@ -1,0 +1,217 @@
+"""Tests of onnx_dc.calibrated: calibrated compression of whole models, plain and sequential."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_dc
+from calibration_models import classifier, inputs
+from onnx_dc.calibrated import (
+    CalibrationOptions,
+    LayerSettings,
+    compress_with_calibration,
+    initializer_array,
+    set_initializer,
+)
+from onnx_dc.calibration import load_calibration, run_model
+from onnx_dc.cli import main
+from onnx_dc.container import decode_container
+from onnx_dc.errors import ModelError, SettingsError
+from onnx_dc.rewrite import decompress_model
+from onnx_dc.settings import parse_settings
+
+
+@pytest.fixture(scope="module")
+def model():
+    return classifier(seed=11, sizes=(16, 64, 48, 32, 6))
+
+
+@pytest.fixture(scope="module")
+def calib(model):
+    return load_calibration({"x": inputs(500, seed=12)}, model)
+
+
+@pytest.fixture(scope="module")
+def held_out(model):
+    return load_calibration({"x": inputs(300, seed=13)}, model)
+
+
+SETTINGS = {f"fc{i}.weight": LayerSettings(sparsity=0.8, bits=3, index_bits=5) for i in range(4)}
+
+
+def output_error(model, compression, data):
+    def lookup(weight, values, resolved):
+        return compression.results[weight.name].tensor
+
+    result = onnx_dc.api.compress_model(compression.model, parse_settings(min_elements=0), tensor_compressor=lookup)
+    runnable = onnx.ModelProto()
+    runnable.CopyFrom(result.model)
+    decompress_model(runnable)
+    y0 = run_model(model, data)["logits"]
+    y1 = run_model(runnable, data)["logits"]
+    return float(np.sum((y1 - y0) ** 2) / np.sum(y0**2))
+
+
+def test_containers_hold_the_fitted_weights_and_biases_are_refitted(model, calib):
+    compression = compress_with_calibration(model, calib, SETTINGS, CalibrationOptions(sequential=False))
+    for name, result in compression.results.items():
+        assert result.calibrated and result.criterion in ("magnitude", "activation", "obs")
+        decoded = decode_container(result.tensor.container)
+        np.testing.assert_array_equal(decoded, result.tensor.quantized)
+        assert decoded.dtype == np.float32 and decoded.shape == initializer_array(model, name).shape
+        assert result.tensor.n_kept == int(round(0.2 * decoded.size))
+        assert len(np.unique(decoded[decoded != 0])) <= 8
+        assert result.bias == name.replace("weight", "bias")
+        assert not np.array_equal(initializer_array(compression.model, result.bias), initializer_array(model, result.bias))
+        # the weights handed back are the original dense ones (the converter compresses them)
+        np.testing.assert_array_equal(initializer_array(compression.model, name), initializer_array(model, name))
+
+
+def test_each_refinement_lowers_the_held_out_output_error(model, calib, held_out):
+    plain = CalibrationOptions(criterion="magnitude", refit_weights=False, refit_rounds=0, sequential=False, bias_correction=False)
+    steps = [
+        plain,
+        CalibrationOptions(criterion="magnitude", refit_weights=False, sequential=False),
+        CalibrationOptions(sequential=False),
+        CalibrationOptions(sequential=True),
+    ]
+    errors = [output_error(model, compress_with_calibration(model, calib, SETTINGS, options), held_out) for options in steps]
+    assert errors == sorted(errors, reverse=True), errors
+    assert errors[-1] < 0.25 * errors[0]
+
+
+def test_index_bits_chosen_automatically_give_the_smallest_container(model, calib):
+    auto = {name: LayerSettings(sparsity=0.8, bits=3, index_bits=None) for name in SETTINGS}
+    compression = compress_with_calibration(model, calib, auto, CalibrationOptions(sequential=False))
+    fixed = compress_with_calibration(model, calib, SETTINGS, CalibrationOptions(sequential=False))
+    for name in SETTINGS:
+        assert compression.results[name].tensor.size_bytes <= fixed.results[name].tensor.size_bytes
+
+
+def test_weights_without_statistics_take_the_plain_path():
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((50, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["emb"]),
+        helper.make_node("MatMul", ["emb", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = load_calibration({"ids": rng.integers(0, 50, size=64)}, model)
+    settings = {"table": LayerSettings(sparsity=0.5, bits=4), "w": LayerSettings(sparsity=0.5, bits=4)}
+    compression = compress_with_calibration(model, data, settings, CalibrationOptions())
+    assert not compression.results["table"].calibrated and compression.results["w"].calibrated
+
+
+def test_quality_converts_to_a_sparsity():
+    from onnx_dc.settings import ResolvedSettings
+
+    w = np.linspace(-1, 1, 101)
+    settings = LayerSettings.from_resolved(ResolvedSettings(None, 0.5, 4, 5, "linear"), w)
+    expected = np.mean(np.abs(w) < 0.5 * w.std())
+    assert settings.sparsity == pytest.approx(expected)
+    with pytest.raises(SettingsError):
+        LayerSettings.from_resolved(ResolvedSettings(None, 0.5, 4, 5, "linear"))
+
+
+def test_options_are_checked():
+    with pytest.raises(SettingsError):
+        CalibrationOptions(criterion="largest")
+    with pytest.raises(SettingsError):
+        CalibrationOptions(refit_rounds=-1)
+    with pytest.raises(SettingsError):
+        CalibrationOptions(damping=float("nan"))
+    with pytest.raises(SettingsError):
+        CalibrationOptions(obs_rate=1.0)
+
+
+def test_set_initializer_keeps_name_and_dtype(model):
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    set_initializer(copy, "fc0.bias", np.ones(64))
+    assert initializer_array(copy, "fc0.bias").dtype == np.float32
+    with pytest.raises(ModelError):
+        set_initializer(copy, "nope", np.ones(1))
+
+
+def test_api_and_command_line(tmp_path, model, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "c.npz", x=inputs(300, seed=14))
+    result = onnx_dc.compress(str(path), tmp_path / "a.onnx", calib=tmp_path / "c.npz", sparsity=0.8, bits=3)
+    assert result.calibration is not None and len(result.calibration.results) == 3  # fc3 is below min-elements
+    out = tmp_path / "b.onnx"
+    code = main(["compress", str(path), "-o", str(out), "--calib", str(tmp_path / "c.npz"), "--sparsity", "0.8",
+                 "--bits", "3", "--criterion", "obs", "--no-sequential", "--calib-samples", "100", "--no-progress"])
+    text = capsys.readouterr().out
+    assert code == 0 and out.exists() and "calibrated fits (100 calibration samples)" in text and "obs" in text
+    assert main(["compress", str(path), "-o", str(out), "--criterion", "obs"]) == 2  # needs --calib
+    assert main(["compress", str(path), "-o", str(out), "--calib", str(tmp_path / "missing.npz")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def _constant_weight_convnet(seed: int = 0) -> onnx.ModelProto:
+    """Conv(+bias) -> Relu -> Flatten -> Gemm -> MatMul, every weight and bias in a Constant node (as Paddle exports)."""
+    rng = np.random.default_rng(seed)
+    tensors = {
+        "conv.w": rng.standard_normal((8, 2, 3, 3)) * 0.3,
+        "conv.b": 0.1 * rng.standard_normal(8),
+        "fc.w": rng.standard_normal((8 * 6 * 6, 32)) * 0.05,
+        "fc.b": 0.1 * rng.standard_normal(32),
+        "head.w": rng.standard_normal((32, 5)) * 0.2,
+    }
+    nodes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(v.astype(np.float32)))
+             for name, v in tensors.items()]
+    nodes += [
+        helper.make_node("Conv", ["x", "conv.w", "conv.b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["h"]),
+        helper.make_node("Relu", ["h"], ["hr"]),
+        helper.make_node("MatMul", ["hr", "head.w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "constant_weights",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_weights_in_constant_nodes_are_calibrated_and_the_model_validates():
+    model = _constant_weight_convnet()
+    rng = np.random.default_rng(3)
+    calib = {"x": rng.standard_normal((1000, 2, 6, 6)).astype(np.float32)}
+    feeds = {"x": rng.standard_normal((100, 2, 6, 6)).astype(np.float32)}
+    result = onnx_dc.compress(model, calib=calib, sparsity=0.6, bits=4, min_elements=0)
+    fitted = result.calibration.results
+    assert {name for name, r in fitted.items() if r.calibrated} == {"conv.w", "fc.w", "head.w"}
+    assert fitted["conv.w"].bias == "conv.b" and fitted["fc.w"].bias == "fc.b"
+    onnx.checker.check_model(result.model)
+    cosines = []
+    for use_library in (True, False):  # through the operator library, and decompressed to standard operators
+        report = onnx_dc.validate(model, result.model, feeds, min_cosine=0.9, use_library=use_library)
+        assert report.passed and report.used_library == use_library
+        cosines.append(report.outputs[0].cosine)
+    assert cosines[0] == pytest.approx(cosines[1], abs=1e-5)
+    # the calibrated fit beats the plain recipe with the same settings on held-out inputs
+    plain = onnx_dc.compress(model, sparsity=0.6, bits=4, min_elements=0)
+
+    def error(compressed):
+        runnable = onnx.ModelProto()
+        runnable.CopyFrom(compressed)
+        decompress_model(runnable)
+        data = load_calibration(feeds, model)
+        y0, y1 = run_model(model, data)["y"], run_model(runnable, data)["y"]
+        return float(np.sum((y1 - y0) ** 2) / np.sum(y0**2))
+
+    assert error(result.model) < error(plain.model)

@@ -1,0 +1,324 @@
+"""Tests of onnx_dc.refit: every fit minimises (never increases) the reconstruction error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onnx_dc.errors import InvalidTensorError, SettingsError
+from onnx_dc.refit import (
+    CRITERIA,
+    LayerProblem,
+    fit_layer,
+    pruning_path,
+    pruning_scores,
+    quantize_layer,
+    reassign_codes,
+    refit_centroids,
+    refit_weights,
+    select_mask,
+)
+
+
+def make_problem(seed: int, k: int = 12, n: int = 7, rows: int = 40, blocks: int = 1, damping: float = 0.01):
+    """A random layer: correlated inputs (so the Gram matrix matters) and random target weights."""
+    rng = np.random.default_rng(seed)
+    grams, targets = [], []
+    for _ in range(blocks):
+        mixing = rng.standard_normal((k, k))
+        x = rng.standard_normal((rows, k)) @ mixing
+        x[:, rng.integers(k)] = 0.0  # a dead input feature
+        grams.append(x.T @ x)
+        targets.append(rng.standard_normal((k, n)))
+    return LayerProblem(grams, targets, damping=damping)
+
+
+def random_codes(problem: LayerProblem, k: int, seed: int, density: float = 0.6):
+    rng = np.random.default_rng(seed)
+    codes = []
+    for t in problem.targets:
+        c = rng.integers(0, k, size=t.shape)
+        c[rng.random(t.shape) > density] = -1
+        codes.append(c)
+    return codes
+
+
+def dequantize(codes, centroids):
+    out = []
+    for c in codes:
+        w = np.zeros(c.shape)
+        w[c >= 0] = centroids[c[c >= 0]]
+        out.append(w)
+    return out
+
+
+seeds = st.integers(0, 2**31 - 1)
+
+
+class TestLayerProblem:
+    def test_error_is_the_damped_quadratic(self):
+        p = make_problem(0)
+        w = [np.zeros_like(p.targets[0])]
+        d = w[0] - p.targets[0]
+        lam = 0.01 * np.mean(np.diag(p.grams[0]))
+        expected = np.trace(d.T @ (p.grams[0] + lam * np.eye(12)) @ d)
+        assert p.error(w) == pytest.approx(expected, rel=1e-12)
+        assert p.output_error(w) == pytest.approx(np.trace(d.T @ p.grams[0] @ d), rel=1e-12)
+        assert p.relative_error(w) == pytest.approx(1.0)
+        assert p.relative_error(p.targets) == 0.0
+
+    def test_rejects_bad_shapes_and_values(self):
+        with pytest.raises(InvalidTensorError):
+            LayerProblem([np.eye(3)], [np.ones((4, 2))])
+        with pytest.raises(InvalidTensorError):
+            LayerProblem([np.ones((3, 4))], [np.ones((3, 2))])
+        with pytest.raises(InvalidTensorError):
+            LayerProblem([np.eye(3) * np.nan], [np.ones((3, 2))])
+        with pytest.raises(SettingsError):
+            LayerProblem([np.eye(3)], [np.ones((3, 2))], damping=-1)
+        p = make_problem(1)
+        with pytest.raises(InvalidTensorError):
+            p.error([np.zeros((3, 3))])
+
+    def test_all_zero_gram_still_has_a_unique_minimiser(self):
+        p = LayerProblem([np.zeros((4, 4))], [np.arange(8.0).reshape(4, 2)])
+        masks = [np.array([[True, False]] * 4)]
+        w = refit_weights(p, masks)[0]
+        np.testing.assert_allclose(w[:, 0], p.targets[0][:, 0])
+        assert np.all(w[:, 1] == 0)
+
+
+class TestPruning:
+    def test_scores(self):
+        p = make_problem(2)
+        t = p.targets[0]
+        np.testing.assert_allclose(pruning_scores(p, "magnitude")[0], np.abs(t))
+        norms = np.sqrt(np.diag(p.grams[0]))
+        np.testing.assert_allclose(pruning_scores(p, "activation")[0], np.abs(t) * norms[:, None])
+        inv_diag = np.diag(np.linalg.inv(p.hessians[0]))
+        np.testing.assert_allclose(pruning_scores(p, "obs")[0], t**2 / inv_diag[:, None], rtol=1e-8)
+        with pytest.raises(SettingsError):
+            pruning_scores(p, "random")
+
+    @pytest.mark.parametrize("criterion", CRITERIA)
+    def test_select_mask_exact_count_over_blocks(self, criterion):
+        p = make_problem(3, blocks=3)
+        masks = select_mask(p, 0.7, criterion)
+        total = sum(m.size for m in masks)
+        removed = sum(np.count_nonzero(~m) for m in masks)
+        assert removed == int(np.floor(0.7 * total + 0.5))
+
+    def test_activation_aware_prunes_dead_features_first(self):
+        p = make_problem(4)
+        dead = np.flatnonzero(np.diag(p.grams[0]) == 0)
+        assert dead.size == 1
+        masks = select_mask(p, 7 / p.n_weights, "activation")  # exactly one row's worth
+        assert not np.any(masks[0][dead[0]])
+
+    def test_pruning_path_is_nested_and_exact(self):
+        p = make_problem(5, k=20, n=9)
+        sparsities = [0.9, 0.3, 0.6]
+        results = pruning_path(p, sparsities)
+        by_sparsity = dict(zip(sparsities, results))
+        previous = None
+        for s in sorted(sparsities):
+            masks, weights = by_sparsity[s]
+            assert np.count_nonzero(~masks[0]) == int(np.floor(s * p.n_weights + 0.5))
+            assert np.all(weights[0][~masks[0]] == 0)
+            if previous is not None:
+                assert np.all(masks[0] <= previous)  # nothing pruned comes back
+            previous = masks[0]
+            # the weights are the least-squares refit for their mask
+            np.testing.assert_allclose(weights[0], refit_weights(p, masks)[0], atol=1e-9)
+
+    def test_pruning_path_ends(self):
+        p = make_problem(6)
+        (full_masks, full_w), (none_masks, none_w) = pruning_path(p, [0.0, 1.0])
+        assert np.all(full_masks[0]) and np.array_equal(full_w[0], p.targets[0])
+        assert not np.any(none_masks[0]) and np.all(none_w[0] == 0)
+        with pytest.raises(SettingsError):
+            pruning_path(p, [0.5], rate=1.0)
+        with pytest.raises(SettingsError):
+            pruning_path(p, [1.5])
+
+
+class TestRefitWeights:
+    @settings(max_examples=40, deadline=None)
+    @given(seed=seeds, sparsity=st.floats(0.0, 0.95))
+    def test_refit_is_the_minimiser_for_its_mask(self, seed, sparsity):
+        p = make_problem(seed % 1000, blocks=1 + seed % 2)
+        masks = select_mask(p, sparsity, "magnitude")
+        refitted = refit_weights(p, masks)
+        masked = [t * m for t, m in zip(p.targets, masks)]
+        e = p.error(refitted)
+        assert e <= p.error(masked) * (1 + 1e-9) + 1e-9
+        for w, m in zip(refitted, masks):
+            assert np.all(w[~m] == 0)
+        # any perturbation of the kept weights is worse (first-order optimality)
+        rng = np.random.default_rng(seed)
+        for _ in range(3):
+            moved = [w + 1e-3 * rng.standard_normal(w.shape) * m for w, m in zip(refitted, masks)]
+            assert p.error(moved) >= e * (1 - 1e-9) - 1e-9
+
+    def test_columns_with_equal_masks_share_a_solve(self):
+        p = make_problem(7, n=5)
+        masks = [np.ones((12, 5), dtype=bool)]
+        masks[0][:4, :] = False
+        w = refit_weights(p, masks)[0]
+        h = p.hessians[0]
+        s = np.arange(4, 12)
+        expected = np.linalg.solve(h[np.ix_(s, s)], (h @ p.targets[0])[s])
+        np.testing.assert_allclose(w[s], expected, rtol=1e-9, atol=1e-9)
+
+
+class TestCentroids:
+    @settings(max_examples=40, deadline=None)
+    @given(seed=seeds, k=st.integers(1, 9), density=st.floats(0.05, 1.0))
+    def test_centroid_refit_never_increases_the_error(self, seed, k, density):
+        p = make_problem(seed % 997, blocks=1 + seed % 3)
+        codes = random_codes(p, k, seed, density)
+        centroids = np.sort(np.random.default_rng(seed).standard_normal(k))
+        new = refit_centroids(p, codes, centroids)
+        assert p.error(dequantize(codes, new)) <= p.error(dequantize(codes, centroids)) * (1 + 1e-9) + 1e-9
+        # clusters nobody uses keep their value
+        used = set(np.concatenate([c[c >= 0] for c in codes]).tolist())
+        for c in range(k):
+            if c not in used:
+                assert new[c] == centroids[c]
+
+    def test_centroid_refit_is_the_least_squares_solution(self):
+        p = make_problem(8)
+        k = 4
+        codes = random_codes(p, k, 8)
+        new = refit_centroids(p, codes, np.zeros(k))
+        # brute force: E(mu) = ||L^T (sum_c mu_c A_c - T)||^2 with H = L L^T, a linear least-squares problem in mu
+        lower = np.linalg.cholesky(p.hessians[0])
+        design = np.stack([(lower.T @ (codes[0] == c)).ravel() for c in range(k)], axis=1)
+        target = (lower.T @ p.targets[0]).ravel()
+        expected = np.linalg.lstsq(design, target, rcond=None)[0]
+        np.testing.assert_allclose(new, expected, rtol=1e-7, atol=1e-9)
+
+    def test_dense_and_sparse_system_paths_agree(self):
+        # a layer with every weight kept takes the dense product path, a sparse one the per-column path
+        from onnx_dc.refit import _centroid_system
+
+        p = make_problem(9, k=30, n=40)
+        rng = np.random.default_rng(9)
+        codes = rng.integers(0, 3, size=(30, 40))
+        m_dense, r_dense = _centroid_system(p.hessians[0], p.targets[0], codes, 3)
+        k = 3
+        m_ref = np.zeros((k, k))
+        for c in range(k):
+            for d in range(k):
+                m_ref[c, d] = np.sum((codes == c) * (p.hessians[0] @ (codes == d)))
+        np.testing.assert_allclose(m_dense, m_ref, rtol=1e-9)
+        sparse_codes = codes.copy()
+        sparse_codes[rng.random(codes.shape) < 0.9] = -1
+        m_sparse, _ = _centroid_system(p.hessians[0], p.targets[0], sparse_codes, k)
+        m_ref2 = np.zeros((k, k))
+        for c in range(k):
+            for d in range(k):
+                m_ref2[c, d] = np.sum((sparse_codes == c) * (p.hessians[0] @ (sparse_codes == d)))
+        np.testing.assert_allclose(m_sparse, m_ref2, rtol=1e-9, atol=1e-12)
+
+    def test_one_hot_and_per_centroid_dense_paths_agree(self, monkeypatch):
+        # small blocks build one one-hot matrix; larger ones loop over the centroids in use
+        from onnx_dc import refit
+
+        p = make_problem(4, k=12, n=5)
+        codes = np.random.default_rng(4).integers(-1, 6, size=(12, 5))
+        m_onehot, r_onehot = refit._centroid_system(p.hessians[0], p.targets[0], codes, 8)
+        monkeypatch.setattr(refit, "_ONEHOT_MAX_ELEMENTS", 0)
+        m_loop, r_loop = refit._centroid_system(p.hessians[0], p.targets[0], codes, 8)
+        np.testing.assert_allclose(m_onehot, m_loop, rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(r_onehot, r_loop)
+        assert np.all(m_onehot[6:] == 0) and np.any(m_onehot[:6] != 0)
+
+
+def test_single_threaded_blas_restores_the_thread_count():
+    from threadpoolctl import threadpool_info
+
+    from onnx_dc.refit import single_threaded_blas
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    with single_threaded_blas():
+        assert all(n == 1 for n in blas_threads())
+        with single_threaded_blas():  # nested use is fine
+            pass
+    assert blas_threads() == before
+
+
+class TestReassign:
+    @settings(max_examples=40, deadline=None)
+    @given(seed=seeds, k=st.integers(1, 8))
+    def test_reassignment_never_increases_the_error(self, seed, k):
+        p = make_problem(seed % 991, blocks=1 + seed % 2)
+        codes = random_codes(p, k, seed)
+        centroids = np.sort(np.random.default_rng(seed + 1).standard_normal(k))
+        new = reassign_codes(p, codes, centroids, sweeps=2)
+        assert p.error(dequantize(new, centroids)) <= p.error(dequantize(codes, centroids)) * (1 + 1e-9) + 1e-9
+        for a, b in zip(codes, new):
+            assert np.array_equal(a < 0, b < 0)  # pruned stay pruned, kept stay kept
+
+    def test_needs_sorted_centroids(self):
+        p = make_problem(10)
+        with pytest.raises(SettingsError):
+            reassign_codes(p, random_codes(p, 2, 0), np.array([1.0, -1.0]))
+
+
+class TestQuantizeAndFit:
+    @settings(max_examples=25, deadline=None)
+    @given(seed=seeds, bits=st.integers(1, 4), sparsity=st.floats(0.0, 0.9))
+    def test_quantize_history_is_non_increasing(self, seed, bits, sparsity):
+        p = make_problem(seed % 983, k=16, n=8, blocks=1 + seed % 2)
+        masks = select_mask(p, sparsity, "activation")
+        weights = refit_weights(p, masks)
+        q = quantize_layer(p, weights, masks, 2**bits)
+        assert all(b <= a * (1 + 1e-12) for a, b in zip(q.history, q.history[1:]))
+        assert q.error == pytest.approx(p.error(q.weights), rel=1e-9, abs=1e-9)
+        values = np.concatenate([w[m] for w, m in zip(q.weights, masks)])
+        assert np.unique(values).size <= 2**bits
+        for w, m in zip(q.weights, masks):
+            assert np.all(w[~m] == 0)
+        plain = quantize_layer(p, weights, masks, 2**bits, refit=False)
+        assert q.error <= plain.error * (1 + 1e-12) + 1e-12
+        assert q.history[0] == plain.error
+
+    def test_fit_layer_auto_picks_the_lowest_pruned_error(self):
+        p = make_problem(11, k=24, n=10, rows=80)
+        fit = fit_layer(p, sparsity=0.8, bits=3)
+        assert set(fit.errors_by_criterion) <= set(CRITERIA)
+        assert fit.criterion == min(fit.errors_by_criterion, key=fit.errors_by_criterion.get)
+        assert fit.error == pytest.approx(p.error(fit.weights))
+        single = fit_layer(p, sparsity=0.8, bits=3, criterion=fit.criterion)
+        assert single.error == pytest.approx(fit.error)
+        assert np.count_nonzero(~fit.masks[0]) == int(np.floor(0.8 * 240 + 0.5))
+
+    def test_fit_layer_is_deterministic(self):
+        p = make_problem(12)
+        a = fit_layer(p, sparsity=0.5, bits=2, init="random", seed=3)
+        b = fit_layer(p, sparsity=0.5, bits=2, init="random", seed=3)
+        assert np.array_equal(a.quantized.codes[0], b.quantized.codes[0])
+        assert np.array_equal(a.quantized.centroids, b.quantized.centroids)
+
+    def test_calibrated_fit_beats_plain_magnitude(self):
+        p = make_problem(13, k=30, n=12, rows=200)
+        plain = fit_layer(p, sparsity=0.7, bits=3, criterion="magnitude", refit_weights_first=False, refit_centroids_rounds=0)
+        tuned = fit_layer(p, sparsity=0.7, bits=3)
+        assert tuned.error < plain.error
+
+    def test_settings_are_checked(self):
+        p = make_problem(14)
+        with pytest.raises(SettingsError):
+            fit_layer(p, sparsity=0.5, bits=9)
+        with pytest.raises(SettingsError):
+            fit_layer(p, sparsity=-0.1, bits=3)
+        with pytest.raises(SettingsError):
+            fit_layer(p, sparsity=0.5, bits=3, criterion="largest")
+        with pytest.raises(SettingsError):
+            quantize_layer(p, p.targets, [np.ones((12, 7), dtype=bool)], 4, init="nope")
