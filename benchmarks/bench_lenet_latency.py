@@ -9,10 +9,10 @@ pruned, 8-bit). All sessions use one intra-op thread. Timing: every session is
 warmed up, then ``--rounds`` rounds visit the sessions in a fresh random order,
 each timing a block of ``--runs-per-block`` runs on one 28x28 image; the table
 shows the median per run and the ratio to the original (below 1 = faster).
-The kept fraction decides the outcome: the sparse kernel costs about the same
-per *kept* weight, while onnxruntime's dense MatMul on these cache-resident
-layers costs far less per weight, so lightly pruned layers are slower (see
-README, "Runtime").
+The kept fraction decides the layout DCMatMul uses: codebook indices for
+heavily pruned weights, dense float32 shared values from 25 % kept up
+(docs/OPERATORS.md, "In-memory layout"); this benchmark is the measurement
+behind that threshold.
 """
 
 from __future__ import annotations

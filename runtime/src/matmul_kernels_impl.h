@@ -83,9 +83,70 @@ void RunTile(const BlockTask& task) {
   }
 }
 
+// The dense layout (lightly pruned weights), batch row count 1: each active
+// input row adds x[k] times a contiguous row of W' to the block's outputs.
+inline void RunDenseSingleRow(const BlockTask& task) {
+  const SparseWeights& w = *task.weights;
+  const uint64_t first_column = uint64_t{task.block} * w.block_columns;
+  const uint64_t width = std::min<uint64_t>(w.block_columns, w.out_features - first_column);
+  float* __restrict y = task.y + first_column;
+  for (uint64_t j = 0; j < width; ++j) y[j] = 0.0f;
+  const float* __restrict values = w.dense.data() + first_column;
+  const float* __restrict x = task.x;
+  for (uint64_t a = 0; a < task.num_active_rows; ++a) {
+    const uint32_t k = task.active_rows[a];
+    const float xk = x[k];
+    const float* __restrict row = values + uint64_t{k} * w.out_features;
+    for (uint64_t j = 0; j < width; ++j) y[j] += xk * row[j];
+  }
+  if (task.alpha != 1.0f || task.bias != nullptr) {
+    for (uint64_t j = 0; j < width; ++j) y[j] = ApplyEpilogue(y[j], task, first_column + j);
+  }
+}
+
+// The dense layout, a tile of kWidth batch rows (x transposed as in RunTile).
+template <unsigned kWidth>
+void RunDenseTile(const BlockTask& task) {
+  typedef float Vec __attribute__((vector_size(kWidth * sizeof(float))));
+  const SparseWeights& w = *task.weights;
+  const uint64_t first_column = uint64_t{task.block} * w.block_columns;
+  const uint64_t width = std::min<uint64_t>(w.block_columns, w.out_features - first_column);
+  Vec acc[kMaxTileFloats / kWidth];
+  for (uint64_t j = 0; j < width; ++j) acc[j] = Vec{};
+  const float* __restrict values = w.dense.data() + first_column;
+  for (uint64_t a = 0; a < task.num_active_rows; ++a) {
+    const uint32_t k = task.active_rows[a];
+    Vec xv;
+    std::memcpy(&xv, task.x + uint64_t{k} * kWidth, sizeof(Vec));
+    const float* __restrict row = values + uint64_t{k} * w.out_features;
+    for (uint64_t j = 0; j < width; ++j) acc[j] += row[j] * xv;
+  }
+  for (unsigned t = 0; t < task.tile_rows; ++t) {
+    float* __restrict y = task.y + t * task.y_stride + first_column;
+    for (uint64_t j = 0; j < width; ++j) y[j] = ApplyEpilogue(acc[j][t], task, first_column + j);
+  }
+}
+
 }  // namespace detail
 
 void RunBlockTask(const BlockTask& task) {
+  if (!task.weights->dense.empty()) {
+    switch (task.tile_width) {
+      case 1:
+        detail::RunDenseSingleRow(task);
+        break;
+      case 4:
+        detail::RunDenseTile<4>(task);
+        break;
+      case 8:
+        detail::RunDenseTile<8>(task);
+        break;
+      default:
+        detail::RunDenseTile<16>(task);
+        break;
+    }
+    return;
+  }
   switch (task.tile_width) {
     case 1:
       detail::RunSingleRow(task);

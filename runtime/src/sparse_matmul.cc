@@ -98,7 +98,7 @@ void RunTask(void* context, size_t index) {
 
 size_t SparseWeights::memory_bytes() const {
   return sizeof(*this) + codebook.capacity() * sizeof(float) + row_offsets.capacity() * sizeof(uint32_t) +
-         entries.capacity() * sizeof(uint16_t);
+         entries.capacity() * sizeof(uint16_t) + dense.capacity() * sizeof(float);
 }
 
 bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseWeights* out, std::string* error) {
@@ -139,8 +139,14 @@ bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseWei
   w.codebook.assign(size_t{1} << index_bits, 0.0f);
   if (info.codebook_size > 0) std::memcpy(w.codebook.data(), decoded.codebook.data(), info.codebook_size * sizeof(float));
   const uint64_t stride = k_count + 1;
-  w.row_offsets.assign(static_cast<size_t>(w.num_blocks * stride), 0);
-  w.entries.assign(static_cast<size_t>(kept), 0);
+  const uint64_t n_values = k_count * n_count;
+  const bool dense_layout = n_values > 0 && static_cast<double>(kept) >= kDenseKeptFraction * static_cast<double>(n_values);
+  if (dense_layout) {
+    w.dense.assign(static_cast<size_t>(n_values), 0.0f);
+  } else {
+    w.row_offsets.assign(static_cast<size_t>(w.num_blocks * stride), 0);
+    w.entries.assign(static_cast<size_t>(kept), 0);
+  }
 
   // Visits the kept entries in order as (row, col) of the container's tensor.
   auto for_each_kept = [&](auto&& visit) {
@@ -162,6 +168,15 @@ bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseWei
       }
     }
   };
+  if (dense_layout) {
+    float* values = w.dense.data();
+    const float* codebook = w.codebook.data();
+    for_each_kept([&](uint64_t row, uint64_t col, uint16_t code) {
+      const uint64_t k = trans_b ? col : row, n = trans_b ? row : col;
+      values[k * n_count + n] = codebook[code];
+    });
+    return true;
+  }
   const uint32_t block_columns = w.block_columns;
   uint32_t* offsets = w.row_offsets.data();
   for_each_kept([&](uint64_t row, uint64_t col, uint16_t) {

@@ -13,6 +13,12 @@
 // entries are not stored: the layout holds 2 bytes per nonzero weight plus 4
 // bytes per (block, row).
 //
+// Lightly pruned weights (at least kDenseKeptFraction of the values kept) are
+// held instead as dense float32 shared values ([in_features, out_features],
+// `dense`): there the codebook lookup and scattered update per kept weight
+// cost more than a dense multiply-add over every weight, and the layout saves
+// little memory (benchmarks/bench_lenet_latency.py measures the crossover).
+//
 // The kernel walks, for each output block, only the input rows whose
 // activation is nonzero (zero activations are skipped, as in EIE), adding
 // x[k] * codebook[code] into the block's outputs. Blocks (times tiles of the
@@ -31,6 +37,9 @@
 
 namespace onnx_dc {
 
+// Weights with at least this fraction of their values kept use the dense layout.
+constexpr double kDenseKeptFraction = 0.25;
+
 struct SparseWeights {
   uint64_t in_features = 0;   // K: rows of W'
   uint64_t out_features = 0;  // N: columns of W'
@@ -44,6 +53,9 @@ struct SparseWeights {
   // (block b, row k) is [row_offsets[b * (K + 1) + k], row_offsets[b * (K + 1) + k + 1]).
   std::vector<uint32_t> row_offsets;
   std::vector<uint16_t> entries;
+  // Non-empty for lightly pruned weights: W' as dense float32 values,
+  // row-major [in_features, out_features]; row_offsets and entries are then empty.
+  std::vector<float> dense;
 
   // Bytes held by the layout (what a session keeps for this weight).
   size_t memory_bytes() const;
