@@ -57,6 +57,8 @@ from benchmarks.compare_cases import LENET_MODELS, REAL_MODELS, BenchCase, load_
 from benchmarks.dc_settings import ModelSettings, settings_for  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# --quick runs write here unless --out is given, so a smoke run never replaces the measured results.
+QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
 
 # Targets of issue 6, checked on the real models.
 RATIO_VS_QDYN_TARGET = 2.0
@@ -678,7 +680,10 @@ def main(argv: list[str] | None = None) -> int:
     all_models = LENET_MODELS + REAL_MODELS
     parser.add_argument("--models", default=",".join(all_models), help=f"comma-separated (default: all of {', '.join(all_models)})")
     parser.add_argument("--quick", action="store_true", help="small splits and a short latency budget")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for compare.md/.json and the PNGs")
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="directory for compare.md/.json and the PNGs (default benchmarks/results, benchmarks/results/quick with --quick)",
+    )
     parser.add_argument("--latency-seconds", type=float, default=None, help="latency budget per model (default 40, quick 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the input generators and the calibration split")
     parser.add_argument("--render-only", action="store_true", help="rewrite compare.md and the PNGs from --out's compare.json")
@@ -687,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
         help="write --out's outputs from the compare.json of several runs (models split over several invocations)",
     )
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = QUICK_RESULTS_DIR if args.quick else RESULTS_DIR
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in all_models]

@@ -296,3 +296,16 @@ def test_quick_run_rows(quick_run):
     for model in data["models"]:
         automatic = next(row for row in model["rows"] if row["method"] == "onnx-dc automatic")
         assert automatic["status"].startswith("not run in --quick")
+
+
+def test_quick_mode_never_writes_the_measured_results(quick_run, tmp_path, monkeypatch):
+    out, _, _ = quick_run
+    quick_dir = tmp_path / "quick"
+    quick_dir.mkdir()
+    (quick_dir / "compare.json").write_text((out / "compare.json").read_text())
+    measured = compare.RESULTS_DIR / "compare.md"
+    before = measured.read_bytes() if measured.exists() else None
+    monkeypatch.setattr(compare, "QUICK_RESULTS_DIR", quick_dir)
+    assert compare.main(["--render-only", "--quick"]) == 0
+    assert (quick_dir / "compare.md").is_file()
+    assert (measured.read_bytes() if measured.exists() else None) == before
