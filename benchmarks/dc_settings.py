@@ -239,7 +239,11 @@ SETTINGS: dict[str, ModelSettings] = {
             why="on 16 held-out calibration lines 3-bit weights keep label agreement 1.0 (cosine 1.000000, 4.19x; "
             "4-bit 3.82x) while pruning half of the conv weights already drops it to 0.9375",
         ),
-        automatic_skipped=_REAL_AUTOMATIC_SKIPPED,
+        AutoSettings(
+            min_cosine=0.999, sequential=False, refit_rounds=2,
+            why="label-free budget on held-out calibration lines; the smallest real model, the one the search "
+            "finishes on in minutes (onnx-dc's coarse grids for models of more than 12 layers)",
+        ),
     ),
     "ppocrv4-rec": ModelSettings(
         DcSettings(

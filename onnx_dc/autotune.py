@@ -349,6 +349,7 @@ def autotune(
     if budget.max_drop is not None and (search is None or labels is None):
         raise CalibrationError("--max-drop needs evaluation data with labels (--eval E.npz holding the inputs and 'labels')")
     if search is None:
+        calibration = calibration.materialised()
         n_holdout = min(MAX_HOLDOUT_SAMPLES, max(1, int(round(holdout_fraction * calibration.n_samples))))
         if calibration.n_samples - n_holdout < 1:
             raise CalibrationError(f"{calibration.n_samples} calibration sample(s) are too few to hold some apart for the budget")

@@ -202,16 +202,30 @@ class CalibrationData:
                     feed[spec.name] = array[start * rows : stop * rows]
             yield feed, stop - start
 
+    def materialised(self) -> CalibrationData:
+        """The same data with a known :attr:`n_samples` (feeds of an iterable are read once and kept)."""
+        if self._arrays is not None or self.n_samples >= 0:
+            return self
+        feeds = [feed for feed, _ in self._iter_feed_source()]
+        if not feeds:
+            raise CalibrationError("the calibration iterable yielded no feeds")
+        counts = [_samples_in_feed(self.specs, feed) for feed in feeds]
+        return CalibrationData(
+            self.specs, feed_source=feeds, n_samples=int(sum(counts)), description=self.description
+        )
+
     def split(self, n_holdout: int, *, seed: int = 0) -> tuple[CalibrationData, CalibrationData]:
-        """Split array data into (fit, holdout) parts of ``n_samples - n_holdout`` and ``n_holdout`` samples.
+        """Split the data into (fit, holdout) parts of ``n_samples - n_holdout`` and ``n_holdout`` samples.
 
         The holdout samples are chosen at random (``seed``) and never overlap the fit part.
+        Data given as feeds is split by whole feeds: the holdout part gets random
+        feeds until it holds at least ``n_holdout`` samples, the fit part keeps at least one.
 
         Raises:
-            CalibrationError: data given as an iterable of feeds, or too few samples.
+            CalibrationError: too few samples (or feeds) to split.
         """
         if self._arrays is None:
-            raise CalibrationError("calibration data given as an iterable of feeds cannot be split; give --eval data")
+            return self._split_feeds(n_holdout, seed)
         if not 1 <= n_holdout < self.n_samples:
             raise CalibrationError(f"cannot hold {n_holdout} of {self.n_samples} calibration samples apart")
         order = np.random.default_rng(seed).permutation(self.n_samples)
@@ -230,6 +244,35 @@ class CalibrationData:
                     per_feed=self._per_feed,
                     n_samples=int(index.size),
                     rows_per_sample=self._rows_per_sample,
+                    description=self.description,
+                )
+            )
+        return parts[0], parts[1]
+
+    def _split_feeds(self, n_holdout: int, seed: int) -> tuple[CalibrationData, CalibrationData]:
+        data = self.materialised()
+        feeds = list(data._feed_source or [])
+        counts = [_samples_in_feed(self.specs, feed) for feed in feeds]
+        if len(feeds) < 2 or n_holdout < 1:
+            raise CalibrationError(
+                f"cannot hold {n_holdout} of {data.n_samples} calibration samples apart: "
+                f"the data is {len(feeds)} feed(s); give more feeds or --eval data"
+            )
+        order = np.random.default_rng(seed).permutation(len(feeds))
+        held, taken = [], 0
+        for index in order[:-1]:  # the fit part keeps at least one feed
+            held.append(int(index))
+            taken += counts[index]
+            if taken >= n_holdout:
+                break
+        held_set = set(held)
+        parts = []
+        for chosen in ([i for i in range(len(feeds)) if i not in held_set], sorted(held)):
+            parts.append(
+                CalibrationData(
+                    self.specs,
+                    feed_source=[feeds[i] for i in chosen],
+                    n_samples=int(sum(counts[i] for i in chosen)),
                     description=self.description,
                 )
             )

@@ -109,6 +109,14 @@ class TestSearch:
         looser = onnx_dc.compress(model, calib=calib, min_cosine=0.99, seed=3, **GRID)
         assert looser.report.ratio >= result.report.ratio
 
+    def test_min_cosine_with_calibration_given_as_feeds(self, model, calib):
+        feeds = [{"x": calib["x"][i : i + 20]} for i in range(0, 600, 20)]  # 30 feeds of 20 samples
+        result = onnx_dc.compress(model, calib=iter(feeds), min_cosine=0.999, seed=3, **GRID)
+        tuned = result.calibration
+        assert tuned.budget_met
+        assert tuned.n_search_samples + tuned.n_fit_samples == 600
+        assert tuned.n_search_samples % 20 == 0 and tuned.n_search_samples >= 120
+
     def test_reproducible_with_a_seed(self, model, calib):
         a = onnx_dc.compress(model, calib=calib, min_cosine=0.995, seed=5, **GRID)
         b = onnx_dc.compress(model, calib=calib, min_cosine=0.995, seed=5, **GRID)

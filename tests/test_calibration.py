@@ -19,6 +19,7 @@ from onnx_dc.calibration import (
     run_model,
 )
 from onnx_dc.errors import CalibrationError, ModelError, SettingsError
+from calibration_models import classifier, inputs
 
 RNG = np.random.default_rng(0)
 
@@ -369,3 +370,16 @@ class TestStatistics:
         with pytest.raises(ModelError, match="no value named"):
             run_model(model, data, outputs=["nope"])
         assert isinstance(data, CalibrationData)
+
+
+def test_feeds_split_by_whole_feeds_without_overlap():
+    model = classifier(seed=1)
+    x = inputs(50, seed=2)
+    feeds = [{"x": x[i : i + 5]} for i in range(0, 50, 5)]
+    data = load_calibration(iter(feeds), model)
+    fit, held = data.split(12, seed=0)
+    assert fit.n_samples + held.n_samples == 50 and held.n_samples == 15  # three whole feeds of 5
+    seen = [feed["x"] for feed, _ in fit.feeds()] + [feed["x"] for feed, _ in held.feeds()]
+    assert sorted(map(lambda a: float(a[0, 0]), seen)) == sorted(float(f["x"][0, 0]) for f in feeds)
+    with pytest.raises(CalibrationError, match="feed"):
+        load_calibration([feeds[0]], model).split(1)
