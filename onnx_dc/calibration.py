@@ -117,8 +117,10 @@ class InputSpec:
         return None if self.shape is None else len(self.shape)
 
 
-def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+def input_specs(model: onnx.ModelProto, *, hint: str = "calibration supports tensor inputs only") -> list[InputSpec]:
     """The model's real inputs (graph inputs that are not initializers), in order.
+
+    ``hint`` ends the error messages (what the caller's user can do instead).
 
     Raises:
         CalibrationError: an input that is not a tensor or has an unknown element type.
@@ -129,12 +131,12 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         if vi.name in initializers:
             continue
         if not vi.type.HasField("tensor_type"):
-            raise CalibrationError(f"input {vi.name!r} is not a tensor; calibration supports tensor inputs only")
+            raise CalibrationError(f"input {vi.name!r} is not a tensor; {hint}")
         ttype = vi.type.tensor_type
         try:
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
         except (KeyError, TypeError, ValueError):
-            raise CalibrationError(f"input {vi.name!r} has an unsupported element type {ttype.elem_type}") from None
+            raise CalibrationError(f"input {vi.name!r} has an unsupported element type {ttype.elem_type}; {hint}") from None
         shape = None
         if ttype.HasField("shape"):
             shape = tuple(

@@ -25,6 +25,7 @@ from onnx import helper
 
 from onnx_dc.errors import CalibrationError, LibraryNotFoundError, ModelError, OnnxDcError
 from onnx_dc import model_io
+from onnx_dc.calibration import input_specs
 from onnx_dc.model_io import save_model, tensor_bytes
 from onnx_dc.rewrite import decompress_model, has_custom_ops
 
@@ -144,34 +145,21 @@ def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def generate_inputs(model: onnx.ModelProto, *, seed: int = GENERATED_SEED) -> dict[str, np.ndarray]:
     """Inputs built from the model's input specs: dynamic axes small, floats standard normal, integers 0."""
     rng = np.random.default_rng(seed)
-    initializers = {t.name for t in model.graph.initializer}
     feeds: dict[str, np.ndarray] = {}
-    for vi in model.graph.input:
-        if vi.name in initializers:
-            continue
-        if not vi.type.HasField("tensor_type"):
-            raise CalibrationError(f"input {vi.name!r} is not a tensor; give the inputs with --inputs FILE.npz")
-        ttype = vi.type.tensor_type
-        try:
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
-        except (KeyError, TypeError, ValueError):
-            raise CalibrationError(
-                f"input {vi.name!r} has an element type inputs cannot be generated for; use --inputs FILE.npz"
-            ) from None
-        shape = []
-        for axis, dim in enumerate(ttype.shape.dim):
-            if dim.HasField("dim_value") and dim.dim_value > 0:
-                shape.append(dim.dim_value)
-            else:
-                shape.append(GENERATED_BATCH if axis == 0 else GENERATED_DIM)
+    for spec in input_specs(model, hint="give the inputs with --inputs FILE.npz"):
+        dtype = spec.dtype
+        shape = [
+            dim if dim is not None else (GENERATED_BATCH if axis == 0 else GENERATED_DIM)
+            for axis, dim in enumerate(spec.shape or ())
+        ]
         if dtype.kind == "f":
-            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind in "iu":
-            feeds[vi.name] = np.zeros(shape, dtype=dtype)
+            feeds[spec.name] = np.zeros(shape, dtype=dtype)
         elif dtype.kind == "b":
-            feeds[vi.name] = np.asarray(rng.random(shape) < 0.5)  # 0-d stays an ndarray, which onnxruntime needs
+            feeds[spec.name] = np.asarray(rng.random(shape) < 0.5)  # 0-d stays an ndarray, which onnxruntime needs
         else:
-            raise CalibrationError(f"input {vi.name!r} of type {dtype} cannot be generated; use --inputs FILE.npz")
+            raise CalibrationError(f"input {spec.name!r} of type {dtype} cannot be generated; use --inputs FILE.npz")
     return feeds
 
 
