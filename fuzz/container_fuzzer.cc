@@ -15,7 +15,8 @@
 //   * a small 2-D float32 container also goes through the operator library's
 //     DCMatMul path (runtime/src/sparse_matmul.cc: BuildSparseWeights, then
 //     SparseMatMul with the generic and, when the CPU has them, AVX2 kernels,
-//     for batch sizes that use every tile width, with and without trans_b):
+//     for batch sizes that use every tile width, with and without trans_b,
+//     in both sparse orders (column runs and row runs), with and without relu):
 //     the result must match a float64 product with the dense decoded weight.
 // A failed check calls __builtin_trap(), which libFuzzer reports as a crash.
 //
@@ -135,10 +136,12 @@ void CheckMatMul(const onnx_dc::DecodedContainer& decoded, const uint8_t* data, 
   for (float v : dense) largest = std::max(largest, std::fabs(static_cast<double>(v)));
   const bool compare = largest < 1e30;  // larger weights may overflow float32 sums
   const onnx_dc::KernelIsa isas[] = {onnx_dc::KernelIsa::kGeneric, onnx_dc::DetectKernelIsa()};
-  for (int trans_b = 0; trans_b < 2; ++trans_b) {
+  for (int variant = 0; variant < 4; ++variant) {
+    const int trans_b = variant & 1;
+    const onnx_dc::SparseOrder order = (variant & 2) ? onnx_dc::SparseOrder::kRows : onnx_dc::SparseOrder::kColumns;
     onnx_dc::SparseWeights weights;
     std::string error;
-    if (!onnx_dc::BuildSparseWeights(decoded, trans_b != 0, &weights, &error)) {
+    if (!onnx_dc::BuildSparseWeights(decoded, trans_b != 0, order, &weights, &error)) {
       // Shape limits of the operator (e.g. a 2^40 x 0 weight), not format errors.
       Check(!error.empty() && error.find('\n') == std::string::npos);
       continue;
@@ -161,6 +164,7 @@ void CheckMatMul(const onnx_dc::DecodedContainer& decoded, const uint8_t* data, 
       args.beta = 2.0f;
       args.bias = rows == 1 ? nullptr : bias.data();
       args.bias_size = rows == 17 ? 1 : n_count;
+      args.relu = rows == 5;
       for (onnx_dc::KernelIsa isa : isas) {
         Check(onnx_dc::SparseMatMul(weights, args, isa, &SerialFor, nullptr).empty());
         for (uint64_t r = 0; compare && r < rows; ++r) {
@@ -173,6 +177,7 @@ void CheckMatMul(const onnx_dc::DecodedContainer& decoded, const uint8_t* data, 
             }
             double expected = args.alpha * sum;
             if (args.bias) expected += args.beta * static_cast<double>(args.bias[args.bias_size == 1 ? 0 : n]);
+            if (args.relu) expected = std::max(expected, 0.0);
             const double tolerance = 1e-5 * (magnitude + 8.0) * (1.0 + static_cast<double>(k_count) / 64.0);
             Check(std::fabs(static_cast<double>(y[r * n_count + n]) - expected) <= tolerance);
           }

@@ -42,7 +42,7 @@ class TensorRow:
     codebook_size: int
     original_bytes: int
     compressed_bytes: int
-    op: str  # DCMatMul, DCDecompress or both
+    op: str  # the readers of the container: DCMatMul, DCConv, DCDecompress, joined with "+"
 
     @property
     def kept_fraction(self) -> float:

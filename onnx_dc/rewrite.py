@@ -8,7 +8,10 @@ node), and rewires its consumers:
 * a ``MatMul`` whose B is the 2-D float32 weight, and a ``Gemm`` (B the weight,
   ``transA=0``, C absent or broadcasting per column) become ``DCMatMul``
   (domain ``ai.onnx_dc``), which multiplies straight from the container;
-* every other use (Conv kernels, embeddings, LSTM weights, float16 tensors,
+* a 2-D ``Conv`` whose W is the 4-D float32 weight becomes ``DCConv`` (same
+  attributes), which convolves straight from the container, when
+  :func:`conv_runs_as_dc_conv` says so (docs/OPERATORS.md, "DCConv");
+* every other use (other Conv kernels, embeddings, LSTM weights, float16 tensors,
   weights reached through Reshape/Transpose/Slice, graph outputs...) reads the
   output of one ``DCDecompress`` node (``DCDecompressFloat16``,
   ``DCDecompressDouble``, ``DCDecompressBFloat16`` for other element types)
@@ -35,11 +38,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_dc.errors import ContainerError, ModelError
+from onnx_dc.fusion import fuse_relu, mark_sparse_inputs, unfuse_relu
 from onnx_dc.weights import Consumer, GraphScope, Weight, iter_scopes
 
 DOMAIN = "ai.onnx_dc"
 OPSET_VERSION = 1
 MATMUL_OP = "DCMatMul"
+CONV_OP = "DCConv"
+# Operators that read a container as input 1 and compute with it directly.
+_FUSED_OPS = frozenset({MATMUL_OP, CONV_OP})
 # onnxruntime custom operators declare their output type statically, so the
 # runtime has one decompress operator per element type (docs/OPERATORS.md).
 DECOMPRESS_OPS: dict[int, str] = {
@@ -53,7 +60,7 @@ CONTAINER_SUFFIX = "__dc"
 
 META_NAME = "onnx_dc.name"  # on a container: the original tensor's name
 META_KIND = "onnx_dc.kind"  # on a container: fc / conv / other
-META_OP = "onnx_dc.op"  # on a DCMatMul node: MatMul or Gemm
+META_OP = "onnx_dc.op"  # on a DCMatMul node: MatMul or Gemm; on a DCConv node: Conv
 META_ATTRS = "onnx_dc.attrs"  # on a DCMatMul node: attributes the original Gemm set explicitly
 META_ADDED = "onnx_dc.added"  # on value_info entries the converter added
 META_SOURCE = "onnx_dc.source"  # on a container: initializer / constant
@@ -68,7 +75,10 @@ class RewriteSummary:
 
     containers: dict[str, str] = field(default_factory=dict)  # weight name -> container name
     matmul_nodes: int = 0
+    conv_nodes: int = 0
     decompress_nodes: int = 0
+    fused_relus: int = 0  # Relu nodes folded into DCMatMul (onnx_dc.fusion)
+    sparse_inputs: int = 0  # DCMatMul nodes marked sparse_input (their X is a ReLU output)
 
 
 @dataclass(eq=False)
@@ -108,7 +118,11 @@ def apply_compression(model: onnx.ModelProto, compressed: Sequence[tuple[Weight,
         cname = _unique(weight.name + CONTAINER_SUFFIX, taken)
         summary.containers[weight.name] = cname
         ctensor = _container_tensor(weight, cname, container)
-        fused = [c for c in weight.consumers if _fusable(c, weight, constants, value_types)]
+        fused = [
+            c
+            for c in weight.consumers
+            if _fusable(c, weight, constants, value_types) or _conv_fusable(c, weight, value_types)
+        ]
         needs_dense = len(fused) < len(weight.consumers)
         graph = weight.scope.graph
         data_type = weight.tensor.data_type
@@ -138,21 +152,27 @@ def apply_compression(model: onnx.ModelProto, compressed: Sequence[tuple[Weight,
             _set_value_info(graph, dense_type)
             summary.decompress_nodes += 1
         for consumer in fused:
-            _to_dc_matmul(consumer, cname, value_types)
-            summary.matmul_nodes += 1
+            if consumer.role == "conv_w":
+                _to_dc_conv(consumer, cname, value_types)
+                summary.conv_nodes += 1
+            else:
+                _to_dc_matmul(consumer, cname, value_types)
+                summary.matmul_nodes += 1
+    summary.fused_relus = fuse_relu(model)
+    summary.sparse_inputs = mark_sparse_inputs(model)
     _declare_domain(model)
     return summary
 
 
 def find_containers(model: onnx.ModelProto) -> list[ContainerRef]:
-    """Every container read by a ``DCMatMul`` or ``DCDecompress`` node of the model, in graph order."""
+    """Every container read by a ``DCMatMul``, ``DCConv`` or ``DCDecompress`` node of the model, in graph order."""
     refs: dict[tuple[int, str], ContainerRef] = {}
     order: list[ContainerRef] = []
     for scope, node, definition in _dc_nodes_with_container(model):
         if definition is None:
             raise ModelError(
                 f"node {node.name or node.op_type!r} in {scope.describe()}: its container "
-                f"{node.input[1 if node.op_type == MATMUL_OP else 0]!r} is not a constant tensor of the model"
+                f"{node.input[1 if node.op_type in _FUSED_OPS else 0]!r} is not a constant tensor of the model"
             )
         def_scope, name, tensor, constant_node = definition
         key = (id(def_scope.graph), name)
@@ -181,7 +201,8 @@ def find_containers(model: onnx.ModelProto) -> list[ContainerRef]:
 def decompress_model(model: onnx.ModelProto) -> int:
     """Turn a compressed model back into standard ONNX in place; returns the number of containers decoded.
 
-    ``DCMatMul`` nodes become the original ``MatMul``/``Gemm``, ``DCDecompress``
+    ``DCMatMul`` nodes become the original ``MatMul``/``Gemm``, ``DCConv`` nodes
+    ``Conv`` (with the same attributes), ``DCDecompress``
     outputs become dense initializers (or ``Constant`` nodes, where the weight
     was one) holding the quantized weights, and the ``ai.onnx_dc`` opset is
     dropped. Raises :class:`ContainerError` naming the tensor when a container
@@ -189,6 +210,7 @@ def decompress_model(model: onnx.ModelProto) -> int:
     """
     from onnx_dc.container import decode_container
 
+    unfuse_relu(model)
     refs = find_containers(model)
     taken = _value_names(model)
     for ref in refs:
@@ -198,7 +220,7 @@ def decompress_model(model: onnx.ModelProto) -> int:
             raise ContainerError(f"container {ref.name!r} (tensor {ref.original_name!r}): {exc}") from None
         own = [n for s, n in ref.readers if n.op_type in _DECOMPRESS_NAMES and s.graph is ref.scope.graph]
         nested = [(s, n) for s, n in ref.readers if n.op_type in _DECOMPRESS_NAMES and s.graph is not ref.scope.graph]
-        matmuls = [n for _, n in ref.readers if n.op_type == MATMUL_OP]
+        matmuls = [n for _, n in ref.readers if n.op_type in _FUSED_OPS]
         primary: str | None = None
         if own:
             primary = own[0].output[0]
@@ -223,7 +245,10 @@ def decompress_model(model: onnx.ModelProto) -> int:
                 del scope.graph.node[_index_of(scope.graph, node)]
                 scope.graph.initializer.append(tensor)
         for node in matmuls:
-            _from_dc_matmul(node, primary)
+            if node.op_type == CONV_OP:
+                _from_dc_conv(node, primary)
+            else:
+                _from_dc_matmul(node, primary)
     _drop_added_value_info(model)
     if not any(node.domain == DOMAIN for scope in iter_scopes(model) for node in scope.graph.node):
         keep = [o for o in model.opset_import if o.domain != DOMAIN]
@@ -328,9 +353,67 @@ def _to_dc_matmul(consumer: Consumer, cname: str, value_types) -> None:
     if consumer.role == "gemm_b":
         meta = new.metadata_props.add()
         meta.key, meta.value = META_ATTRS, ",".join(sorted(attrs))
+    node.CopyFrom(new)
+    _declare_output_type(consumer, value_types)
+
+
+def conv_runs_as_dc_conv(weight_shape: Sequence[int], attributes: dict[str, object]) -> bool:
+    """Whether a 2-D float32 ``Conv`` with this weight shape and these attributes becomes ``DCConv``.
+
+    The policy measured in docs/OPERATORS.md ("DCConv"): every 2-D
+    convolution (4-D weight), grouped and depthwise ones included, runs as
+    ``DCConv``; it was at least as fast as ``DCDecompress`` + ``Conv`` on every
+    model measured. 1-D and 3-D convolutions keep ``DCDecompress`` + ``Conv``.
+    """
+    return len(weight_shape) == 4
+
+
+def _conv_fusable(consumer: Consumer, weight: Weight, value_types) -> bool:
+    """Whether this use is a 2-D Conv's kernel that DCConv can run straight from the container."""
+    node = consumer.node
+    if node is None or consumer.role != "conv_w" or node.op_type != "Conv" or consumer.input_index != 1:
+        return False
+    if weight.tensor.data_type != onnx.TensorProto.FLOAT or len(weight.shape) != 4:
+        return False
+    if not node.input or node.input[0] == weight.name or (len(node.input) > 2 and node.input[2] == weight.name):
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if set(attrs) - _CONV_ATTRIBUTES:
+        return False
+    x_type = value_types.get((consumer.scope.path, node.input[0]))
+    if x_type is not None and x_type.HasField("tensor_type"):
+        tensor_type = x_type.tensor_type
+        if tensor_type.elem_type not in (0, onnx.TensorProto.FLOAT):
+            return False
+        if tensor_type.HasField("shape") and len(tensor_type.shape.dim) != 4:
+            return False
+    return conv_runs_as_dc_conv(weight.shape, attrs)
+
+
+_CONV_ATTRIBUTES = frozenset({"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"})
+
+
+def _to_dc_conv(consumer: Consumer, cname: str, value_types) -> None:
+    node = consumer.node
+    assert node is not None
+    inputs = [node.input[0], cname] + ([node.input[2]] if len(node.input) > 2 and node.input[2] else [])
+    new = helper.make_node(CONV_OP, inputs, list(node.output), name=node.name, domain=DOMAIN)
+    new.attribute.extend(node.attribute)  # ONNX Conv's attributes, unchanged
+    _copy_doc_string(node, new)
+    for entry in node.metadata_props:
+        new.metadata_props.add().CopyFrom(entry)
+    meta = new.metadata_props.add()
+    meta.key, meta.value = META_OP, node.op_type
+    node.CopyFrom(new)
+    _declare_output_type(consumer, value_types)
+
+
+def _declare_output_type(consumer: Consumer, value_types) -> None:
+    """Give the rewritten node's output a value_info (the checker cannot infer custom operators' outputs)."""
+    node = consumer.node
+    assert node is not None
     graph = consumer.scope.graph
     output = node.output[0]
-    node.CopyFrom(new)
     if output and output not in {o.name for o in graph.output}:
         existing = next((vi for vi in graph.value_info if vi.name == output), None)
         if existing is None:
@@ -512,8 +595,8 @@ def _dc_nodes_with_container(model: onnx.ModelProto):
             return None
 
         for index, node in enumerate(graph.node):
-            if node.domain == DOMAIN and (node.op_type == MATMUL_OP or node.op_type in _DECOMPRESS_NAMES):
-                slot = 1 if node.op_type == MATMUL_OP else 0
+            if node.domain == DOMAIN and (node.op_type in _FUSED_OPS or node.op_type in _DECOMPRESS_NAMES):
+                slot = 1 if node.op_type in _FUSED_OPS else 0
                 if len(node.input) <= slot or not node.input[slot]:
                     raise ModelError(f"node {node.name or node.op_type!r} in {scope.describe()} has no container input")
                 definition = lookup(node.input[slot])
@@ -589,6 +672,17 @@ def _from_dc_matmul(node: onnx.NodeProto, dense_name: str) -> None:
                 key == "beta" and beta != 1.0
             ):
                 new.attribute.append(helper.make_attribute(key, values[key]))
+    _copy_doc_string(node, new)
+    for entry in node.metadata_props:
+        if not entry.key.startswith("onnx_dc."):
+            new.metadata_props.add().CopyFrom(entry)
+    node.CopyFrom(new)
+
+
+def _from_dc_conv(node: onnx.NodeProto, dense_name: str) -> None:
+    inputs = [node.input[0], dense_name] + ([node.input[2]] if len(node.input) > 2 and node.input[2] else [])
+    new = helper.make_node("Conv", inputs, list(node.output), name=node.name)
+    new.attribute.extend(node.attribute)
     _copy_doc_string(node, new)
     for entry in node.metadata_props:
         if not entry.key.startswith("onnx_dc."):

@@ -20,6 +20,7 @@ from onnx_dc.container import decode_container
 from onnx_dc.errors import ContainerError, ModelError
 from onnx_dc.model_io import iter_graphs
 from onnx_dc.rewrite import (
+    CONV_OP,
     DOMAIN,
     MATMUL_OP,
     apply_compression,
@@ -109,7 +110,8 @@ def test_mlp_rewrite_details():
     assert nodes["fc1"].op_type == MATMUL_OP and list(nodes["fc1"].input) == ["x", "w1__dc"]
     assert nodes["fc2"].op_type == MATMUL_OP and list(nodes["fc2"].input) == ["r1", "w2__dc", "b2"]
     attrs = {a.name: h.get_attribute_value(a) for a in nodes["fc2"].attribute}
-    assert attrs == {"trans_b": 1, "alpha": 1.0, "beta": 1.0}
+    # relu2 is folded into fc2, whose X is relu1's output (tests/test_fusion.py).
+    assert attrs == {"trans_b": 1, "alpha": 1.0, "beta": 1.0, "relu": 1, "sparse_input": 1}
     assert {a.name: h.get_attribute_value(a) for a in nodes["fc3"].attribute}["alpha"] == 0.5
     assert nodes["fc2"].doc_string == "fc2 doc"
     assert compressed.graph.node[0].op_type == "DCDecompress" and list(compressed.graph.node[0].output) == ["b1"]
@@ -155,7 +157,7 @@ def test_if_branches_keep_weights_where_they_were():
 def test_constant_weights_stay_constant_nodes():
     compressed, _ = compress_all(gb.constant_weights())
     ops = [(n.op_type, list(n.output)) for n in compressed.graph.node]
-    assert ops[:3] == [("Constant", ["conv.w__dc"]), ("DCDecompress", ["conv.w"]), ("Conv", ["c"])]
+    assert ops[:2] == [("Constant", ["conv.w__dc"]), ("DCConv", ["c"])]
     assert ("Constant", ["fc.w__dc"]) in ops and (MATMUL_OP, ["y"]) in ops
     assert not compressed.graph.initializer
 
@@ -259,3 +261,96 @@ def test_names_never_collide():
     restored.CopyFrom(compressed)
     decompress_model(restored)
     assert skeleton(restored) == skeleton(model)
+
+
+def _conv_model(*, group: int = 1, dtype: int = T.FLOAT, extra: dict | None = None) -> onnx.ModelProto:
+    """x [N, 4, 9, 9] -> Conv(W [8, 4/group, 3, 3], bias, pads, strides) -> y."""
+    rng = np.random.default_rng(1)
+    np_dtype = np.float32 if dtype == T.FLOAT else np.float16
+    w = nh.from_array(rng.standard_normal((8, 4 // group, 3, 3)).astype(np_dtype), "w")
+    b = nh.from_array(rng.standard_normal(8).astype(np_dtype), "b")
+    attrs = {"pads": [1, 0, 1, 2], "strides": [2, 1], "group": group, **(extra or {})}
+    node = h.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", doc_string="conv doc", **attrs)
+    graph = h.make_graph(
+        [node], "conv", [h.make_tensor_value_info("x", dtype, ["N", 4, 9, 9])],
+        [h.make_tensor_value_info("y", dtype, ["N", 8, 5, 9])], [w, b],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_conv_becomes_dc_conv_with_the_same_attributes():
+    model = _conv_model(extra={"dilations": [1, 1], "kernel_shape": [3, 3]})
+    compressed, containers = compress_all(model, sparsity=0.5)
+    onnx.checker.check_model(compressed, full_check=True)
+    (node,) = [n for n in compressed.graph.node if n.name == "conv"]
+    assert node.op_type == CONV_OP and node.domain == DOMAIN and node.doc_string == "conv doc"
+    assert list(node.input) == ["x", "w__dc", "b"] and set(containers) == {"w"}  # the 1-D bias stays dense
+    original = {a.name: h.get_attribute_value(a) for a in model.graph.node[0].attribute}
+    assert {a.name: h.get_attribute_value(a) for a in node.attribute} == original
+    assert {e.key: e.value for e in node.metadata_props}["onnx_dc.op"] == "Conv"
+    assert not any(n.op_type.startswith("DCDecompress") for n in compressed.graph.node)
+    restored = onnx.ModelProto()
+    restored.CopyFrom(compressed)
+    assert decompress_model(restored) == 1
+    assert skeleton(restored) == skeleton(model)
+    assert restored.SerializeToString() == quantized_reference(model, containers).SerializeToString()
+
+
+@pytest.mark.parametrize("group", [2, 4])
+def test_grouped_and_depthwise_convs_become_dc_conv(group):
+    model = _conv_model(group=group)
+    compressed, containers = compress_all(model, sparsity=0.5)
+    assert [n.op_type for n in compressed.graph.node] == [CONV_OP]
+    assert {a.name: h.get_attribute_value(a) for a in compressed.graph.node[0].attribute}["group"] == group
+    restored = onnx.ModelProto()
+    restored.CopyFrom(compressed)
+    decompress_model(restored)
+    assert restored.SerializeToString() == quantized_reference(model, containers).SerializeToString()
+
+
+def test_float16_conv_keeps_decompress():
+    model = _conv_model(dtype=T.FLOAT16)
+    compressed, _ = compress_all(model, sparsity=0.5)
+    assert [n.op_type for n in compressed.graph.node] == ["DCDecompressFloat16", "Conv"]
+    restored = onnx.ModelProto()
+    restored.CopyFrom(compressed)
+    decompress_model(restored)
+    assert skeleton(restored) == skeleton(model)
+
+
+def test_1d_and_3d_convs_keep_decompress():
+    rng = np.random.default_rng(3)
+    for weight_shape, x_shape, y_shape in (((4, 2, 3), ["N", 2, 9], ["N", 4, 7]), ((4, 2, 1, 2, 2), ["N", 2, 3, 4, 4], ["N", 4, 3, 3, 3])):
+        w = nh.from_array(rng.standard_normal(weight_shape).astype(np.float32), "w")
+        node = h.make_node("Conv", ["x", "w"], ["y"], name="conv")
+        graph = h.make_graph(
+            [node], "g", [h.make_tensor_value_info("x", T.FLOAT, x_shape)],
+            [h.make_tensor_value_info("y", T.FLOAT, y_shape)], [w],
+        )
+        model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+        compressed, _ = compress_all(model, sparsity=0.5)
+        assert [n.op_type for n in compressed.graph.node] == ["DCDecompress", "Conv"]
+
+
+def test_conv_with_a_weight_that_is_also_its_input_keeps_decompress():
+    w = nh.from_array(np.ones((1, 1, 1, 1), np.float32), "w")
+    node = h.make_node("Conv", ["w", "w"], ["y"], name="conv")
+    graph = h.make_graph([node], "g", [], [h.make_tensor_value_info("y", T.FLOAT, [1, 1, 1, 1])], [w])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    compressed, _ = compress_all(model, sparsity=0.0)
+    assert [n.op_type for n in compressed.graph.node] == ["DCDecompress", "Conv"]
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_dc_conv_runs_like_the_decompressed_conv(ops_library, group):
+    model = _conv_model(group=group)
+    compressed, _ = compress_all(model, sparsity=0.5)
+    restored = onnx.ModelProto()
+    restored.CopyFrom(compressed)
+    decompress_model(restored)
+    x = np.random.default_rng(2).standard_normal((3, 4, 9, 9)).astype(np.float32)
+    (got,) = run(compressed, {"x": x}, ops_library)
+    (want,) = run(restored, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))

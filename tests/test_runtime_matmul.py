@@ -40,12 +40,14 @@ def _grid_container(sparsity: float, layout: str) -> tuple[bytes, np.ndarray]:
     return random_container(rng, (GRID_K, GRID_N), sparsity=sparsity, layout=layout)
 
 
+@pytest.mark.parametrize("sparse_input", [0, 1])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layout", ["dense", "sparse"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99, 1.0])
-def test_matches_reference(library: str, sparsity: float, layout: str, threads: int) -> None:
+def test_matches_reference(library: str, sparsity: float, layout: str, threads: int, sparse_input: int) -> None:
+    """Every weight layout (dense values, column runs, row runs: sparse_input) and batch size."""
     container, dense = _grid_container(sparsity, layout)
-    session = make_session(matmul_model(container), library, threads=threads)
+    session = make_session(matmul_model(container, sparse_input=sparse_input), library, threads=threads)
     rng = np.random.default_rng(11)
     for batch in BATCHES:
         for shape in ((batch, GRID_K), (2, batch, GRID_K)):
@@ -53,6 +55,57 @@ def test_matches_reference(library: str, sparsity: float, layout: str, threads: 
             (y,) = session.run(None, {"x": x})
             assert y.shape == shape[:-1] + (GRID_N,)
             assert_matches_reference(y, reference_matmul(x, dense))
+
+
+@pytest.mark.parametrize("sparse_input", [0, 1])
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("zero_fraction", [0.0, 0.5, 0.95, 1.0])
+def test_column_and_row_runs_over_several_blocks(
+    library: str, zero_fraction: float, trans_b: int, sparse_input: int
+) -> None:
+    """Column runs (sparse_input=0) and row runs (1) across several blocks, every kernel.
+
+    8-bit codes leave 8 bits of an entry for the position, so K = 600 spans
+    three row blocks of the column runs and N = 700 three output blocks of the
+    row runs; batches 1, 4, 8 and 19 reach every tile width.
+    """
+    rng = np.random.default_rng(int(zero_fraction * 100) + 7 * trans_b + 3 * sparse_input)
+    k, n = 600, 700
+    container, dense = random_container(rng, (n, k) if trans_b else (k, n), sparsity=0.9, bits=8, index_bits=5)
+    bias = rng.standard_normal(n).astype(np.float32)
+    for b in (None, bias):
+        model = matmul_model(container, trans_b=trans_b, alpha=0.5, beta=2.0, bias=b, sparse_input=sparse_input)
+        session = make_session(model, library)
+        for batch in (1, 4, 8, 19):
+            x = random_activations(rng, (batch, k), zero_fraction=zero_fraction)
+            (y,) = session.run(None, {"x": x})
+            assert_matches_reference(
+                y, reference_matmul(x, dense, trans_b=trans_b, alpha=0.5, beta=2.0, bias=b)
+            )
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.9])
+@pytest.mark.parametrize("sparse_input", [0, 1])
+def test_fused_relu(library: str, sparsity: float, sparse_input: int) -> None:
+    """relu=1 gives max(alpha * x @ W' + beta * bias, 0) for every kernel and layout."""
+    rng = np.random.default_rng(int(sparsity * 10))
+    container, dense = random_container(rng, (96, 300), sparsity=sparsity)
+    bias = rng.standard_normal(300).astype(np.float32)
+    model = matmul_model(container, alpha=0.5, beta=2.0, relu=1, bias=bias, sparse_input=sparse_input)
+    session = make_session(model, library)
+    for batch, zero_fraction in ((1, 0.0), (1, 0.9), (3, 0.3), (64, 0.3)):
+        x = random_activations(rng, (batch, 96), zero_fraction=zero_fraction)
+        (y,) = session.run(None, {"x": x})
+        expected = np.maximum(reference_matmul(x, dense, alpha=0.5, beta=2.0, bias=bias), 0.0)
+        assert (y >= 0).all() and (y == 0).any()
+        assert_matches_reference(y, expected)
+
+
+@pytest.mark.parametrize("attribute", ["relu", "sparse_input"])
+def test_bad_flag_attribute_fails_session_creation(library: str, attribute: str) -> None:
+    container, _ = random_container(np.random.default_rng(0), (8, 8), sparsity=0.5)
+    with pytest.raises(Exception, match=f"{attribute} must be 0 or 1, got 2"):
+        make_session(matmul_model(container, **{attribute: 2}), library)
 
 
 def test_container_layout_is_as_requested() -> None:

@@ -5,7 +5,8 @@ The sanitizer build (runtime/build-asan, -fsanitize=address,undefined,
 python subprocess with clang's shared ASan runtime preloaded: matmuls over the
 sparsity / layout / batch / Gemm grid, 3-D and non-constant inputs, eight
 threads on one session, every DCDecompress dtype, every test vector and a few
-hundred corrupted containers. Leak detection is off there (python itself leaks
+hundred corrupted containers; and DCConv's workload (tests/test_runtime_conv.py run as a
+script). Leak detection is off there (python itself leaks
 by design); the decoder tool is also run over the vectors and mutants.
 """
 
@@ -58,6 +59,25 @@ def test_library_is_clean_under_asan_and_ubsan(asan_build: Path) -> None:
     reports = [r for r in SANITIZER_REPORTS if r in result.stderr]
     assert result.returncode == 0 and not reports, f"exit {result.returncode}, {reports}:\n{result.stderr[-6000:]}"
     assert "sanitizer workload: ok" in result.stdout
+
+
+def test_conv_is_clean_under_asan_and_ubsan(asan_build: Path) -> None:
+    """DCConv's grid (every padding rule, strides, dilations, groups, 1x1 in place, both layouts, 1 and 2 threads),
+    the per-call path and corrupted containers, with the baseline and the AVX2 kernels."""
+    library = asan_build / "libonnx_dc_ops.so"
+    for isa in ("generic", None):
+        env = _sanitizer_env()
+        env["LD_PRELOAD"] = clang_asan_runtime()
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)])
+        if isa:
+            env["ONNX_DC_KERNEL_ISA"] = isa
+        result = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "tests" / "test_runtime_conv.py"), str(library)],
+            capture_output=True, text=True, env=env, check=False, timeout=1800,
+        )
+        reports = [r for r in SANITIZER_REPORTS if r in result.stderr]
+        assert result.returncode == 0 and not reports, f"exit {result.returncode}, {reports}:\n{result.stderr[-6000:]}"
+        assert "conv sanitizer workload: ok" in result.stdout
 
 
 def test_decoder_tool_is_clean_under_asan_and_ubsan(asan_build: Path, tmp_path: Path) -> None:

@@ -79,12 +79,20 @@ def matmul_model(
     trans_b: int | None = None,
     alpha: float | None = None,
     beta: float | None = None,
+    relu: int | None = None,
+    sparse_input: int | None = None,
     bias: np.ndarray | None = None,
     node_name: str = "fc",
     container_name: str = "fc.weight.dc",
 ) -> onnx.ModelProto:
     """``Y = DCMatMul(X, container[, bias])``; with ``container=None`` the container is a graph input."""
-    attributes = {k: v for k, v in (("trans_b", trans_b), ("alpha", alpha), ("beta", beta)) if v is not None}
+    attributes = {
+        k: v
+        for k, v in (
+            ("trans_b", trans_b), ("alpha", alpha), ("beta", beta), ("relu", relu), ("sparse_input", sparse_input)
+        )
+        if v is not None
+    }
     inputs = ["x", container_name]
     initializers = [] if container is None else [container_initializer(container, container_name)]
     if bias is not None:
@@ -298,13 +306,15 @@ def corrupted_containers(container: bytes, rng: np.random.Generator, count: int)
 
 
 def run_matmul_case(library: str, rng: np.random.Generator, *, k: int, n: int, sparsity: float, layout: str,
-                    trans_b: int, batches: tuple[int, ...], threads: int, bias: bool = True) -> None:
-    container, dense = random_container(rng, (n, k) if trans_b else (k, n), sparsity=sparsity, layout=layout)
+                    trans_b: int, batches: tuple[int, ...], threads: int, bias: bool = True,
+                    sparse_input: int = 0, bits: int = 5) -> None:
+    container, dense = random_container(rng, (n, k) if trans_b else (k, n), sparsity=sparsity, layout=layout,
+                                        bits=bits)
     b = rng.standard_normal(n).astype(np.float32) if bias else None
-    session = make_session(matmul_model(container, trans_b=trans_b, alpha=0.5, beta=2.0, bias=b), library,
-                           threads=threads)
+    model = matmul_model(container, trans_b=trans_b, alpha=0.5, beta=2.0, bias=b, sparse_input=sparse_input)
+    session = make_session(model, library, threads=threads)
     for batch in batches:
-        x = random_activations(rng, (batch, k))
+        x = random_activations(rng, (batch, k), zero_fraction=0.6 if sparse_input else 0.3)
         (y,) = session.run(None, {"x": x})
         assert_matches_reference(y, reference_matmul(x, dense, trans_b=trans_b, alpha=0.5, beta=2.0, bias=b))
 
@@ -314,11 +324,16 @@ def sanitizer_workload(library: str) -> None:
     rng = np.random.default_rng(7)
     for sparsity in (0.0, 0.5, 0.9, 0.99, 1.0):
         for layout in ("dense", "sparse"):
-            run_matmul_case(library, rng, k=96, n=2100, sparsity=sparsity, layout=layout, trans_b=0,
-                            batches=(1, 3, 64, 257), threads=2)
+            for sparse_input in (0, 1):
+                run_matmul_case(library, rng, k=96, n=2100, sparsity=sparsity, layout=layout, trans_b=0,
+                                batches=(1, 3, 64, 257), threads=2, sparse_input=sparse_input)
     for trans_b in (0, 1):
-        run_matmul_case(library, rng, k=130, n=70, sparsity=0.9, layout="auto", trans_b=trans_b,
-                        batches=(1, 5, 17), threads=1)
+        for sparse_input in (0, 1):
+            run_matmul_case(library, rng, k=130, n=70, sparsity=0.9, layout="auto", trans_b=trans_b,
+                            batches=(1, 5, 17), threads=1, sparse_input=sparse_input)
+            # 8-bit codes: row blocks of 256 rows, three of them.
+            run_matmul_case(library, rng, k=600, n=70, sparsity=0.9, layout="auto", trans_b=trans_b,
+                            batches=(1, 9), threads=2, sparse_input=sparse_input, bits=8)
     # 3-D input and a container that is a graph input (decoded per call).
     container, dense = random_container(rng, (40, 30), sparsity=0.8)
     session = make_session(matmul_model(None), library, threads=2)

@@ -35,16 +35,43 @@ struct BlockTask {
   uint64_t y_stride;
   float alpha;
   float beta;
+  bool relu;
   const float* bias;  // nullptr, or bias_size values
   uint64_t bias_size;
 };
 
+// One task of the column-run kernels: outputs [first_column, end_column) of
+// one tile of batch rows.
+struct ColumnTask {
+  const SparseWeights* weights;
+  // tile_width == 1: the X row itself. tile_width > 1: the tile transposed,
+  // x[k * tile_width + t] for t < tile_width (rows past tile_rows are 0).
+  const float* x;
+  unsigned tile_width;  // 1, 4, 8 or 16
+  unsigned tile_rows;   // rows of Y this task writes, 1..tile_width
+  float* y;             // first element of the tile's first row in Y
+  uint64_t y_stride;
+  uint64_t first_column;
+  uint64_t end_column;
+  float alpha;
+  float beta;
+  bool relu;
+  const float* bias;  // nullptr, or bias_size values
+  uint64_t bias_size;
+};
+
+// Column-run tasks cover at most this many outputs (enough tasks for the
+// thread pool, long enough to amortise the call).
+constexpr uint64_t kColumnTaskColumns = 256;
+
 namespace generic {
 void RunBlockTask(const BlockTask& task);
-}
+void RunColumnTask(const ColumnTask& task);
+}  // namespace generic
 namespace avx2 {
 void RunBlockTask(const BlockTask& task);
-}
+void RunColumnTask(const ColumnTask& task);
+}  // namespace avx2
 
 }  // namespace onnx_dc
 

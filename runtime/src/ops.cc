@@ -2,6 +2,7 @@
 // library entry point RegisterCustomOps. Only onnxruntime's C API is used; the
 // API table comes from the OrtApiBase that onnxruntime passes in, so nothing
 // from onnxruntime is linked. See docs/OPERATORS.md for the contract.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "container.h"
+#include "conv.h"
 #include "onnxruntime_c_api.h"
 #include "sparse_matmul.h"
 
@@ -30,7 +32,7 @@ static_assert(ORT_API_VERSION >= kOrtApiVersion, "onnxruntime headers older than
 
 constexpr const char* kDomain = "ai.onnx_dc";
 
-enum class OpKind { kMatMul, kDecompress };
+enum class OpKind { kMatMul, kDecompress, kConv };
 
 struct OpDef {
   OrtCustomOp base;  // first member: onnxruntime hands &base back to the callbacks
@@ -226,6 +228,26 @@ class MatMulKernel {
     trans_b_ = trans_b == 1;
     ReadFloatAttribute(info, "alpha", &alpha_);
     ReadFloatAttribute(info, "beta", &beta_);
+    int64_t relu = 0;
+    status = api_->KernelInfoGetAttribute_int64(info, "relu", &relu);
+    if (status != nullptr) {
+      api_->ReleaseStatus(status);  // absent: default 0
+      relu = 0;
+    }
+    if (relu != 0 && relu != 1)
+      return MakeStatus(api_, ORT_INVALID_ARGUMENT,
+                        label_.Prefix() + "attribute relu must be 0 or 1, got " + std::to_string(relu));
+    relu_ = relu == 1;
+    int64_t sparse_input = 0;
+    status = api_->KernelInfoGetAttribute_int64(info, "sparse_input", &sparse_input);
+    if (status != nullptr) {
+      api_->ReleaseStatus(status);  // absent: default 0
+      sparse_input = 0;
+    }
+    if (sparse_input != 0 && sparse_input != 1)
+      return MakeStatus(api_, ORT_INVALID_ARGUMENT,
+                        label_.Prefix() + "attribute sparse_input must be 0 or 1, got " + std::to_string(sparse_input));
+    order_ = sparse_input == 1 ? SparseOrder::kRows : SparseOrder::kColumns;
     isa_ = DetectKernelIsa();
 
     bool constant = false;
@@ -237,6 +259,7 @@ class MatMulKernel {
     weights_.reset(new SparseWeights);
     error = Decode(data, size, weights_.get());
     if (!error.empty()) return MakeStatus(api_, ORT_INVALID_GRAPH, label_.Prefix() + error);
+    CacheConstantBias(info);
     return nullptr;
   }
 
@@ -279,16 +302,22 @@ class MatMulKernel {
     args.rows = rows;
     args.alpha = alpha_;
     args.beta = beta_;
-    size_t input_count = 0;
-    status = api_->KernelContext_GetInputCount(context, &input_count);
-    if (status != nullptr) return status;
-    if (input_count > 2) {
-      const OrtValue* bias = nullptr;
-      status = api_->KernelContext_GetInput(context, 2, &bias);
+    args.relu = relu_;
+    if (bias_cached_ && weights == weights_.get()) {
+      args.bias = cached_bias_.bias;
+      args.bias_size = cached_bias_.bias_size;
+    } else {
+      size_t input_count = 0;
+      status = api_->KernelContext_GetInputCount(context, &input_count);
       if (status != nullptr) return status;
-      if (bias != nullptr) {
-        error = ReadBias(bias, weights->out_features, &args);
-        if (!error.empty()) return Fail(error);
+      if (input_count > 2) {
+        const OrtValue* bias = nullptr;
+        status = api_->KernelContext_GetInput(context, 2, &bias);
+        if (status != nullptr) return status;
+        if (bias != nullptr) {
+          error = ReadBias(bias, weights->out_features, &args);
+          if (!error.empty()) return Fail(error);
+        }
       }
     }
 
@@ -344,11 +373,39 @@ class MatMulKernel {
     DecodedContainer decoded;
     std::string error;
     if (!DecodeContainer(data, size, DecodeOptions(), &decoded, &error)) return error;
-    if (!BuildSparseWeights(decoded, trans_b_, weights, &error)) return error;
+    if (!BuildSparseWeights(decoded, trans_b_, order_, weights, &error)) return error;
     return std::string();
   }
 
   // Gemm's C broadcast per column: shape [N], [1, N], [1], [1, 1] or [].
+  // A constant bias (an initializer, the usual case) is read once here instead
+  // of on every run: a valid one is cached; anything else is left to Compute,
+  // which reports a bad bias when the model is run.
+  void CacheConstantBias(const OrtKernelInfo* info) {
+    size_t input_count = 0;
+    OrtStatus* status = api_->KernelInfo_GetInputCount(info, &input_count);
+    if (status != nullptr) {
+      api_->ReleaseStatus(status);
+      return;
+    }
+    if (input_count <= 2) {
+      bias_cached_ = true;  // no bias input
+      return;
+    }
+    int constant = 0;
+    const OrtValue* bias = nullptr;
+    status = api_->KernelInfoGetConstantInput_tensor(info, 2, &constant, &bias);
+    if (status != nullptr) {
+      api_->ReleaseStatus(status);
+      return;
+    }
+    if (constant == 0 || bias == nullptr) return;
+    MatMulArgs args;
+    if (!ReadBias(bias, weights_->out_features, &args).empty()) return;
+    cached_bias_ = args;
+    bias_cached_ = true;
+  }
+
   std::string ReadBias(const OrtValue* bias, uint64_t n_count, MatMulArgs* args) const {
     std::vector<int64_t> dims;
     std::string error = GetShape(api_, bias, &dims);
@@ -377,8 +434,148 @@ class MatMulKernel {
   bool trans_b_ = false;
   float alpha_ = 1.0f;
   float beta_ = 1.0f;
+  bool relu_ = false;
+  SparseOrder order_ = SparseOrder::kColumns;
+  bool bias_cached_ = false;  // cached_bias_ holds the bias (or none): Compute does not read input 2
+  MatMulArgs cached_bias_;    // only bias and bias_size are used
   KernelIsa isa_ = KernelIsa::kGeneric;
   std::unique_ptr<SparseWeights> weights_;  // null: the container is not constant
+};
+
+// ------------------------------------------------------------ DCConv
+
+// ONNX Conv (2-D, NCHW, float32) with the weight given as a container; the
+// convolution itself is in conv.cc.
+class ConvKernel {
+ public:
+  ConvKernel(const OrtApi* api, InputLabel label) : api_(api), label_(std::move(label)) {}
+
+  OrtStatus* Init(const OrtKernelInfo* info) {
+    attributes_.kernel_shape = ReadInts(info, "kernel_shape");
+    attributes_.strides = ReadInts(info, "strides");
+    attributes_.pads = ReadInts(info, "pads");
+    attributes_.dilations = ReadInts(info, "dilations");
+    OrtStatus* status = api_->KernelInfoGetAttribute_int64(info, "group", &attributes_.group);
+    if (status != nullptr) {
+      api_->ReleaseStatus(status);  // absent: default 1
+      attributes_.group = 1;
+    }
+    const std::string auto_pad = ReadName(
+        api_, [&](char* out, size_t* size) { return api_->KernelInfoGetAttribute_string(info, "auto_pad", out, size); });
+    std::string error;
+    if (!ParseAutoPad(auto_pad, &attributes_.auto_pad, &error))
+      return MakeStatus(api_, ORT_INVALID_ARGUMENT, label_.Prefix() + error);
+    isa_ = DetectKernelIsa();
+
+    bool constant = false;
+    const uint8_t* data = nullptr;
+    size_t size = 0;
+    error = ConstantInput(api_, info, 1, &constant, &data, &size);
+    if (!error.empty()) return MakeStatus(api_, ORT_FAIL, label_.Prefix() + error);
+    if (!constant) return nullptr;  // decoded on every call
+    weights_.reset(new ConvWeights);
+    error = Decode(data, size, weights_.get());
+    if (!error.empty()) return MakeStatus(api_, ORT_INVALID_GRAPH, label_.Prefix() + error);
+    return nullptr;
+  }
+
+  OrtStatus* Compute(OrtKernelContext* context) const {
+    const OrtValue* x_value = nullptr;
+    OrtStatus* status = api_->KernelContext_GetInput(context, 0, &x_value);
+    if (status != nullptr) return status;
+    std::vector<int64_t> x_dims;
+    std::string error = GetShape(api_, x_value, &x_dims);
+    if (!error.empty()) return Fail(error);
+
+    const ConvWeights* weights = weights_.get();
+    ConvWeights per_call;
+    if (weights == nullptr) {
+      const OrtValue* container = nullptr;
+      status = api_->KernelContext_GetInput(context, 1, &container);
+      if (status != nullptr) return status;
+      const uint8_t* data = nullptr;
+      size_t size = 0;
+      error = ContainerBytes(api_, container, &data, &size);
+      if (error.empty()) error = Decode(data, size, &per_call);
+      if (!error.empty()) return Fail(error);
+      weights = &per_call;
+    }
+    ConvGeometry geometry;
+    if (!ComputeConvGeometry(*weights, x_dims, &geometry, &error)) return Fail(error);
+
+    const float* bias = nullptr;
+    size_t input_count = 0;
+    status = api_->KernelContext_GetInputCount(context, &input_count);
+    if (status != nullptr) return status;
+    if (input_count > 2) {
+      const OrtValue* bias_value = nullptr;
+      status = api_->KernelContext_GetInput(context, 2, &bias_value);
+      if (status != nullptr) return status;
+      if (bias_value != nullptr) {
+        std::vector<int64_t> dims;
+        error = GetShape(api_, bias_value, &dims);
+        if (!error.empty()) return Fail(error);
+        if (dims.size() != 1 || static_cast<uint64_t>(dims[0]) != weights->out_channels)
+          return Fail("bias B has shape " + ShapeString(dims) + ", it must be [" +
+                      std::to_string(weights->out_channels) + "] (one value per output channel)");
+        void* data = nullptr;
+        status = api_->GetTensorMutableData(const_cast<OrtValue*>(bias_value), &data);
+        if (status != nullptr) return status;
+        bias = static_cast<const float*>(data);
+      }
+    }
+
+    const std::vector<int64_t> y_dims = {static_cast<int64_t>(geometry.batch),
+                                         static_cast<int64_t>(weights->out_channels),
+                                         static_cast<int64_t>(geometry.out_h), static_cast<int64_t>(geometry.out_w)};
+    OrtValue* y_value = nullptr;
+    status = api_->KernelContext_GetOutput(context, 0, y_dims.data(), y_dims.size(), &y_value);
+    if (status != nullptr) return status;
+    void* y = nullptr;
+    status = api_->GetTensorMutableData(y_value, &y);
+    if (status != nullptr) return status;
+    void* x = nullptr;
+    status = api_->GetTensorMutableData(const_cast<OrtValue*>(x_value), &x);
+    if (status != nullptr) return status;
+
+    OrtRunner runner{api_, context};
+    error = RunConv(*weights, geometry, static_cast<const float*>(x), bias, static_cast<float*>(y), isa_,
+                    &OrtParallelFor, &runner);
+    if (!error.empty()) return Fail(error);
+    return nullptr;
+  }
+
+ private:
+  // An int64 list attribute; empty when absent.
+  std::vector<int64_t> ReadInts(const OrtKernelInfo* info, const char* name) const {
+    size_t size = 0;
+    if (!TakeStatusMessage(api_, api_->KernelInfoGetAttributeArray_int64(info, name, nullptr, &size)).empty())
+      return {};
+    std::vector<int64_t> values(size);
+    if (size == 0) return values;
+    if (!TakeStatusMessage(api_, api_->KernelInfoGetAttributeArray_int64(info, name, values.data(), &size)).empty())
+      return {};
+    values.resize(std::min(size, values.size()));
+    return values;
+  }
+
+  std::string Decode(const uint8_t* data, size_t size, ConvWeights* weights) const {
+    DecodedContainer decoded;
+    std::string error;
+    if (!DecodeContainer(data, size, DecodeOptions(), &decoded, &error)) return error;
+    if (!BuildConvWeights(decoded, attributes_, weights, &error)) return error;
+    return std::string();
+  }
+
+  OrtStatus* Fail(const std::string& message) const {
+    return MakeStatus(api_, ORT_INVALID_ARGUMENT, label_.Prefix() + message);
+  }
+
+  const OrtApi* api_;
+  InputLabel label_;
+  ConvAttributes attributes_;
+  KernelIsa isa_ = KernelIsa::kGeneric;
+  std::unique_ptr<ConvWeights> weights_;  // null: the container is not constant
 };
 
 // ------------------------------------------------------------ DCDecompress
@@ -466,6 +663,7 @@ struct KernelBox {
   OpKind kind;
   std::unique_ptr<MatMulKernel> matmul;
   std::unique_ptr<DecompressKernel> decompress;
+  std::unique_ptr<ConvKernel> conv;
 };
 
 OrtStatusPtr ORT_API_CALL CreateKernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
@@ -481,13 +679,16 @@ OrtStatusPtr ORT_API_CALL CreateKernel(const OrtCustomOp* op, const OrtApi* api,
     label.op = def.name;
     label.node =
         ReadName(api, [&](char* out, size_t* size) { return api->KernelInfo_GetNodeName(info, out, size); });
-    const size_t container_index = def.kind == OpKind::kMatMul ? 1 : 0;
+    const size_t container_index = def.kind == OpKind::kDecompress ? 0 : 1;
     label.input = ReadName(
         api, [&](char* out, size_t* size) { return api->KernelInfo_GetInputName(info, container_index, out, size); });
     OrtStatus* status = nullptr;
     if (def.kind == OpKind::kMatMul) {
       box->matmul.reset(new MatMulKernel(api, label));
       status = box->matmul->Init(info);
+    } else if (def.kind == OpKind::kConv) {
+      box->conv.reset(new ConvKernel(api, label));
+      status = box->conv->Init(info);
     } else {
       box->decompress.reset(new DecompressKernel(api, label, def.dtype));
       status = box->decompress->Init(info);
@@ -501,6 +702,7 @@ OrtStatusPtr ORT_API_CALL CreateKernel(const OrtCustomOp* op, const OrtApi* api,
 OrtStatusPtr ORT_API_CALL ComputeKernel(void* kernel, OrtKernelContext* context) {
   const KernelBox& box = *static_cast<const KernelBox*>(kernel);
   return Guarded(box.api, box.op_name + ": ", [&]() -> OrtStatus* {
+    if (box.kind == OpKind::kConv) return box.conv->Compute(context);
     return box.kind == OpKind::kMatMul ? box.matmul->Compute(context) : box.decompress->Compute(context);
   });
 }
@@ -511,19 +713,19 @@ const char* ORT_API_CALL GetName(const OrtCustomOp* op) { return DefOf(op).name;
 const char* ORT_API_CALL GetExecutionProviderType(const OrtCustomOp*) { return nullptr; }  // CPU
 
 size_t ORT_API_CALL GetInputTypeCount(const OrtCustomOp* op) {
-  return DefOf(op).kind == OpKind::kMatMul ? 3 : 1;
+  return DefOf(op).kind == OpKind::kDecompress ? 1 : 3;
 }
 ONNXTensorElementDataType ORT_API_CALL GetInputType(const OrtCustomOp* op, size_t index) {
-  if (DefOf(op).kind == OpKind::kMatMul)
+  if (DefOf(op).kind != OpKind::kDecompress)
     return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 }
 OrtCustomOpInputOutputCharacteristic ORT_API_CALL GetInputCharacteristic(const OrtCustomOp* op, size_t index) {
-  return DefOf(op).kind == OpKind::kMatMul && index == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  return DefOf(op).kind != OpKind::kDecompress && index == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
 size_t ORT_API_CALL GetOutputTypeCount(const OrtCustomOp*) { return 1; }
 ONNXTensorElementDataType ORT_API_CALL GetOutputType(const OrtCustomOp* op, size_t) {
-  return DefOf(op).kind == OpKind::kMatMul ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : OnnxType(DefOf(op).dtype);
+  return DefOf(op).kind == OpKind::kDecompress ? OnnxType(DefOf(op).dtype) : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 OrtCustomOpInputOutputCharacteristic ORT_API_CALL GetOutputCharacteristic(const OrtCustomOp*, size_t) {
   return INPUT_OUTPUT_REQUIRED;
@@ -576,11 +778,12 @@ OpDef MakeOpDef(const char* name, OpKind kind, DType dtype) {
   return def;
 }
 
-constexpr size_t kNumOps = 5;
+constexpr size_t kNumOps = 6;
 
 const OpDef* OpDefs() {
   static const OpDef defs[kNumOps] = {
       MakeOpDef("DCMatMul", OpKind::kMatMul, DType::kFloat32),
+      MakeOpDef("DCConv", OpKind::kConv, DType::kFloat32),
       MakeOpDef(DecompressOpName(DType::kFloat32), OpKind::kDecompress, DType::kFloat32),
       MakeOpDef(DecompressOpName(DType::kFloat16), OpKind::kDecompress, DType::kFloat16),
       MakeOpDef(DecompressOpName(DType::kFloat64), OpKind::kDecompress, DType::kFloat64),

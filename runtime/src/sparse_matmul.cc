@@ -1,4 +1,4 @@
-// Builds the codebook-index layout of a weight and drives the block kernels.
+// Builds the codebook-index layout of a weight and drives the kernels.
 #include "sparse_matmul.h"
 
 #include <algorithm>
@@ -37,23 +37,28 @@ struct MatMulRun {
   const SparseWeights* weights;
   const MatMulArgs* args;
   void (*run_task)(const BlockTask&);
+  void (*run_column_task)(const ColumnTask&);
   std::vector<Tile> tiles;
   std::vector<float> transposed;
   std::vector<uint32_t> active;
 };
 
 // Transposes one tile of X (width > 1) and lists its rows k with a nonzero
-// activation; for width 1 only lists them.
+// activation; for width 1 only lists them. Column runs visit every row: they
+// need neither list (nor, at width 1, the transposition).
 void PrepareTile(void* context, size_t index) {
   MatMulRun& run = *static_cast<MatMulRun*>(context);
   Tile& tile = run.tiles[index];
   const uint64_t k_count = run.weights->in_features;
   const float* x = run.args->x + tile.first_row * k_count;
-  uint32_t* active = run.active.data() + tile.active_offset;
+  const bool list_active = run.weights->order == SparseOrder::kRows || !run.weights->dense.empty();
+  uint32_t* active = list_active ? run.active.data() + tile.active_offset : nullptr;
   uint64_t n = 0;
   if (tile.width == 1) {
-    for (uint64_t k = 0; k < k_count; ++k) {
-      if (x[k] != 0.0f) active[n++] = static_cast<uint32_t>(k);
+    if (list_active) {
+      for (uint64_t k = 0; k < k_count; ++k) {
+        if (x[k] != 0.0f) active[n++] = static_cast<uint32_t>(k);
+      }
     }
   } else {
     float* xt = run.transposed.data() + tile.x_offset;
@@ -66,7 +71,7 @@ void PrepareTile(void* context, size_t index) {
         nonzero |= (v != 0.0f);
       }
       for (unsigned t = tile.rows; t < tile.width; ++t) column[t] = 0.0f;
-      if (nonzero) active[n++] = static_cast<uint32_t>(k);
+      if (nonzero && list_active) active[n++] = static_cast<uint32_t>(k);
     }
   }
   tile.num_active = n;
@@ -89,19 +94,46 @@ void RunTask(void* context, size_t index) {
   task.y_stride = w.out_features;
   task.alpha = args.alpha;
   task.beta = args.beta;
+  task.relu = args.relu;
   task.bias = args.bias;
   task.bias_size = args.bias_size;
   run.run_task(task);
+}
+
+// A column-run task: tile index / kColumnTaskColumns-wide range of columns.
+void RunColumnRange(void* context, size_t index) {
+  const MatMulRun& run = *static_cast<const MatMulRun*>(context);
+  const SparseWeights& w = *run.weights;
+  const MatMulArgs& args = *run.args;
+  const uint64_t ranges = (w.out_features + kColumnTaskColumns - 1) / kColumnTaskColumns;
+  const Tile& tile = run.tiles[index / ranges];
+  ColumnTask task;
+  task.weights = &w;
+  task.x = tile.width == 1 ? args.x + tile.first_row * w.in_features : run.transposed.data() + tile.x_offset;
+  task.tile_width = tile.width;
+  task.tile_rows = tile.rows;
+  task.y = args.y + tile.first_row * w.out_features;
+  task.y_stride = w.out_features;
+  task.first_column = uint64_t{index % ranges} * kColumnTaskColumns;
+  task.end_column = std::min<uint64_t>(task.first_column + kColumnTaskColumns, w.out_features);
+  task.alpha = args.alpha;
+  task.beta = args.beta;
+  task.relu = args.relu;
+  task.bias = args.bias;
+  task.bias_size = args.bias_size;
+  run.run_column_task(task);
 }
 
 }  // namespace
 
 size_t SparseWeights::memory_bytes() const {
   return sizeof(*this) + codebook.capacity() * sizeof(float) + row_offsets.capacity() * sizeof(uint32_t) +
-         entries.capacity() * sizeof(uint16_t) + dense.capacity() * sizeof(float);
+         entries.capacity() * sizeof(uint16_t) + column_offsets.capacity() * sizeof(uint32_t) +
+         dense.capacity() * sizeof(float);
 }
 
-bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseWeights* out, std::string* error) {
+bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseOrder order, SparseWeights* out,
+                        std::string* error) {
   const ContainerInfo& info = decoded.info;
   if (info.dtype != DType::kFloat32) {
     *error = std::string("the weight must be float32, the container holds ") + DTypeName(info.dtype);
@@ -143,8 +175,17 @@ bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseWei
   const bool dense_layout = n_values > 0 && static_cast<double>(kept) >= kDenseKeptFraction * static_cast<double>(n_values);
   if (dense_layout) {
     w.dense.assign(static_cast<size_t>(n_values), 0.0f);
-  } else {
+  } else if (order == SparseOrder::kRows) {
+    w.order = SparseOrder::kRows;
     w.row_offsets.assign(static_cast<size_t>(w.num_blocks * stride), 0);
+    w.entries.assign(static_cast<size_t>(kept), 0);
+  } else {
+    w.order = SparseOrder::kColumns;
+    // Row blocks, as few as the entry width allows, of equal height.
+    const uint64_t max_rows = uint64_t{1} << w.column_bits;
+    w.num_row_blocks = static_cast<uint32_t>((k_count + max_rows - 1) / max_rows);
+    w.block_rows = w.num_row_blocks == 0 ? 1 : static_cast<uint32_t>((k_count + w.num_row_blocks - 1) / w.num_row_blocks);
+    w.column_offsets.assign(static_cast<size_t>(uint64_t{w.num_row_blocks} * (n_count + 1)), 0);
     w.entries.assign(static_cast<size_t>(kept), 0);
   }
 
@@ -177,30 +218,61 @@ bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseWei
     });
     return true;
   }
-  const uint32_t block_columns = w.block_columns;
-  uint32_t* offsets = w.row_offsets.data();
+  const unsigned shift = w.column_bits;
+  uint16_t* entries = w.entries.data();
+  if (w.order == SparseOrder::kRows) {
+    const uint32_t block_columns = w.block_columns;
+    uint32_t* offsets = w.row_offsets.data();
+    for_each_kept([&](uint64_t row, uint64_t col, uint16_t) {
+      const uint64_t k = trans_b ? col : row, n = trans_b ? row : col;
+      offsets[(n / block_columns) * stride + k + 1]++;
+    });
+    uint32_t total = 0;
+    for (uint64_t b = 0; b < w.num_blocks; ++b) {
+      uint32_t* block = offsets + b * stride;
+      block[0] = total;
+      for (uint64_t k = 0; k < k_count; ++k) block[k + 1] += block[k];
+      total = block[k_count];
+    }
+    std::vector<uint32_t> cursor(w.row_offsets);
+    for_each_kept([&](uint64_t row, uint64_t col, uint16_t code) {
+      const uint64_t k = trans_b ? col : row, n = trans_b ? row : col;
+      const uint64_t block = n / block_columns;
+      const uint32_t column_in_block = static_cast<uint32_t>(n - block * block_columns);  // < 2^column_bits
+      // code < codebook_size <= 2^(16 - column_bits): the entry fits 16 bits.
+      entries[cursor[block * stride + k]++] = static_cast<uint16_t>((uint32_t{code} << shift) | column_in_block);
+    });
+    return true;
+  }
+
+  const uint64_t block_rows = w.block_rows;
+  const uint64_t column_stride = n_count + 1;
+  uint32_t* offsets = w.column_offsets.data();
   for_each_kept([&](uint64_t row, uint64_t col, uint16_t) {
     const uint64_t k = trans_b ? col : row, n = trans_b ? row : col;
-    offsets[(n / block_columns) * stride + k + 1]++;
+    offsets[(k / block_rows) * column_stride + n + 1]++;
   });
   uint32_t total = 0;
-  for (uint64_t b = 0; b < w.num_blocks; ++b) {
-    uint32_t* block = offsets + b * stride;
+  for (uint64_t r = 0; r < w.num_row_blocks; ++r) {
+    uint32_t* block = offsets + r * column_stride;
     block[0] = total;
-    for (uint64_t k = 0; k < k_count; ++k) block[k + 1] += block[k];
-    total = block[k_count];
+    for (uint64_t n = 0; n < n_count; ++n) block[n + 1] += block[n];
+    total = block[n_count];
   }
-  std::vector<uint32_t> cursor(w.row_offsets);
-  uint16_t* entries = w.entries.data();
-  const unsigned shift = w.column_bits;
+  // Rows ascending inside every run: the container is visited rows ascending
+  // (trans_b false) or, per column, rows ascending (trans_b true).
+  std::vector<uint32_t> cursor(w.column_offsets);
   for_each_kept([&](uint64_t row, uint64_t col, uint16_t code) {
     const uint64_t k = trans_b ? col : row, n = trans_b ? row : col;
-    const uint64_t block = n / block_columns;
-    const uint32_t column_in_block = static_cast<uint32_t>(n - block * block_columns);  // < 2^column_bits
-    // code < codebook_size <= 2^(16 - column_bits): the entry fits 16 bits.
-    entries[cursor[block * stride + k]++] = static_cast<uint16_t>((uint32_t{code} << shift) | column_in_block);
+    const uint64_t block = k / block_rows;
+    const uint32_t row_in_block = static_cast<uint32_t>(k - block * block_rows);  // < 2^column_bits
+    entries[cursor[block * column_stride + n]++] = static_cast<uint16_t>((uint32_t{code} << shift) | row_in_block);
   });
   return true;
+}
+
+bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseWeights* out, std::string* error) {
+  return BuildSparseWeights(decoded, trans_b, SparseOrder::kColumns, out, error);
 }
 
 KernelIsa DetectKernelIsa() {
@@ -222,7 +294,10 @@ std::string SparseMatMul(const SparseWeights& weights, const MatMulArgs& args, K
   MatMulRun run;
   run.weights = &weights;
   run.args = &args;
-  run.run_task = isa == KernelIsa::kAvx2 ? &avx2::RunBlockTask : &generic::RunBlockTask;
+  const bool avx2 = isa == KernelIsa::kAvx2;
+  run.run_task = avx2 ? &avx2::RunBlockTask : &generic::RunBlockTask;
+  run.run_column_task = avx2 ? &avx2::RunColumnTask : &generic::RunColumnTask;
+  const bool columns = weights.dense.empty() && weights.order == SparseOrder::kColumns;
 
   const uint64_t k_count = weights.in_features;
   size_t transposed_floats = 0;
@@ -230,7 +305,9 @@ std::string SparseMatMul(const SparseWeights& weights, const MatMulArgs& args, K
     const uint64_t left = args.rows - first;
     Tile tile{};
     tile.first_row = first;
-    tile.width = TileWidthFor(left, weights.block_columns);
+    // Column-run tiles keep their accumulators in registers (no block-width
+    // limit) and are at most 8 rows wide (eight 8-float partial sums).
+    tile.width = columns ? std::min(TileWidthFor(left, 1), 8u) : TileWidthFor(left, weights.block_columns);
     tile.rows = static_cast<unsigned>(std::min<uint64_t>(tile.width, left));
     tile.x_offset = transposed_floats;
     tile.active_offset = run.tiles.size() * static_cast<size_t>(k_count);
@@ -239,7 +316,7 @@ std::string SparseMatMul(const SparseWeights& weights, const MatMulArgs& args, K
     first += tile.rows;
   }
   run.transposed.resize(transposed_floats);
-  run.active.resize(run.tiles.size() * static_cast<size_t>(k_count));
+  if (!columns) run.active.resize(run.tiles.size() * static_cast<size_t>(k_count));
 
   std::string error;
   if (run.tiles.size() == 1) {
@@ -247,6 +324,10 @@ std::string SparseMatMul(const SparseWeights& weights, const MatMulArgs& args, K
   } else {
     error = parallel_for(runner, run.tiles.size(), &PrepareTile, &run);
     if (!error.empty()) return error;
+  }
+  if (columns) {
+    const uint64_t ranges = (weights.out_features + kColumnTaskColumns - 1) / kColumnTaskColumns;
+    return parallel_for(runner, run.tiles.size() * ranges, &RunColumnRange, &run);
   }
   return parallel_for(runner, run.tiles.size() * weights.num_blocks, &RunTask, &run);
 }
