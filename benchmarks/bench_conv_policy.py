@@ -34,30 +34,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 import onnx_dc  # noqa: E402
 import onnx_dc.rewrite as rewrite  # noqa: E402
+from bench_lenet_latency import single_thread_session  # noqa: E402
 
 POLICIES: dict[str, Callable[[object, dict], bool]] = {
     "DCConv (all 2-D convs)": lambda shape, attributes: len(shape) == 4,
     "DCConv (group 1 only)": lambda shape, attributes: len(shape) == 4 and int(attributes.get("group", 1)) == 1,
     "DCDecompress + Conv": lambda shape, attributes: False,
 }
-
-
-def _session(model: str | bytes, library: bool):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if library:
-        options.register_custom_ops_library(onnx_dc.ops_library_path())
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def _cut_after(model: onnx.ModelProto, node_name: str) -> bytes:
@@ -108,7 +98,7 @@ def measure(name: str, *, rounds: int, runs_per_block: int, seed: int = 0) -> li
     if cut is not None:
         for label, (data, library) in list(models.items()):
             models[f"{label}, convs only"] = (_cut_after(onnx.load_from_string(data), cut), library)
-    sessions = {label: _session(data, library) for label, (data, library) in models.items()}
+    sessions = {label: single_thread_session(data, library) for label, (data, library) in models.items()}
     for session in sessions.values():
         for _ in range(20):
             session.run(None, feed)
@@ -156,7 +146,7 @@ def measure_layers(*, rounds: int, runs_per_block: int, seed: int = 0) -> list[t
                 opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx_dc", 1)]
                 model = helper.make_model(graph, opset_imports=opsets)
                 model.ir_version = 8
-                graphs.append(_session(model.SerializeToString(), library=op == "DCConv"))
+                graphs.append(single_thread_session(model.SerializeToString(), library=op == "DCConv"))
             pairs[f"{name} {pruned:.0%} pruned"] = (graphs, {"x": x})
     samples = {(label, i): [] for label in pairs for i in (0, 1)}
     keys = list(samples)

@@ -32,7 +32,8 @@ import onnx_dc  # noqa: E402
 from model_zoo import get_model_path  # noqa: E402
 
 
-def _session(model: str | bytes, library: bool):
+def single_thread_session(model: str | bytes, library: bool):
+    """An onnxruntime session with one intra-op thread, with onnx-dc's operator library when ``library``."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -47,7 +48,7 @@ def _session(model: str | bytes, library: bool):
 def measure(model_name: str, sparsities: list[float], *, rounds: int, runs_per_block: int, seed: int = 0) -> list[tuple[str, float, float]]:
     """``(variant, kept fraction of the compressed weights, median seconds per run)`` for each variant."""
     source = str(get_model_path(model_name))
-    variants: dict[str, tuple[object, float]] = {"original": (_session(source, False), 1.0)}
+    variants: dict[str, tuple[object, float]] = {"original": (single_thread_session(source, False), 1.0)}
     settings = [("onnx-dc defaults", {})] + [
         (f"fc {s:.0%} pruned, 5-bit", {"sparsity": f"fc={s},conv=0.5", "bits": "fc=5,conv=8"}) for s in sparsities
     ]
@@ -55,7 +56,7 @@ def measure(model_name: str, sparsities: list[float], *, rounds: int, runs_per_b
         result = onnx_dc.compress(source, **kwargs)
         tensors = result.report.tensors
         kept = sum(t.n_kept for t in tensors) / max(1, sum(t.n_weights for t in tensors))
-        variants[label] = (_session(result.model.SerializeToString(), True), kept)
+        variants[label] = (single_thread_session(result.model.SerializeToString(), True), kept)
     feed = {"input": np.random.default_rng(seed).random((1, 1, 28, 28), dtype=np.float32)}
     for session, _ in variants.values():
         for _ in range(50):

@@ -59,6 +59,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         quick_args=("--rounds", "5", "--runs-per-block", "2", "--sparsities", "0.9", "--models", "lenet_300_100"),
     ),
     Benchmark(
+        "bench_conv_policy",
+        "batch-1 latency of compressed conv models: DCConv against DCDecompress + Conv",
+        quick_args=("--rounds", "3", "--runs-per-block", "1", "--models", "lenet5"),
+    ),
+    Benchmark(
         "default_sparsity",
         "accuracy of the zoo LeNets against the data-free default sparsity",
         quick_args=("--quick",),

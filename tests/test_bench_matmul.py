@@ -26,4 +26,5 @@ def test_benchmark_runs_at_tiny_size() -> None:
         dense_ms, compressed_ms, ratio = map(float, row[3:])
         assert dense_ms > 0 and compressed_ms > 0
         assert abs(ratio - dense_ms / compressed_ms) <= 0.02 * ratio + 0.01  # printed values are rounded
-    assert len(re.findall(r"thread\(s\): dense \+[-\d.]+ MB, compressed \+[-\d.]+ MB", out)) == 2
+    memory = re.findall(r"(\d) thread\(s\), (gaussian|relu 50%) model:\s+dense \+[-\d.]+ MB, compressed \+[-\d.]+ MB", out)
+    assert set(memory) == {(threads, inputs) for threads in "12" for inputs in ("gaussian", "relu 50%")}

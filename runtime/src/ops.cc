@@ -193,6 +193,74 @@ std::string ConstantInput(const OrtApi* api, const OrtKernelInfo* info, size_t i
   return ContainerBytes(api, value, data, size);
 }
 
+// Reads an optional int attribute that must be 0 or 1 (absent: 0).
+OrtStatus* ReadFlagAttribute(const OrtApi* api, const OrtKernelInfo* info, const InputLabel& label, const char* name,
+                             bool* value) {
+  int64_t v = 0;
+  OrtStatus* status = api->KernelInfoGetAttribute_int64(info, name, &v);
+  if (status != nullptr) {
+    api->ReleaseStatus(status);  // absent: default 0
+    v = 0;
+  }
+  if (v != 0 && v != 1)
+    return MakeStatus(api, ORT_INVALID_ARGUMENT,
+                      label.Prefix() + "attribute " + name + " must be 0 or 1, got " + std::to_string(v));
+  *value = v == 1;
+  return nullptr;
+}
+
+// Decodes a constant container (input 1) once, at kernel creation, with
+// decode(data, size, weights) -> error; leaves *out null when the container
+// is not constant (then it is decoded on every run, WeightsForRun).
+template <typename Weights, typename Decode>
+OrtStatus* DecodeConstantContainer(const OrtApi* api, const OrtKernelInfo* info, const InputLabel& label,
+                                   Decode decode, std::unique_ptr<Weights>* out) {
+  bool constant = false;
+  const uint8_t* data = nullptr;
+  size_t size = 0;
+  std::string error = ConstantInput(api, info, 1, &constant, &data, &size);
+  if (!error.empty()) return MakeStatus(api, ORT_FAIL, label.Prefix() + error);
+  if (!constant) return nullptr;
+  out->reset(new Weights);
+  error = decode(data, size, out->get());
+  if (!error.empty()) return MakeStatus(api, ORT_INVALID_GRAPH, label.Prefix() + error);
+  return nullptr;
+}
+
+// The weights of one run: the constant ones decoded at creation, or else the
+// container input decoded into *per_call.
+template <typename Weights, typename Decode>
+std::string WeightsForRun(const OrtApi* api, OrtKernelContext* context, const Weights* constant, Decode decode,
+                          Weights* per_call, const Weights** out) {
+  *out = constant;
+  if (constant != nullptr) return std::string();
+  const OrtValue* container = nullptr;
+  std::string error = TakeStatusMessage(api, api->KernelContext_GetInput(context, 1, &container));
+  const uint8_t* data = nullptr;
+  size_t size = 0;
+  if (error.empty()) error = ContainerBytes(api, container, &data, &size);
+  if (error.empty()) error = decode(data, size, per_call);
+  if (error.empty()) *out = per_call;
+  return error;
+}
+
+// Allocates output 0 with y_dims; returns its data and that of the float input x.
+OrtStatus* OutputAndInputData(const OrtApi* api, OrtKernelContext* context, const OrtValue* x_value,
+                              const std::vector<int64_t>& y_dims, const float** x, float** y) {
+  OrtValue* y_value = nullptr;
+  OrtStatus* status = api->KernelContext_GetOutput(context, 0, y_dims.data(), y_dims.size(), &y_value);
+  if (status != nullptr) return status;
+  void* y_data = nullptr;
+  status = api->GetTensorMutableData(y_value, &y_data);
+  if (status != nullptr) return status;
+  void* x_data = nullptr;
+  status = api->GetTensorMutableData(const_cast<OrtValue*>(x_value), &x_data);
+  if (status != nullptr) return status;
+  *x = static_cast<const float*>(x_data);
+  *y = static_cast<float*>(y_data);
+  return nullptr;
+}
+
 // KernelContext_ParallelFor adapter for SparseMatMul.
 struct OrtRunner {
   const OrtApi* api;
@@ -216,49 +284,19 @@ class MatMulKernel {
   MatMulKernel(const OrtApi* api, InputLabel label) : api_(api), label_(std::move(label)) {}
 
   OrtStatus* Init(const OrtKernelInfo* info) {
-    int64_t trans_b = 0;
-    OrtStatus* status = api_->KernelInfoGetAttribute_int64(info, "trans_b", &trans_b);
-    if (status != nullptr) {
-      api_->ReleaseStatus(status);  // absent: default 0
-      trans_b = 0;
-    }
-    if (trans_b != 0 && trans_b != 1)
-      return MakeStatus(api_, ORT_INVALID_ARGUMENT,
-                        label_.Prefix() + "attribute trans_b must be 0 or 1, got " + std::to_string(trans_b));
-    trans_b_ = trans_b == 1;
+    OrtStatus* status = ReadFlagAttribute(api_, info, label_, "trans_b", &trans_b_);
+    if (status == nullptr) status = ReadFlagAttribute(api_, info, label_, "relu", &relu_);
+    bool sparse_input = false;
+    if (status == nullptr) status = ReadFlagAttribute(api_, info, label_, "sparse_input", &sparse_input);
+    if (status != nullptr) return status;
+    order_ = sparse_input ? SparseOrder::kRows : SparseOrder::kColumns;
     ReadFloatAttribute(info, "alpha", &alpha_);
     ReadFloatAttribute(info, "beta", &beta_);
-    int64_t relu = 0;
-    status = api_->KernelInfoGetAttribute_int64(info, "relu", &relu);
-    if (status != nullptr) {
-      api_->ReleaseStatus(status);  // absent: default 0
-      relu = 0;
-    }
-    if (relu != 0 && relu != 1)
-      return MakeStatus(api_, ORT_INVALID_ARGUMENT,
-                        label_.Prefix() + "attribute relu must be 0 or 1, got " + std::to_string(relu));
-    relu_ = relu == 1;
-    int64_t sparse_input = 0;
-    status = api_->KernelInfoGetAttribute_int64(info, "sparse_input", &sparse_input);
-    if (status != nullptr) {
-      api_->ReleaseStatus(status);  // absent: default 0
-      sparse_input = 0;
-    }
-    if (sparse_input != 0 && sparse_input != 1)
-      return MakeStatus(api_, ORT_INVALID_ARGUMENT,
-                        label_.Prefix() + "attribute sparse_input must be 0 or 1, got " + std::to_string(sparse_input));
-    order_ = sparse_input == 1 ? SparseOrder::kRows : SparseOrder::kColumns;
     isa_ = DetectKernelIsa();
 
-    bool constant = false;
-    const uint8_t* data = nullptr;
-    size_t size = 0;
-    std::string error = ConstantInput(api_, info, 1, &constant, &data, &size);
-    if (!error.empty()) return MakeStatus(api_, ORT_FAIL, label_.Prefix() + error);
-    if (!constant) return nullptr;  // decoded on every call
-    weights_.reset(new SparseWeights);
-    error = Decode(data, size, weights_.get());
-    if (!error.empty()) return MakeStatus(api_, ORT_INVALID_GRAPH, label_.Prefix() + error);
+    auto decode = [this](const uint8_t* d, size_t n, SparseWeights* w) { return Decode(d, n, w); };
+    status = DecodeConstantContainer(api_, info, label_, decode, &weights_);
+    if (status != nullptr || weights_ == nullptr) return status;
     CacheConstantBias(info);
     return nullptr;
   }
@@ -273,19 +311,11 @@ class MatMulKernel {
     uint64_t x_count = 0;
     if (x_dims.empty() || !ElementCount(x_dims, &x_count)) return Fail("input X must have rank >= 1, got shape " + ShapeString(x_dims));
 
-    const SparseWeights* weights = weights_.get();
+    const SparseWeights* weights = nullptr;
     SparseWeights per_call;
-    if (weights == nullptr) {
-      const OrtValue* container = nullptr;
-      status = api_->KernelContext_GetInput(context, 1, &container);
-      if (status != nullptr) return status;
-      const uint8_t* data = nullptr;
-      size_t size = 0;
-      error = ContainerBytes(api_, container, &data, &size);
-      if (error.empty()) error = Decode(data, size, &per_call);
-      if (!error.empty()) return Fail(error);
-      weights = &per_call;
-    }
+    auto decode = [this](const uint8_t* d, size_t n, SparseWeights* w) { return Decode(d, n, w); };
+    error = WeightsForRun(api_, context, weights_.get(), decode, &per_call, &weights);
+    if (!error.empty()) return Fail(error);
 
     const uint64_t k_count = static_cast<uint64_t>(x_dims.back());
     if (k_count != weights->in_features)
@@ -323,17 +353,8 @@ class MatMulKernel {
 
     std::vector<int64_t> y_dims(x_dims);
     y_dims.back() = static_cast<int64_t>(weights->out_features);
-    OrtValue* y_value = nullptr;
-    status = api_->KernelContext_GetOutput(context, 0, y_dims.data(), y_dims.size(), &y_value);
+    status = OutputAndInputData(api_, context, x_value, y_dims, &args.x, &args.y);
     if (status != nullptr) return status;
-    void* y = nullptr;
-    status = api_->GetTensorMutableData(y_value, &y);
-    if (status != nullptr) return status;
-    void* x = nullptr;
-    status = api_->GetTensorMutableData(const_cast<OrtValue*>(x_value), &x);
-    if (status != nullptr) return status;
-    args.x = static_cast<const float*>(x);
-    args.y = static_cast<float*>(y);
 
     OrtRunner runner{api_, context};
     error = SparseMatMul(*weights, args, isa_, &OrtParallelFor, &runner);
@@ -467,16 +488,8 @@ class ConvKernel {
       return MakeStatus(api_, ORT_INVALID_ARGUMENT, label_.Prefix() + error);
     isa_ = DetectKernelIsa();
 
-    bool constant = false;
-    const uint8_t* data = nullptr;
-    size_t size = 0;
-    error = ConstantInput(api_, info, 1, &constant, &data, &size);
-    if (!error.empty()) return MakeStatus(api_, ORT_FAIL, label_.Prefix() + error);
-    if (!constant) return nullptr;  // decoded on every call
-    weights_.reset(new ConvWeights);
-    error = Decode(data, size, weights_.get());
-    if (!error.empty()) return MakeStatus(api_, ORT_INVALID_GRAPH, label_.Prefix() + error);
-    return nullptr;
+    auto decode = [this](const uint8_t* d, size_t n, ConvWeights* w) { return Decode(d, n, w); };
+    return DecodeConstantContainer(api_, info, label_, decode, &weights_);
   }
 
   OrtStatus* Compute(OrtKernelContext* context) const {
@@ -487,19 +500,11 @@ class ConvKernel {
     std::string error = GetShape(api_, x_value, &x_dims);
     if (!error.empty()) return Fail(error);
 
-    const ConvWeights* weights = weights_.get();
+    const ConvWeights* weights = nullptr;
     ConvWeights per_call;
-    if (weights == nullptr) {
-      const OrtValue* container = nullptr;
-      status = api_->KernelContext_GetInput(context, 1, &container);
-      if (status != nullptr) return status;
-      const uint8_t* data = nullptr;
-      size_t size = 0;
-      error = ContainerBytes(api_, container, &data, &size);
-      if (error.empty()) error = Decode(data, size, &per_call);
-      if (!error.empty()) return Fail(error);
-      weights = &per_call;
-    }
+    auto decode = [this](const uint8_t* d, size_t n, ConvWeights* w) { return Decode(d, n, w); };
+    error = WeightsForRun(api_, context, weights_.get(), decode, &per_call, &weights);
+    if (!error.empty()) return Fail(error);
     ConvGeometry geometry;
     if (!ComputeConvGeometry(*weights, x_dims, &geometry, &error)) return Fail(error);
 
@@ -528,19 +533,13 @@ class ConvKernel {
     const std::vector<int64_t> y_dims = {static_cast<int64_t>(geometry.batch),
                                          static_cast<int64_t>(weights->out_channels),
                                          static_cast<int64_t>(geometry.out_h), static_cast<int64_t>(geometry.out_w)};
-    OrtValue* y_value = nullptr;
-    status = api_->KernelContext_GetOutput(context, 0, y_dims.data(), y_dims.size(), &y_value);
-    if (status != nullptr) return status;
-    void* y = nullptr;
-    status = api_->GetTensorMutableData(y_value, &y);
-    if (status != nullptr) return status;
-    void* x = nullptr;
-    status = api_->GetTensorMutableData(const_cast<OrtValue*>(x_value), &x);
+    const float* x = nullptr;
+    float* y = nullptr;
+    status = OutputAndInputData(api_, context, x_value, y_dims, &x, &y);
     if (status != nullptr) return status;
 
     OrtRunner runner{api_, context};
-    error = RunConv(*weights, geometry, static_cast<const float*>(x), bias, static_cast<float*>(y), isa_,
-                    &OrtParallelFor, &runner);
+    error = RunConv(*weights, geometry, x, bias, y, isa_, &OrtParallelFor, &runner);
     if (!error.empty()) return Fail(error);
     return nullptr;
   }

@@ -218,55 +218,46 @@ bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseOrd
     });
     return true;
   }
-  const unsigned shift = w.column_bits;
-  uint16_t* entries = w.entries.data();
-  if (w.order == SparseOrder::kRows) {
-    const uint32_t block_columns = w.block_columns;
-    uint32_t* offsets = w.row_offsets.data();
-    for_each_kept([&](uint64_t row, uint64_t col, uint16_t) {
-      const uint64_t k = trans_b ? col : row, n = trans_b ? row : col;
-      offsets[(n / block_columns) * stride + k + 1]++;
-    });
-    uint32_t total = 0;
-    for (uint64_t b = 0; b < w.num_blocks; ++b) {
-      uint32_t* block = offsets + b * stride;
-      block[0] = total;
-      for (uint64_t k = 0; k < k_count; ++k) block[k + 1] += block[k];
-      total = block[k_count];
-    }
-    std::vector<uint32_t> cursor(w.row_offsets);
-    for_each_kept([&](uint64_t row, uint64_t col, uint16_t code) {
-      const uint64_t k = trans_b ? col : row, n = trans_b ? row : col;
-      const uint64_t block = n / block_columns;
-      const uint32_t column_in_block = static_cast<uint32_t>(n - block * block_columns);  // < 2^column_bits
-      // code < codebook_size <= 2^(16 - column_bits): the entry fits 16 bits.
-      entries[cursor[block * stride + k]++] = static_cast<uint16_t>((uint32_t{code} << shift) | column_in_block);
-    });
-    return true;
-  }
-
-  const uint64_t block_rows = w.block_rows;
-  const uint64_t column_stride = n_count + 1;
-  uint32_t* offsets = w.column_offsets.data();
-  for_each_kept([&](uint64_t row, uint64_t col, uint16_t) {
+  // Row runs: a run is (output block, input row k), the position its column
+  // inside the block. Column runs: a run is (row block, output column n), the
+  // position its row inside the block. Either way runs are stored block by
+  // block, each block's run_span - 1 runs in order, delimited by offsets.
+  const bool row_runs = w.order == SparseOrder::kRows;
+  const uint64_t run_span = row_runs ? k_count + 1 : n_count + 1;
+  const uint64_t block_size = row_runs ? w.block_columns : w.block_rows;
+  const uint64_t blocks = row_runs ? w.num_blocks : w.num_row_blocks;
+  uint32_t* offsets = row_runs ? w.row_offsets.data() : w.column_offsets.data();
+  auto place = [&](uint64_t row, uint64_t col, uint64_t* run, uint32_t* position) {
     const uint64_t k = trans_b ? col : row, n = trans_b ? row : col;
-    offsets[(k / block_rows) * column_stride + n + 1]++;
+    const uint64_t across = row_runs ? n : k, along = row_runs ? k : n;
+    const uint64_t block = across / block_size;
+    *run = block * run_span + along;
+    *position = static_cast<uint32_t>(across - block * block_size);  // < 2^column_bits
+  };
+  for_each_kept([&](uint64_t row, uint64_t col, uint16_t) {
+    uint64_t run = 0;
+    uint32_t position = 0;
+    place(row, col, &run, &position);
+    offsets[run + 1]++;
   });
   uint32_t total = 0;
-  for (uint64_t r = 0; r < w.num_row_blocks; ++r) {
-    uint32_t* block = offsets + r * column_stride;
+  for (uint64_t b = 0; b < blocks; ++b) {
+    uint32_t* block = offsets + b * run_span;
     block[0] = total;
-    for (uint64_t n = 0; n < n_count; ++n) block[n + 1] += block[n];
-    total = block[n_count];
+    for (uint64_t i = 0; i + 1 < run_span; ++i) block[i + 1] += block[i];
+    total = block[run_span - 1];
   }
-  // Rows ascending inside every run: the container is visited rows ascending
-  // (trans_b false) or, per column, rows ascending (trans_b true).
-  std::vector<uint32_t> cursor(w.column_offsets);
+  // The container is visited in row-major order of its tensor, so positions
+  // ascend inside every run (for column runs with trans_b: per column, rows ascending).
+  std::vector<uint32_t> cursor(offsets, offsets + blocks * run_span);
+  const unsigned shift = w.column_bits;
+  uint16_t* entries = w.entries.data();
   for_each_kept([&](uint64_t row, uint64_t col, uint16_t code) {
-    const uint64_t k = trans_b ? col : row, n = trans_b ? row : col;
-    const uint64_t block = k / block_rows;
-    const uint32_t row_in_block = static_cast<uint32_t>(k - block * block_rows);  // < 2^column_bits
-    entries[cursor[block * column_stride + n]++] = static_cast<uint16_t>((uint32_t{code} << shift) | row_in_block);
+    uint64_t run = 0;
+    uint32_t position = 0;
+    place(row, col, &run, &position);
+    // code < codebook_size <= 2^(16 - column_bits): the entry fits 16 bits.
+    entries[cursor[run]++] = static_cast<uint16_t>((uint32_t{code} << shift) | position);
   });
   return true;
 }
