@@ -4,7 +4,8 @@ Usage (from the repository root)::
 
     python -m model_zoo.calibration_table [--models lenet_300_100 lenet5] [--calib-samples 8192]
                                           [--out docs/calibration_table.md] [--json FILE] [--quick]
-                                          [--max-drops 0.3 0.5 1.0] [--automatic-only] [--merge EARLIER.json]
+                                          [--max-drops 0.5 1.0] [--margin-drops 0.5] [--automatic-only]
+                                          [--merge EARLIER.json]
 
 Data splits, fixed here and nowhere else:
 
@@ -17,6 +18,16 @@ Data splits, fixed here and nowhere else:
   budget. Half B is never seen by any search, so its column is the honest
   held-out accuracy of the automatic rows; the full-test column (A and B) is
   given for comparison with the other tables.
+
+Why the search budget is not measured on held-out TRAINING images (the rows of
+the training split that calibration does not use, :func:`model_zoo.fashion_mnist.validation_set`):
+the zoo models were trained on all 60 000 training images, so those images are
+not unseen data. The models fit them better than the test images, and
+compression removes that memorised part first: the same compressed
+configurations lose several times more top-1 on them than on the test set
+(``--search-data train`` measures it), so a budget there would stop far short
+of what the test set allows. Held-out labelled images that the model
+never saw exist only in the test split, hence the two halves.
 
 Rows (all one-shot: no retraining, no labels in any fit):
 
@@ -31,9 +42,15 @@ Rows (all one-shot: no retraining, no labels in any fit):
 5. for scale, the automatic per-layer search (below) with the uncalibrated
    recipe of row 1: what magnitude pruning and k-means reach with the best
    per-layer settings;
-6. automatic settings (calibrated recipe, sequential) at ``--max-drop 0.3``
-   (the 0.5 pp target with a margin for measurement noise), ``0.5`` and ``1.0``
-   on half A (``--max-drops``).
+6. automatic settings (calibrated recipe, sequential) at ``--max-drop 0.5`` and
+   ``1.0`` on half A (``--max-drops``; earlier tables also had ``0.3``, a fixed
+   margin for measurement noise, which row 7 replaces);
+7. automatic settings at ``--max-drop 0.5`` whose chosen configuration must meet
+   the budget by one standard error of its drop measured on half A
+   (``--margin-drops``; :func:`onnx_dc.autotune.drop_standard_error`, the
+   ``drop_margin_se`` argument of :func:`onnx_dc.autotune.autotune`): the noise
+   margin computed per configuration from its own changed predictions instead of
+   a fixed 0.2 pp.
 
 Ratios count every weight of the model (containers with Huffman coding plus the
 dense biases), as ``onnx-dc inspect`` does; relative-index widths are chosen per
@@ -55,13 +72,17 @@ import numpy as np
 import onnx
 
 from model_zoo import get_model_path
-from model_zoo.fashion_mnist import calibration_set, evaluation_set
+from model_zoo.fashion_mnist import calibration_set, evaluation_set, validation_set
+from onnx_dc.errors import SettingsError
 
 TEST_SPLIT_SEED = 0
-# Budgets of the automatic rows. 0.3 pp is the 0.5 pp target with a margin for the noise of
-# a drop measured on 5 000 images (about +-0.2 pp; see docs/CALIBRATION.md).
-MAX_DROPS: tuple[float, ...] = (0.3, 0.5, 1.0)
+# Budgets of the automatic rows (pp of top-1 on test half A).
+MAX_DROPS: tuple[float, ...] = (0.5, 1.0)
 CALIBRATION_SEED = 0
+# Budgets of the automatic rows whose choice must meet the budget by MARGIN_SE standard errors.
+MARGIN_MAX_DROPS: tuple[float, ...] = (0.5,)
+MARGIN_SE = 1.0
+TRAIN_SEARCH_SAMPLES = 20000  # --search-data train: held-out training rows (after the calibration rows)
 
 PAPER_SETTINGS: dict[str, dict[str, tuple[float, int]]] = {
     # weight: (sparsity, bits). Kept fractions from Han et al. 2015 (Tables 1-2).
@@ -106,8 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the markdown table here (atomically)")
     parser.add_argument("--json", help="write the rows as JSON here (atomically)")
     parser.add_argument("--quick", action="store_true", help="tiny grids and data (a smoke test, numbers meaningless)")
-    parser.add_argument("--max-drops", type=float, nargs="+", default=list(MAX_DROPS),
+    parser.add_argument("--max-drops", type=float, nargs="*", default=list(MAX_DROPS),
                         help="budgets (pp, on half A) of the automatic rows")
+    parser.add_argument("--margin-drops", type=float, nargs="*", default=list(MARGIN_MAX_DROPS),
+                        help=f"budgets (pp, on half A) of the automatic rows with a {MARGIN_SE:g}-standard-error margin")
+    parser.add_argument("--search-data", choices=("test", "train"), default="test",
+                        help="where the automatic rows measure their budget: test half A (default) or "
+                             f"{TRAIN_SEARCH_SAMPLES} held-out training images (to show why not)")
     parser.add_argument("--automatic-only", action="store_true",
                         help="only the automatic rows with the calibrated recipe (e.g. to add a budget to a table)")
     parser.add_argument("--merge", metavar="JSON", nargs="+", default=[],
@@ -120,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = _merged(rows, [Row(**r) for r in json.loads(Path(path).read_text())])
     for name in args.models:
         fresh = model_rows(name, calib_samples=args.calib_samples, quick=args.quick, max_drops=args.max_drops,
-                           automatic_only=args.automatic_only)
+                           margin_drops=args.margin_drops, automatic_only=args.automatic_only,
+                           search_data=args.search_data)
         rows = _merged(rows, fresh)
     text = format_markdown(rows, args.calib_samples)
     print(text)
@@ -156,9 +183,14 @@ def _in_table_order(rows: list[Row]) -> list[Row]:
 
 def model_rows(
     name: str, *, calib_samples: int, quick: bool = False, max_drops: tuple[float, ...] | list[float] = MAX_DROPS,
-    automatic_only: bool = False,
+    automatic_only: bool = False, margin_drops: tuple[float, ...] | list[float] = MARGIN_MAX_DROPS,
+    search_data: str = "test",
 ) -> list[Row]:
-    """All rows of one zoo model (``automatic_only``: the calibrated automatic rows alone)."""
+    """All rows of one zoo model (``automatic_only``: the calibrated automatic rows alone).
+
+    ``search_data="train"`` measures the automatic rows' budgets on held-out training
+    images instead of test half A (module docstring).
+    """
     from onnx_dc.api import compress_model
     from onnx_dc.calibrate import compress_calibrated
     from onnx_dc.calibrated import CalibrationOptions, LayerSettings, compress_with_calibration
@@ -168,7 +200,7 @@ def model_rows(
 
     path = get_model_path(name)
     model = onnx.load(str(path))
-    calib = calibration_set(calib_samples, seed=CALIBRATION_SEED)  # TRAINING split only
+    calib = calibration_set(calib_samples, seed=CALIBRATION_SEED)  # TRAINING split only (first rows)
     test = evaluation_set()  # TEST split
     half_a, half_b = test_halves()
     if quick:
@@ -222,26 +254,85 @@ def model_rows(
         rows.append(row(method, described, convert(compression), time.perf_counter() - start))
 
     search_inputs = {"input": test.images[half_a], "labels": test.labels[half_a]}
+    where = "half A"
+    if search_data == "train":
+        # The last rows of the permutation whose first rows are the calibration set: disjoint from it.
+        held_out = validation_set(500 if quick else TRAIN_SEARCH_SAMPLES, seed=CALIBRATION_SEED)
+        if np.intersect1d(held_out.indices, calib.indices).size:
+            raise SettingsError("calibration and training search rows overlap: lower --calib-samples")
+        search_inputs = {"input": held_out.images, "labels": held_out.labels}
+        where = f"{len(held_out)} held-out training images"
     search_kwargs = {}
     if quick:
         search_kwargs = {"search_sparsities": (0.0, 0.5, 0.8), "search_bits": (3, 5)}
     searches = [] if automatic_only else [
         # For scale: the same per-layer search with the uncalibrated recipe (magnitude, k-means).
-        ("magnitude one-shot, automatic per-layer settings, --max-drop 0.5 (half A)", 0.5, variants[0][1]),
+        (f"magnitude one-shot, automatic per-layer settings, --max-drop 0.5 ({where})", 0.5, variants[0][1], 0.0),
     ]
-    searches += [(f"automatic, --max-drop {drop:g} (half A)", drop, None) for drop in max_drops]
-    for method, max_drop, options in searches:
+    searches += [(f"automatic, --max-drop {drop:g} ({where})", drop, None, 0.0) for drop in max_drops]
+    searches += [
+        (f"automatic, --max-drop {drop:g} with a {MARGIN_SE:g}-SE margin ({where})", drop, None, MARGIN_SE)
+        for drop in margin_drops
+    ]
+    for method, max_drop, options, margin in searches:
         start = time.perf_counter()
-        result = compress_calibrated(
-            model, parse_settings(), calib_data, max_drop=max_drop, eval_data=search_inputs,
-            calib_samples=None, options=options, **search_kwargs,
-        )
+        if margin == 0:
+            result = compress_calibrated(
+                model, parse_settings(), calib_data, max_drop=max_drop, eval_data=search_inputs,
+                calib_samples=None, options=options, **search_kwargs,
+            )
+        else:
+            result = _automatic_with_margin(model, calib_data, search_inputs, max_drop, margin, **search_kwargs)
         tuned = result.calibration
         chosen = ", ".join(f"{c.name.split('.')[0]} {100 * (1 - c.sparsity):.0f}%/{c.bits}b" for c in tuned.choices)
         search_drop = 100 * (tuned.baseline_accuracy - tuned.metrics.accuracy)
         rows.append(row(method, chosen, result, time.perf_counter() - start,
-                        note=f"drop on half A (search): {search_drop:.2f} pp"))
+                        note=f"drop on {where} (search): {search_drop:.2f} pp"))
     return rows
+
+
+def _automatic_with_margin(
+    model: onnx.ModelProto, calib_data, search_inputs: dict[str, np.ndarray], max_drop: float, margin_se: float,
+    *, search_sparsities=None, search_bits=None,
+):
+    """What ``compress_calibrated(..., max_drop=...)`` does for the zoo LeNets, with ``drop_margin_se``.
+
+    ``compress_calibrated`` does not take the margin (yet), so the search is called
+    directly with the same converter and default grids; every weight of the LeNets
+    is a searched layer. Returns the converter's result with ``calibration`` set.
+    """
+    from onnx_dc.api import compress_model
+    from onnx_dc.autotune import Budget, autotune, default_grids
+    from onnx_dc.calibrate import load_evaluation
+    from onnx_dc.calibration import find_layers
+    from onnx_dc.rewrite import decompress_model
+    from onnx_dc.settings import parse_settings
+    from onnx_dc.tensor import compress_tensor
+
+    settings = parse_settings()
+    search, labels = load_evaluation(search_inputs, model, need_labels=True)
+    searched = [layer.weight for layer in find_layers(model)]
+    sparsities, bits_fc, bits_conv = default_grids(len(searched))
+
+    def build(compression):
+        def compressor(weight, values, resolved):
+            found = compression.results.get(weight.name)
+            return found.tensor if found is not None else compress_tensor(values, resolved.to_tensor_settings())
+
+        built = compress_model(compression.model, settings, tensor_compressor=compressor)
+        runnable = onnx.ModelProto()
+        runnable.CopyFrom(built.model)
+        decompress_model(runnable)
+        return built, runnable, None
+
+    tuned = autotune(
+        model, calib_data, Budget(max_drop=max_drop), build, search=search, labels=labels, searched=searched,
+        sparsities=search_sparsities or sparsities, bits_fc=search_bits or bits_fc,
+        bits_conv=search_bits or bits_conv, seed=0, drop_margin_se=margin_se,
+    )
+    result = tuned.built
+    result.calibration = tuned
+    return result
 
 
 def format_markdown(rows: list[Row], calib_samples: int) -> str:

@@ -72,6 +72,7 @@ def compress(
     calibration=None,
     min_cosine: float | None = None,
     max_drop: float | None = None,
+    drop_margin_se: float | None = None,
     eval_data=None,
     search_sparsities: Sequence[float] | None = None,
     search_bits: Sequence[int] | None = None,
@@ -93,7 +94,9 @@ def compress(
     (:class:`onnx_dc.calibrated.CalibrationOptions`); with a budget,
     ``min_cosine`` and/or ``max_drop`` (percentage points of top-1, needs
     ``eval_data`` with ``labels``), the per-layer sparsity and bits are searched
-    over ``search_sparsities`` x ``search_bits``. See docs/CALIBRATION.md and
+    over ``search_sparsities`` x ``search_bits``; ``drop_margin_se`` makes the
+    searched configuration meet ``max_drop`` by that many standard errors of
+    its measured drop. See docs/CALIBRATION.md and
     :mod:`onnx_dc.calibrate`.
     """
     settings = parse_settings(
@@ -116,10 +119,15 @@ def compress(
             model, settings, calib, output=output, options=calibration,
             calib_samples=DEFAULT_MAX_SAMPLES if calib_samples is None else calib_samples,
             min_cosine=min_cosine, max_drop=max_drop, eval_data=eval_data,
+            drop_margin_se=0.0 if drop_margin_se is None else drop_margin_se,
             search_sparsities=search_sparsities, search_bits=search_bits,
             progress=progress, external_data=external_data,
         )
-    if any(v is not None for v in (calib_samples, calibration, min_cosine, max_drop, eval_data, search_sparsities, search_bits)):
+    if any(
+        v is not None
+        for v in (calib_samples, calibration, min_cosine, max_drop, drop_margin_se, eval_data, search_sparsities,
+                  search_bits)
+    ):
         raise SettingsError("calibration options (budget, --eval, --calib-samples...) need calibration data (--calib)")
     return compress_model(
         model,

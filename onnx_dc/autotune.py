@@ -16,7 +16,13 @@ and the random k-means initialisations, both seeded):
    between sparsities). Each candidate has an exact size (its container, with
    the relative-index width that minimises it) and a measured effect: the
    relative output error of the whole model on the search data with only that
-   layer compressed (a sensitivity analysis at every grid point).
+   layer compressed (a sensitivity analysis at every grid point). Large models
+   (more than :data:`MANY_LAYERS` layers) are searched with a cheap recipe
+   (activation-aware pruning without the weight refit, plain k-means; errors that
+   the full recipe only lowers), and when running the model for every candidate
+   would take more than :data:`MEASURE_ALL_SECONDS`, 1-3 candidates per layer are
+   run and the others' effects predicted from their layer errors (the measured
+   ratio of output error to layer error, interpolated in log(layer error)).
 2. **Path.** Per layer, the candidates on the lower convex hull of (size,
    error) are kept. Starting from every layer at its most accurate candidate,
    the path repeatedly takes the step, over all layers, that saves the most bytes
@@ -24,11 +30,16 @@ and the random k-means initialisations, both seeded):
    different layers are treated as additive). This gives a sequence of
    configurations of decreasing size.
 3. **Budget.** Every configuration of the path is assembled (the candidates'
-   weights put together) and run on the search data. The measured losses
+   weights put together) and run on the search data (when that takes more than
+   :data:`PATH_CHECK_SECONDS`, a subset spread evenly in log(size) is). The measured losses
    (``1 - cosine``, top-1 drop) are noisy but increase along the path; they are
    smoothed by isotonic regression, and the most compressed configuration whose
-   smoothed and own measurements meet the budget is chosen.
-4. **Final model.** That configuration is compressed for real (sequentially
+   smoothed and own measurements meet the budget is chosen. With
+   ``drop_margin_se`` the top-1 drops must meet it by that many standard errors
+   of each configuration's own measurement (:func:`drop_standard_error`), so that
+   the budget holds beyond the search data and not only on it.
+4. **Final model.** That configuration is compressed for real with the full
+   recipe (the non-sequential statistics are reused from step 1; sequentially
    when the options say so: each layer re-fitted with the compressed upstream
    layers in place), converted, and the written model is run end to end on the
    search data. If it misses the budget, the search steps back along the path
@@ -42,9 +53,12 @@ budgets only). The budget is checked and reported on those data.
 
 from __future__ import annotations
 
+import functools
+import math
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -59,7 +73,14 @@ from onnx_dc.calibrated import (
     compress_with_calibration,
     initializer_array,
 )
-from onnx_dc.calibration import CalibrationData, LayerSpec, capture_statistics, find_layers, run_model
+from onnx_dc.calibration import (
+    CalibrationData,
+    LayerSpec,
+    capture_statistics,
+    find_layers,
+    reused_statistics,
+    run_model,
+)
 from onnx_dc.errors import CalibrationError, SettingsError
 from onnx_dc.sensitivity import OutputMetrics, WeightSwapRunner, compare_outputs, top1_accuracy
 
@@ -73,6 +94,7 @@ __all__ = [
     "LayerChoice",
     "autotune",
     "default_grids",
+    "drop_standard_error",
 ]
 
 DEFAULT_SEARCH_SPARSITIES: tuple[float, ...] = (
@@ -87,6 +109,21 @@ COARSE_SEARCH_SPARSITIES: tuple[float, ...] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
 COARSE_BITS_FC: tuple[int, ...] = (3, 4, 6)
 COARSE_BITS_CONV: tuple[int, ...] = (4, 6, 8)
 DEFAULT_HOLDOUT_FRACTION = 0.2
+# Large models (more than MANY_LAYERS searched layers): the candidates are fitted with a cheap
+# recipe (activation-aware pruning without the weight refit, plain k-means). Their errors are
+# upper bounds of what the full recipe gives; the chosen configuration gets the full recipe once.
+# (Full-recipe fits of every grid point took hours on the 64-layer YOLOv8n: the OBS paths and the
+# per-column refits of layers with 1152-2304 inputs cost 10-30 s per sparsity.)
+# Model-level effects: all candidates are run on the search data while that takes at most
+# MEASURE_ALL_SECONDS; otherwise MEASURED_PER_LAYER_BUDGET_SECONDS bounds the runs per layer
+# (1 to MAX_MEASURED_PER_LAYER, spread over the layer errors) and the others are predicted.
+MEASURE_ALL_SECONDS = 120.0
+MEASURED_PER_LAYER_BUDGET_SECONDS = 150.0
+MAX_MEASURED_PER_LAYER = 3
+# The assembled configurations of the path checked against the budget: all of them while that takes
+# at most PATH_CHECK_SECONDS, otherwise this many spread evenly in log(size) (at least MIN_PATH_CHECKS).
+PATH_CHECK_SECONDS = 120.0
+MIN_PATH_CHECKS = 24
 STEP_BACK_LINEAR = 6  # configurations tried one by one when the final model misses the budget
 MAX_HOLDOUT_SAMPLES = 2048
 
@@ -287,6 +324,19 @@ Builder = Callable[[CalibratedCompression], tuple[Any, onnx.ModelProto, str | No
 """Converts a calibrated compression into ``(anything to keep, model to run, custom-op library or None)``."""
 
 
+def _reusing_statistics(function: Callable[..., AutotuneResult]) -> Callable[..., AutotuneResult]:
+    """Run ``function`` inside :func:`onnx_dc.calibration.reused_statistics`: the final (non-sequential)
+    compression reuses the statistics the candidates were fitted from instead of capturing them again."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> AutotuneResult:
+        with reused_statistics():
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+@_reusing_statistics
 def autotune(
     model: onnx.ModelProto,
     calibration: CalibrationData,
@@ -304,6 +354,7 @@ def autotune(
     holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
     seed: int = 0,
     progress: bool | Callable[[str], None] = False,
+    drop_margin_se: float = 0.0,
 ) -> AutotuneResult:
     """Search per-layer sparsity and bits for the smallest model within ``budget`` (module docstring).
 
@@ -324,6 +375,10 @@ def autotune(
         holdout_fraction: share of the calibration samples held out when ``search`` is None.
         seed: seed of the held-out split and of random k-means initialisations.
         progress: ``True`` prints progress lines on stderr (terminal only), or a callable taking a line.
+        drop_margin_se: with ``max_drop``, the path configuration chosen must meet the budget by this
+            many standard errors of its measured drop (:func:`drop_standard_error`): 1.0 asks the
+            budget to hold beyond the search data with about 84 % confidence instead of 50 %.
+            The final model is then checked against the budget itself.
 
     Raises:
         CalibrationError: ``max_drop`` without labels, or the budget cannot be met by any
@@ -346,6 +401,10 @@ def autotune(
     for b in list(bits_fc) + list(bits_conv):
         if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= 8:
             raise SettingsError(f"search bits must be integers in [1, 8], got {b!r}")
+    if isinstance(drop_margin_se, bool) or not isinstance(drop_margin_se, (int, float)) or not (
+        math.isfinite(drop_margin_se) and drop_margin_se >= 0
+    ):
+        raise SettingsError(f"drop_margin_se must be a finite number >= 0, got {drop_margin_se!r}")
     if budget.max_drop is not None and (search is None or labels is None):
         raise CalibrationError("--max-drop needs evaluation data with labels (--eval E.npz holding the inputs and 'labels')")
     if search is None:
@@ -369,8 +428,25 @@ def autotune(
     stats = capture_statistics(model, calibration, layers, batch_size=options.batch_size, max_memory_bytes=options.max_memory_bytes)
     swap = [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias]
     runner = WeightSwapRunner(model, swap, search, batch_size=options.batch_size)
+    started = time.perf_counter()
     reference = runner.run()
+    run_seconds = time.perf_counter() - started  # one pass over the search data: what every measurement costs
+    if run_seconds > 0.05:  # the first run pays onnxruntime's warm-up: time a second one
+        started = time.perf_counter()
+        runner.run()
+        run_seconds = min(run_seconds, time.perf_counter() - started)
     baseline = top1_accuracy(reference, labels) if labels is not None else None
+
+    search_options = _search_options(options, len(layers))
+    cheap = search_options != options
+    if search_options != options:
+        say("large model: candidates fitted with the cheap search recipe (activation-aware pruning, plain k-means); "
+            "the chosen configuration is fitted with the full recipe")
+    grid_points = max(len(sparsities) * len(bits_conv if layer.op == "Conv" else bits_fc) for layer in layers)
+    per_layer = _runs_per_layer(run_seconds, len(layers), grid_points)
+    if per_layer is not None:
+        say(f"one pass over the search data takes {run_seconds:.2f} s: the model-level effect of {per_layer} "
+            f"candidate(s) per layer is measured, the others' predicted from their layer errors")
 
     candidates: dict[str, list[Candidate]] = {}
     fits: dict[str, tuple[LayerSpec, LayerFitter]] = {}
@@ -378,32 +454,41 @@ def autotune(
         weight = initializer_array(model, layer.weight)
         bias = initializer_array(model, layer.bias) if layer.bias else None
         target = build_target(layer, stats.pop(layer.weight), weight, bias, damping=options.damping, bias_correction=options.bias_correction)
-        fitter = LayerFitter(target, weight, options)
+        fitter = LayerFitter(target, weight, search_options)
         fitter.prepare([s for s in sparsities if s > 0])
         fits[layer.weight] = (layer, fitter)
         grid_bits = bits_conv if layer.op == "Conv" else bits_fc
         found = []
+        replacements = []
         for s in sparsities:
             for b in grid_bits:
                 fit = fitter.fit(s, int(b), seed=seed)
-                tensor, new_bias = fitter.tensor(fit, LayerSettings(sparsity=s, bits=int(b), index_bits=None, seed=seed))
+                tensor, new_bias = fitter.tensor(
+                    fit, LayerSettings(sparsity=s, bits=int(b), index_bits=None, seed=seed), exhaustive=not cheap
+                )
                 replacement = {layer.weight: tensor.quantized}
                 if new_bias is not None and bias is not None:
                     new_bias = new_bias.reshape(bias.shape).astype(bias.dtype)
                     replacement[layer.bias] = new_bias  # type: ignore[index]
-                metrics = compare_outputs(reference, runner.run(replacement))
+                replacements.append(replacement)
                 found.append(
                     Candidate(
-                        s, int(b), tensor.size_bytes, metrics.relative_error,
+                        s, int(b), tensor.size_bytes, math.nan,
                         target.problem.relative_error(layer.to_blocks(tensor.quantized)),
                         tensor.quantized, new_bias, tensor.settings.index_bits,
                     )
                 )
+        measured = _measured_indices([c.layer_error for c in found], per_layer)
+        for i in measured:
+            found[i].output_error = compare_outputs(reference, runner.run(replacements[i])).relative_error
+        _predict_output_errors(found, measured)
         candidates[layer.weight] = found
-        say(f"layer {index + 1}/{len(layers)} {layer.weight}: {len(found)} candidates")
+        say(f"layer {index + 1}/{len(layers)} {layer.weight}: {len(found)} candidates ({len(measured)} measured)")
 
     path = _allocation_path({name: _hull(c) for name, c in candidates.items()})
-    say(f"search path of {len(path)} configurations")
+    full_length = len(path)
+    path = _thin_path(path, _max_path_checks(run_seconds))
+    say(f"search path of {full_length} configurations, {len(path)} of them checked")
 
     def assembled(config: Mapping[str, Candidate]) -> OutputMetrics:
         replacement: dict[str, np.ndarray] = {}
@@ -421,7 +506,7 @@ def autotune(
             f"the budget ({budget.describe()}) cannot be met by any setting of the search grid: the least compressed "
             f"configuration gives {_describe_metrics(checked[0], baseline)} on {description}"
         )
-    best = _robust_choice(checked, budget, baseline)
+    best = _robust_choice(checked, budget, baseline, n_samples=search.n_samples, drop_margin_se=drop_margin_se)
     say(f"assembled configuration {best}/{len(path) - 1} meets the budget: {_describe_metrics(checked[best], baseline)}")
 
     def final(i: int) -> tuple[dict[str, LayerSettings], CalibratedCompression, Any, onnx.ModelProto, str | None, OutputMetrics]:
@@ -469,7 +554,7 @@ def autotune(
         n_search_samples=search.n_samples,
         n_fit_samples=calibration.n_samples,
         verified_with="onnx-dc custom operator library" if library else "decompressed model (standard operators)",
-        path_length=len(path),
+        path_length=full_length,
         steps=log,
     )
 
@@ -520,7 +605,101 @@ def _allocation_path(hulls: Mapping[str, list[Candidate]]) -> list[dict[str, Can
     return path
 
 
-def _robust_choice(measured: Sequence[OutputMetrics], budget: Budget, baseline: float | None) -> int:
+def _search_options(options: CalibrationOptions, n_layers: int) -> CalibrationOptions:
+    """The recipe the candidates are fitted with: ``options`` itself, or the cheap one for large models."""
+    if n_layers <= MANY_LAYERS:
+        return options
+    criterion = "activation" if options.criterion in ("auto", "obs") else options.criterion
+    return replace(options, criterion=criterion, refit_weights=False, refit_rounds=0)
+
+
+def _runs_per_layer(run_seconds: float, n_layers: int, grid_points: int) -> int | None:
+    """Candidates per layer run on the search data: None (all) when affordable, else 1..MAX_MEASURED_PER_LAYER."""
+    if run_seconds * n_layers * grid_points <= MEASURE_ALL_SECONDS:
+        return None
+    affordable = int(MEASURED_PER_LAYER_BUDGET_SECONDS / max(run_seconds * n_layers, 1e-9))
+    return max(1, min(MAX_MEASURED_PER_LAYER, grid_points, affordable))
+
+
+def _measured_indices(layer_errors: Sequence[float], per_layer: int | None) -> list[int]:
+    """Which candidates to run: all, or ``per_layer`` spread over the sorted positive layer errors."""
+    if per_layer is None:
+        return list(range(len(layer_errors)))
+    positive = sorted((e, i) for i, e in enumerate(layer_errors) if e > 0)
+    if not positive:
+        return []
+    chosen = {positive[min(len(positive) - 1, int((q + 0.5) * len(positive) / per_layer))][1] for q in range(per_layer)}
+    return sorted(chosen)
+
+
+def _predict_output_errors(found: Sequence[Candidate], measured: Sequence[int]) -> None:
+    """Fill in the output errors of the candidates not run, from their layer errors.
+
+    Small weight perturbations change the output energy in proportion to the
+    layer's own output error, so the ratio output error / layer error is
+    interpolated in log(layer error) between the measured candidates (constant
+    beyond them; 1 when nothing was measured). A layer error of 0 predicts 0.
+    """
+    points = sorted(
+        (math.log(found[i].layer_error), math.log(max(found[i].output_error, 1e-30) / found[i].layer_error))
+        for i in measured
+        if found[i].layer_error > 0
+    )
+    for i, c in enumerate(found):
+        if i in measured:
+            continue
+        if c.layer_error <= 0:
+            c.output_error = 0.0
+        elif not points:
+            c.output_error = c.layer_error
+        else:
+            xs, ys = zip(*points)
+            c.output_error = c.layer_error * math.exp(float(np.interp(math.log(c.layer_error), xs, ys)))
+
+
+def _max_path_checks(run_seconds: float) -> int:
+    """How many path configurations are assembled and run on the search data."""
+    return max(MIN_PATH_CHECKS, int(PATH_CHECK_SECONDS / max(run_seconds, 1e-9)))
+
+
+def _thin_path(path: list[dict[str, Candidate]], max_checks: int) -> list[dict[str, Candidate]]:
+    """At most ``max_checks`` configurations of ``path``, first and last kept, spread evenly in log(total size)."""
+    if len(path) <= max_checks:
+        return path
+    sizes = np.array([float(sum(c.size_bytes for c in config.values())) for config in path])
+    logs = np.log(np.maximum(sizes, 1.0))
+    targets = np.linspace(logs[0], logs[-1], max_checks)
+    keep = {0, len(path) - 1}
+    for t in targets[1:-1]:
+        keep.add(int(np.argmin(np.abs(logs - t))))
+    return [path[i] for i in sorted(keep)]
+
+
+def drop_standard_error(metrics: OutputMetrics, baseline: float, n_samples: int) -> float:
+    """Standard error, in percentage points, of a top-1 drop measured on ``n_samples`` paired samples.
+
+    The drop ``d = (broken - fixed) / n`` counts the samples whose prediction
+    became wrong minus those that became right; its variance is
+    ``((broken + fixed) / n - d^2) / n``. ``broken + fixed`` is bounded by the
+    number of changed predictions, ``n (1 - agreement)``, so this errs on the
+    large side when some predictions change from one wrong class to another.
+    """
+    if n_samples < 1 or metrics.accuracy is None:
+        return 0.0
+    drop = baseline - metrics.accuracy
+    changed = 1.0 - metrics.agreement if metrics.agreement is not None else abs(drop)
+    variance = max(0.0, changed - drop * drop) / n_samples
+    return 100.0 * math.sqrt(variance)
+
+
+def _robust_choice(
+    measured: Sequence[OutputMetrics],
+    budget: Budget,
+    baseline: float | None,
+    *,
+    n_samples: int = 0,
+    drop_margin_se: float = 0.0,
+) -> int:
     """The most compressed path index whose smoothed measurements, and own measurement, meet the budget.
 
     The budget's losses (``1 - cosine``; top-1 drop) measured along the path are
@@ -528,17 +707,25 @@ def _robust_choice(measured: Sequence[OutputMetrics], budget: Budget, baseline: 
     increasing. Each loss is fitted by a non-decreasing sequence (isotonic
     regression, pool-adjacent-violators); a configuration qualifies when the
     fitted losses and its own measurement meet the budget. This keeps a single
-    lucky measurement far along the path from being chosen.
+    lucky measurement far along the path from being chosen. With
+    ``drop_margin_se`` > 0 a configuration's drops (fitted and own) must stay
+    below ``max_drop`` minus that many of its standard errors
+    (:func:`drop_standard_error` on ``n_samples``).
     """
-    losses: list[tuple[list[float], float]] = []
+    losses: list[tuple[list[float], list[float]]] = []
     if budget.min_cosine is not None:
-        losses.append(([1.0 - m.cosine for m in measured], 1.0 - budget.min_cosine))
+        losses.append(([1.0 - m.cosine for m in measured], [1.0 - budget.min_cosine] * len(measured)))
     if budget.max_drop is not None and baseline is not None:
-        losses.append(([100.0 * (baseline - (m.accuracy or 0.0)) for m in measured], budget.max_drop))
-    fitted = [(_isotonic(values), limit) for values, limit in losses]
+        drops = [100.0 * (baseline - (m.accuracy or 0.0)) for m in measured]
+        margins = [drop_margin_se * drop_standard_error(m, baseline, n_samples) for m in measured]
+        limits = [budget.max_drop - margin for margin in margins]
+        losses.append((drops, limits))
+    fitted = [(_isotonic(values), values, limits) for values, limits in losses]
     best = 0
     for i, m in enumerate(measured):
-        if budget.met(m, baseline) and all(f[i] <= limit + 1e-12 for f, limit in fitted):
+        if budget.met(m, baseline) and all(
+            f[i] <= limits[i] + 1e-12 and own[i] <= limits[i] + 1e-12 for f, own, limits in fitted
+        ):
             best = i
     return best
 

@@ -72,6 +72,7 @@ def compress_calibrated(
     calib_samples: int | None = DEFAULT_MAX_SAMPLES,
     min_cosine: float | None = None,
     max_drop: float | None = None,
+    drop_margin_se: float = 0.0,
     eval_data: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
     search_sparsities: Sequence[float] | None = None,
     search_bits: Sequence[int] | None = None,
@@ -84,6 +85,10 @@ def compress_calibrated(
     (:func:`onnx_dc.model_io.constants_to_initializers`) so that they are fitted too.
     The automatic search uses :func:`onnx_dc.autotune.default_grids` unless
     ``search_sparsities`` / ``search_bits`` are given.
+
+    ``drop_margin_se`` (with ``max_drop``): the searched configuration must meet
+    the top-1 budget by that many standard errors of its own measured drop
+    (:func:`onnx_dc.autotune.autotune`); 0 checks the budget as measured.
 
     Returns the converter's :class:`onnx_dc.api.CompressionResult` with
     ``calibration`` set to the :class:`~onnx_dc.calibrated.CalibratedCompression`
@@ -118,6 +123,8 @@ def compress_calibrated(
 
         return compressor
 
+    if drop_margin_se and max_drop is None:
+        raise SettingsError("--drop-margin-se is used with --max-drop")
     if min_cosine is None and max_drop is None:
         if eval_data is not None:
             raise SettingsError("--eval is used with a budget (--max-drop or --min-cosine)")
@@ -158,6 +165,7 @@ def compress_calibrated(
         sparsities=search_sparsities if search_sparsities is not None else grid_sparsities,
         bits_fc=search_bits if search_bits is not None else grid_bits_fc,
         bits_conv=search_bits if search_bits is not None else grid_bits_conv,
+        drop_margin_se=drop_margin_se,
         options=options, seed=_seed(settings), progress=progress is True,
     )
     result = tuned.built

@@ -250,14 +250,16 @@ def _sequential_target(
 
 
 def fit_to_tensor(
-    layer: LayerSpec, fit: LayerFit, dtype: np.dtype, settings: LayerSettings
+    layer: LayerSpec, fit: LayerFit, dtype: np.dtype, settings: LayerSettings, *, exhaustive: bool = True
 ) -> CompressedTensor:
     """Encode a :class:`~onnx_dc.refit.LayerFit` as a container in the weight's dtype and layout.
 
     The codebook is the fitted centroids rounded to ``dtype``; every weight keeps
     the centroid it was fitted to (equal rounded centroids merge). With
     ``settings.index_bits=None`` the relative-index width giving the smallest
-    container is chosen.
+    container is chosen: among all of :data:`AUTO_INDEX_BITS`, or with
+    ``exhaustive=False`` (search-time candidates) by a scan that stops once the
+    size has grown at two widths in a row past the smallest so far.
     """
     quantized = fit.quantized
     values = layer.from_blocks(quantized.weights)
@@ -266,17 +268,28 @@ def fit_to_tensor(
     codebook, kept_codes = codebook_in_dtype(values[kept], quantized.centroids, dtype)
     full = np.full(codes.shape, -1, dtype=np.int16)
     full[kept] = kept_codes
-    return _encode_best(full, codebook, settings)
+    return _encode_best(full, codebook, settings, exhaustive=exhaustive)
 
 
-def _encode_best(codes: np.ndarray, codebook: np.ndarray, settings: LayerSettings) -> CompressedTensor:
+def _encode_best(
+    codes: np.ndarray, codebook: np.ndarray, settings: LayerSettings, *, exhaustive: bool = True
+) -> CompressedTensor:
     if settings.index_bits is not None:
         return compressed_tensor_from_codes(codes, codebook, settings.tensor_settings())
+    if not np.any(codes < 0):
+        # Nothing pruned: the "auto" layout is the dense one, whose size does not depend on the index width.
+        return compressed_tensor_from_codes(codes, codebook, settings.tensor_settings(AUTO_INDEX_BITS[0]))
     best_bits, best_size = AUTO_INDEX_BITS[0], None
+    worse_in_a_row = 0
     for index_bits in AUTO_INDEX_BITS:
         size = len(encode_container(codes, codebook, bits=settings.bits, index_bits=index_bits))
         if best_size is None or size < best_size:
             best_bits, best_size = index_bits, size
+            worse_in_a_row = 0
+        else:
+            worse_in_a_row += 1
+            if not exhaustive and worse_in_a_row >= 2:
+                break
     return compressed_tensor_from_codes(codes, codebook, settings.tensor_settings(best_bits))
 
 
@@ -590,9 +603,14 @@ class LayerFitter:
         self._obs.pop(key, None)  # kept once, in the cache
         return self._pruned_cache[key]
 
-    def tensor(self, fit: LayerFit, settings: LayerSettings) -> tuple[CompressedTensor, np.ndarray | None]:
-        """The container of a fit and the bias that goes with its stored (rounded) values."""
-        compressed = fit_to_tensor(self.layer, fit, self.weight.dtype, settings)
+    def tensor(
+        self, fit: LayerFit, settings: LayerSettings, *, exhaustive: bool = True
+    ) -> tuple[CompressedTensor, np.ndarray | None]:
+        """The container of a fit and the bias that goes with its stored (rounded) values.
+
+        ``exhaustive=False``: automatic index bits by the quick scan of :func:`fit_to_tensor`.
+        """
+        compressed = fit_to_tensor(self.layer, fit, self.weight.dtype, settings, exhaustive=exhaustive)
         return compressed, self._bias(self.layer.to_blocks(compressed.quantized))
 
     def _bias(self, blocks: Sequence[np.ndarray]) -> np.ndarray | None:

@@ -78,6 +78,7 @@ __all__ = [
     "im2col",
     "input_specs",
     "load_calibration",
+    "reused_statistics",
     "run_model",
 ]
 
@@ -978,8 +979,15 @@ def capture_statistics(
         progress: ``True`` for a tqdm bar on a terminal, or a callable ``(done, total)``.
 
     Returns:
-        Layer statistics keyed by weight name.
+        Layer statistics keyed by weight name (a new dict; inside :func:`reused_statistics`
+        the same statistics objects as an earlier identical capture).
     """
+    cache_key = None
+    if _REUSE_STACK and reference is None:
+        cache_key = (id(model), id(data), frozenset(layer.weight for layer in layers), batch_size)
+        cached = _REUSE_STACK[-1].get(cache_key)
+        if cached is not None:
+            return dict(cached[2])
     factor = 3 if reference is not None else 1
     passes: list[list[LayerSpec]] = [[]]
     used = 0
@@ -1013,7 +1021,29 @@ def capture_statistics(
             stats.update(current)
     finally:
         bar.close()
+    if cache_key is not None:
+        _REUSE_STACK[-1][cache_key] = (model, data, dict(stats))  # model and data kept alive: their ids stay theirs
     return stats
+
+
+_REUSE_STACK: list[dict] = []
+
+
+@contextlib.contextmanager
+def reused_statistics() -> Iterator[None]:
+    """Inside the block, :func:`capture_statistics` of the same model and data objects, layers and
+    batch size (without a reference model) runs once; later calls get the same statistics.
+
+    For callers that capture twice from unchanged objects (the automatic search captures the
+    original model's statistics for its candidates, and the final non-sequential compression
+    of the chosen configuration captures them again). Neither the model nor the data may be
+    modified inside the block; the statistics are freed when it ends.
+    """
+    _REUSE_STACK.append({})
+    try:
+        yield
+    finally:
+        _REUSE_STACK.pop()
 
 
 def run_model(

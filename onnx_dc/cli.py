@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", metavar="E.npz", help="held-out inputs and 'labels' for the budget (not used for fitting)")
     p.add_argument("--min-cosine", metavar="Y", type=float, help="budget: search settings keeping every output's cosine >= Y")
     p.add_argument("--max-drop", metavar="PP", type=float, help="budget: search settings losing at most PP points of top-1 on --eval")
+    p.add_argument("--drop-margin-se", metavar="Z", type=float,
+                   help="with --max-drop: the searched settings must meet the budget by Z standard errors of their "
+                   "measured drop (e.g. 1), so it holds beyond the --eval data")
     p.add_argument("--search-sparsities", metavar="LIST", help="sparsities the budget search tries (comma-separated)")
     p.add_argument("--search-bits", metavar="LIST", help="weight bits the budget search tries (comma-separated)")
 
@@ -203,8 +206,11 @@ def _compress(args: argparse.Namespace) -> int:
     from onnx_dc.api import compress
 
     calibration = _calibration_options(args)
-    if args.calib is None and any(v is not None for v in (args.eval, args.min_cosine, args.max_drop, args.search_sparsities, args.search_bits)):
-        raise SettingsError("--eval, --min-cosine, --max-drop and --search-* need --calib")
+    if args.calib is None and any(
+        v is not None
+        for v in (args.eval, args.min_cosine, args.max_drop, args.drop_margin_se, args.search_sparsities, args.search_bits)
+    ):
+        raise SettingsError("--eval, --min-cosine, --max-drop, --drop-margin-se and --search-* need --calib")
     result = compress(
         args.input,
         args.output,
@@ -223,6 +229,7 @@ def _compress(args: argparse.Namespace) -> int:
         calibration=calibration,
         min_cosine=args.min_cosine,
         max_drop=args.max_drop,
+        drop_margin_se=args.drop_margin_se,
         eval_data=args.eval,
         search_sparsities=_number_list(args.search_sparsities, "--search-sparsities", float),
         search_bits=_number_list(args.search_bits, "--search-bits", int),

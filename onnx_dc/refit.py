@@ -144,6 +144,7 @@ class LayerProblem:
         self.grams: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
         self.hessians: list[np.ndarray] = []
+        self._output_energy: float | None = None
         for g, (gram, target) in enumerate(zip(grams, targets)):
             gram = np.asarray(gram, dtype=np.float64)
             target = np.asarray(target, dtype=np.float64)
@@ -183,8 +184,10 @@ class LayerProblem:
         return math.fsum(_quadratic(g, w - t) for g, w, t in zip(self.grams, _blocks(weights, self), self.targets))
 
     def output_energy(self) -> float:
-        """``sum_g ||X_g T_g||^2``: the scale for :meth:`relative_error`."""
-        return math.fsum(_quadratic(g, t) for g, t in zip(self.grams, self.targets))
+        """``sum_g ||X_g T_g||^2``: the scale for :meth:`relative_error` (computed once)."""
+        if self._output_energy is None:
+            self._output_energy = math.fsum(_quadratic(g, t) for g, t in zip(self.grams, self.targets))
+        return self._output_energy
 
     def relative_error(self, weights: Sequence[np.ndarray]) -> float:
         """:meth:`output_error` divided by :meth:`output_energy` (0 when the energy is 0)."""

@@ -133,6 +133,10 @@ class TestSearch:
             onnx_dc.compress(model, calib=calib, max_drop=0.5, eval_data={"x": inputs(50, seed=1)})
         with pytest.raises(SettingsError):
             onnx_dc.compress(model, max_drop=0.5)
+        with pytest.raises(SettingsError, match="need"):
+            onnx_dc.compress(model, max_drop=0.5, drop_margin_se=1.0)
+        with pytest.raises(SettingsError, match="--drop-margin-se is used with --max-drop"):
+            onnx_dc.compress(model, calib=calib, min_cosine=0.99, drop_margin_se=1.0)
 
     def test_command_line(self, tmp_path, model, calib, evaluation, capsys):
         path = tmp_path / "m.onnx"
@@ -147,6 +151,7 @@ class TestSearch:
         assert code == 0 and out.exists()
         assert "automatic settings" in text and "budget met" in text and "fc1.weight" in text
         assert main(["compress", str(path), "-o", str(out), "--max-drop", "1"]) == 2  # needs --calib
+        assert main(["compress", str(path), "-o", str(out), "--drop-margin-se", "1"]) == 2  # needs --calib
         assert main(["compress", str(path), "-o", str(out), "--calib", str(tmp_path / "c.npz"), "--max-drop", "1",
                      "--search-bits", "3,x"]) == 2
         assert "Traceback" not in capsys.readouterr().err
@@ -190,3 +195,89 @@ def test_step_back_tries_the_nearest_configurations_first():
     assert _step_back(passes_below(-1), 40, linear_steps=6) == 0 and tried[-1] == 0
     tried.clear()
     assert _step_back(passes_below(-1), 3, linear_steps=6) == 0 and tried == [2, 1, 0]
+
+
+def test_drop_standard_error_of_paired_predictions():
+    from onnx_dc.autotune import drop_standard_error
+    from onnx_dc.sensitivity import OutputMetrics
+
+    # 1000 samples, 30 changed predictions, net drop 1 pp: variance ((30/1000) - 0.01^2) / 1000.
+    metrics = OutputMetrics(0.0, 1.0, accuracy=0.89, agreement=0.97)
+    assert drop_standard_error(metrics, 0.90, 1000) == pytest.approx(100 * np.sqrt((0.03 - 1e-4) / 1000))
+    assert drop_standard_error(OutputMetrics(0.0, 1.0, accuracy=0.9, agreement=1.0), 0.9, 1000) == 0.0
+    # four times the samples with the same rates: half the error
+    assert drop_standard_error(metrics, 0.90, 4000) == pytest.approx(drop_standard_error(metrics, 0.90, 1000) / 2)
+    assert drop_standard_error(OutputMetrics(0.0, 1.0), 0.9, 1000) == 0.0  # no accuracy: nothing to bound
+
+
+def test_margin_choice_keeps_each_configuration_one_standard_error_inside_the_budget():
+    from onnx_dc.autotune import _robust_choice, drop_standard_error
+    from onnx_dc.sensitivity import OutputMetrics
+
+    n = 5000
+    drops = [0.0, 0.1, 0.2, 0.3, 0.4, 0.45, 0.6]
+    changed = [0.002, 0.006, 0.01, 0.014, 0.018, 0.02, 0.025]
+    measured = [OutputMetrics(0.0, 1.0, accuracy=0.9 - d / 100, agreement=1 - c) for d, c in zip(drops, changed)]
+    budget = Budget(max_drop=0.5)
+    assert _robust_choice(measured, budget, 0.9, n_samples=n) == 5  # no margin: the last one within 0.5
+    chosen = _robust_choice(measured, budget, 0.9, n_samples=n, drop_margin_se=1.0)
+    margins = [drop + drop_standard_error(m, 0.9, n) for drop, m in zip(drops, measured)]
+    assert margins[chosen] <= 0.5 and all(m > 0.5 for m in margins[chosen + 1 :])
+    assert chosen == 3
+    # a larger margin never chooses a more compressed configuration
+    assert _robust_choice(measured, budget, 0.9, n_samples=n, drop_margin_se=2.0) <= chosen
+
+
+def _margin_search(model, calib, evaluation, margin, max_drop=1.0):
+    from onnx_dc.api import compress_model
+    from onnx_dc.autotune import autotune
+    from onnx_dc.calibrate import load_evaluation
+    from onnx_dc.settings import parse_settings
+    from onnx_dc.tensor import compress_tensor
+
+    settings = parse_settings()
+
+    def build(compression):
+        def compressor(weight, values, resolved):
+            found = compression.results.get(weight.name)
+            return found.tensor if found is not None else compress_tensor(values, resolved.to_tensor_settings())
+
+        built = compress_model(compression.model, settings, tensor_compressor=compressor)
+        runnable = onnx.ModelProto()
+        runnable.CopyFrom(built.model)
+        decompress_model(runnable)
+        return built, runnable, None
+
+    search, labels = load_evaluation(evaluation, model, need_labels=True)
+    return autotune(
+        model, load_calibration(calib, model), Budget(max_drop=max_drop), build, search=search, labels=labels,
+        searched=["fc0.weight", "fc1.weight"], sparsities=GRID["search_sparsities"], bits_fc=GRID["search_bits"],
+        drop_margin_se=margin, seed=0,
+    )
+
+
+def test_search_with_a_margin_meets_the_budget_with_room_for_noise(model, calib, evaluation):
+    from onnx_dc.autotune import drop_standard_error
+
+    # 2.5 pp on 500 samples: without the margin the search takes a configuration 2.2 pp down whose
+    # standard error (about 0.66 pp) puts it past the budget; with the margin it must not.
+    plain = _margin_search(model, calib, evaluation, 0.0, max_drop=2.5)
+    careful = _margin_search(model, calib, evaluation, 1.0, max_drop=2.5)
+    again = _margin_search(model, calib, evaluation, 1.0, max_drop=2.5)
+    assert careful.budget_met and plain.budget_met
+    n = len(evaluation["labels"])
+    for result, within in ((plain, False), (careful, True)):
+        predicted = result.predicted
+        assert predicted is not None
+        drop = 100 * (result.baseline_accuracy - predicted.accuracy)
+        assert drop <= 2.5 + 1e-9
+        assert (drop + drop_standard_error(predicted, result.baseline_accuracy, n) <= 2.5 + 1e-9) is within
+    assert careful.built.report.ratio < plain.built.report.ratio
+    # reproducible: same seed, same model
+    assert careful.built.model.SerializeToString() == again.built.model.SerializeToString()
+
+
+def test_margin_is_checked(model, calib, evaluation):
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(SettingsError, match="drop_margin_se"):
+            _margin_search(model, calib, evaluation, bad)

@@ -215,3 +215,87 @@ def test_weights_in_constant_nodes_are_calibrated_and_the_model_validates():
         return float(np.sum((y1 - y0) ** 2) / np.sum(y0**2))
 
     assert error(result.model) < error(plain.model)
+
+
+def _every_width_sizes(codes, codebook, bits):
+    from onnx_dc.calibrated import AUTO_INDEX_BITS
+    from onnx_dc.container import encode_container
+
+    return [len(encode_container(codes, codebook, bits=bits, index_bits=w)) for w in AUTO_INDEX_BITS]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 0.9])
+def test_automatic_index_bits_reach_the_smallest_container_of_every_width(sparsity):
+    from onnx_dc.calibrated import _encode_best
+
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 8, size=(64, 96)).astype(np.int16)
+    codes[rng.random(codes.shape) < sparsity] = -1
+    codebook = np.linspace(-1, 1, 8).astype(np.float32)
+    smallest = min(_every_width_sizes(codes, codebook, 3))
+    settings = LayerSettings(sparsity=sparsity, bits=3, index_bits=None)
+    exhaustive = _encode_best(codes, codebook, settings)
+    quick = _encode_best(codes, codebook, settings, exhaustive=False)
+    assert exhaustive.size_bytes == smallest
+    assert quick.size_bytes == smallest  # sizes against the width fall then rise: the scan stops past the minimum
+    np.testing.assert_array_equal(decode_container(quick.container), decode_container(exhaustive.container))
+
+
+class TestSearchCandidates:
+    """The parts of onnx_dc.autotune that compute the candidates and measure their effect."""
+
+    def cand(self, size, layer_error, output_error=float("nan")):
+        from onnx_dc.autotune import Candidate
+
+        return Candidate(0.0, 4, size, output_error, layer_error, np.zeros(1), None, 4)
+
+    def test_cheap_search_recipe_only_for_many_layers(self):
+        from onnx_dc.autotune import MANY_LAYERS, _search_options
+
+        options = CalibrationOptions(refit_rounds=2)
+        assert _search_options(options, MANY_LAYERS) == options
+        cheap = _search_options(options, MANY_LAYERS + 1)
+        assert (cheap.criterion, cheap.refit_weights, cheap.refit_rounds) == ("activation", False, 0)
+        assert cheap.sequential == options.sequential and cheap.damping == options.damping
+
+    def test_runs_per_layer_follow_the_cost_of_a_run(self):
+        from onnx_dc.autotune import MAX_MEASURED_PER_LAYER, _runs_per_layer
+
+        assert _runs_per_layer(0.001, 10, 20) is None  # 0.2 s in all: every candidate is run
+        assert _runs_per_layer(0.2, 60, 18) == MAX_MEASURED_PER_LAYER
+        assert _runs_per_layer(5.0, 60, 18) == 1
+
+    def test_measured_candidates_spread_over_the_layer_errors(self):
+        from onnx_dc.autotune import _measured_indices
+
+        errors = [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 3e-5]
+        assert _measured_indices(errors, None) == list(range(7))
+        assert _measured_indices(errors, 1) == [3]  # the median positive error
+        chosen = _measured_indices(errors, 3)
+        assert len(chosen) == 3 and 0 not in chosen
+        assert _measured_indices([0.0, 0.0], 2) == []
+
+    def test_predicted_errors_interpolate_the_measured_ratio(self):
+        from onnx_dc.autotune import _predict_output_errors
+
+        found = [self.cand(10, 0.0), self.cand(9, 1e-3, 2e-3), self.cand(8, 1e-2), self.cand(7, 1e-1, 4e-1), self.cand(6, 1.0)]
+        _predict_output_errors(found, [1, 3])
+        assert found[0].output_error == 0.0
+        assert found[1].output_error == 2e-3 and found[3].output_error == 4e-1  # measured ones untouched
+        # ratio 2 at 1e-3 and 4 at 1e-1: sqrt(8) halfway in log(layer error); 4 beyond the last point
+        assert found[2].output_error == pytest.approx(1e-2 * np.sqrt(8.0))
+        assert found[4].output_error == pytest.approx(4.0)
+        alone = [self.cand(5, 0.5)]
+        _predict_output_errors(alone, [])
+        assert alone[0].output_error == 0.5
+
+    def test_thinned_path_keeps_ends_and_spreads_in_log_size(self):
+        from onnx_dc.autotune import _thin_path
+
+        path = [{"a": self.cand(1000 - 9 * i, 0.0)} for i in range(100)]
+        assert _thin_path(path, 200) is path
+        thin = _thin_path(path, 10)
+        assert thin[0] is path[0] and thin[-1] is path[-1]
+        assert 2 <= len(thin) <= 10
+        sizes = [c["a"].size_bytes for c in thin]
+        assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)

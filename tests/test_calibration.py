@@ -383,3 +383,30 @@ def test_feeds_split_by_whole_feeds_without_overlap():
     assert sorted(map(lambda a: float(a[0, 0]), seen)) == sorted(float(f["x"][0, 0]) for f in feeds)
     with pytest.raises(CalibrationError, match="feed"):
         load_calibration([feeds[0]], model).split(1)
+
+
+def test_reused_statistics_capture_once_inside_the_block(monkeypatch):
+    import onnx_dc.calibration as calibration
+
+    model = mlp_model()
+    data = load_calibration({"x": RNG.standard_normal((20, 6)).astype(np.float32)}, model)
+    other = load_calibration({"x": RNG.standard_normal((20, 6)).astype(np.float32)}, model)
+    layers = find_layers(model)
+    runs = []
+    original_run = calibration._Runner.run
+    monkeypatch.setattr(calibration._Runner, "run", lambda self, feed: runs.append(1) or original_run(self, feed))
+    fresh = capture_statistics(model, data, layers)
+    n_fresh = len(runs)
+    with calibration.reused_statistics():
+        first = capture_statistics(model, data, layers)
+        first.pop(layers[0].weight)  # the caller's dict is its own
+        second = capture_statistics(model, data, list(reversed(layers)))
+        assert len(runs) == 2 * n_fresh  # the second capture ran nothing
+        assert set(second) == {layer.weight for layer in layers}
+        for name in fresh:
+            np.testing.assert_array_equal(second[name].gram[0], fresh[name].gram[0])
+        different = capture_statistics(model, other, layers)  # other data: captured
+        assert len(runs) == 3 * n_fresh
+        assert not np.array_equal(different[layers[0].weight].gram[0], fresh[layers[0].weight].gram[0])
+    capture_statistics(model, data, layers)  # outside the block: captured again
+    assert len(runs) == 4 * n_fresh
