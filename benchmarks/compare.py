@@ -44,7 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -686,6 +686,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--latency-seconds", type=float, default=None, help="latency budget per model (default 40, quick 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the input generators and the calibration split")
+    parser.add_argument(
+        "--skip-automatic", default="", metavar="MODELS",
+        help="comma-separated models whose automatic row is not run (the table says so), to bound a run's time",
+    )
     parser.add_argument("--render-only", action="store_true", help="rewrite compare.md and the PNGs from --out's compare.json")
     parser.add_argument(
         "--merge", nargs="+", type=Path, metavar="DIR",
@@ -696,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out = QUICK_RESULTS_DIR if args.quick else RESULTS_DIR
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in all_models]
+    skip_automatic = {n.strip() for n in args.skip_automatic.split(",") if n.strip()}
+    unknown = [n for n in names + sorted(skip_automatic) if n not in all_models]
     if unknown or not names:
         print(f"compare.py: error: unknown model(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(all_models)}", file=sys.stderr)
         return 2
@@ -730,8 +735,11 @@ def main(argv: list[str] | None = None) -> int:
         except OnnxDcError as exc:
             print(f"compare.py: error: {name}: {exc}", file=sys.stderr)
             return 2
+        settings = settings_for(name)
+        if name in skip_automatic and settings.automatic is not None:
+            settings = replace(settings, automatic=None, automatic_skipped="not run in this run of the benchmark (--skip-automatic)")
         result = run_case(
-            case, settings_for(name), latency_seconds=latency_seconds, min_rounds=3 if args.quick else 7,
+            case, settings, latency_seconds=latency_seconds, min_rounds=3 if args.quick else 7,
             quick=args.quick, log=log,
         )
         result["seconds"] = round(time.perf_counter() - model_started, 1)

@@ -224,6 +224,9 @@ def test_unknown_model_is_a_one_line_error(capsys):
     assert compare.main(["--models", "no-such-model", "--quick"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no-such-model" in err[0]
+    assert compare.main(["--models", "lenet5", "--skip-automatic", "no-such-model", "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-model" in err[0]
 
 
 # --------------------------------------------------------------------------- end to end
