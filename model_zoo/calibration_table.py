@@ -276,63 +276,16 @@ def model_rows(
     ]
     for method, max_drop, options, margin in searches:
         start = time.perf_counter()
-        if margin == 0:
-            result = compress_calibrated(
-                model, parse_settings(), calib_data, max_drop=max_drop, eval_data=search_inputs,
-                calib_samples=None, options=options, **search_kwargs,
-            )
-        else:
-            result = _automatic_with_margin(model, calib_data, search_inputs, max_drop, margin, **search_kwargs)
+        result = compress_calibrated(
+            model, parse_settings(), calib_data, max_drop=max_drop, drop_margin_se=margin, eval_data=search_inputs,
+            calib_samples=None, options=options, **search_kwargs,
+        )
         tuned = result.calibration
         chosen = ", ".join(f"{c.name.split('.')[0]} {100 * (1 - c.sparsity):.0f}%/{c.bits}b" for c in tuned.choices)
         search_drop = 100 * (tuned.baseline_accuracy - tuned.metrics.accuracy)
         rows.append(row(method, chosen, result, time.perf_counter() - start,
                         note=f"drop on {where} (search): {search_drop:.2f} pp"))
     return rows
-
-
-def _automatic_with_margin(
-    model: onnx.ModelProto, calib_data, search_inputs: dict[str, np.ndarray], max_drop: float, margin_se: float,
-    *, search_sparsities=None, search_bits=None,
-):
-    """What ``compress_calibrated(..., max_drop=...)`` does for the zoo LeNets, with ``drop_margin_se``.
-
-    ``compress_calibrated`` does not take the margin (yet), so the search is called
-    directly with the same converter and default grids; every weight of the LeNets
-    is a searched layer. Returns the converter's result with ``calibration`` set.
-    """
-    from onnx_dc.api import compress_model
-    from onnx_dc.autotune import Budget, autotune, default_grids
-    from onnx_dc.calibrate import load_evaluation
-    from onnx_dc.calibration import find_layers
-    from onnx_dc.rewrite import decompress_model
-    from onnx_dc.settings import parse_settings
-    from onnx_dc.tensor import compress_tensor
-
-    settings = parse_settings()
-    search, labels = load_evaluation(search_inputs, model, need_labels=True)
-    searched = [layer.weight for layer in find_layers(model)]
-    sparsities, bits_fc, bits_conv = default_grids(len(searched))
-
-    def build(compression):
-        def compressor(weight, values, resolved):
-            found = compression.results.get(weight.name)
-            return found.tensor if found is not None else compress_tensor(values, resolved.to_tensor_settings())
-
-        built = compress_model(compression.model, settings, tensor_compressor=compressor)
-        runnable = onnx.ModelProto()
-        runnable.CopyFrom(built.model)
-        decompress_model(runnable)
-        return built, runnable, None
-
-    tuned = autotune(
-        model, calib_data, Budget(max_drop=max_drop), build, search=search, labels=labels, searched=searched,
-        sparsities=search_sparsities or sparsities, bits_fc=search_bits or bits_fc,
-        bits_conv=search_bits or bits_conv, seed=0, drop_margin_se=margin_se,
-    )
-    result = tuned.built
-    result.calibration = tuned
-    return result
 
 
 def format_markdown(rows: list[Row], calib_samples: int) -> str:
