@@ -162,8 +162,10 @@ def _cpu_seconds(pid: int) -> float:
 
 def _interrupt(command: list[str], sig: int, trigger, directory: Path) -> subprocess.CompletedProcess:
     """Start ``command``, send ``sig`` once ``trigger(pid)`` is true, wait for the exit."""
+    # A shell running this suite in the background ignores SIGINT, and the child would inherit
+    # that (Python then installs no KeyboardInterrupt handler): give the child the default.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=str(REPO_ROOT))
+                               cwd=str(REPO_ROOT), preexec_fn=_default_signal_handlers)
     deadline = time.monotonic() + 300
     while process.poll() is None and time.monotonic() < deadline:
         if trigger(process.pid):
@@ -172,6 +174,11 @@ def _interrupt(command: list[str], sig: int, trigger, directory: Path) -> subpro
         time.sleep(0.001)
     stdout, stderr = process.communicate(timeout=300)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _default_signal_handlers() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _during_compression(pid: int) -> bool:
