@@ -693,7 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render-only", action="store_true", help="rewrite compare.md and the PNGs from --out's compare.json")
     parser.add_argument(
         "--merge", nargs="+", type=Path, metavar="DIR",
-        help="write --out's outputs from the compare.json of several runs (models split over several invocations)",
+        help="write --out's outputs from the compare.json of several runs (models split over several invocations; "
+        "a model in several runs is taken from the last one given)",
     )
     args = parser.parse_args(argv)
     if args.out is None:
@@ -724,7 +725,9 @@ def main(argv: list[str] | None = None) -> int:
         machine = dict(documents[0]["machine"])
         machine["seconds"] = sum(d["machine"]["seconds"] for d in documents)
         machine["runs"] = len(documents)
-        models = [m for d in documents for m in d["models"]]
+        # A model measured in several of the runs: the run given last wins (a re-run replaces a model).
+        latest = {m["model"]: m for d in documents for m in d["models"]}
+        models = list(latest.values())
         print(write_outputs(models, machine, args.out))
         return 0
     for name in names:

@@ -266,6 +266,20 @@ def test_merge_rewrites_the_outputs_from_saved_runs(quick_run, tmp_path):
     assert compare.main(["--merge", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
 
 
+def test_merge_takes_a_model_measured_twice_from_the_last_run(quick_run, tmp_path):
+    out, _, data = quick_run
+    rerun = tmp_path / "rerun"
+    rerun.mkdir()
+    again = json.loads(json.dumps(data))
+    again["models"] = [dict(data["models"][0], description="re-run")]
+    (rerun / "compare.json").write_text(json.dumps(again))
+    merged_dir = tmp_path / "merged"
+    assert compare.main(["--merge", str(out), str(rerun), "--out", str(merged_dir)]) == 0
+    merged = json.loads((merged_dir / "compare.json").read_text())
+    assert [m["model"] for m in merged["models"]] == [m["model"] for m in data["models"]]
+    assert merged["models"][0]["description"] == "re-run" and merged["models"][1] == data["models"][1]
+
+
 def test_quick_run_rows(quick_run):
     _, _, data = quick_run
     for model in data["models"]:
