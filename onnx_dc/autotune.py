@@ -49,6 +49,12 @@ and the random k-means initialisations, both seeded):
 Search data: ``--eval`` data when given (inputs and ``labels``), otherwise a
 seeded random part of the calibration file held out from the fits (label-free
 budgets only). The budget is checked and reported on those data.
+
+Reproducibility: with at most :data:`MANY_LAYERS` searched layers the result
+depends only on the inputs and the seed. Larger models size their model runs by
+the measured time of one pass over the search data (:func:`_runs_per_layer`,
+:func:`_max_path_checks`), so a much faster or busier machine can change which
+candidates are measured and so the choice.
 """
 
 from __future__ import annotations
