@@ -19,19 +19,15 @@ constexpr uint32_t kMaxBlockColumns = 2048;
 constexpr unsigned kMaxTileFloats = 16384;
 constexpr unsigned kMaxTileWidth = 16;
 
-// One task: one output block of one tile of batch rows.
-struct BlockTask {
+// What every task knows of its tile of batch rows and of the output.
+struct TileTask {
   const SparseWeights* weights;
-  uint32_t block;
-  // tile_rows == 1: the X row itself. tile_rows > 1: the tile transposed,
+  // tile_width == 1: the X row itself. tile_width > 1: the tile transposed,
   // x[k * tile_width + t] for t < tile_width (rows past tile_rows are 0).
   const float* x;
-  unsigned tile_width;  // 1, 4, 8 or 16; width * block columns <= kMaxTileFloats
+  unsigned tile_width;  // 1, 4, 8 or 16 (row runs: width * block columns <= kMaxTileFloats)
   unsigned tile_rows;   // rows of Y this task writes, 1..tile_width
-  // Rows k with a nonzero activation somewhere in the tile, ascending.
-  const uint32_t* active_rows;
-  uint64_t num_active_rows;
-  float* y;  // first element of the tile's first row in Y
+  float* y;             // first element of the tile's first row in Y
   uint64_t y_stride;
   float alpha;
   float beta;
@@ -40,24 +36,18 @@ struct BlockTask {
   uint64_t bias_size;
 };
 
-// One task of the column-run kernels: outputs [first_column, end_column) of
-// one tile of batch rows.
-struct ColumnTask {
-  const SparseWeights* weights;
-  // tile_width == 1: the X row itself. tile_width > 1: the tile transposed,
-  // x[k * tile_width + t] for t < tile_width (rows past tile_rows are 0).
-  const float* x;
-  unsigned tile_width;  // 1, 4, 8 or 16
-  unsigned tile_rows;   // rows of Y this task writes, 1..tile_width
-  float* y;             // first element of the tile's first row in Y
-  uint64_t y_stride;
+// A row-run (or dense-value) task: one output block of one tile.
+struct BlockTask : TileTask {
+  uint32_t block;
+  // Rows k with a nonzero activation somewhere in the tile, ascending.
+  const uint32_t* active_rows;
+  uint64_t num_active_rows;
+};
+
+// A column-run task: outputs [first_column, end_column) of one tile.
+struct ColumnTask : TileTask {
   uint64_t first_column;
   uint64_t end_column;
-  float alpha;
-  float beta;
-  bool relu;
-  const float* bias;  // nullptr, or bias_size values
-  uint64_t bias_size;
 };
 
 // Column-run tasks cover at most this many outputs (enough tasks for the

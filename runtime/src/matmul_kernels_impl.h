@@ -6,8 +6,7 @@
 
 namespace detail {
 
-template <typename Task>
-inline float ApplyEpilogue(float acc, const Task& task, uint64_t column) {
+inline float ApplyEpilogue(float acc, const TileTask& task, uint64_t column) {
   float value = task.alpha * acc;
   if (task.bias != nullptr) value += task.beta * task.bias[task.bias_size == 1 ? 0 : column];
   // Fused Relu; NaN stays NaN as in onnxruntime's Relu.

@@ -244,6 +244,15 @@ std::string WeightsForRun(const OrtApi* api, OrtKernelContext* context, const We
   return error;
 }
 
+// Input `index` of the run, or null when the node has fewer inputs or leaves it out ("").
+OrtStatus* OptionalInput(const OrtApi* api, OrtKernelContext* context, size_t index, const OrtValue** value) {
+  *value = nullptr;
+  size_t input_count = 0;
+  OrtStatus* status = api->KernelContext_GetInputCount(context, &input_count);
+  if (status != nullptr || input_count <= index) return status;
+  return api->KernelContext_GetInput(context, index, value);
+}
+
 // Allocates output 0 with y_dims; returns its data and that of the float input x.
 OrtStatus* OutputAndInputData(const OrtApi* api, OrtKernelContext* context, const OrtValue* x_value,
                               const std::vector<int64_t>& y_dims, const float** x, float** y) {
@@ -337,17 +346,12 @@ class MatMulKernel {
       args.bias = cached_bias_.bias;
       args.bias_size = cached_bias_.bias_size;
     } else {
-      size_t input_count = 0;
-      status = api_->KernelContext_GetInputCount(context, &input_count);
+      const OrtValue* bias = nullptr;
+      status = OptionalInput(api_, context, 2, &bias);
       if (status != nullptr) return status;
-      if (input_count > 2) {
-        const OrtValue* bias = nullptr;
-        status = api_->KernelContext_GetInput(context, 2, &bias);
-        if (status != nullptr) return status;
-        if (bias != nullptr) {
-          error = ReadBias(bias, weights->out_features, &args);
-          if (!error.empty()) return Fail(error);
-        }
+      if (bias != nullptr) {
+        error = ReadBias(bias, weights->out_features, &args);
+        if (!error.empty()) return Fail(error);
       }
     }
 
@@ -509,25 +513,20 @@ class ConvKernel {
     if (!ComputeConvGeometry(*weights, x_dims, &geometry, &error)) return Fail(error);
 
     const float* bias = nullptr;
-    size_t input_count = 0;
-    status = api_->KernelContext_GetInputCount(context, &input_count);
+    const OrtValue* bias_value = nullptr;
+    status = OptionalInput(api_, context, 2, &bias_value);
     if (status != nullptr) return status;
-    if (input_count > 2) {
-      const OrtValue* bias_value = nullptr;
-      status = api_->KernelContext_GetInput(context, 2, &bias_value);
+    if (bias_value != nullptr) {
+      std::vector<int64_t> dims;
+      error = GetShape(api_, bias_value, &dims);
+      if (!error.empty()) return Fail(error);
+      if (dims.size() != 1 || static_cast<uint64_t>(dims[0]) != weights->out_channels)
+        return Fail("bias B has shape " + ShapeString(dims) + ", it must be [" +
+                    std::to_string(weights->out_channels) + "] (one value per output channel)");
+      void* data = nullptr;
+      status = api_->GetTensorMutableData(const_cast<OrtValue*>(bias_value), &data);
       if (status != nullptr) return status;
-      if (bias_value != nullptr) {
-        std::vector<int64_t> dims;
-        error = GetShape(api_, bias_value, &dims);
-        if (!error.empty()) return Fail(error);
-        if (dims.size() != 1 || static_cast<uint64_t>(dims[0]) != weights->out_channels)
-          return Fail("bias B has shape " + ShapeString(dims) + ", it must be [" +
-                      std::to_string(weights->out_channels) + "] (one value per output channel)");
-        void* data = nullptr;
-        status = api_->GetTensorMutableData(const_cast<OrtValue*>(bias_value), &data);
-        if (status != nullptr) return status;
-        bias = static_cast<const float*>(data);
-      }
+      bias = static_cast<const float*>(data);
     }
 
     const std::vector<int64_t> y_dims = {static_cast<int64_t>(geometry.batch),

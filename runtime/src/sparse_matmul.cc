@@ -77,50 +77,44 @@ void PrepareTile(void* context, size_t index) {
   tile.num_active = n;
 }
 
-void RunTask(void* context, size_t index) {
-  const MatMulRun& run = *static_cast<const MatMulRun*>(context);
+// The fields every task of `tile` shares.
+void FillTileTask(const MatMulRun& run, const Tile& tile, TileTask* task) {
   const SparseWeights& w = *run.weights;
   const MatMulArgs& args = *run.args;
-  const Tile& tile = run.tiles[index / w.num_blocks];
+  task->weights = &w;
+  task->x = tile.width == 1 ? args.x + tile.first_row * w.in_features : run.transposed.data() + tile.x_offset;
+  task->tile_width = tile.width;
+  task->tile_rows = tile.rows;
+  task->y = args.y + tile.first_row * w.out_features;
+  task->y_stride = w.out_features;
+  task->alpha = args.alpha;
+  task->beta = args.beta;
+  task->relu = args.relu;
+  task->bias = args.bias;
+  task->bias_size = args.bias_size;
+}
+
+// A row-run task: tile index / block.
+void RunTask(void* context, size_t index) {
+  const MatMulRun& run = *static_cast<const MatMulRun*>(context);
+  const Tile& tile = run.tiles[index / run.weights->num_blocks];
   BlockTask task;
-  task.weights = &w;
-  task.block = static_cast<uint32_t>(index % w.num_blocks);
-  task.x = tile.width == 1 ? args.x + tile.first_row * w.in_features : run.transposed.data() + tile.x_offset;
-  task.tile_width = tile.width;
-  task.tile_rows = tile.rows;
+  FillTileTask(run, tile, &task);
+  task.block = static_cast<uint32_t>(index % run.weights->num_blocks);
   task.active_rows = run.active.data() + tile.active_offset;
   task.num_active_rows = tile.num_active;
-  task.y = args.y + tile.first_row * w.out_features;
-  task.y_stride = w.out_features;
-  task.alpha = args.alpha;
-  task.beta = args.beta;
-  task.relu = args.relu;
-  task.bias = args.bias;
-  task.bias_size = args.bias_size;
   run.run_task(task);
 }
 
 // A column-run task: tile index / kColumnTaskColumns-wide range of columns.
 void RunColumnRange(void* context, size_t index) {
   const MatMulRun& run = *static_cast<const MatMulRun*>(context);
-  const SparseWeights& w = *run.weights;
-  const MatMulArgs& args = *run.args;
-  const uint64_t ranges = (w.out_features + kColumnTaskColumns - 1) / kColumnTaskColumns;
-  const Tile& tile = run.tiles[index / ranges];
+  const uint64_t n_count = run.weights->out_features;
+  const uint64_t ranges = (n_count + kColumnTaskColumns - 1) / kColumnTaskColumns;
   ColumnTask task;
-  task.weights = &w;
-  task.x = tile.width == 1 ? args.x + tile.first_row * w.in_features : run.transposed.data() + tile.x_offset;
-  task.tile_width = tile.width;
-  task.tile_rows = tile.rows;
-  task.y = args.y + tile.first_row * w.out_features;
-  task.y_stride = w.out_features;
+  FillTileTask(run, run.tiles[index / ranges], &task);
   task.first_column = uint64_t{index % ranges} * kColumnTaskColumns;
-  task.end_column = std::min<uint64_t>(task.first_column + kColumnTaskColumns, w.out_features);
-  task.alpha = args.alpha;
-  task.beta = args.beta;
-  task.relu = args.relu;
-  task.bias = args.bias;
-  task.bias_size = args.bias_size;
+  task.end_column = std::min<uint64_t>(task.first_column + kColumnTaskColumns, n_count);
   run.run_column_task(task);
 }
 
