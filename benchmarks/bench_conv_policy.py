@@ -26,10 +26,7 @@ indices below; docs/OPERATORS.md, "DCConv: layout and kernel").
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,7 +38,7 @@ import onnx  # noqa: E402
 
 import onnx_dc  # noqa: E402
 import onnx_dc.rewrite as rewrite  # noqa: E402
-from bench_lenet_latency import single_thread_session  # noqa: E402
+from bench_lenet_latency import interleaved_medians, single_thread_session  # noqa: E402
 
 POLICIES: dict[str, Callable[[object, dict], bool]] = {
     "DCConv (all 2-D convs)": lambda shape, attributes: len(shape) == 4,
@@ -99,20 +96,11 @@ def measure(name: str, *, rounds: int, runs_per_block: int, seed: int = 0) -> li
         for label, (data, library) in list(models.items()):
             models[f"{label}, convs only"] = (_cut_after(onnx.load_from_string(data), cut), library)
     sessions = {label: single_thread_session(data, library) for label, (data, library) in models.items()}
-    for session in sessions.values():
-        for _ in range(20):
-            session.run(None, feed)
-    samples: dict[str, list[float]] = {label: [] for label in sessions}
-    order = list(sessions)
-    rng = random.Random(seed)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for label in order:
-            started = time.perf_counter()
-            for _ in range(runs_per_block):
-                sessions[label].run(None, feed)
-            samples[label].append((time.perf_counter() - started) / runs_per_block)
-    return [(label, statistics.median(values)) for label, values in samples.items()]
+    medians = interleaved_medians(
+        {label: (session, feed) for label, session in sessions.items()},
+        rounds=rounds, runs_per_block=runs_per_block, warmup=20, seed=seed,
+    )
+    return list(medians.items())
 
 
 LAYERS = {"conv1": (1, 20, 28, 5), "conv2": (20, 50, 12, 5)}  # C, M, H = W, kernel
@@ -148,22 +136,11 @@ def measure_layers(*, rounds: int, runs_per_block: int, seed: int = 0) -> list[t
                 model.ir_version = 8
                 graphs.append(single_thread_session(model.SerializeToString(), library=op == "DCConv"))
             pairs[f"{name} {pruned:.0%} pruned"] = (graphs, {"x": x})
-    samples = {(label, i): [] for label in pairs for i in (0, 1)}
-    keys = list(samples)
-    rng_order = random.Random(seed)
-    for (sessions, feed) in pairs.values():
-        for session in sessions:
-            for _ in range(20):
-                session.run(None, feed)
-    for _ in range(rounds):
-        rng_order.shuffle(keys)
-        for label, i in keys:
-            sessions, feed = pairs[label]
-            started = time.perf_counter()
-            for _ in range(runs_per_block):
-                sessions[i].run(None, feed)
-            samples[(label, i)].append((time.perf_counter() - started) / runs_per_block)
-    return [(label, statistics.median(samples[(label, 0)]), statistics.median(samples[(label, 1)])) for label in pairs]
+    medians = interleaved_medians(
+        {(label, i): (sessions[i], feed) for label, (sessions, feed) in pairs.items() for i in (0, 1)},
+        rounds=rounds, runs_per_block=runs_per_block, warmup=20, seed=seed,
+    )
+    return [(label, medians[(label, 0)], medians[(label, 1)]) for label in pairs]
 
 
 def main(argv: list[str] | None = None) -> int:

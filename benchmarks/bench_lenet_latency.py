@@ -51,6 +51,32 @@ def single_thread_session(model: str | bytes, library: bool):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
+def interleaved_medians(
+    runs: dict, *, rounds: int, runs_per_block: int, warmup: int, seed: int = 0
+) -> dict:
+    """Median seconds per run of each ``(session, feed)`` in ``runs``, timed side by side.
+
+    Every session is warmed up with ``warmup`` runs; then ``rounds`` rounds visit
+    the sessions in a fresh random order (machine noise hits all alike), each
+    timing a block of ``runs_per_block`` runs. Keys are kept.
+    """
+    for session, feed in runs.values():
+        for _ in range(warmup):
+            session.run(None, feed)
+    samples: dict = {key: [] for key in runs}
+    order = list(runs)
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for key in order:
+            session, feed = runs[key]
+            started = time.perf_counter()
+            for _ in range(runs_per_block):
+                session.run(None, feed)
+            samples[key].append((time.perf_counter() - started) / runs_per_block)
+    return {key: statistics.median(values) for key, values in samples.items()}
+
+
 def measure(
     model_name: str, sparsities: list[float], *, rounds: int, runs_per_block: int, inputs: str = "random", seed: int = 0
 ) -> list[tuple[str, float, float]]:
@@ -70,21 +96,11 @@ def measure(
     else:
         image = np.random.default_rng(seed).random((1, 1, 28, 28), dtype=np.float32)
     feed = {"input": image}
-    for session, _ in variants.values():
-        for _ in range(50):
-            session.run(None, feed)
-    samples: dict[str, list[float]] = {key: [] for key in variants}
-    order = list(variants)
-    rng = random.Random(seed)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for key in order:
-            session = variants[key][0]
-            started = time.perf_counter()
-            for _ in range(runs_per_block):
-                session.run(None, feed)
-            samples[key].append((time.perf_counter() - started) / runs_per_block)
-    return [(key, variants[key][1], statistics.median(samples[key])) for key in variants]
+    medians = interleaved_medians(
+        {key: (session, feed) for key, (session, _) in variants.items()},
+        rounds=rounds, runs_per_block=runs_per_block, warmup=50, seed=seed,
+    )
+    return [(key, variants[key][1], medians[key]) for key in variants]
 
 
 def main(argv: list[str] | None = None) -> int:
