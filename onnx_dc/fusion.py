@@ -29,7 +29,7 @@ from collections.abc import Iterable
 import onnx
 from onnx import helper
 
-from onnx_dc.model_io import attribute_subgraphs, iter_graphs
+from onnx_dc.model_io import attribute_subgraphs, iter_graphs, unique_name
 
 __all__ = ["fuse_relu", "mark_sparse_inputs", "unfuse_relu"]
 
@@ -103,9 +103,7 @@ def unfuse_relu(model: onnx.ModelProto) -> int:
                 continue
             meta = {e.key: e.value for e in node.metadata_props}
             taken = {v for n in graph.node for v in list(n.input) + list(n.output)}
-            between = meta.get(META_RELU_INPUT) or _unique(node.output[0] + "__matmul", taken)
-            if between in taken:
-                between = _unique(between, taken)
+            between = unique_name(meta.get(META_RELU_INPUT) or node.output[0] + "__matmul", taken)
             relu = helper.make_node("Relu", [between], [node.output[0]], name=meta.get(META_RELU_NODE, ""))
             node.output[0] = between
             _remove_attribute(node, "relu")
@@ -167,11 +165,3 @@ def _remove_attribute(node: onnx.NodeProto, name: str) -> None:
     keep = [a for a in node.attribute if a.name != name]
     del node.attribute[:]
     node.attribute.extend(keep)
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    name, i = base, 1
-    while name in taken:
-        name = f"{base}_{i}"
-        i += 1
-    return name

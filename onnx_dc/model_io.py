@@ -276,6 +276,16 @@ def attribute_subgraphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
     return []
 
 
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``... whichever is not in ``taken`` first; it is added to ``taken``."""
+    name, n = base, 1
+    while name in taken:
+        name = f"{base}_{n}"
+        n += 1
+    taken.add(name)
+    return name
+
+
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """Yield ``graph`` and every subgraph nested in it (If/Loop/Scan bodies), depth first."""
     yield graph

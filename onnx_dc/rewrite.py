@@ -39,6 +39,7 @@ from onnx import helper, numpy_helper
 
 from onnx_dc.errors import ContainerError, ModelError
 from onnx_dc.fusion import fuse_relu, mark_sparse_inputs, unfuse_relu
+from onnx_dc.model_io import unique_name
 from onnx_dc.weights import Consumer, GraphScope, Weight, iter_scopes
 
 DOMAIN = "ai.onnx_dc"
@@ -115,7 +116,7 @@ def apply_compression(model: onnx.ModelProto, compressed: Sequence[tuple[Weight,
     node_names = _node_names(model)
     constants = _constant_types(model)
     for weight, container in compressed:
-        cname = _unique(weight.name + CONTAINER_SUFFIX, taken)
+        cname = unique_name(weight.name + CONTAINER_SUFFIX, taken)
         summary.containers[weight.name] = cname
         ctensor = _container_tensor(weight, cname, container)
         fused = [
@@ -145,7 +146,7 @@ def apply_compression(model: onnx.ModelProto, compressed: Sequence[tuple[Weight,
                 DECOMPRESS_OPS[data_type],
                 [cname],
                 [weight.name],
-                name=_unique(weight.name + "__decompress", node_names),
+                name=unique_name(weight.name + "__decompress", node_names),
                 domain=DOMAIN,
             )
             graph.node.insert(insert_at, decompress)
@@ -225,7 +226,7 @@ def decompress_model(model: onnx.ModelProto) -> int:
         if own:
             primary = own[0].output[0]
         elif matmuls:
-            primary = ref.original_name if ref.original_name not in taken else _unique(ref.original_name, taken)
+            primary = ref.original_name if ref.original_name not in taken else unique_name(ref.original_name, taken)
             taken.add(primary)
         # The dense tensor takes the container's place (same initializer slot or Constant node).
         if primary is not None:
@@ -469,15 +470,6 @@ def _index_of(graph: onnx.GraphProto, node: onnx.NodeProto) -> int:
         if candidate is node:
             return i
     raise ModelError(f"internal: node {node.name!r} not found in its graph")
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    name, n = base, 1
-    while name in taken:
-        name = f"{base}_{n}"
-        n += 1
-    taken.add(name)
-    return name
 
 
 def _value_names(model: onnx.ModelProto) -> set[str]:
