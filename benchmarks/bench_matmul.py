@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnx_dc import ops_library_path  # noqa: E402
 from onnx_dc.clustering import kmeans_1d  # noqa: E402
-from onnx_dc.container import decode_container, encode_container  # noqa: E402
+from onnx_dc.container import decode_container, decode_container_codes, encode_container  # noqa: E402
 from onnx_dc.pruning import prune_by_magnitude  # noqa: E402
 
 BATCH1_TARGET = 5.0
@@ -67,6 +67,36 @@ def compress_weight(weight: np.ndarray, *, sparsity: float, bits: int, index_bit
     codes = np.full(weight.shape, -1, dtype=np.int16)
     codes[keep] = clusters.labels
     return encode_container(codes, clusters.centroids.astype(np.float32), bits=bits, index_bits=index_bits)
+
+
+GROUP_SIZE = 8  # runtime/src/sparse_matmul.h: kGroupSize
+MAX_BLOCK_ROWS = 4096  # runtime/src/matmul_kernels.h: kMaxBlockRows (column runs)
+MAX_BLOCK_COLUMNS = 2048  # kMaxBlockColumns (row runs)
+
+
+def layout_bytes(codes: np.ndarray, *, row_runs: bool) -> int:
+    """Bytes of DCMatMul's index layout for ``codes`` ([K, N], -1 where pruned), as docs/OPERATORS.md describes it.
+
+    Per kept weight a 16-bit position; per group of GROUP_SIZE weights of one
+    codebook index in a run one index byte, per remaining (single) weight one;
+    per run two 32-bit offsets (plus one per block); the codebook as 256 float32.
+    """
+    k, n = codes.shape
+    rows, columns = np.nonzero(codes >= 0)
+    values = codes[rows, columns].astype(np.int64)
+    if row_runs:
+        blocks = -(-n // MAX_BLOCK_COLUMNS)
+        block_size = -(-n // blocks)
+        run = (columns // block_size) * k + rows
+        runs = blocks * (k + 1)
+    else:
+        blocks = -(-k // MAX_BLOCK_ROWS)
+        block_size = -(-k // blocks)
+        run = (rows // block_size) * n + columns
+        runs = blocks * (n + 1)
+    per_index = np.bincount(run * 256 + values)
+    index_bytes = int((per_index // GROUP_SIZE).sum() + (per_index % GROUP_SIZE).sum())
+    return 2 * len(values) + index_bytes + 2 * 4 * runs + 4 * 256
 
 
 def _model(node: onnx.NodeProto, initializers: list[onnx.TensorProto], k: int, n: int) -> bytes:
@@ -254,14 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {threads} thread(s), {inputs + ' model:':<16} dense +{dense_rss / 1e6:.1f} MB, "
               f"compressed +{compressed_rss / 1e6:.1f} MB, compressed/dense {ratio:.3f} "
               f"(target <= {MEMORY_TARGET:.3f}: {verdict})")
-    position_bits = 16 - args.bits
-    column_blocks = -(-n // min(2048, 1 << position_bits))  # row runs: blocks of output columns
-    row_blocks = -(-k // (1 << position_bits))  # column runs: blocks of input rows
-    codebook_bytes = 4 * (1 << args.bits)
-    column_runs_mb = (2 * kept + 4 * row_blocks * (n + 1) + codebook_bytes) / 1e6
-    row_runs_mb = (2 * kept + 4 * column_blocks * (k + 1) + codebook_bytes) / 1e6
+    codes, _ = decode_container_codes(container)
+    column_runs_mb = layout_bytes(codes, row_runs=False) / 1e6
+    row_runs_mb = layout_bytes(codes, row_runs=True) / 1e6
     print(f"  of which the DCMatMul layout: {column_runs_mb:.2f} MB as column runs (gaussian model), "
-          f"{row_runs_mb:.2f} MB as row runs (relu model), 2 bytes per kept weight + run offsets; "
+          f"{row_runs_mb:.2f} MB as row runs (relu model), {column_runs_mb * 1e6 / kept:.2f} / "
+          f"{row_runs_mb * 1e6 / kept:.2f} bytes per kept weight with codebook and run offsets; "
           f"the container initializer {len(container) / 1e6:.2f} MB; dense weight {weight_mb:.1f} MB")
     return 0
 

@@ -57,21 +57,24 @@ def test_matches_reference(library: str, sparsity: float, layout: str, threads: 
             assert_matches_reference(y, reference_matmul(x, dense))
 
 
+@pytest.mark.parametrize("bits", [2, 8])
 @pytest.mark.parametrize("sparse_input", [0, 1])
 @pytest.mark.parametrize("trans_b", [0, 1])
 @pytest.mark.parametrize("zero_fraction", [0.0, 0.5, 0.95, 1.0])
 def test_column_and_row_runs_over_several_blocks(
-    library: str, zero_fraction: float, trans_b: int, sparse_input: int
+    library: str, zero_fraction: float, trans_b: int, sparse_input: int, bits: int
 ) -> None:
     """Column runs (sparse_input=0) and row runs (1) across several blocks, every kernel.
 
-    8-bit codes leave 8 bits of an entry for the position, so K = 600 spans
-    three row blocks of the column runs and N = 700 three output blocks of the
-    row runs; batches 1, 4, 8 and 19 reach every tile width.
+    Column runs cut K into row blocks of at most 4096 rows (K = 8300: three),
+    row runs cut N into output blocks of at most 2048 columns (N = 4200:
+    three); batches 1, 4, 8 and 19 reach every tile width. 2-bit codes put
+    most weights of a run in groups of 8 of one codebook index, 8-bit codes
+    leave most as singles (docs/OPERATORS.md, "In-memory layout").
     """
-    rng = np.random.default_rng(int(zero_fraction * 100) + 7 * trans_b + 3 * sparse_input)
-    k, n = 600, 700
-    container, dense = random_container(rng, (n, k) if trans_b else (k, n), sparsity=0.9, bits=8, index_bits=5)
+    rng = np.random.default_rng(int(zero_fraction * 100) + 7 * trans_b + 3 * sparse_input + bits)
+    k, n = (24, 4200) if sparse_input else (8300, 24)
+    container, dense = random_container(rng, (n, k) if trans_b else (k, n), sparsity=0.9, bits=bits, index_bits=5)
     bias = rng.standard_normal(n).astype(np.float32)
     for b in (None, bias):
         model = matmul_model(container, trans_b=trans_b, alpha=0.5, beta=2.0, bias=b, sparse_input=sparse_input)

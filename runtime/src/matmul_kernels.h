@@ -14,6 +14,9 @@ struct SparseWeights;
 // Output blocks are at most this wide (long runs per row keep the inner loop
 // busy; 2048 floats of outputs stay in L1).
 constexpr uint32_t kMaxBlockColumns = 2048;
+// Column-run row blocks are at most this high (16-bit positions; 4096 floats
+// of x stay in L1).
+constexpr uint32_t kMaxBlockRows = 4096;
 // A tile accumulator (block width x tile width floats) lives on the task's
 // stack and holds at most this many floats (64 KiB).
 constexpr unsigned kMaxTileFloats = 16384;

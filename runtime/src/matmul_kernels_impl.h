@@ -14,24 +14,65 @@ inline float ApplyEpilogue(float acc, const TileTask& task, uint64_t column) {
   return value;
 }
 
-// One row run of batch row count 1: y[column] += xk * codebook[code] for its
-// entries. The columns of one run are distinct, so its updates never alias:
-// four independent read-modify-writes per iteration. Kept out of line: with
-// few live values the compiler holds everything in registers.
-__attribute__((noinline)) void RowRunUpdate(const uint16_t* p, const uint16_t* end, float xk,
-                                            const float* __restrict codebook, float* __restrict y, uint64_t shift) {
-  const uint64_t mask = (uint64_t{1} << shift) - 1;
-  for (; end - p >= 4; p += 4) {
-    const uint64_t e0 = p[0], e1 = p[1], e2 = p[2], e3 = p[3];
-    y[e0 & mask] += xk * codebook[e0 >> shift];
-    y[e1 & mask] += xk * codebook[e1 >> shift];
-    y[e2 & mask] += xk * codebook[e2 >> shift];
-    y[e3 & mask] += xk * codebook[e3 >> shift];
+// The float lanes of a tile of kWidth batch rows (a plain float for 1).
+template <unsigned kWidth>
+struct Lanes {
+  typedef float Type __attribute__((vector_size(kWidth * sizeof(float))));
+};
+template <>
+struct Lanes<1> {
+  typedef float Type;
+};
+
+// Row k's lanes in x (x[k * kWidth + t]: the tile transposed, or the row itself for width 1).
+template <unsigned kWidth>
+__attribute__((always_inline)) inline typename Lanes<kWidth>::Type LoadLanes(const float* x, uint64_t k) {
+  typename Lanes<kWidth>::Type v;
+  std::memcpy(&v, x + k * kWidth, sizeof(v));
+  return v;
+}
+
+// One run of the layout: its groups (kGroupSize positions, one codebook
+// index each), then its singles (a position and an index each).
+struct Run {
+  const uint16_t* positions;
+  const uint16_t* end;
+  const uint8_t* group_codes;
+  uint32_t groups;
+  const uint8_t* single_codes;
+};
+
+inline Run RunAt(const SparseWeights& w, uint64_t index) {
+  const uint32_t first = w.run_offsets[index], first_group = w.group_offsets[index];
+  return Run{w.positions.data() + first, w.positions.data() + w.run_offsets[index + 1],
+             w.group_codes.data() + first_group, w.group_offsets[index + 1] - first_group,
+             w.single_codes.data() + (first - kGroupSize * first_group)};
+}
+
+// One row run: acc[position] += xk * codebook[code] for its weights. A group
+// multiplies once and adds the product to its kGroupSize outputs. The
+// positions of one run are distinct, so its updates never alias. Kept out of
+// line: with few live values the compiler holds everything in registers.
+// `x_lanes` points at row k's lanes of x (vectors go by pointer: passing them
+// by value to an out-of-line function depends on the instruction set's ABI).
+template <unsigned kWidth>
+__attribute__((noinline)) void RowRunUpdate(const Run& run, const float* x_lanes, const float* __restrict codebook,
+                                            typename Lanes<kWidth>::Type* __restrict acc) {
+  typedef typename Lanes<kWidth>::Type Vec;
+  const Vec xk = LoadLanes<kWidth>(x_lanes, 0);
+  const uint16_t* p = run.positions;
+  for (uint32_t g = 0; g < run.groups; ++g, p += kGroupSize) {
+    const Vec v = codebook[run.group_codes[g]] * xk;
+    for (unsigned j = 0; j < kGroupSize; ++j) acc[p[j]] += v;
   }
-  for (; p < end; ++p) {
-    const uint64_t e = *p;
-    y[e & mask] += xk * codebook[e >> shift];
+  const uint8_t* codes = run.single_codes;
+  for (; run.end - p >= 4; p += 4, codes += 4) {
+    acc[p[0]] += codebook[codes[0]] * xk;
+    acc[p[1]] += codebook[codes[1]] * xk;
+    acc[p[2]] += codebook[codes[2]] * xk;
+    acc[p[3]] += codebook[codes[3]] * xk;
   }
+  for (; p < run.end; ++p, ++codes) acc[*p] += codebook[*codes] * xk;
 }
 
 // Batch row count 1: accumulate straight into the output row.
@@ -42,11 +83,10 @@ inline void RunSingleRow(const BlockTask& task) {
   float* y = task.y + first_column;
   for (uint64_t j = 0; j < width; ++j) y[j] = 0.0f;
 
-  const uint32_t* offsets = w.row_offsets.data() + uint64_t{task.block} * (w.in_features + 1);
-  const uint16_t* entries = w.entries.data();
+  const uint64_t first_run = uint64_t{task.block} * (w.in_features + 1);
   for (uint64_t a = 0; a < task.num_active_rows; ++a) {
     const uint32_t k = task.active_rows[a];
-    RowRunUpdate(entries + offsets[k], entries + offsets[k + 1], task.x[k], w.codebook.data(), y, w.column_bits);
+    RowRunUpdate<1>(RunAt(w, first_run + k), task.x + k, w.codebook.data(), y);
   }
   if (task.alpha != 1.0f || task.bias != nullptr || task.relu) {
     for (uint64_t j = 0; j < width; ++j) y[j] = ApplyEpilogue(y[j], task, first_column + j);
@@ -58,27 +98,17 @@ inline void RunSingleRow(const BlockTask& task) {
 // weight drives one vector multiply-add.
 template <unsigned kWidth>
 void RunTile(const BlockTask& task) {
-  typedef float Vec __attribute__((vector_size(kWidth * sizeof(float))));
+  typedef typename Lanes<kWidth>::Type Vec;
   const SparseWeights& w = *task.weights;
   const uint64_t first_column = uint64_t{task.block} * w.block_columns;
   const uint64_t width = std::min<uint64_t>(w.block_columns, w.out_features - first_column);
   Vec acc[kMaxTileFloats / kWidth];  // width * kWidth <= kMaxTileFloats (the driver's tile choice)
   for (uint64_t j = 0; j < width; ++j) acc[j] = Vec{};
 
-  const uint32_t* __restrict offsets = w.row_offsets.data() + uint64_t{task.block} * (w.in_features + 1);
-  const uint16_t* __restrict entries = w.entries.data();
-  const float* __restrict codebook = w.codebook.data();
-  const unsigned shift = w.column_bits;
-  const uint32_t mask = (uint32_t{1} << shift) - 1;
+  const uint64_t first_run = uint64_t{task.block} * (w.in_features + 1);
   for (uint64_t a = 0; a < task.num_active_rows; ++a) {
     const uint32_t k = task.active_rows[a];
-    Vec xv;
-    std::memcpy(&xv, task.x + uint64_t{k} * kWidth, sizeof(Vec));
-    const uint32_t end = offsets[k + 1];
-    for (uint32_t i = offsets[k]; i < end; ++i) {
-      const uint32_t e = entries[i];
-      acc[e & mask] += codebook[e >> shift] * xv;
-    }
+    RowRunUpdate<kWidth>(RunAt(w, first_run + k), task.x + uint64_t{k} * kWidth, w.codebook.data(), acc);
   }
   for (unsigned t = 0; t < task.tile_rows; ++t) {
     float* __restrict y = task.y + t * task.y_stride + first_column;
@@ -143,95 +173,96 @@ void RunDenseTile(const BlockTask& task) {
   }
 }
 
-// Column runs, batch 1: each output accumulates its run of every row block in
-// registers (four independent partial sums), gathering x through the entries.
-// One column run: sum of x[row] * codebook[code] over its entries, in eight
-// independent partial sums (more than the multiply-add latency covers at one
-// weight per cycle). Kept out of line: with few live values the compiler holds
-// everything in registers.
-__attribute__((noinline)) float ColumnRunDot(const uint16_t* p, const uint16_t* end, const float* __restrict x,
-                                             const float* __restrict codebook, uint64_t shift) {
-  const uint64_t mask = (uint64_t{1} << shift) - 1;
-  float a[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-  for (; end - p >= 8; p += 8) {
-    for (int u = 0; u < 8; ++u) {
-      const uint64_t e = p[u];
-      a[u] += x[e & mask] * codebook[e >> shift];
-    }
+// *sum = the sum of x over one group's positions. On little-endian machines
+// the eight positions are read as two 64-bit words and split with shifts:
+// two loads instead of eight, which matters because loads (one per position
+// and one per x value) are what bounds this loop.
+template <unsigned kWidth>
+__attribute__((always_inline)) inline void GroupSum(const uint16_t* p, const float* __restrict x,
+                                                    typename Lanes<kWidth>::Type* sum) {
+  static_assert(kGroupSize == 8, "GroupSum adds eight positions");
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  uint64_t lo, hi;
+  std::memcpy(&lo, p, sizeof(lo));
+  std::memcpy(&hi, p + 4, sizeof(hi));
+  *sum = ((LoadLanes<kWidth>(x, lo & 0xffff) + LoadLanes<kWidth>(x, (lo >> 16) & 0xffff)) +
+          (LoadLanes<kWidth>(x, (lo >> 32) & 0xffff) + LoadLanes<kWidth>(x, lo >> 48))) +
+         ((LoadLanes<kWidth>(x, hi & 0xffff) + LoadLanes<kWidth>(x, (hi >> 16) & 0xffff)) +
+          (LoadLanes<kWidth>(x, (hi >> 32) & 0xffff) + LoadLanes<kWidth>(x, hi >> 48)));
+#else
+  *sum = ((LoadLanes<kWidth>(x, p[0]) + LoadLanes<kWidth>(x, p[1])) +
+          (LoadLanes<kWidth>(x, p[2]) + LoadLanes<kWidth>(x, p[3]))) +
+         ((LoadLanes<kWidth>(x, p[4]) + LoadLanes<kWidth>(x, p[5])) +
+          (LoadLanes<kWidth>(x, p[6]) + LoadLanes<kWidth>(x, p[7])));
+#endif
+}
+
+// One column run: the sum of x[row] * codebook[code] over its weights. A
+// group gathers and adds its kGroupSize values of x, then multiplies once;
+// singles multiply-add into eight independent partial sums (more than the
+// multiply-add latency covers). For kWidth > 1, x holds the tile transposed
+// (x[row * kWidth + t]) and every operation is a vector one. Kept out of
+// line: with few live values the compiler holds everything in registers. Adds
+// the dot product to *sum (vectors go by pointer, as in RowRunUpdate).
+template <unsigned kWidth>
+__attribute__((noinline)) void ColumnRunDot(const Run& run, const float* __restrict x, const float* __restrict codebook,
+                                            typename Lanes<kWidth>::Type* sum) {
+  typedef typename Lanes<kWidth>::Type Vec;
+  const uint16_t* p = run.positions;
+  Vec g0 = Vec{}, g1 = Vec{};
+  uint32_t g = 0;
+  Vec s0, s1;
+  for (; g + 2 <= run.groups; g += 2, p += 2 * kGroupSize) {
+    GroupSum<kWidth>(p, x, &s0);
+    GroupSum<kWidth>(p + kGroupSize, x, &s1);
+    g0 += codebook[run.group_codes[g]] * s0;
+    g1 += codebook[run.group_codes[g + 1]] * s1;
+  }
+  if (g < run.groups) {
+    GroupSum<kWidth>(p, x, &s0);
+    g0 += codebook[run.group_codes[g]] * s0;
+    p += kGroupSize;
+  }
+  const uint8_t* codes = run.single_codes;
+  Vec a[8] = {Vec{}, Vec{}, Vec{}, Vec{}, Vec{}, Vec{}, Vec{}, Vec{}};
+  for (; run.end - p >= 8; p += 8, codes += 8) {
+    for (int u = 0; u < 8; ++u) a[u] += codebook[codes[u]] * LoadLanes<kWidth>(x, p[u]);
   }
   // The tail in a[0] (indexing a with a variable would keep a in memory).
-  for (; p < end; ++p) {
-    const uint64_t e = *p;
-    a[0] += x[e & mask] * codebook[e >> shift];
-  }
-  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+  for (; p < run.end; ++p, ++codes) a[0] += codebook[*codes] * LoadLanes<kWidth>(x, *p);
+  *sum += (g0 + g1) + (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])));
 }
 
 // Column runs, batch row count 1: each output accumulates its run of every
-// row block in registers, gathering x through the entries.
+// row block in registers, gathering x through the positions.
 inline void RunColumns(const ColumnTask& task) {
   const SparseWeights& w = *task.weights;
   const uint64_t n_count = w.out_features;
   float* __restrict y = task.y;
-  const uint16_t* entries = w.entries.data();
-  const float* codebook = w.codebook.data();
-  const uint64_t shift = w.column_bits;
   for (uint64_t n = task.first_column; n < task.end_column; ++n) y[n] = 0.0f;
   for (uint32_t r = 0; r < w.num_row_blocks; ++r) {
     const float* x = task.x + uint64_t{r} * w.block_rows;
-    const uint32_t* offsets = w.column_offsets.data() + uint64_t{r} * (n_count + 1);
+    const uint64_t first_run = uint64_t{r} * (n_count + 1);
     for (uint64_t n = task.first_column; n < task.end_column; ++n)
-      y[n] += ColumnRunDot(entries + offsets[n], entries + offsets[n + 1], x, codebook, shift);
+      ColumnRunDot<1>(RunAt(w, first_run + n), x, w.codebook.data(), y + n);
   }
   if (task.alpha != 1.0f || task.bias != nullptr || task.relu) {
     for (uint64_t n = task.first_column; n < task.end_column; ++n) y[n] = ApplyEpilogue(y[n], task, n);
   }
 }
 
-// One column run for a tile of kWidth batch rows: x holds the tile transposed
-// (x[row * kWidth + t]), so each weight drives one vector multiply-add; eight
-// partial sums keep enough loads in flight to hide the cache latency of the
-// scattered rows of x.
-template <unsigned kWidth>
-__attribute__((noinline)) void ColumnRunTileDot(const uint16_t* p, const uint16_t* end, const float* __restrict x,
-                                                const float* __restrict codebook, uint64_t shift, float* out) {
-  typedef float Vec __attribute__((vector_size(kWidth * sizeof(float))));
-  const uint64_t mask = (uint64_t{1} << shift) - 1;
-  Vec a[8] = {Vec{}, Vec{}, Vec{}, Vec{}, Vec{}, Vec{}, Vec{}, Vec{}};
-  for (; end - p >= 8; p += 8) {
-    for (int u = 0; u < 8; ++u) {
-      const uint64_t e = p[u];
-      Vec xv;
-      std::memcpy(&xv, x + (e & mask) * kWidth, sizeof(Vec));
-      a[u] += codebook[e >> shift] * xv;
-    }
-  }
-  // The tail in a[0] (indexing a with a variable would keep a in memory).
-  for (; p < end; ++p) {
-    const uint64_t e = *p;
-    Vec xv;
-    std::memcpy(&xv, x + (e & mask) * kWidth, sizeof(Vec));
-    a[0] += codebook[e >> shift] * xv;
-  }
-  Vec sum;
-  std::memcpy(&sum, out, sizeof(Vec));
-  sum += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-  std::memcpy(out, &sum, sizeof(Vec));
-}
-
+// Column runs, a tile of kWidth batch rows (x transposed): each weight drives
+// vector operations over the tile.
 template <unsigned kWidth>
 void RunColumnTile(const ColumnTask& task) {
+  typedef typename Lanes<kWidth>::Type Vec;
   const SparseWeights& w = *task.weights;
   const uint64_t n_count = w.out_features;
-  const uint16_t* entries = w.entries.data();
-  const float* codebook = w.codebook.data();
-  const uint64_t shift = w.column_bits;
   for (uint64_t n = task.first_column; n < task.end_column; ++n) {
-    float acc[kWidth] = {};
+    Vec acc = Vec{};
     for (uint32_t r = 0; r < w.num_row_blocks; ++r) {
       const float* x = task.x + uint64_t{r} * w.block_rows * kWidth;
-      const uint32_t* offsets = w.column_offsets.data() + uint64_t{r} * (n_count + 1);
-      ColumnRunTileDot<kWidth>(entries + offsets[n], entries + offsets[n + 1], x, codebook, shift, acc);
+      ColumnRunDot<kWidth>(RunAt(w, uint64_t{r} * (n_count + 1) + n), x, w.codebook.data(), &acc);
     }
     for (unsigned t = 0; t < task.tile_rows; ++t) task.y[t * task.y_stride + n] = ApplyEpilogue(acc[t], task, n);
   }

@@ -13,6 +13,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #include "container.h"
 #include "conv.h"
 #include "onnxruntime_c_api.h"
@@ -209,6 +213,17 @@ OrtStatus* ReadFlagAttribute(const OrtApi* api, const OrtKernelInfo* info, const
   return nullptr;
 }
 
+// Hands the heap's free pages back to the system. Decoding a container
+// allocates and frees arrays of the weight's size (the decoded streams, the
+// staging of the layout); glibc keeps such freed memory in the process unless
+// asked, and a session would then hold about twice the weight's compressed
+// size for good.
+void ReleaseFreeHeap() {
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
+}
+
 // Decodes a constant container (input 1) once, at kernel creation, with
 // decode(data, size, weights) -> error; leaves *out null when the container
 // is not constant (then it is decoded on every run, WeightsForRun).
@@ -224,6 +239,7 @@ OrtStatus* DecodeConstantContainer(const OrtApi* api, const OrtKernelInfo* info,
   out->reset(new Weights);
   error = decode(data, size, out->get());
   if (!error.empty()) return MakeStatus(api, ORT_INVALID_GRAPH, label.Prefix() + error);
+  ReleaseFreeHeap();
   return nullptr;
 }
 

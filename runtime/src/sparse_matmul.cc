@@ -12,6 +12,7 @@ namespace onnx_dc {
 namespace {
 
 static_assert(8 * kMaxBlockColumns <= kMaxTileFloats, "a tile of 8 rows must fit every block");
+static_assert(kMaxBlockColumns <= 65536 && kMaxBlockRows <= 65536, "positions are 16-bit");
 
 // The tile width for `rows` remaining batch rows: the smallest of 1, 4, 8, 16
 // that holds them, narrowed until the accumulator (width x block columns
@@ -121,10 +122,69 @@ void RunColumnRange(void* context, size_t index) {
 }  // namespace
 
 size_t SparseWeights::memory_bytes() const {
-  return sizeof(*this) + codebook.capacity() * sizeof(float) + row_offsets.capacity() * sizeof(uint32_t) +
-         entries.capacity() * sizeof(uint16_t) + column_offsets.capacity() * sizeof(uint32_t) +
-         dense.capacity() * sizeof(float);
+  return sizeof(*this) + codebook.capacity() * sizeof(float) + run_offsets.capacity() * sizeof(uint32_t) +
+         group_offsets.capacity() * sizeof(uint32_t) + positions.capacity() * sizeof(uint16_t) +
+         group_codes.capacity() + single_codes.capacity() + dense.capacity() * sizeof(float);
 }
+
+namespace {
+
+// Reorders each run, given as w->positions (ascending inside each run) and
+// w->single_codes (the codebook index of every position), into its groups and
+// singles (see sparse_matmul.h) and fills the group codes and offsets. The
+// singles' indices are written over the front of single_codes (never past
+// the run being read), which then shrinks: no array of the weight's size is
+// allocated besides the layout itself.
+void GroupRuns(uint64_t blocks, uint64_t run_span, SparseWeights* w) {
+  const uint32_t* offsets = w->run_offsets.data();
+  uint8_t* codes = w->single_codes.data();
+  uint64_t groups = 0;
+  std::vector<uint32_t> count(256, 0);
+  for (uint64_t run = 0; run < blocks * run_span; ++run) {
+    if (run % run_span == run_span - 1) continue;  // a block's closing offset
+    for (uint32_t i = offsets[run]; i < offsets[run + 1]; ++i) ++count[codes[i]];
+    for (uint32_t i = offsets[run]; i < offsets[run + 1]; ++i) {
+      groups += count[codes[i]] / kGroupSize;
+      count[codes[i]] = 0;
+    }
+  }
+  w->group_codes.assign(static_cast<size_t>(groups), 0);
+  w->group_offsets.assign(w->run_offsets.size(), 0);
+  std::vector<uint32_t> keys;
+  uint64_t next_group = 0, next_single = 0;
+  for (uint64_t b = 0; b < blocks; ++b) {
+    for (uint64_t along = 0; along + 1 < run_span; ++along) {
+      const uint64_t run = b * run_span + along;
+      w->group_offsets[run] = static_cast<uint32_t>(next_group);
+      uint16_t* out = w->positions.data() + offsets[run];
+      keys.clear();
+      for (uint32_t i = offsets[run]; i < offsets[run + 1]; ++i)
+        keys.push_back((uint32_t{codes[i]} << 16) | w->positions[i]);
+      std::sort(keys.begin(), keys.end());  // by index, then position
+      // Groups first (each index's first multiples of kGroupSize), then the rest.
+      size_t rest = 0;
+      for (size_t p = 0; p < keys.size();) {
+        const uint32_t code = keys[p] >> 16;
+        size_t q = p;
+        while (q < keys.size() && (keys[q] >> 16) == code) ++q;
+        for (; q - p >= kGroupSize; p += kGroupSize) {
+          for (unsigned j = 0; j < kGroupSize; ++j) *out++ = static_cast<uint16_t>(keys[p + j]);
+          w->group_codes[next_group++] = static_cast<uint8_t>(code);
+        }
+        while (p < q) keys[rest++] = keys[p++];
+      }
+      for (size_t i = 0; i < rest; ++i) {
+        *out++ = static_cast<uint16_t>(keys[i]);
+        codes[next_single++] = static_cast<uint8_t>(keys[i] >> 16);
+      }
+    }
+    w->group_offsets[b * run_span + run_span - 1] = static_cast<uint32_t>(next_group);
+  }
+  w->single_codes.resize(static_cast<size_t>(next_single));
+  w->single_codes.shrink_to_fit();
+}
+
+}  // namespace
 
 bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseOrder order, SparseWeights* out,
                         std::string* error) {
@@ -135,6 +195,10 @@ bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseOrd
   }
   if (info.dims.size() != 2) {
     *error = "the weight must be 2-D, the container holds a " + std::to_string(info.dims.size()) + "-D tensor";
+    return false;
+  }
+  if (info.codebook_size > 256) {
+    *error = "the codebook must have at most 256 values, the container has " + std::to_string(info.codebook_size);
     return false;
   }
   const uint64_t rows = info.dims[0], cols = info.dims[1];
@@ -155,33 +219,16 @@ bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseOrd
   SparseWeights& w = *out;
   w.in_features = k_count;
   w.out_features = n_count;
-  unsigned index_bits = 0;  // bits of the largest codebook index (codebook_size <= 256)
-  while (info.codebook_size > (1u << index_bits)) ++index_bits;
-  w.column_bits = 16 - index_bits;
-  // As few blocks as the width limit allows, of equal width (balanced tasks).
-  const uint64_t max_width = std::min<uint64_t>(kMaxBlockColumns, uint64_t{1} << w.column_bits);
-  w.num_blocks = static_cast<uint32_t>((n_count + max_width - 1) / max_width);
-  w.block_columns = n_count == 0 ? 1 : static_cast<uint32_t>((n_count + w.num_blocks - 1) / w.num_blocks);
-  w.codebook.assign(size_t{1} << index_bits, 0.0f);
+  // As few blocks as the size limit allows, of equal size (balanced tasks).
+  w.num_blocks = static_cast<uint32_t>((n_count + kMaxBlockColumns - 1) / kMaxBlockColumns);
+  w.block_columns = w.num_blocks == 0 ? 1 : static_cast<uint32_t>((n_count + w.num_blocks - 1) / w.num_blocks);
+  w.num_row_blocks = static_cast<uint32_t>((k_count + kMaxBlockRows - 1) / kMaxBlockRows);
+  w.block_rows = w.num_row_blocks == 0 ? 1 : static_cast<uint32_t>((k_count + w.num_row_blocks - 1) / w.num_row_blocks);
+  w.codebook.assign(256, 0.0f);
   if (info.codebook_size > 0) std::memcpy(w.codebook.data(), decoded.codebook.data(), info.codebook_size * sizeof(float));
-  const uint64_t stride = k_count + 1;
   const uint64_t n_values = k_count * n_count;
   const bool dense_layout = n_values > 0 && static_cast<double>(kept) >= kDenseKeptFraction * static_cast<double>(n_values);
-  if (dense_layout) {
-    w.dense.assign(static_cast<size_t>(n_values), 0.0f);
-  } else if (order == SparseOrder::kRows) {
-    w.order = SparseOrder::kRows;
-    w.row_offsets.assign(static_cast<size_t>(w.num_blocks * stride), 0);
-    w.entries.assign(static_cast<size_t>(kept), 0);
-  } else {
-    w.order = SparseOrder::kColumns;
-    // Row blocks, as few as the entry width allows, of equal height.
-    const uint64_t max_rows = uint64_t{1} << w.column_bits;
-    w.num_row_blocks = static_cast<uint32_t>((k_count + max_rows - 1) / max_rows);
-    w.block_rows = w.num_row_blocks == 0 ? 1 : static_cast<uint32_t>((k_count + w.num_row_blocks - 1) / w.num_row_blocks);
-    w.column_offsets.assign(static_cast<size_t>(uint64_t{w.num_row_blocks} * (n_count + 1)), 0);
-    w.entries.assign(static_cast<size_t>(kept), 0);
-  }
+  w.order = order;
 
   // Visits the kept entries in order as (row, col) of the container's tensor.
   auto for_each_kept = [&](auto&& visit) {
@@ -204,6 +251,7 @@ bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseOrd
     }
   };
   if (dense_layout) {
+    w.dense.assign(static_cast<size_t>(n_values), 0.0f);
     float* values = w.dense.data();
     const float* codebook = w.codebook.data();
     for_each_kept([&](uint64_t row, uint64_t col, uint16_t code) {
@@ -216,17 +264,18 @@ bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseOrd
   // inside the block. Column runs: a run is (row block, output column n), the
   // position its row inside the block. Either way runs are stored block by
   // block, each block's run_span - 1 runs in order, delimited by offsets.
-  const bool row_runs = w.order == SparseOrder::kRows;
+  const bool row_runs = order == SparseOrder::kRows;
   const uint64_t run_span = row_runs ? k_count + 1 : n_count + 1;
   const uint64_t block_size = row_runs ? w.block_columns : w.block_rows;
   const uint64_t blocks = row_runs ? w.num_blocks : w.num_row_blocks;
-  uint32_t* offsets = row_runs ? w.row_offsets.data() : w.column_offsets.data();
+  w.run_offsets.assign(static_cast<size_t>(blocks * run_span), 0);
+  uint32_t* offsets = w.run_offsets.data();
   auto place = [&](uint64_t row, uint64_t col, uint64_t* run, uint32_t* position) {
     const uint64_t k = trans_b ? col : row, n = trans_b ? row : col;
     const uint64_t across = row_runs ? n : k, along = row_runs ? k : n;
     const uint64_t block = across / block_size;
     *run = block * run_span + along;
-    *position = static_cast<uint32_t>(across - block * block_size);  // < 2^column_bits
+    *position = static_cast<uint32_t>(across - block * block_size);  // < 2^16
   };
   for_each_kept([&](uint64_t row, uint64_t col, uint16_t) {
     uint64_t run = 0;
@@ -241,18 +290,18 @@ bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseOrd
     for (uint64_t i = 0; i + 1 < run_span; ++i) block[i + 1] += block[i];
     total = block[run_span - 1];
   }
-  // The container is visited in row-major order of its tensor, so positions
-  // ascend inside every run (for column runs with trans_b: per column, rows ascending).
   std::vector<uint32_t> cursor(offsets, offsets + blocks * run_span);
-  const unsigned shift = w.column_bits;
-  uint16_t* entries = w.entries.data();
+  w.positions.assign(static_cast<size_t>(kept), 0);
+  w.single_codes.assign(static_cast<size_t>(kept), 0);
   for_each_kept([&](uint64_t row, uint64_t col, uint16_t code) {
     uint64_t run = 0;
     uint32_t position = 0;
     place(row, col, &run, &position);
-    // code < codebook_size <= 2^(16 - column_bits): the entry fits 16 bits.
-    entries[cursor[run]++] = static_cast<uint16_t>((uint32_t{code} << shift) | position);
+    w.positions[cursor[run]] = static_cast<uint16_t>(position);
+    w.single_codes[cursor[run]++] = static_cast<uint8_t>(code);  // code < codebook_size <= 256
   });
+  cursor = std::vector<uint32_t>();
+  GroupRuns(blocks, run_span, &w);
   return true;
 }
 

@@ -2,31 +2,30 @@
 //
 // The weight W' ([in_features, out_features], the right operand of X @ W') is
 // held as codebook indices and compact positions, never as dense floats, in
-// one of two orders (2 bytes per nonzero weight either way):
+// runs of nonzero weights in one of two orders:
 //
 // * **Row runs** (input-major, as EIE), for inputs that are mostly zero (ReLU
 //   outputs): the columns (outputs) are cut into blocks of at most 2048
-//   columns; inside a block the nonzero weights of input row k are a run of
-//   16-bit entries
-//       entry = (codebook index << column_bits) | (column - first column of block)
-//   where column_bits = 16 - (bits of the largest codebook index), so blocks are
-//   at most 2^column_bits wide (2048 for codebooks of up to 32 values, 256 for
-//   256 values). Runs are stored block by block, row by row, columns
-//   ascending; row_offsets delimits each (block, row) run. The kernels visit
-//   only the input rows whose activation is nonzero (zero activations are
-//   skipped, as in EIE), adding x[k] * codebook[code] into the block's outputs.
+//   columns; a run is the nonzero weights of one input row k inside one
+//   block, a position is a column minus the block's first column. The kernels
+//   visit only the input rows whose activation is nonzero (zero activations
+//   are skipped, as in EIE), adding x[k] * codebook[code] into the block's
+//   outputs.
 // * **Column runs** (output-major), for dense inputs: the rows (inputs) are
-//   cut into row blocks of at most 2^column_bits rows; inside a row block the
-//   nonzero weights of output column n are a run of 16-bit entries
-//       entry = (codebook index << column_bits) | (row - first row of block)
-//   stored row block by row block, column by column, rows ascending;
-//   column_offsets delimits each (row block, column) run. The kernels gather
-//   x[row] and accumulate each output in registers: no read-modify-write of
-//   the outputs per weight (about 1.5x faster per visited weight than row
-//   runs), but every weight is visited whatever the activations.
+//   cut into row blocks of at most 4096 rows; a run is the nonzero weights of
+//   one output column n inside one row block, a position is a row minus the
+//   block's first row. The kernels gather x[row] and accumulate each output in
+//   registers: no read-modify-write of the outputs per weight, but every
+//   weight is visited whatever the activations.
 //
-// Pruned weights and filler entries are not stored: the layout holds 2 bytes
-// per nonzero weight plus 4 bytes per (block, row) or (row block, column).
+// Inside a run the weights are ordered by codebook index, and every
+// kGroupSize weights of one index form a **group**: kGroupSize 16-bit
+// positions and one 8-bit index for all of them. The rest of the run (fewer
+// than kGroupSize weights per index) are **singles**, a 16-bit position and
+// an 8-bit index each, after the groups. A group costs the kernels one
+// codebook multiply for kGroupSize gathered (column runs) or scattered (row
+// runs) values instead of one per weight. Pruned weights and filler entries
+// are not stored: about 2.2 bytes per nonzero weight plus 8 bytes per run.
 //
 // Lightly pruned weights (at least kDenseKeptFraction of the values kept) are
 // held instead as dense float32 shared values ([in_features, out_features],
@@ -59,29 +58,34 @@ enum class SparseOrder {
   kRows,     // mostly-zero inputs (ReLU outputs): input-major runs, zero activations skipped
 };
 
+// Weights of one codebook index that share one index byte inside a run.
+constexpr unsigned kGroupSize = 8;
+
 struct SparseWeights {
   uint64_t in_features = 0;   // K: rows of W'
   uint64_t out_features = 0;  // N: columns of W'
   SparseOrder order = SparseOrder::kColumns;
-  unsigned column_bits = 16;  // low bits of an entry: the column (row runs) or row (column runs) inside its block
-  uint32_t block_columns = 0;  // width of every block but possibly the last
+  // Row runs: output blocks of block_columns columns (the last possibly fewer).
+  uint32_t block_columns = 0;
   uint32_t num_blocks = 0;
-  // Codebook as float32, padded with zeros to 2^(16 - column_bits) values
-  // (every index an entry can hold).
-  std::vector<float> codebook;
-  // Row runs (order kRows): num_blocks * (in_features + 1) offsets into
-  // `entries`; the run of (block b, row k) is
-  // [row_offsets[b * (K + 1) + k], row_offsets[b * (K + 1) + k + 1]).
-  std::vector<uint32_t> row_offsets;
-  // Column runs (order kColumns): row blocks of block_rows rows (the last
-  // possibly fewer); num_row_blocks * (out_features + 1) offsets into
-  // `entries`; the run of (row block r, column n) is
-  // [column_offsets[r * (N + 1) + n], column_offsets[r * (N + 1) + n + 1]).
+  // Column runs: row blocks of block_rows rows (the last possibly fewer).
   uint32_t block_rows = 0;
   uint32_t num_row_blocks = 0;
-  std::vector<uint32_t> column_offsets;
-  // The entries of the runs of the weight's order.
-  std::vector<uint16_t> entries;
+  // Codebook as float32, padded with zeros to 256 values (every 8-bit index).
+  std::vector<float> codebook;
+  // Run i is (block b, row k) for row runs, i = b * (K + 1) + k, and (row
+  // block r, column n) for column runs, i = r * (N + 1) + n. Its positions
+  // are [run_offsets[i], run_offsets[i + 1]), its groups
+  // [group_offsets[i], group_offsets[i + 1]): the first kGroupSize * groups
+  // positions are its groups in order, the rest its singles, whose indices
+  // start at single_codes[run_offsets[i] - kGroupSize * group_offsets[i]].
+  // Both offset arrays have (K + 1) or (N + 1) entries per block, the first
+  // entry of a block repeating the last of the previous one.
+  std::vector<uint32_t> run_offsets;
+  std::vector<uint32_t> group_offsets;
+  std::vector<uint16_t> positions;
+  std::vector<uint8_t> group_codes;   // one codebook index per group
+  std::vector<uint8_t> single_codes;  // one codebook index per single
   // Non-empty for lightly pruned weights: W' as dense float32 values,
   // row-major [in_features, out_features]; the runs are then empty.
   std::vector<float> dense;
