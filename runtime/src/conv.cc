@@ -194,7 +194,7 @@ void BlockLanes(const ConvRun& run, uint64_t block, float* init, float** out) {
 
 // ---------------------------------------------------------------- dense kernels
 
-// Dense layout: for each vector (two at a time in the AVX2 kernel), every
+// Dense layout: for each vector (three at a time in the AVX2 kernel), every
 // block of kConvBlockChannels output channels of the group in turn, so the
 // vector's input stays in L1 while the (small) weights stream:
 // out[r][position] = init[r] + sum over k of values[k][r] * input(k, position).
@@ -237,48 +237,48 @@ __attribute__((target("avx2,fma"))) inline void StoreVector(float* out, const Ou
   }
 }
 
-__attribute__((target("avx2,fma"))) void DenseAvx2(const ConvRun& run, Source source, const OutputVector* vectors,
-                                                   uint64_t count) {
-  static_assert(kConvBlockChannels == 4 && kVector == 8, "the AVX2 dense kernel holds 4 channels x 2 vectors");
+// kV vectors (1 to 3) against every block of 4 output channels: 4 x kV
+// accumulators (12 of the 16 registers for three vectors, enough independent
+// multiply-adds to cover their latency), the vectors' inputs loaded once per
+// kernel element and each weight broadcast once.
+template <int kV>
+__attribute__((target("avx2,fma"))) inline void DenseAvx2Vectors(const ConvRun& run, Source source,
+                                                                  const OutputVector* vectors) {
+  static_assert(kConvBlockChannels == 4 && kVector == 8, "the AVX2 dense kernel holds 4 channels x kV vectors");
   const ConvWeights& w = *run.w;
   const uint64_t k_count = w.patch_size;
   const uint64_t* offsets = source.offsets;
-  for (uint64_t v = 0; v < count; v += 2) {
-    const bool pair = v + 1 < count;
-    const float* base0 = source.data + vectors[v].input_offset;
-    const float* base1 = source.data + vectors[pair ? v + 1 : v].input_offset;
-    for (uint64_t block = 0; block < w.blocks_per_group; ++block) {
-      float init[4];
-      float* out[4];
-      BlockLanes(run, block, init, out);
-      __m256 a00 = _mm256_set1_ps(init[0]), a01 = a00;
-      __m256 a10 = _mm256_set1_ps(init[1]), a11 = a10;
-      __m256 a20 = _mm256_set1_ps(init[2]), a21 = a20;
-      __m256 a30 = _mm256_set1_ps(init[3]), a31 = a30;
-      const float* weights = w.blocks.data() + (run.group * w.blocks_per_group + block) * k_count * 4;
-      for (uint64_t k = 0; k < k_count; ++k, weights += 4) {
-        const uint64_t offset = offsets[k];
-        const __m256 c0 = _mm256_loadu_ps(base0 + offset), c1 = _mm256_loadu_ps(base1 + offset);
-        const __m256 w0 = _mm256_broadcast_ss(weights), w1 = _mm256_broadcast_ss(weights + 1);
-        const __m256 w2 = _mm256_broadcast_ss(weights + 2), w3 = _mm256_broadcast_ss(weights + 3);
-        a00 = _mm256_fmadd_ps(w0, c0, a00);
-        a01 = _mm256_fmadd_ps(w0, c1, a01);
-        a10 = _mm256_fmadd_ps(w1, c0, a10);
-        a11 = _mm256_fmadd_ps(w1, c1, a11);
-        a20 = _mm256_fmadd_ps(w2, c0, a20);
-        a21 = _mm256_fmadd_ps(w2, c1, a21);
-        a30 = _mm256_fmadd_ps(w3, c0, a30);
-        a31 = _mm256_fmadd_ps(w3, c1, a31);
-      }
-      const __m256 first[4] = {a00, a10, a20, a30};
-      const __m256 second[4] = {a01, a11, a21, a31};
-      for (unsigned r = 0; r < 4; ++r) {
-        if (out[r] == nullptr) continue;
-        StoreVector(out[r], vectors[v], first[r]);
-        if (pair) StoreVector(out[r], vectors[v + 1], second[r]);
+  const float* base[kV];
+  for (int i = 0; i < kV; ++i) base[i] = source.data + vectors[i].input_offset;
+  for (uint64_t block = 0; block < w.blocks_per_group; ++block) {
+    float init[4];
+    float* out[4];
+    BlockLanes(run, block, init, out);
+    __m256 acc[4][kV];
+    for (int r = 0; r < 4; ++r)
+      for (int i = 0; i < kV; ++i) acc[r][i] = _mm256_set1_ps(init[r]);
+    const float* weights = w.blocks.data() + (run.group * w.blocks_per_group + block) * k_count * 4;
+    for (uint64_t k = 0; k < k_count; ++k, weights += 4) {
+      __m256 column[kV];
+      for (int i = 0; i < kV; ++i) column[i] = _mm256_loadu_ps(base[i] + offsets[k]);
+      for (int r = 0; r < 4; ++r) {
+        const __m256 weight = _mm256_broadcast_ss(weights + r);
+        for (int i = 0; i < kV; ++i) acc[r][i] = _mm256_fmadd_ps(weight, column[i], acc[r][i]);
       }
     }
+    for (int r = 0; r < 4; ++r) {
+      if (out[r] == nullptr) continue;
+      for (int i = 0; i < kV; ++i) StoreVector(out[r], vectors[i], acc[r][i]);
+    }
   }
+}
+
+__attribute__((target("avx2,fma"))) void DenseAvx2(const ConvRun& run, Source source, const OutputVector* vectors,
+                                                   uint64_t count) {
+  uint64_t v = 0;
+  for (; v + 3 <= count; v += 3) DenseAvx2Vectors<3>(run, source, vectors + v);
+  if (count - v == 2) DenseAvx2Vectors<2>(run, source, vectors + v);
+  if (count - v == 1) DenseAvx2Vectors<1>(run, source, vectors + v);
 }
 #endif
 
@@ -632,7 +632,7 @@ std::string RunConv(const ConvWeights& w, const ConvGeometry& g, const float* x,
   }
   // Dense: two vectors per kernel step, two steps per task; index layout: one
   // register set of vectors per task.
-  run.vectors_per_task = w.blocks.empty() ? kMaxChannelVectors : 4;
+  run.vectors_per_task = w.blocks.empty() ? kMaxChannelVectors : 6;
   run.main_tasks = (run.vectors.size() + run.vectors_per_task - 1) / run.vectors_per_task;
   const size_t tasks = static_cast<size_t>(run.main_tasks + (run.tail_vector.width > 0 ? 1 : 0));
   for (run.image = 0; run.image < g.batch; ++run.image) {

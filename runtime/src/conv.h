@@ -14,7 +14,7 @@
 // every kernel element k the inputs of 8 consecutive output positions of a row
 // are 8 consecutive floats at a fixed offset (a 1x1 stride-1 unpadded
 // convolution reads X in place). Vectors of 8 output positions accumulate in
-// AVX registers: 4 channels x 2 vectors per step for the dense layout, one
+// AVX registers: 4 channels x 3 vectors per step for the dense layout, one
 // channel x up to 8 vectors per kept weight for the index layout. Tasks of the
 // caller's parallel-for (onnxruntime's intra-op pool) are chunks of output
 // vectors computing every channel of the group, so each output is computed by

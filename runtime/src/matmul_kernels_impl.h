@@ -116,56 +116,78 @@ void RunTile(const BlockTask& task) {
   }
 }
 
-// The dense layout (lightly pruned weights), batch row count 1: each active
-// input row adds x[k] times a contiguous row of W' to the block's outputs,
-// four rows per pass so the outputs are loaded and stored once per four rows.
+// The dense layout (lightly pruned weights), batch row count 1: per panel of
+// 32 columns, the active input rows' panel rows (contiguous, one after the
+// other in memory) are multiplied by x[k] into 4 x 2 vector accumulators (two
+// rows at a time, so eight independent multiply-adds cover their latency);
+// the outputs are written once per panel.
 inline void RunDenseSingleRow(const BlockTask& task) {
+  typedef float Vec __attribute__((vector_size(8 * sizeof(float))));
+  static_assert(kDensePanelColumns == 32, "a panel row is four 8-float vectors");
   const SparseWeights& w = *task.weights;
   const uint64_t first_column = uint64_t{task.block} * w.block_columns;
   const uint64_t width = std::min<uint64_t>(w.block_columns, w.out_features - first_column);
-  float* __restrict y = task.y + first_column;
-  for (uint64_t j = 0; j < width; ++j) y[j] = 0.0f;
-  const float* __restrict values = w.dense.data() + first_column;
   const float* __restrict x = task.x;
-  const uint64_t stride = w.out_features;
-  uint64_t a = 0;
-  for (; a + 4 <= task.num_active_rows; a += 4) {
-    const uint32_t k0 = task.active_rows[a], k1 = task.active_rows[a + 1];
-    const uint32_t k2 = task.active_rows[a + 2], k3 = task.active_rows[a + 3];
-    const float x0 = x[k0], x1 = x[k1], x2 = x[k2], x3 = x[k3];
-    const float* __restrict r0 = values + uint64_t{k0} * stride;
-    const float* __restrict r1 = values + uint64_t{k1} * stride;
-    const float* __restrict r2 = values + uint64_t{k2} * stride;
-    const float* __restrict r3 = values + uint64_t{k3} * stride;
-    for (uint64_t j = 0; j < width; ++j) y[j] += (x0 * r0[j] + x1 * r1[j]) + (x2 * r2[j] + x3 * r3[j]);
-  }
-  for (; a < task.num_active_rows; ++a) {
-    const uint32_t k = task.active_rows[a];
-    const float xk = x[k];
-    const float* __restrict row = values + uint64_t{k} * stride;
-    for (uint64_t j = 0; j < width; ++j) y[j] += xk * row[j];
-  }
-  if (task.alpha != 1.0f || task.bias != nullptr || task.relu) {
-    for (uint64_t j = 0; j < width; ++j) y[j] = ApplyEpilogue(y[j], task, first_column + j);
+  const uint32_t* active = task.active_rows;
+  const uint64_t active_count = task.num_active_rows;
+  for (uint64_t column = 0; column < width; column += kDensePanelColumns) {
+    const float* __restrict panel =
+        w.dense.data() + (first_column + column) / kDensePanelColumns * w.in_features * kDensePanelColumns;
+    Vec a0[4] = {Vec{}, Vec{}, Vec{}, Vec{}}, a1[4] = {Vec{}, Vec{}, Vec{}, Vec{}};
+    uint64_t a = 0;
+    for (; a + 2 <= active_count; a += 2) {
+      const uint32_t k0 = active[a], k1 = active[a + 1];
+      const float x0 = x[k0], x1 = x[k1];
+      const float* r0 = panel + uint64_t{k0} * kDensePanelColumns;
+      const float* r1 = panel + uint64_t{k1} * kDensePanelColumns;
+      for (unsigned q = 0; q < 4; ++q) {
+        Vec v0, v1;
+        std::memcpy(&v0, r0 + 8 * q, sizeof(Vec));
+        std::memcpy(&v1, r1 + 8 * q, sizeof(Vec));
+        a0[q] += x0 * v0;
+        a1[q] += x1 * v1;
+      }
+    }
+    if (a < active_count) {
+      const uint32_t k = active[a];
+      const float* r = panel + uint64_t{k} * kDensePanelColumns;
+      for (unsigned q = 0; q < 4; ++q) {
+        Vec v;
+        std::memcpy(&v, r + 8 * q, sizeof(Vec));
+        a0[q] += x[k] * v;
+      }
+    }
+    float sums[kDensePanelColumns];
+    for (unsigned q = 0; q < 4; ++q) {
+      const Vec sum = a0[q] + a1[q];
+      std::memcpy(sums + 8 * q, &sum, sizeof(Vec));
+    }
+    const uint64_t columns = std::min<uint64_t>(kDensePanelColumns, width - column);
+    float* y = task.y + first_column + column;
+    for (uint64_t j = 0; j < columns; ++j) y[j] = ApplyEpilogue(sums[j], task, first_column + column + j);
   }
 }
 
-// The dense layout, a tile of kWidth batch rows (x transposed as in RunTile).
+// The dense layout, a tile of kWidth batch rows (x transposed as in RunTile):
+// each weight drives one vector multiply-add over the tile.
 template <unsigned kWidth>
 void RunDenseTile(const BlockTask& task) {
-  typedef float Vec __attribute__((vector_size(kWidth * sizeof(float))));
+  typedef typename Lanes<kWidth>::Type Vec;
   const SparseWeights& w = *task.weights;
   const uint64_t first_column = uint64_t{task.block} * w.block_columns;
   const uint64_t width = std::min<uint64_t>(w.block_columns, w.out_features - first_column);
   Vec acc[kMaxTileFloats / kWidth];
   for (uint64_t j = 0; j < width; ++j) acc[j] = Vec{};
-  const float* __restrict values = w.dense.data() + first_column;
+  const float* __restrict panels = w.dense.data() + first_column / kDensePanelColumns * w.in_features * kDensePanelColumns;
+  const uint64_t panel_floats = w.in_features * kDensePanelColumns;
   for (uint64_t a = 0; a < task.num_active_rows; ++a) {
     const uint32_t k = task.active_rows[a];
-    Vec xv;
-    std::memcpy(&xv, task.x + uint64_t{k} * kWidth, sizeof(Vec));
-    const float* __restrict row = values + uint64_t{k} * w.out_features;
-    for (uint64_t j = 0; j < width; ++j) acc[j] += row[j] * xv;
+    const Vec xv = LoadLanes<kWidth>(task.x, k);
+    for (uint64_t column = 0; column < width; column += kDensePanelColumns) {
+      const float* __restrict row = panels + column / kDensePanelColumns * panel_floats + uint64_t{k} * kDensePanelColumns;
+      const uint64_t columns = std::min<uint64_t>(kDensePanelColumns, width - column);
+      for (uint64_t j = 0; j < columns; ++j) acc[column + j] += row[j] * xv;
+    }
   }
   for (unsigned t = 0; t < task.tile_rows; ++t) {
     float* __restrict y = task.y + t * task.y_stride + first_column;

@@ -251,12 +251,18 @@ bool BuildSparseWeights(const DecodedContainer& decoded, bool trans_b, SparseOrd
     }
   };
   if (dense_layout) {
-    w.dense.assign(static_cast<size_t>(n_values), 0.0f);
+    // Panels of kDensePanelColumns columns, each [K][kDensePanelColumns]
+    // (the last zero-padded); blocks are whole panels.
+    const uint64_t panels = (n_count + kDensePanelColumns - 1) / kDensePanelColumns;
+    w.block_columns = static_cast<uint32_t>((w.block_columns + kDensePanelColumns - 1) / kDensePanelColumns *
+                                            kDensePanelColumns);
+    w.dense.assign(static_cast<size_t>(panels * k_count * kDensePanelColumns), 0.0f);
     float* values = w.dense.data();
     const float* codebook = w.codebook.data();
     for_each_kept([&](uint64_t row, uint64_t col, uint16_t code) {
       const uint64_t k = trans_b ? col : row, n = trans_b ? row : col;
-      values[k * n_count + n] = codebook[code];
+      const uint64_t panel = n / kDensePanelColumns;
+      values[(panel * k_count + k) * kDensePanelColumns + n % kDensePanelColumns] = codebook[code];
     });
     return true;
   }

@@ -28,8 +28,8 @@
 // are not stored: about 2.2 bytes per nonzero weight plus 8 bytes per run.
 //
 // Lightly pruned weights (at least kDenseKeptFraction of the values kept) are
-// held instead as dense float32 shared values ([in_features, out_features],
-// `dense`): there the codebook lookup and scattered update per kept weight
+// held instead as dense float32 shared values (`dense`, in panels of 32
+// columns): there the codebook lookup and scattered update per kept weight
 // cost more than a dense multiply-add over every weight, and the layout saves
 // little memory (benchmarks/bench_lenet_latency.py measures the crossover).
 //
@@ -57,6 +57,9 @@ enum class SparseOrder {
   kColumns,  // dense inputs: output-major runs, register accumulation
   kRows,     // mostly-zero inputs (ReLU outputs): input-major runs, zero activations skipped
 };
+
+// Columns per panel of the dense layout (four 8-float vectors).
+constexpr unsigned kDensePanelColumns = 32;
 
 // Weights of one codebook index that share one index byte inside a run.
 constexpr unsigned kGroupSize = 8;
@@ -86,8 +89,12 @@ struct SparseWeights {
   std::vector<uint16_t> positions;
   std::vector<uint8_t> group_codes;   // one codebook index per group
   std::vector<uint8_t> single_codes;  // one codebook index per single
-  // Non-empty for lightly pruned weights: W' as dense float32 values,
-  // row-major [in_features, out_features]; the runs are then empty.
+  // Non-empty for lightly pruned weights: W' as dense float32 values in
+  // panels of kDensePanelColumns columns, panel p holding columns
+  // [p * kDensePanelColumns, (p + 1) * kDensePanelColumns) as
+  // [in_features][kDensePanelColumns] (zero past out_features), so a kernel
+  // streams one panel row after another; block_columns is then a multiple of
+  // kDensePanelColumns. The runs are empty.
   std::vector<float> dense;
 
   // Bytes held by the layout (what a session keeps for this weight).
