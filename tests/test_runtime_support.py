@@ -331,9 +331,12 @@ def sanitizer_workload(library: str) -> None:
         for sparse_input in (0, 1):
             run_matmul_case(library, rng, k=130, n=70, sparsity=0.9, layout="auto", trans_b=trans_b,
                             batches=(1, 5, 17), threads=1, sparse_input=sparse_input)
-            # 8-bit codes: row blocks of 256 rows, three of them.
-            run_matmul_case(library, rng, k=600, n=70, sparsity=0.9, layout="auto", trans_b=trans_b,
-                            batches=(1, 9), threads=2, sparse_input=sparse_input, bits=8)
+            # Three blocks (column runs: of at most 4096 rows; row runs: of at most
+            # 2048 columns), runs mostly in groups (2-bit codes) or singles (8-bit).
+            k, n = (24, 4200) if sparse_input else (8300, 24)
+            for bits in (2, 8):
+                run_matmul_case(library, rng, k=k, n=n, sparsity=0.9, layout="auto", trans_b=trans_b,
+                                batches=(1, 9), threads=2, sparse_input=sparse_input, bits=bits)
     # 3-D input and a container that is a graph input (decoded per call).
     container, dense = random_container(rng, (40, 30), sparsity=0.8)
     session = make_session(matmul_model(None), library, threads=2)
