@@ -207,21 +207,21 @@ void RunDenseTile(const BlockTask& task) {
 }
 
 // *sum = the sum of x over one group's positions. On little-endian machines
-// the eight positions are read as two 64-bit words and split with shifts:
-// two loads instead of eight, which matters because loads (one per position
-// and one per x value) are what bounds this loop.
+// the positions are read in pairs as 32-bit words and split with a shift:
+// loads (one per position and one per x value, before) bound this loop, and
+// a pair costs one load and two ALU operations, which balances the two
+// (measured faster than both one load per position and one per four).
 template <unsigned kWidth>
 __attribute__((always_inline)) inline void GroupSum(const uint16_t* p, const float* __restrict x,
                                                     typename Lanes<kWidth>::Type* sum) {
   static_assert(kGroupSize == 8, "GroupSum adds eight positions");
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-  uint64_t lo, hi;
-  std::memcpy(&lo, p, sizeof(lo));
-  std::memcpy(&hi, p + 4, sizeof(hi));
-  *sum = ((LoadLanes<kWidth>(x, lo & 0xffff) + LoadLanes<kWidth>(x, (lo >> 16) & 0xffff)) +
-          (LoadLanes<kWidth>(x, (lo >> 32) & 0xffff) + LoadLanes<kWidth>(x, lo >> 48))) +
-         ((LoadLanes<kWidth>(x, hi & 0xffff) + LoadLanes<kWidth>(x, (hi >> 16) & 0xffff)) +
-          (LoadLanes<kWidth>(x, (hi >> 32) & 0xffff) + LoadLanes<kWidth>(x, hi >> 48)));
+  uint32_t pair[4];
+  std::memcpy(pair, p, sizeof(pair));
+  *sum = ((LoadLanes<kWidth>(x, pair[0] & 0xffff) + LoadLanes<kWidth>(x, pair[0] >> 16)) +
+          (LoadLanes<kWidth>(x, pair[1] & 0xffff) + LoadLanes<kWidth>(x, pair[1] >> 16))) +
+         ((LoadLanes<kWidth>(x, pair[2] & 0xffff) + LoadLanes<kWidth>(x, pair[2] >> 16)) +
+          (LoadLanes<kWidth>(x, pair[3] & 0xffff) + LoadLanes<kWidth>(x, pair[3] >> 16)));
 #else
   *sum = ((LoadLanes<kWidth>(x, p[0]) + LoadLanes<kWidth>(x, p[1])) +
           (LoadLanes<kWidth>(x, p[2]) + LoadLanes<kWidth>(x, p[3]))) +
