@@ -4,8 +4,8 @@ Usage (from the repository root)::
 
     python -m model_zoo.calibration_table [--models lenet_300_100 lenet5] [--calib-samples 8192]
                                           [--out docs/calibration_table.md] [--json FILE] [--quick]
-                                          [--max-drops 0.5 1.0] [--margin-drops 0.5] [--automatic-only]
-                                          [--merge EARLIER.json]
+                                          [--max-drops 0.5 1.0] [--margin-drops 0.5]
+                                          [--automatic-only | --fixed-only] [--merge EARLIER.json]
 
 Data splits, fixed here and nowhere else:
 
@@ -39,6 +39,10 @@ Rows (all one-shot: no retraining, no labels in any fit):
 3. ``+ weight refit``: pruning criterion chosen per layer (magnitude,
    activation-aware, OBS) and least-squares refit of the surviving weights;
 4. ``+ sequential``: statistics captured with the compressed upstream layers in place;
+   rows 2-4 fit every layer to its own output (``downstream_weighting=False``);
+4b. ``+ downstream weighting``: each output column of a layer's error weighted by how much it
+   reaches the next compressed layer (:func:`onnx_dc.calibrated.downstream_column_weights`):
+   the full recipe, which the automatic rows use;
 5. for scale, the automatic per-layer search (below) with the uncalibrated
    recipe of row 1: what magnitude pruning and k-means reach with the best
    per-layer settings;
@@ -136,10 +140,14 @@ def main(argv: list[str] | None = None) -> int:
                              f"{TRAIN_SEARCH_SAMPLES} held-out training images (to show why not)")
     parser.add_argument("--automatic-only", action="store_true",
                         help="only the automatic rows with the calibrated recipe (e.g. to add a budget to a table)")
+    parser.add_argument("--fixed-only", action="store_true",
+                        help="only the original and fixed-settings rows (no automatic search)")
     parser.add_argument("--merge", metavar="JSON", nargs="+", default=[],
                         help="rows of earlier runs (their --json) to keep; later files and rows computed now replace "
                              "rows of the same model and method")
     args = parser.parse_args(argv)
+    if args.fixed_only and args.automatic_only:
+        parser.error("--fixed-only and --automatic-only exclude each other")
 
     rows: list[Row] = []
     for path in args.merge:
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         fresh = model_rows(name, calib_samples=args.calib_samples, quick=args.quick, max_drops=args.max_drops,
                            margin_drops=args.margin_drops, automatic_only=args.automatic_only,
-                           search_data=args.search_data)
+                           search_data=args.search_data, fixed_only=args.fixed_only)
         rows = _merged(rows, fresh)
     text = format_markdown(rows, args.calib_samples)
     print(text)
@@ -184,9 +192,10 @@ def _in_table_order(rows: list[Row]) -> list[Row]:
 def model_rows(
     name: str, *, calib_samples: int, quick: bool = False, max_drops: tuple[float, ...] | list[float] = MAX_DROPS,
     automatic_only: bool = False, margin_drops: tuple[float, ...] | list[float] = MARGIN_MAX_DROPS,
-    search_data: str = "test",
+    search_data: str = "test", fixed_only: bool = False,
 ) -> list[Row]:
-    """All rows of one zoo model (``automatic_only``: the calibrated automatic rows alone).
+    """All rows of one zoo model (``automatic_only``: the calibrated automatic rows alone;
+    ``fixed_only``: the original and the fixed-settings rows alone).
 
     ``search_data="train"`` measures the automatic rows' budgets on held-out training
     images instead of test half A (module docstring).
@@ -243,10 +252,13 @@ def model_rows(
     described = ", ".join(f"{w.split('.')[0]} {100 * (1 - s):.0f}%/{b}b" for w, (s, b) in paper.items())
     variants = [
         ("magnitude one-shot (paper's recipe, no retraining)",
-         CalibrationOptions(criterion="magnitude", refit_weights=False, refit_rounds=0, sequential=False, bias_correction=False)),
-        ("+ centroid refit", CalibrationOptions(criterion="magnitude", refit_weights=False, sequential=False)),
-        ("+ weight refit", CalibrationOptions(criterion="auto", sequential=False)),
-        ("+ sequential", CalibrationOptions(criterion="auto", sequential=True)),
+         CalibrationOptions(criterion="magnitude", refit_weights=False, refit_rounds=0, sequential=False,
+                            bias_correction=False, downstream_weighting=False)),
+        ("+ centroid refit",
+         CalibrationOptions(criterion="magnitude", refit_weights=False, sequential=False, downstream_weighting=False)),
+        ("+ weight refit", CalibrationOptions(criterion="auto", sequential=False, downstream_weighting=False)),
+        ("+ sequential", CalibrationOptions(criterion="auto", sequential=True, downstream_weighting=False)),
+        ("+ downstream weighting", CalibrationOptions(criterion="auto", sequential=True, downstream_weighting=True)),
     ]
     for method, options in ([] if automatic_only else variants):
         start = time.perf_counter()
@@ -265,15 +277,16 @@ def model_rows(
     search_kwargs = {}
     if quick:
         search_kwargs = {"search_sparsities": (0.0, 0.5, 0.8), "search_bits": (3, 5)}
-    searches = [] if automatic_only else [
+    searches = [] if automatic_only or fixed_only else [
         # For scale: the same per-layer search with the uncalibrated recipe (magnitude, k-means).
         (f"magnitude one-shot, automatic per-layer settings, --max-drop 0.5 ({where})", 0.5, variants[0][1], 0.0),
     ]
-    searches += [(f"automatic, --max-drop {drop:g} ({where})", drop, None, 0.0) for drop in max_drops]
-    searches += [
-        (f"automatic, --max-drop {drop:g} with a {MARGIN_SE:g}-SE margin ({where})", drop, None, MARGIN_SE)
-        for drop in margin_drops
-    ]
+    if not fixed_only:
+        searches += [(f"automatic, --max-drop {drop:g} ({where})", drop, None, 0.0) for drop in max_drops]
+        searches += [
+            (f"automatic, --max-drop {drop:g} with a {MARGIN_SE:g}-SE margin ({where})", drop, None, MARGIN_SE)
+            for drop in margin_drops
+        ]
     for method, max_drop, options, margin in searches:
         start = time.perf_counter()
         result = compress_calibrated(

@@ -45,6 +45,13 @@ and the random k-means initialisations, both seeded):
    search data. If it misses the budget, the search steps back along the path
    with real compressions: the few configurations just before it one by one
    (measurements are noisy, so passing is not monotone), then a binary search.
+   If it meets it, up to :data:`STEP_FORWARD` following configurations are
+   compressed for real as well (:func:`_step_forward`; models of at most
+   :data:`MANY_LAYERS` layers): the real, sequential compression corrects
+   upstream errors that the assembled candidates (each fitted to the original
+   model's inputs) cannot, so it often meets the budget further along the path.
+   The walk stops at the first real model that misses the budget (with the
+   margin), and the choice among the walked ones follows step 3's rule.
 
 Search data: ``--eval`` data when given (inputs and ``labels``), otherwise a
 seeded random part of the calibration file held out from the fits (label-free
@@ -77,6 +84,7 @@ from onnx_dc.calibrated import (
     LayerSettings,
     build_target,
     compress_with_calibration,
+    downstream_column_weights,
     initializer_array,
 )
 from onnx_dc.calibration import (
@@ -131,6 +139,7 @@ MAX_MEASURED_PER_LAYER = 3
 PATH_CHECK_SECONDS = 120.0
 MIN_PATH_CHECKS = 24
 STEP_BACK_LINEAR = 6  # configurations tried one by one when the final model misses the budget
+STEP_FORWARD = 4  # configurations past the chosen one compressed for real when its final model meets the budget
 MAX_HOLDOUT_SAMPLES = 2048
 
 
@@ -361,6 +370,7 @@ def autotune(
     seed: int = 0,
     progress: bool | Callable[[str], None] = False,
     drop_margin_se: float = 0.0,
+    forward_steps: int | None = None,
 ) -> AutotuneResult:
     """Search per-layer sparsity and bits for the smallest model within ``budget`` (module docstring).
 
@@ -385,6 +395,11 @@ def autotune(
             many standard errors of its measured drop (:func:`drop_standard_error`): 1.0 asks the
             budget to hold beyond the search data with about 84 % confidence instead of 50 %.
             The final model is then checked against the budget itself.
+        forward_steps: when the final model of the chosen configuration meets the budget, up to this
+            many following configurations of the path are compressed for real too
+            (:func:`_step_forward`); 0 turns this off. None (default): :data:`STEP_FORWARD` for models
+            of at most :data:`MANY_LAYERS` searched layers, 0 for larger ones (each step is a full
+            sequential compression).
 
     Raises:
         CalibrationError: ``max_drop`` without labels, or the budget cannot be met by any
@@ -407,6 +422,10 @@ def autotune(
     for b in list(bits_fc) + list(bits_conv):
         if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= 8:
             raise SettingsError(f"search bits must be integers in [1, 8], got {b!r}")
+    if forward_steps is not None and (
+        isinstance(forward_steps, bool) or not isinstance(forward_steps, (int, np.integer)) or forward_steps < 0
+    ):
+        raise SettingsError(f"forward_steps must be an integer >= 0, got {forward_steps!r}")
     if isinstance(drop_margin_se, bool) or not isinstance(drop_margin_se, (int, float)) or not (
         math.isfinite(drop_margin_se) and drop_margin_se >= 0
     ):
@@ -423,7 +442,8 @@ def autotune(
     else:
         description = search.description or "evaluation data"
 
-    layers = [layer for layer in find_layers(model) if layer.weight not in fixed]
+    all_layers = find_layers(model)
+    layers = [layer for layer in all_layers if layer.weight not in fixed]
     if searched is not None:
         wanted = set(searched)
         layers = [layer for layer in layers if layer.weight in wanted]
@@ -459,7 +479,15 @@ def autotune(
     for index, layer in enumerate(layers):
         weight = initializer_array(model, layer.weight)
         bias = initializer_array(model, layer.bias) if layer.bias else None
-        target = build_target(layer, stats.pop(layer.weight), weight, bias, damping=options.damping, bias_correction=options.bias_correction)
+        layer_stats = stats.pop(layer.weight)
+        column_weights = (
+            downstream_column_weights(model, layer, layer_stats, weight, bias, layers=all_layers)
+            if options.downstream_weighting else None
+        )
+        target = build_target(
+            layer, layer_stats, weight, bias, damping=options.damping, bias_correction=options.bias_correction,
+            column_weights=column_weights,
+        )
         fitter = LayerFitter(target, weight, search_options)
         fitter.prepare([s for s in sparsities if s > 0])
         fits[layer.weight] = (layer, fitter)
@@ -527,6 +555,22 @@ def autotune(
         return chosen, compression, kept, runnable, library, metrics
 
     results = {best: final(best)}
+    if forward_steps is None:
+        forward_steps = STEP_FORWARD if len(layers) <= MANY_LAYERS else 0
+    if budget.met(results[best][5], baseline) and forward_steps > 0 and best < len(path) - 1:
+        # The assembled configurations fit every layer to the original model's inputs; the real
+        # (sequential) compression corrects upstream errors and usually measures better, so the next
+        # configurations of the path may meet the budget too once compressed for real.
+        def real_metrics(i: int) -> OutputMetrics:
+            if i not in results:
+                results[i] = final(i)
+            return results[i][5]
+
+        best = _step_forward(
+            real_metrics, best, min(len(path) - 1, best + forward_steps), budget, baseline,
+            n_samples=search.n_samples, drop_margin_se=drop_margin_se,
+        )
+        say(f"configuration {best} chosen after compressing the next ones for real")
     if not budget.met(results[best][5], baseline):
         # The real (e.g. sequential) compression misses what the assembled one met: step back.
         def real_passes(i: int) -> bool:
@@ -686,14 +730,18 @@ def drop_standard_error(metrics: OutputMetrics, baseline: float, n_samples: int)
 
     The drop ``d = (broken - fixed) / n`` counts the samples whose prediction
     became wrong minus those that became right; its variance is
-    ``((broken + fixed) / n - d^2) / n``. ``broken + fixed`` is bounded by the
-    number of changed predictions, ``n (1 - agreement)``, so this errs on the
-    large side when some predictions change from one wrong class to another.
+    ``((broken + fixed) / n - d^2) / n``. ``(broken + fixed) / n`` is
+    ``metrics.discordant`` when the metrics were computed with labels; otherwise
+    it is bounded by the fraction of changed predictions, ``1 - agreement``
+    (on the large side when some predictions change from one wrong class to another).
     """
     if n_samples < 1 or metrics.accuracy is None:
         return 0.0
     drop = baseline - metrics.accuracy
-    changed = 1.0 - metrics.agreement if metrics.agreement is not None else abs(drop)
+    if metrics.discordant is not None:
+        changed = metrics.discordant
+    else:
+        changed = 1.0 - metrics.agreement if metrics.agreement is not None else abs(drop)
     variance = max(0.0, changed - drop * drop) / n_samples
     return 100.0 * math.sqrt(variance)
 
@@ -749,6 +797,50 @@ def _isotonic(values: Sequence[float]) -> list[float]:
     for total, count in blocks:
         fitted.extend([total / count] * int(count))
     return fitted
+
+
+def _step_forward(
+    measure: Callable[[int], OutputMetrics],
+    start: int,
+    last: int,
+    budget: Budget,
+    baseline: float | None,
+    *,
+    n_samples: int = 0,
+    drop_margin_se: float = 0.0,
+) -> int:
+    """The configuration to keep after compressing for real the ones after ``start`` (which met the budget).
+
+    Configurations ``start + 1 .. last`` are measured in order (``measure(i)``:
+    the real model's metrics) until one misses the budget by its own
+    measurement (with the ``drop_margin_se`` margin); the walk stops there, so a
+    lucky measurement behind a failure is never reached. Among the measured ones
+    the choice follows :func:`_robust_choice` (isotonic smoothing of the
+    measurements in walk order, the same margin), so a configuration is kept
+    only when the smoothed losses up to it also meet the budget. Returns
+    ``start`` when nothing after it qualifies.
+    """
+    indices = [start]
+    measured = [measure(start)]
+    for i in range(start + 1, last + 1):
+        metrics = measure(i)
+        indices.append(i)
+        measured.append(metrics)
+        if not _meets_with_margin(metrics, budget, baseline, n_samples, drop_margin_se):
+            break
+    return indices[_robust_choice(measured, budget, baseline, n_samples=n_samples, drop_margin_se=drop_margin_se)]
+
+
+def _meets_with_margin(
+    metrics: OutputMetrics, budget: Budget, baseline: float | None, n_samples: int, drop_margin_se: float
+) -> bool:
+    """``budget.met`` and, with ``max_drop``, a drop at most ``max_drop - drop_margin_se * se``."""
+    if not budget.met(metrics, baseline):
+        return False
+    if budget.max_drop is None or baseline is None or metrics.accuracy is None:
+        return True
+    drop = 100.0 * (baseline - metrics.accuracy)
+    return drop <= budget.max_drop - drop_margin_se * drop_standard_error(metrics, baseline, n_samples) + 1e-12
 
 
 def _step_back(passes: Callable[[int], bool], failed: int, linear_steps: int = STEP_BACK_LINEAR) -> int:

@@ -24,7 +24,14 @@ converter. For every layer (MatMul/Gemm/Conv weight with captured input):
    surviving weights, k-means, then alternating centroid refit and
    re-assignment; each step is accepted only if the layer's reconstruction
    error goes down.
-4. **Container.** The fitted codes and centroids become an ordinary container
+4. **Downstream weighting** (``CalibrationOptions.downstream_weighting``, on by
+   default). When the layer's output feeds exactly one other fitted layer,
+   directly or through ``Relu``/``Identity``, each output column of the
+   objective is weighted by how much an error in it reaches that layer's output
+   (:func:`downstream_column_weights`): the layer spends its weights and
+   centroids where the next layer is sensitive. Other graphs keep the plain
+   objective.
+5. **Container.** The fitted codes and centroids become an ordinary container
    (:func:`onnx_dc.tensor.compressed_tensor_from_codes`): the decoder and the
    runtime do not know calibration was used.
 
@@ -70,6 +77,7 @@ __all__ = [
     "LayerTarget",
     "build_target",
     "compress_with_calibration",
+    "downstream_column_weights",
     "fit_one_layer",
     "fit_to_tensor",
     "initializer_array",
@@ -92,6 +100,9 @@ class CalibrationOptions:
         refit_rounds: rounds of centroid refit + re-assignment (0: plain k-means).
         sequential: capture each layer's statistics with the compressed upstream layers in place.
         bias_correction: refit the layers' own biases (absorbing the mean output error).
+        downstream_weighting: weight each output column of a layer's reconstruction error by
+            how much it reaches the next compressed layer (:func:`downstream_column_weights`);
+            layers without such a successor keep the plain objective.
         damping: ridge term of the fits, relative to the mean diagonal of ``G``.
         obs_rate: fraction of the kept weights removed per iterative OBS step.
         batch_size: samples per onnxruntime run.
@@ -103,6 +114,7 @@ class CalibrationOptions:
     refit_rounds: int = 8
     sequential: bool = True
     bias_correction: bool = True
+    downstream_weighting: bool = True
     damping: float = DEFAULT_DAMPING
     obs_rate: float = DEFAULT_OBS_RATE
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -189,12 +201,15 @@ def build_target(
     *,
     damping: float = DEFAULT_DAMPING,
     bias_correction: bool = True,
+    column_weights: Sequence[np.ndarray] | None = None,
 ) -> LayerTarget:
     """The reconstruction problem of one layer from its statistics (see the module docstring).
 
     ``bias`` is the stored bias (``None`` when the layer has none or it must
     not change). Sequential statistics (with cross terms) give the corrected
-    target; plain ones the original weight.
+    target; plain ones the original weight. ``column_weights`` (one array per
+    block, e.g. from :func:`downstream_column_weights`) weight the output columns
+    of the objective.
     """
     blocks = layer.to_blocks(weight)
     use_bias = bias is not None and bias_correction and layer.bias_scale != 0
@@ -220,7 +235,7 @@ def build_target(
             if use_bias:
                 means.append(np.zeros(k))
                 bias_targets.append(target_aug[k])
-    problem = LayerProblem(grams, targets, damping=damping)
+    problem = LayerProblem(grams, targets, damping=damping, column_weights=column_weights)
     if use_bias:
         return LayerTarget(layer, problem, bias_targets, means)
     return LayerTarget(layer, problem)
@@ -370,7 +385,8 @@ def compress_with_calibration(
     """
     working = onnx.ModelProto()
     working.CopyFrom(model)
-    layers = [layer for layer in find_layers(working) if layer.weight in settings]
+    all_layers = find_layers(working)
+    layers = [layer for layer in all_layers if layer.weight in settings]
     layer_names = {layer.weight for layer in layers}
     result = CalibratedCompression(working)
     show = progress is True and sys.stderr.isatty()
@@ -417,10 +433,14 @@ def compress_with_calibration(
                     progress=show, description=f"calibrating {layer.weight}",
                 )
             stats = statistics[layer.weight]
+            weight = initializer_array(model, layer.weight)
+            bias = initializer_array(model, layer.bias) if layer.bias is not None else None
+            column_weights = (
+                downstream_column_weights(model, layer, stats, weight, bias, layers=all_layers)
+                if options.downstream_weighting else None
+            )
             layer_result, new_bias = fit_one_layer(
-                layer, stats, initializer_array(model, layer.weight),
-                initializer_array(model, layer.bias) if layer.bias is not None else None,
-                settings[layer.weight], options,
+                layer, stats, weight, bias, settings[layer.weight], options, column_weights=column_weights,
             )
             result.results[layer.weight] = layer_result
             result.n_samples = max(result.n_samples, stats.n_samples)
@@ -448,9 +468,17 @@ def fit_one_layer(
     bias: np.ndarray | None,
     settings: LayerSettings,
     options: CalibrationOptions,
+    *,
+    column_weights: Sequence[np.ndarray] | None = None,
 ) -> tuple[LayerResult, np.ndarray | None]:
-    """Fit one layer from its statistics; returns its :class:`LayerResult` and the new bias (or None)."""
-    target = build_target(layer, stats, weight, bias, damping=options.damping, bias_correction=options.bias_correction)
+    """Fit one layer from its statistics; returns its :class:`LayerResult` and the new bias (or None).
+
+    ``column_weights``: see :func:`build_target` (computed by the caller, which knows the graph).
+    """
+    target = build_target(
+        layer, stats, weight, bias, damping=options.damping, bias_correction=options.bias_correction,
+        column_weights=column_weights,
+    )
     fit = fit_layer(
         target.problem,
         sparsity=settings.sparsity,
@@ -473,6 +501,127 @@ def fit_one_layer(
         bias=layer.bias if new_bias is not None else None,
     )
     return layer_result, new_bias
+
+
+# ---------------------------------------------------------------------------
+# Downstream weighting
+
+_DOWNSTREAM_FLOOR = 0.01  # smallest column weight, relative to the mean (units silent on the calibration data)
+
+
+def downstream_column_weights(
+    model: onnx.ModelProto,
+    layer: LayerSpec,
+    stats: LayerStatistics,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    *,
+    layers: Sequence[LayerSpec] | None = None,
+) -> list[np.ndarray] | None:
+    """How much an error in each output column of ``layer`` reaches the next compressed layer's output.
+
+    When the layer's output (after its own bias) feeds exactly one other layer
+    with statistics, directly or through ``Relu`` / ``Identity`` nodes, and
+    nothing else, an error ``e_n`` in output ``n`` changes that layer's output by
+    ``e_n g_n V[n, :]`` (``V`` the next layer's original weight as ``[K, M]``,
+    ``g_n`` the Relu gate). Its expected energy is ``P(y_n > 0) ||V[n, :]||^2 E[e_n^2]``,
+    with ``P(y_n > 0)`` from the normal law with the mean and variance of the
+    pre-activation ``y_n`` computed from ``stats`` (1 without Relu). For a
+    convolution feeding a convolution (both ungrouped) ``||V[n, :]||^2`` sums over
+    the next kernel's offsets of input channel ``n``. The weights are scaled to
+    mean 1 (floored at 1 % of it) and returned one array per block, or None
+    (plain objective) for any other graph: several consumers, a graph output,
+    other operators in between, grouped convolutions, or mismatched shapes.
+    """
+    layers = find_layers(model) if layers is None else list(layers)
+    found = _next_layer(model, layer, layers)
+    if found is None:
+        return None
+    following, gated = found
+    if layer.groups != 1 or following.groups != 1:
+        return None
+    if layer.op == "Conv":
+        if following.op != "Conv" or following.weight_shape[1] != layer.weight_shape[0]:
+            return None
+        kernel = np.asarray(initializer_array(model, following.weight), dtype=np.float64)
+        energy = np.sum(kernel * kernel, axis=tuple(i for i in range(kernel.ndim) if i != 1))
+    else:
+        if following.op == "Conv" or following.n_inputs != layer.n_outputs:
+            return None
+        (rows,) = following.to_blocks(initializer_array(model, following.weight))
+        energy = np.sum(rows * rows, axis=1)
+    if gated:
+        energy = energy * _relu_pass_probability(layer, stats, weight, bias)
+    mean = float(np.mean(energy)) if energy.size else 0.0
+    if not (np.all(np.isfinite(energy)) and mean > 0):
+        return None
+    energy = np.maximum(energy / mean, _DOWNSTREAM_FLOOR)
+    return [energy / float(np.mean(energy))]
+
+
+def _next_layer(model: onnx.ModelProto, layer: LayerSpec, layers: Sequence[LayerSpec]) -> tuple[LayerSpec, bool] | None:
+    """The single layer ``layer``'s output reaches through Relu/Identity, and whether a Relu is on the way."""
+    graph = model.graph
+    nodes = list(graph.node)
+    labels = [node.name or f"{node.op_type}#{i}" for i, node in enumerate(nodes)]
+    if layer.node_name not in labels:
+        return None
+    node = nodes[labels.index(layer.node_name)]
+    if not node.output:
+        return None
+    consumers: dict[str, list[int]] = {}
+    for i, other in enumerate(nodes):
+        for name in set(other.input):
+            consumers.setdefault(name, []).append(i)
+    outputs = {o.name for o in graph.output}
+    by_node = {spec.node_name: spec for spec in layers}
+    value = node.output[0]
+    if layer.op == "MatMul" and layer.bias is not None:
+        # The bias is the constant of the Add right after the MatMul.
+        users = consumers.get(value, [])
+        if len(users) != 1 or value in outputs:
+            return None
+        add = nodes[users[0]]
+        if add.op_type != "Add" or layer.bias not in add.input:
+            return None
+        value = add.output[0]
+    gated = False
+    for _ in range(len(nodes)):
+        users = consumers.get(value, [])
+        if value in outputs or len(users) != 1:
+            return None
+        user = nodes[users[0]]
+        if user.domain not in ("", "ai.onnx"):
+            return None
+        spec = by_node.get(labels[users[0]])
+        if spec is not None:
+            return (spec, gated) if spec.activation == value and list(user.input).count(value) == 1 else None
+        if user.op_type not in ("Relu", "Identity") or len(user.output) != 1:
+            return None
+        gated = gated or user.op_type == "Relu"
+        value = user.output[0]
+    return None
+
+
+def _relu_pass_probability(layer: LayerSpec, stats: LayerStatistics, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """``P(y_n > 0)`` per output column under a normal law with the pre-activation's mean and variance."""
+    (w,) = layer.to_blocks(weight)
+    gram_aug = stats.gram[0]
+    k = w.shape[0]
+    count = float(gram_aug[k, k])
+    if count <= 0:
+        return np.ones(w.shape[1])
+    mean_x = gram_aug[k, :k] / count
+    linear_mean = mean_x @ w
+    second = np.sum(w * (gram_aug[:k, :k] @ w), axis=0) / count
+    variance = np.maximum(second - linear_mean**2, 0.0)
+    offset = np.zeros(w.shape[1])
+    if bias is not None:
+        (offset,) = layer.bias_to_blocks(np.asarray(bias, dtype=np.float64))
+    mean = linear_mean + offset
+    std = np.sqrt(variance)
+    z = np.where(std > 0, mean / np.where(std > 0, std, 1.0), np.where(mean > 0, np.inf, -np.inf))
+    return np.array([0.5 * math.erfc(-float(v) / math.sqrt(2.0)) for v in z])
 
 
 # ---------------------------------------------------------------------------

@@ -128,11 +128,14 @@ def _add_calibration_arguments(p: argparse.ArgumentParser, *, required: bool = F
     p.add_argument("--no-weight-refit", action="store_true", help="do not refit the surviving weights before clustering")
     p.add_argument("--no-sequential", action="store_true", help="capture every layer from the original model (faster)")
     p.add_argument("--no-bias-correction", action="store_true", help="leave the biases as they are")
+    p.add_argument("--no-downstream-weighting", action="store_true",
+                   help="weigh every output of a layer alike in its fit (default: by its effect on the next layer)")
 
 
 def _calibration_options(args: argparse.Namespace):
     """CalibrationOptions from the flags, or None when none was given (library defaults)."""
-    flags = (args.criterion, args.refit_rounds, args.no_weight_refit, args.no_sequential, args.no_bias_correction)
+    flags = (args.criterion, args.refit_rounds, args.no_weight_refit, args.no_sequential, args.no_bias_correction,
+             args.no_downstream_weighting)
     if args.calib is None:
         if any(f not in (None, False) for f in flags) or args.calib_samples is not None:
             raise SettingsError("--criterion, --refit-rounds, --no-* calibration flags and --calib-samples need --calib")
@@ -148,6 +151,7 @@ def _calibration_options(args: argparse.Namespace):
         refit_weights=not args.no_weight_refit,
         sequential=not args.no_sequential,
         bias_correction=not args.no_bias_correction,
+        downstream_weighting=not args.no_downstream_weighting,
         **kwargs,
     )
 

@@ -122,6 +122,11 @@ class LayerProblem:
         targets: one ``[K_g, N_g]`` array per block: the weights whose output
             the compressed layer should reproduce.
         damping: ``lambda_g = damping * mean(diag(G_g))`` (1.0 when ``G_g`` is all zero).
+        column_weights: optional, per block, one weight ``s_n >= 0`` per output column: the
+            objective becomes ``sum_n s_n (w_n - t_n)^T H (w_n - t_n)`` (how much an error in
+            output ``n`` matters downstream, see :func:`onnx_dc.calibrated.downstream_column_weights`).
+            ``None`` (default): every column counts the same. :meth:`output_error` and
+            :meth:`relative_error` stay unweighted (the layer's own output).
 
     Raises:
         InvalidTensorError: shapes that do not match, or values that are not finite.
@@ -129,7 +134,12 @@ class LayerProblem:
     """
 
     def __init__(
-        self, grams: Sequence[np.ndarray], targets: Sequence[np.ndarray], *, damping: float = DEFAULT_DAMPING
+        self,
+        grams: Sequence[np.ndarray],
+        targets: Sequence[np.ndarray],
+        *,
+        damping: float = DEFAULT_DAMPING,
+        column_weights: Sequence[np.ndarray | None] | np.ndarray | None = None,
     ) -> None:
         if isinstance(grams, np.ndarray):
             grams = [grams]
@@ -144,7 +154,14 @@ class LayerProblem:
         self.grams: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
         self.hessians: list[np.ndarray] = []
+        self.column_weights: list[np.ndarray | None] = []
         self._output_energy: float | None = None
+        if column_weights is None:
+            column_weights = [None] * len(grams)
+        elif isinstance(column_weights, np.ndarray):
+            column_weights = [column_weights]
+        if len(column_weights) != len(grams):
+            raise InvalidTensorError(f"need one column-weight array per block, got {len(column_weights)} for {len(grams)}")
         for g, (gram, target) in enumerate(zip(grams, targets)):
             gram = np.asarray(gram, dtype=np.float64)
             target = np.asarray(target, dtype=np.float64)
@@ -164,6 +181,7 @@ class LayerProblem:
             self.grams.append(gram)
             self.targets.append(target)
             self.hessians.append(hessian)
+            self.column_weights.append(_check_column_weights(column_weights[g], target.shape[1], g))
 
     @property
     def n_blocks(self) -> int:
@@ -177,7 +195,10 @@ class LayerProblem:
 
     def error(self, weights: Sequence[np.ndarray]) -> float:
         """The damped objective ``E`` that every fit here minimises."""
-        return math.fsum(_quadratic(h, w - t) for h, w, t in zip(self.hessians, _blocks(weights, self), self.targets))
+        return math.fsum(
+            _quadratic(h, w - t, c)
+            for h, w, t, c in zip(self.hessians, _blocks(weights, self), self.targets, self.column_weights)
+        )
 
     def output_error(self, weights: Sequence[np.ndarray]) -> float:
         """Undamped output error ``sum_g ||X_g (W_g - T_g)||^2`` (from the Gram matrices)."""
@@ -256,15 +277,20 @@ def pruning_scores(problem: LayerProblem, criterion: str, weights: Sequence[np.n
     _check_criterion(criterion)
     weights = problem.targets if weights is None else _blocks(weights, problem)
     scores = []
-    for gram, hessian, w in zip(problem.grams, problem.hessians, weights):
+    for gram, hessian, w, cw in zip(problem.grams, problem.hessians, weights, problem.column_weights):
         if criterion == "magnitude":
-            scores.append(np.abs(w))
+            score = np.abs(w)
         elif criterion == "activation":
             norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
-            scores.append(np.abs(w) * norms[:, None])
+            score = np.abs(w) * norms[:, None]
         else:
             inv_diag = np.diag(_inverse_spd(hessian))
-            scores.append(w * w / inv_diag[:, None])
+            score = w * w / inv_diag[:, None]
+        if cw is not None and criterion != "magnitude":
+            # The paper's criterion stays |w|; the data-driven ones follow the weighted objective
+            # (the squared-error saliency scales with s_n, the activation-aware score with sqrt(s_n)).
+            score = score * (cw[None, :] if criterion == "obs" else np.sqrt(cw)[None, :])
+        scores.append(score)
     return scores
 
 
@@ -343,14 +369,14 @@ def pruning_path(
         if todo:
             keep = max(0.5, 1.0 - todo[0])
             masks = select_mask(problem, 1.0 - keep, "obs")
-            fitted = [_refit_with_saliency(h, t, m) for h, t, m in zip(problem.hessians, problem.targets, masks)]
+            fitted = _refit_all_with_saliency(problem, masks)
             for s in todo:
                 goal = 1.0 - s
                 while keep > goal * (1 + 1e-12):
                     keep = max(goal, keep * (1.0 - rate))
                     # Pruned weights score -inf: they stay pruned and count towards the removed fraction.
                     masks = _mask_from_scores([sal for _, sal in fitted], 1.0 - keep)
-                    fitted = [_refit_with_saliency(h, t, m) for h, t, m in zip(problem.hessians, problem.targets, masks)]
+                    fitted = _refit_all_with_saliency(problem, masks)
                 results[s] = (masks, [w.copy() for w, _ in fitted])
         return [results[s] for s in wanted]
 
@@ -432,8 +458,8 @@ def refit_centroids(problem: LayerProblem, codes: Sequence[np.ndarray], centroid
     codes = _check_codes(codes, problem, k)
     system = np.zeros((k, k))
     rhs = np.zeros(k)
-    for hessian, target, c in zip(problem.hessians, problem.targets, codes):
-        m_block, r_block = _centroid_system(hessian, target, c, k)
+    for hessian, target, c, cw in zip(problem.hessians, problem.targets, codes, problem.column_weights):
+        m_block, r_block = _centroid_system(hessian, target, c, k, cw)
         system += m_block
         rhs += r_block
     used = np.flatnonzero(np.diag(system) > 0)
@@ -545,11 +571,24 @@ def fit_layer(
 # Internals
 
 
-def _quadratic(matrix: np.ndarray, d: np.ndarray) -> float:
-    """tr(d^T matrix d)."""
+def _quadratic(matrix: np.ndarray, d: np.ndarray, column_weights: np.ndarray | None = None) -> float:
+    """tr(d^T matrix d), or sum_n s_n d_n^T matrix d_n with column weights ``s``."""
     if d.size == 0:
         return 0.0
-    return float(np.sum(d * (matrix @ d)))
+    if column_weights is None:
+        return float(np.sum(d * (matrix @ d)))
+    return float(np.sum(d * (matrix @ d) * column_weights[None, :]))
+
+
+def _check_column_weights(weights: np.ndarray | None, n_columns: int, block: int) -> np.ndarray | None:
+    if weights is None:
+        return None
+    weights = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if weights.size != n_columns:
+        raise InvalidTensorError(f"block {block}: {weights.size} column weights for {n_columns} columns")
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise InvalidTensorError(f"block {block}: column weights must be finite and >= 0")
+    return weights
 
 
 def _blocks(weights: Sequence[np.ndarray], problem: LayerProblem) -> list[np.ndarray]:
@@ -732,6 +771,17 @@ def _refit_with_saliency(hessian: np.ndarray, target: np.ndarray, mask: np.ndarr
     return weights, scores
 
 
+def _refit_all_with_saliency(problem: LayerProblem, masks: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`_refit_with_saliency` of every block, saliencies scaled by the column weights."""
+    fitted = []
+    for h, t, m, cw in zip(problem.hessians, problem.targets, masks, problem.column_weights):
+        weights, scores = _refit_with_saliency(h, t, m)
+        if cw is not None:
+            scores = np.where(np.isfinite(scores), scores * cw[None, :], scores)
+        fitted.append((weights, scores))
+    return fitted
+
+
 def _dequantize(codes: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     result = np.zeros(codes.shape)
     kept = codes >= 0
@@ -757,13 +807,17 @@ def _improves(new: float, old: float) -> bool:
     return new < old - _IMPROVEMENT_RTOL * max(abs(old), 1e-300)
 
 
-def _centroid_system(hessian: np.ndarray, target: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(M, r)`` of one block: ``M_cd = tr(A_c^T H A_d)``, ``r_c = tr(A_c^T H T)``."""
+def _centroid_system(
+    hessian: np.ndarray, target: np.ndarray, codes: np.ndarray, k: int, column_weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(M, r)`` of one block: ``M_cd = tr(A_c^T H A_d S)``, ``r_c = tr(A_c^T H T S)`` (``S`` = diag(column weights))."""
     kept = codes >= 0
     system = np.zeros((k, k))
     if not np.any(kept):
         return system, np.zeros(k)
     ht = hessian @ target
+    if column_weights is not None:
+        ht = ht * column_weights[None, :]
     rhs = np.bincount(codes[kept], weights=ht[kept], minlength=k)[:k]
     n_rows, n_cols = codes.shape
     per_column = np.count_nonzero(kept, axis=0).astype(np.float64)
@@ -778,10 +832,14 @@ def _centroid_system(hessian: np.ndarray, target: np.ndarray, codes: np.ndarray,
             onehot = np.zeros((codes.size, k))
             onehot[np.flatnonzero(kept.reshape(-1)), flat_codes] = 1.0  # rows (j, n) in C order
             product = (hessian @ onehot.reshape(n_rows, n_cols * k)).reshape(n_rows * n_cols, k)
+            if column_weights is not None:
+                product *= np.tile(column_weights, n_rows)[:, None]  # rows (j, n) in C order
             system = onehot.T @ product
         else:
             for d in np.unique(flat_codes):
                 product = hessian @ (codes == d).astype(np.float64)
+                if column_weights is not None:
+                    product *= column_weights[None, :]
                 system[:, d] = np.bincount(flat_codes, weights=product[kept], minlength=k)[:k]
     else:
         with single_threaded_blas():
@@ -791,7 +849,8 @@ def _centroid_system(hessian: np.ndarray, target: np.ndarray, codes: np.ndarray,
                     continue
                 onehot = np.zeros((rows.size, k))
                 onehot[np.arange(rows.size), codes[rows, n]] = 1.0
-                system += onehot.T @ (hessian[np.ix_(rows, rows)] @ onehot)
+                scale = 1.0 if column_weights is None else column_weights[n]
+                system += scale * (onehot.T @ (hessian[np.ix_(rows, rows)] @ onehot))
     return 0.5 * (system + system.T), rhs
 
 

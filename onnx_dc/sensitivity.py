@@ -45,6 +45,7 @@ from onnx_dc.calibrated import (
     LayerFitter,
     LayerSettings,
     build_target,
+    downstream_column_weights,
     initializer_array,
 )
 from onnx_dc.calibration import (
@@ -75,7 +76,8 @@ DEFAULT_SPARSITIES: tuple[float, ...] = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0
 DEFAULT_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
 
 PLAIN_OPTIONS = CalibrationOptions(
-    criterion="magnitude", refit_weights=False, refit_rounds=0, sequential=False, bias_correction=False
+    criterion="magnitude", refit_weights=False, refit_rounds=0, sequential=False, bias_correction=False,
+    downstream_weighting=False,
 )
 """The paper's one-shot recipe expressed as options: magnitude pruning, k-means, no refit."""
 
@@ -93,12 +95,16 @@ class OutputMetrics:
         cosine: the lowest cosine similarity over float outputs (each output flattened).
         accuracy: top-1 accuracy of the first output against labels, or None.
         agreement: fraction of samples whose arg-max (last axis of the first output) is unchanged.
+        discordant: with labels, fraction of samples right in one model and wrong in the other
+            (``(broken + fixed) / n``: what the sampling error of a paired top-1 drop depends on;
+            predictions that change between two wrong classes do not count), or None.
     """
 
     relative_error: float
     cosine: float
     accuracy: float | None = None
     agreement: float | None = None
+    discordant: float | None = None
 
     def to_dict(self) -> dict[str, float | None]:
         """JSON-ready dict."""
@@ -138,7 +144,7 @@ def compare_outputs(
         if first is None and ref.ndim >= 2 and ref.shape[-1] >= 2:
             first = (ref, np.asarray(got))
     relative = num / den if den > 0 else (0.0 if num == 0 else math.inf)
-    accuracy = agreement = None
+    accuracy = agreement = discordant = None
     if first is not None:
         ref, got = first
         ref_top = ref.reshape(-1, ref.shape[-1]).argmax(axis=1)
@@ -151,7 +157,8 @@ def compare_outputs(
                     f"{labels.size} labels for {got_top.size} predictions of output {next(iter(reference))!r}"
                 )
             accuracy = float(np.mean(got_top == labels))
-    return OutputMetrics(relative, cosine, accuracy, agreement)
+            discordant = float(np.mean((got_top == labels) != (ref_top == labels)))
+    return OutputMetrics(relative, cosine, accuracy, agreement, discordant)
 
 
 def top1_accuracy(outputs: Mapping[str, np.ndarray], labels: np.ndarray) -> float:
@@ -371,6 +378,7 @@ def analyze_sensitivity(
     sparsities = [_check_sparsity(s) for s in sparsities]
     bits = [_check_bits(b) for b in bits]
     opts = PLAIN_OPTIONS if method == "plain" else (options or CalibrationOptions())
+    all_layers = find_layers(model)
     found = find_layers(model, layers)
     if layers is not None:
         missing = sorted(set(layers) - {layer.weight for layer in found})
@@ -392,7 +400,14 @@ def analyze_sensitivity(
         for layer in found:
             weight = initializer_array(model, layer.weight)
             bias = initializer_array(model, layer.bias) if layer.bias else None
-            target = build_target(layer, stats[layer.weight], weight, bias, damping=opts.damping, bias_correction=opts.bias_correction)
+            column_weights = (
+                downstream_column_weights(model, layer, stats[layer.weight], weight, bias, layers=all_layers)
+                if opts.downstream_weighting else None
+            )
+            target = build_target(
+                layer, stats[layer.weight], weight, bias, damping=opts.damping, bias_correction=opts.bias_correction,
+                column_weights=column_weights,
+            )
             fitter = LayerFitter(target, weight, opts)
             fitter.prepare([s for s in sparsities if 0 < s < 1])
             entry = LayerSensitivity(layer.weight, layer.op, tuple(weight.shape))

@@ -13,6 +13,7 @@ from onnx_dc.calibrated import (
     CalibrationOptions,
     LayerSettings,
     compress_with_calibration,
+    downstream_column_weights,
     initializer_array,
     set_initializer,
 )
@@ -159,6 +160,26 @@ def test_api_and_command_line(tmp_path, model, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_no_downstream_weighting_flag(tmp_path, model):
+    """--no-downstream-weighting fits as CalibrationOptions(downstream_weighting=False) does, unlike the default."""
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "c.npz", x=inputs(300, seed=15))
+    common = ["--calib", str(tmp_path / "c.npz"), "--sparsity", "0.8", "--bits", "3", "--no-progress"]
+    assert main(["compress", str(path), "-o", str(tmp_path / "flag.onnx"), "--no-downstream-weighting", *common]) == 0
+    assert main(["compress", str(path), "-o", str(tmp_path / "default.onnx"), *common]) == 0
+    api = onnx_dc.compress(str(path), calib=tmp_path / "c.npz", sparsity=0.8, bits=3,
+                           calibration=CalibrationOptions(downstream_weighting=False))
+
+    def weights(m: onnx.ModelProto) -> dict[str, bytes]:
+        return {t.name: t.raw_data or numpy_helper.to_array(t).tobytes() for t in m.graph.initializer}
+
+    flag = weights(onnx.load(tmp_path / "flag.onnx"))
+    assert flag == weights(api.model)
+    assert flag != weights(onnx.load(tmp_path / "default.onnx"))
+    assert main(["compress", str(path), "-o", str(tmp_path / "x.onnx"), "--no-downstream-weighting"]) == 2
+
+
 def _constant_weight_convnet(seed: int = 0) -> onnx.ModelProto:
     """Conv(+bias) -> Relu -> Flatten -> Gemm -> MatMul, every weight and bias in a Constant node (as Paddle exports)."""
     rng = np.random.default_rng(seed)
@@ -299,3 +320,91 @@ class TestSearchCandidates:
         assert 2 <= len(thin) <= 10
         sizes = [c["a"].size_bytes for c in thin]
         assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+
+
+def _gaussian_pass_probability(z):
+    import math
+
+    return np.array([0.5 * math.erfc(-v / math.sqrt(2.0)) for v in z])
+
+
+def test_downstream_column_weights_of_a_relu_mlp(model, calib):
+    from onnx_dc.calibration import capture_statistics, find_layers
+
+    layers = find_layers(model)
+    stats = capture_statistics(model, calib, layers)
+    weight, bias = initializer_array(model, "fc0.weight"), initializer_array(model, "fc0.bias")
+    got = downstream_column_weights(model, layers[0], stats["fc0.weight"], weight, bias, layers=layers)
+    # by hand: the pre-activation y = x W^T + b on the calibration inputs, its gate P(y > 0) under a
+    # normal law with y's mean and standard deviation, times the energy of the next layer's input row
+    x = inputs(500, seed=12).astype(np.float64)
+    y = x @ weight.T.astype(np.float64) + bias
+    gate = _gaussian_pass_probability(y.mean(axis=0) / y.std(axis=0))
+    following = initializer_array(model, "fc1.weight").astype(np.float64)  # Gemm transB: [outputs, inputs]
+    energy = np.sum(following**2, axis=0) * gate
+    expected = np.maximum(energy / energy.mean(), 0.01)
+    expected /= expected.mean()
+    assert got is not None and len(got) == 1
+    np.testing.assert_allclose(got[0], expected, rtol=1e-6)
+    # the last layer feeds the graph output: plain objective
+    last = layers[-1]
+    assert downstream_column_weights(model, last, stats[last.weight], initializer_array(model, last.weight), None) is None
+
+
+def _two_layer_mlp(middle: list[str], extra_output: bool = False) -> onnx.ModelProto:
+    """x [batch, 6] -> MatMul + Add -> ``middle`` ops -> MatMul -> y; optionally the hidden value is an output too."""
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((6, 5)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "b0"),
+        numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "w1"),
+    ]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"]), helper.make_node("Add", ["h0", "b0"], ["h1"])]
+    value = "h1"
+    for i, op in enumerate(middle):
+        nodes.append(helper.make_node(op, [value], [f"m{i}"]))
+        value = f"m{i}"
+    nodes.append(helper.make_node("MatMul", [value, "w1"], ["y"]))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])]
+    if extra_output:
+        outputs.append(helper.make_tensor_value_info(value, TensorProto.FLOAT, ["batch", 5]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("middle,extra_output,weighted,gated", [
+    ([], False, True, False), (["Relu"], False, True, True), (["Identity", "Relu"], False, True, True),
+    (["Sigmoid"], False, False, False), (["Relu"], True, False, False),
+])
+def test_downstream_column_weights_only_through_known_operators(middle, extra_output, weighted, gated):
+    from onnx_dc.calibration import capture_statistics, find_layers
+
+    mlp = _two_layer_mlp(middle, extra_output)
+    layers = find_layers(mlp)
+    assert [layer.weight for layer in layers] == ["w0", "w1"] and layers[0].bias == "b0"
+    data = load_calibration({"x": np.random.default_rng(4).standard_normal((200, 6)).astype(np.float32)}, mlp)
+    stats = capture_statistics(mlp, data, layers)
+    w0, b0 = initializer_array(mlp, "w0"), initializer_array(mlp, "b0")
+    got = downstream_column_weights(mlp, layers[0], stats["w0"], w0, b0, layers=layers)
+    if not weighted:
+        assert got is None
+        return
+    energy = np.sum(initializer_array(mlp, "w1").astype(np.float64) ** 2, axis=1)
+    if gated:
+        x = np.random.default_rng(4).standard_normal((200, 6)).astype(np.float32).astype(np.float64)
+        y = x @ w0.astype(np.float64) + b0
+        energy = energy * _gaussian_pass_probability(y.mean(axis=0) / y.std(axis=0))
+    expected = np.maximum(energy / energy.mean(), 0.01)
+    np.testing.assert_allclose(got[0], expected / expected.mean(), rtol=1e-6)
+
+
+def test_downstream_weighting_option_changes_only_the_objective(model, calib):
+    plain = compress_with_calibration(model, calib, SETTINGS, CalibrationOptions(sequential=False, downstream_weighting=False))
+    weighted = compress_with_calibration(model, calib, SETTINGS, CalibrationOptions(sequential=False))
+    last = "fc3.weight"  # feeds the output: fitted the same way either way
+    np.testing.assert_array_equal(plain.results[last].tensor.quantized, weighted.results[last].tensor.quantized)
+    assert any(
+        not np.array_equal(plain.results[n].tensor.quantized, weighted.results[n].tensor.quantized) for n in SETTINGS if n != last
+    )
+    for name in SETTINGS:
+        assert weighted.results[name].tensor.n_kept == plain.results[name].tensor.n_kept

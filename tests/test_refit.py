@@ -322,3 +322,103 @@ class TestQuantizeAndFit:
             fit_layer(p, sparsity=0.5, bits=3, criterion="largest")
         with pytest.raises(SettingsError):
             quantize_layer(p, p.targets, [np.ones((12, 7), dtype=bool)], 4, init="nope")
+
+
+def weighted_problem(seed: int, blocks: int = 1, **kwargs):
+    """:func:`make_problem` with random positive column weights (one column almost free)."""
+    plain = make_problem(seed, blocks=blocks, **kwargs)
+    rng = np.random.default_rng(seed + 17)
+    weights = []
+    for t in plain.targets:
+        w = rng.uniform(0.2, 3.0, size=t.shape[1])
+        w[rng.integers(t.shape[1])] = 1e-3
+        weights.append(w)
+    return LayerProblem(plain.grams, plain.targets, damping=plain.damping, column_weights=weights), plain
+
+
+class TestColumnWeights:
+    def test_error_is_the_column_weighted_quadratic_and_output_error_is_not(self):
+        p, plain = weighted_problem(20)
+        w = [np.zeros_like(p.targets[0])]
+        d = w[0] - p.targets[0]
+        per_column = np.einsum("jn,jk,kn->n", d, p.hessians[0], d)
+        assert p.error(w) == pytest.approx(float(per_column @ p.column_weights[0]), rel=1e-12)
+        assert p.output_error(w) == pytest.approx(plain.output_error(w), rel=1e-12)
+        assert p.relative_error(w) == pytest.approx(1.0)
+
+    def test_unit_weights_change_nothing(self):
+        plain = make_problem(21, k=16, n=9)
+        ones = LayerProblem(plain.grams, plain.targets, damping=plain.damping, column_weights=[np.ones(9)])
+        a = fit_layer(plain, sparsity=0.6, bits=3, seed=1)
+        b = fit_layer(ones, sparsity=0.6, bits=3, seed=1)
+        assert a.criterion == b.criterion
+        np.testing.assert_array_equal(a.masks[0], b.masks[0])
+        np.testing.assert_allclose(a.weights[0], b.weights[0], rtol=1e-9, atol=1e-12)
+
+    def test_scores_follow_the_weighted_objective(self):
+        p, plain = weighted_problem(22)
+        s = p.column_weights[0][None, :]
+        np.testing.assert_allclose(pruning_scores(p, "magnitude")[0], pruning_scores(plain, "magnitude")[0])
+        np.testing.assert_allclose(pruning_scores(p, "activation")[0], pruning_scores(plain, "activation")[0] * np.sqrt(s))
+        np.testing.assert_allclose(pruning_scores(p, "obs")[0], pruning_scores(plain, "obs")[0] * s)
+        # a column whose error does not matter is pruned first by OBS
+        weights = p.column_weights[0].copy()
+        weights[3] = 0.0
+        free = LayerProblem(p.grams, p.targets, column_weights=[weights])
+        masks = select_mask(free, p.targets[0].shape[0] / p.n_weights, "obs")
+        assert not np.any(masks[0][:, 3]) and np.all(np.delete(masks[0], 3, axis=1))
+
+    def test_weighted_pruning_path_refits_exactly(self):
+        p, _ = weighted_problem(23, k=20, n=9)
+        for masks, weights in pruning_path(p, [0.5, 0.8]):
+            # per column, the weighted and the plain minimiser for a mask coincide
+            np.testing.assert_allclose(weights[0], refit_weights(p, masks)[0], atol=1e-9)
+
+    def test_weighted_centroid_refit_is_the_least_squares_solution(self):
+        p, _ = weighted_problem(24)
+        k = 4
+        codes = random_codes(p, k, 24)
+        new = refit_centroids(p, codes, np.zeros(k))
+        lower = np.linalg.cholesky(p.hessians[0])
+        scale = np.sqrt(p.column_weights[0])[None, :]
+        design = np.stack([(lower.T @ (codes[0] == c) * scale).ravel() for c in range(k)], axis=1)
+        target = (lower.T @ p.targets[0] * scale).ravel()
+        expected = np.linalg.lstsq(design, target, rcond=None)[0]
+        np.testing.assert_allclose(new, expected, rtol=1e-7, atol=1e-9)
+
+    @pytest.mark.parametrize("shape,k,density,onehot", [((12, 5), 8, 0.7, True), ((12, 5), 8, 0.7, False),
+                                                         ((30, 40), 3, 0.1, True), ((30, 40), 3, 1.0, False)])
+    def test_every_centroid_system_path_is_weighted(self, monkeypatch, shape, k, density, onehot):
+        from onnx_dc import refit
+
+        p, _ = weighted_problem(25, k=shape[0], n=shape[1])
+        codes = random_codes(p, k, 25, density)[0]
+        if not onehot:
+            monkeypatch.setattr(refit, "_ONEHOT_MAX_ELEMENTS", 0)
+        s = p.column_weights[0]
+        system, rhs = refit._centroid_system(p.hessians[0], p.targets[0], codes, k, s)
+        expected = np.zeros((k, k))
+        for c in range(k):
+            for d in range(k):
+                expected[c, d] = np.sum((codes == c) * (p.hessians[0] @ (codes == d)) * s[None, :])
+        np.testing.assert_allclose(system, expected, rtol=1e-9, atol=1e-12)
+        ht = p.hessians[0] @ p.targets[0] * s[None, :]
+        np.testing.assert_allclose(rhs, [np.sum(ht[codes == c]) for c in range(k)], rtol=1e-9, atol=1e-12)
+
+    @settings(max_examples=30, deadline=None)
+    @given(seed=seeds, k=st.integers(1, 8), sparsity=st.floats(0.0, 0.9))
+    def test_weighted_quantization_never_increases_the_weighted_error(self, seed, k, sparsity):
+        p, _ = weighted_problem(seed % 983, blocks=1 + seed % 2)
+        masks = select_mask(p, sparsity, "activation")
+        weights = refit_weights(p, masks)
+        start = quantize_layer(p, weights, masks, k, refit=False, seed=seed)
+        fitted = quantize_layer(p, weights, masks, k, rounds=5, seed=seed)
+        assert fitted.error <= start.error * (1 + 1e-9) + 1e-9
+        assert all(b <= a * (1 + 1e-9) + 1e-9 for a, b in zip(fitted.history, fitted.history[1:]))
+        assert fitted.error == pytest.approx(p.error(fitted.weights), rel=1e-9, abs=1e-9)
+
+    def test_rejects_bad_column_weights(self):
+        plain = make_problem(26)
+        for bad in ([np.ones(6)], [-np.ones(7)], [np.full(7, np.inf)], [np.ones(7), np.ones(7)]):
+            with pytest.raises(InvalidTensorError):
+                LayerProblem(plain.grams, plain.targets, column_weights=bad)

@@ -151,3 +151,17 @@ def test_command_line(tmp_path, model, capsys):
     assert main(["sensitivity", str(path), "--calib", str(tmp_path / "e.npz"), "-o", str(out)]) == 2  # labels in calib
     err = capsys.readouterr().err
     assert "onnx-dc: error:" in err and "Traceback" not in err
+
+
+def test_compare_outputs_counts_discordant_pairs():
+    from onnx_dc.sensitivity import compare_outputs
+
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    eye = np.eye(3)
+    reference = {"y": eye[[0, 1, 2, 1, 0, 2]]}  # right, right, right, wrong, wrong, right
+    changed = {"y": eye[[0, 2, 2, 2, 1, 0]]}  # right, wrong (broken), right, wrong (wrong -> wrong), right (fixed), wrong (broken)
+    metrics = compare_outputs(reference, changed, labels)
+    assert metrics.agreement == pytest.approx(2 / 6)
+    assert metrics.discordant == pytest.approx(3 / 6)  # two broken, one fixed; the wrong -> wrong change does not count
+    assert metrics.accuracy == pytest.approx(3 / 6)
+    assert compare_outputs(reference, changed).discordant is None
