@@ -224,16 +224,17 @@ void ReleaseFreeHeap() {
 #endif
 }
 
-// Decodes a constant container (input 1) once, at kernel creation, with
-// decode(data, size, weights) -> error; leaves *out null when the container
-// is not constant (then it is decoded on every run, WeightsForRun).
+// Decodes a constant container (input `input`) once, at kernel creation,
+// with decode(data, size, weights) -> error; leaves *out null when the
+// container is not constant (then it is decoded on every run: WeightsForRun,
+// DecompressKernel::Compute).
 template <typename Weights, typename Decode>
-OrtStatus* DecodeConstantContainer(const OrtApi* api, const OrtKernelInfo* info, const InputLabel& label,
+OrtStatus* DecodeConstantContainer(const OrtApi* api, const OrtKernelInfo* info, const InputLabel& label, size_t input,
                                    Decode decode, std::unique_ptr<Weights>* out) {
   bool constant = false;
   const uint8_t* data = nullptr;
   size_t size = 0;
-  std::string error = ConstantInput(api, info, 1, &constant, &data, &size);
+  std::string error = ConstantInput(api, info, input, &constant, &data, &size);
   if (!error.empty()) return MakeStatus(api, ORT_FAIL, label.Prefix() + error);
   if (!constant) return nullptr;
   out->reset(new Weights);
@@ -320,7 +321,7 @@ class MatMulKernel {
     isa_ = DetectKernelIsa();
 
     auto decode = [this](const uint8_t* d, size_t n, SparseWeights* w) { return Decode(d, n, w); };
-    status = DecodeConstantContainer(api_, info, label_, decode, &weights_);
+    status = DecodeConstantContainer(api_, info, label_, 1, decode, &weights_);
     if (status != nullptr || weights_ == nullptr) return status;
     CacheConstantBias(info);
     return nullptr;
@@ -509,7 +510,7 @@ class ConvKernel {
     isa_ = DetectKernelIsa();
 
     auto decode = [this](const uint8_t* d, size_t n, ConvWeights* w) { return Decode(d, n, w); };
-    return DecodeConstantContainer(api_, info, label_, decode, &weights_);
+    return DecodeConstantContainer(api_, info, label_, 1, decode, &weights_);
   }
 
   OrtStatus* Compute(OrtKernelContext* context) const {
@@ -594,31 +595,33 @@ class ConvKernel {
 
 // ------------------------------------------------------------ DCDecompress
 
+// A decoded tensor: its shape and its bytes in the original dtype.
+struct DenseTensor {
+  std::vector<int64_t> dims;
+  std::vector<uint8_t> bytes;
+};
+
 class DecompressKernel {
  public:
   DecompressKernel(const OrtApi* api, InputLabel label, DType dtype)
       : api_(api), label_(std::move(label)), dtype_(dtype) {}
 
   OrtStatus* Init(const OrtKernelInfo* info) {
-    bool constant = false;
-    const uint8_t* data = nullptr;
-    size_t size = 0;
-    std::string error = ConstantInput(api_, info, 0, &constant, &data, &size);
-    if (!error.empty()) return MakeStatus(api_, ORT_FAIL, label_.Prefix() + error);
-    if (!constant) return nullptr;
-    DecodedContainer decoded;
-    error = Decode(data, size, &decoded, &dims_);
-    if (!error.empty()) return MakeStatus(api_, ORT_INVALID_GRAPH, label_.Prefix() + error);
-    dense_.resize(static_cast<size_t>(decoded.info.numel) * ItemSize(dtype_));
-    ExpandToDense(decoded, dense_.data());
-    constant_ = true;
-    return nullptr;
+    auto decode = [this](const uint8_t* data, size_t size, DenseTensor* tensor) {
+      DecodedContainer decoded;
+      std::string error = Decode(data, size, &decoded, &tensor->dims);
+      if (!error.empty()) return error;
+      tensor->bytes.resize(static_cast<size_t>(decoded.info.numel) * ItemSize(dtype_));
+      ExpandToDense(decoded, tensor->bytes.data());
+      return std::string();
+    };
+    return DecodeConstantContainer(api_, info, label_, 0, decode, &constant_);
   }
 
   OrtStatus* Compute(OrtKernelContext* context) const {
     DecodedContainer decoded;
     std::vector<int64_t> per_call_dims;
-    const std::vector<int64_t>* dims = &dims_;
+    const std::vector<int64_t>* dims = constant_ ? &constant_->dims : nullptr;
     if (!constant_) {
       const OrtValue* container = nullptr;
       OrtStatus* status = api_->KernelContext_GetInput(context, 0, &container);
@@ -637,7 +640,7 @@ class DecompressKernel {
     status = api_->GetTensorMutableData(y_value, &y);
     if (status != nullptr) return status;
     if (constant_) {
-      if (!dense_.empty()) std::memcpy(y, dense_.data(), dense_.size());
+      if (!constant_->bytes.empty()) std::memcpy(y, constant_->bytes.data(), constant_->bytes.size());
     } else if (decoded.info.numel > 0) {
       ExpandToDense(decoded, y);
     }
@@ -664,9 +667,7 @@ class DecompressKernel {
   const OrtApi* api_;
   InputLabel label_;
   DType dtype_;
-  bool constant_ = false;
-  std::vector<int64_t> dims_;
-  std::vector<uint8_t> dense_;
+  std::unique_ptr<DenseTensor> constant_;  // null: the container is not constant
 };
 
 // ------------------------------------------------------------ OrtCustomOp callbacks
