@@ -61,6 +61,13 @@ The stages, all numpy:
     touch different columns and are updated together, then ``R`` is updated.
     Pruned weights stay pruned.
 
+  Coordinate descent stops in the local minimum nearest its start, so the
+  alternation is run from two starts and the lower ``E`` is kept: nearest-centroid
+  assignment, and :func:`assign_with_error_feedback` (sequential rounding in
+  which every rounding error is compensated on the weights not yet rounded, as in
+  Optimal Brain Quantization / GPTQ, here onto the shared codebook), restarted
+  from the improved codebook while that lowers ``E``.
+
 * :func:`fit_layer`: the whole per-layer recipe; with ``criterion="auto"`` it
   prunes with every criterion and keeps the one with the lowest ``E`` after the
   weight refit.
@@ -87,6 +94,7 @@ __all__ = [
     "LayerFit",
     "LayerProblem",
     "QuantizedLayer",
+    "assign_with_error_feedback",
     "fit_layer",
     "prune_iteratively",
     "pruning_path",
@@ -111,6 +119,8 @@ DEFAULT_OBS_RATE = 0.15
 _IMPROVEMENT_RTOL = 1e-9  # a step must lower E by more than this (relative) to count
 _ONEHOT_MAX_ELEMENTS = 1 << 18  # _centroid_system builds the one-hot matrix of blocks up to this size
 _ROUND_RTOL = 1e-3  # quantize_layer stops when a whole round gains less than this (relative)
+_FEEDBACK_RESTARTS = 3  # error-feedback starts quantize_layer tries at most (each from the best codebook so far)
+_FEEDBACK_BATCH_BYTES = 1 << 25  # padded factors of single-column groups processed together
 
 
 class LayerProblem:
@@ -395,14 +405,24 @@ def quantize_layer(
     rounds: int = 8,
     init: str = "linear",
     seed: int = 0,
+    error_feedback: bool = True,
 ) -> QuantizedLayer:
     """Share the kept weights among ``n_clusters`` centroids, minimising ``E``.
 
     Starts from 1-D k-means of the kept values of ``weights`` (nearest-centroid
     assignment). With ``refit`` it then alternates :func:`refit_centroids` and
     :func:`reassign_codes` for at most ``rounds`` rounds, each step accepted only
-    if it lowers ``E``; it stops early when a round gains nothing. Pruned weights
-    (``masks`` False) stay exactly zero.
+    if it lowers ``E``; it stops early when a round gains nothing. With
+    ``error_feedback`` as well, the alternation is repeated from the assignment
+    of :func:`assign_with_error_feedback` (first with the k-means centroids, then
+    with the best centroids found, while that lowers ``E``) and the result with
+    the lowest ``E`` is returned. ``weights`` should be the unquantized weights
+    that minimise ``E`` for ``masks`` (:func:`refit_weights`), which the
+    error-feedback start assumes. Pruned weights (``masks`` False) stay exactly zero.
+
+    ``history`` lists ``E`` after the k-means start and after every accepted step
+    of the nearest-centroid run, then every lower ``E`` an error-feedback run ended
+    with; it never increases.
     """
     masks = _check_masks(masks, problem)
     weights = _blocks(weights, problem)
@@ -417,32 +437,62 @@ def quantize_layer(
         error = problem.error([_dequantize(c, centroids) for c in codes])
         return QuantizedLayer(codes, centroids, error, [error])
     clusters = kmeans_1d(kept_values, n_clusters, init=init, seed=seed)
-    centroids = np.asarray(clusters.centroids, dtype=np.float64)
+    start_centroids = np.sort(np.asarray(clusters.centroids, dtype=np.float64))
     codes = []
     for w, m in zip(weights, masks):
         c = np.full(m.shape, -1, dtype=np.int32)
-        c[m] = assign_to_centroids(w[m], centroids)
+        c[m] = assign_to_centroids(w[m], start_centroids)
         codes.append(c)
-    error = problem.error([_dequantize(c, centroids) for c in codes])
+    error = problem.error([_dequantize(c, start_centroids) for c in codes])
     history = [error]
     if not refit:
-        return QuantizedLayer(codes, centroids, error, history)
-    for _ in range(rounds):
-        start = error
-        new_centroids = refit_centroids(problem, codes, centroids)
-        new_error = problem.error([_dequantize(c, new_centroids) for c in codes])
-        if _improves(new_error, error):
-            centroids, error = new_centroids, new_error
-            codes, centroids = _sorted_codebook(codes, centroids)
+        return QuantizedLayer(codes, start_centroids, error, history)
+    codes, centroids, error = _alternate(problem, codes, start_centroids, error, rounds, history)
+    if error_feedback:
+        feedback_centroids = start_centroids
+        for _ in range(_FEEDBACK_RESTARTS):
+            trial_codes = assign_with_error_feedback(problem, weights, masks, feedback_centroids)
+            trial_error = problem.error([_dequantize(c, feedback_centroids) for c in trial_codes])
+            trial_codes, trial_centroids, trial_error = _alternate(
+                problem, trial_codes, feedback_centroids, trial_error, rounds, []
+            )
+            if not _improves(trial_error, error):
+                break
+            codes, centroids, error = trial_codes, trial_centroids, trial_error
             history.append(error)
-        new_codes = reassign_codes(problem, codes, centroids)
-        new_error = problem.error([_dequantize(c, centroids) for c in new_codes])
-        if _improves(new_error, error):
-            codes, error = new_codes, new_error
-            history.append(error)
-        if not error < start * (1.0 - _ROUND_RTOL):
-            break
+            feedback_centroids = centroids
     return QuantizedLayer(codes, centroids, error, history)
+
+
+def assign_with_error_feedback(
+    problem: LayerProblem, weights: Sequence[np.ndarray], masks: Sequence[np.ndarray], centroids: np.ndarray
+) -> list[np.ndarray]:
+    """Codes from rounding the kept weights one input row at a time, compensating each rounding error.
+
+    Per output column ``n`` with kept rows ``S`` the rows are visited in
+    decreasing order of ``H_jj``; each weight is rounded to its nearest centroid
+    and the rows not yet rounded are moved by the change that minimises ``E``
+    given the rounded ones (Optimal Brain Quantization; with ``U`` the upper
+    Cholesky factor of ``H_SS^-1`` the update after row ``i`` is
+    ``w_>i -= (w_i - q_i) / U_ii * U_i,>i``, as in GPTQ). Nearest rounding
+    ignores that the rounding errors of correlated inputs can cancel; this
+    assignment lets later weights absorb earlier errors. It is a start for the
+    alternation of :func:`quantize_layer`, not a minimiser by itself. ``weights``
+    should minimise ``E`` for ``masks`` (:func:`refit_weights`): the updates are
+    exact only from that point. Columns whose ``H_SS`` is singular are rounded
+    without compensation. ``centroids`` must be sorted increasing; pruned weights
+    get code ``-1``.
+    """
+    centroids = np.asarray(centroids, dtype=np.float64).reshape(-1)
+    if centroids.size == 0:
+        raise SettingsError("assign_with_error_feedback needs at least one centroid")
+    if np.any(np.diff(centroids) < 0):
+        raise SettingsError("assign_with_error_feedback needs centroids sorted in increasing order")
+    masks = _check_masks(masks, problem)
+    weights = _blocks(weights, problem)
+    mid = 0.5 * centroids[:-1] + 0.5 * centroids[1:]
+    with single_threaded_blas():
+        return [_feedback_block(h, w, m, centroids, mid) for h, w, m in zip(problem.hessians, weights, masks)]
 
 
 def refit_centroids(problem: LayerProblem, codes: Sequence[np.ndarray], centroids: np.ndarray) -> np.ndarray:
@@ -801,6 +851,105 @@ def _sorted_codebook(codes: list[np.ndarray], centroids: np.ndarray) -> tuple[li
         n[kept] = rank[c[kept]]
         new_codes.append(n)
     return new_codes, centroids[order]
+
+
+def _alternate(
+    problem: LayerProblem, codes: list[np.ndarray], centroids: np.ndarray, error: float, rounds: int,
+    history: list[float],
+) -> tuple[list[np.ndarray], np.ndarray, float]:
+    """Alternate centroid refit and re-assignment from ``codes``; accepted errors appended to ``history``."""
+    for _ in range(rounds):
+        start = error
+        new_centroids = refit_centroids(problem, codes, centroids)
+        new_error = problem.error([_dequantize(c, new_centroids) for c in codes])
+        if _improves(new_error, error):
+            centroids, error = new_centroids, new_error
+            codes, centroids = _sorted_codebook(codes, centroids)
+            history.append(error)
+        new_codes = reassign_codes(problem, codes, centroids)
+        new_error = problem.error([_dequantize(c, centroids) for c in new_codes])
+        if _improves(new_error, error):
+            codes, error = new_codes, new_error
+            history.append(error)
+        if not error < start * (1.0 - _ROUND_RTOL):
+            break
+    return codes, centroids, error
+
+
+def _feedback_block(
+    hessian: np.ndarray, weights: np.ndarray, mask: np.ndarray, centroids: np.ndarray, mid: np.ndarray
+) -> np.ndarray:
+    codes = np.full(mask.shape, -1, dtype=np.int32)
+    diag = np.diag(hessian)
+    singles: list[tuple[np.ndarray, int]] = []
+    for columns in _column_groups(mask):
+        rows = np.flatnonzero(mask[:, columns[0]])
+        if rows.size == 0:
+            continue
+        rows = rows[np.argsort(-diag[rows], kind="stable")]
+        if columns.size > 1:
+            factor = _feedback_factor(hessian[np.ix_(rows, rows)])
+            codes[np.ix_(rows, columns)] = _round_with_feedback(weights[np.ix_(rows, columns)][None], factor[None], centroids, mid)[0]
+        else:
+            singles.append((rows, int(columns[0])))
+    # Single-column groups (sparse layers: every column its own mask) are rounded together,
+    # padded to a common size: padded rows have an identity factor and feed nothing back.
+    singles.sort(key=lambda item: item[0].size)
+    start = 0
+    while start < len(singles):
+        size = singles[start][0].size
+        stop = start + 1
+        while stop < len(singles) and (stop - start + 1) * singles[stop][0].size ** 2 * 8 <= _FEEDBACK_BATCH_BYTES:
+            size = singles[stop][0].size
+            stop += 1
+        batch = singles[start:stop]
+        padded_h = np.broadcast_to(np.eye(size), (len(batch), size, size)).copy()
+        padded_w = np.zeros((len(batch), size, 1))
+        for b, (rows, column) in enumerate(batch):
+            padded_h[b, : rows.size, : rows.size] = hessian[np.ix_(rows, rows)]
+            padded_w[b, : rows.size, 0] = weights[rows, column]
+        rounded = _round_with_feedback(padded_w, _feedback_factor(padded_h), centroids, mid)
+        for b, (rows, column) in enumerate(batch):
+            codes[rows, column] = rounded[b, : rows.size, 0]
+        start = stop
+    return codes
+
+
+def _feedback_factor(hessians: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factors ``U`` of ``H^-1`` (``H^-1 = U^T U``) of one or a stack of matrices.
+
+    A matrix that is not positive definite gets the identity: its weights are
+    rounded without compensation.
+    """
+    stack = hessians if hessians.ndim == 3 else hessians[None]
+    try:
+        factors = np.swapaxes(np.linalg.cholesky(np.linalg.inv(stack)), -1, -2)
+        ok = np.all(np.isfinite(factors), axis=(1, 2))
+    except np.linalg.LinAlgError:
+        factors = np.empty_like(stack)
+        ok = np.zeros(len(stack), dtype=bool)
+        for b, h in enumerate(stack):
+            try:
+                factors[b] = np.linalg.cholesky(np.linalg.inv(h)).T
+                ok[b] = np.all(np.isfinite(factors[b]))
+            except np.linalg.LinAlgError:
+                pass
+    if not np.all(ok):
+        factors[~ok] = np.eye(stack.shape[-1])
+    return factors if hessians.ndim == 3 else factors[0]
+
+
+def _round_with_feedback(weights: np.ndarray, factors: np.ndarray, centroids: np.ndarray, mid: np.ndarray) -> np.ndarray:
+    """Codes of ``weights`` ``[B, s, c]`` rounded row by row with the factors ``[B, s, s]``."""
+    w = weights.copy()
+    codes = np.empty(w.shape, dtype=np.int32)
+    for i in range(w.shape[1]):
+        q = np.searchsorted(mid, w[:, i, :], side="left")
+        codes[:, i, :] = q
+        if i + 1 < w.shape[1]:
+            err = (w[:, i, :] - centroids[q]) / factors[:, i, i][:, None]
+            w[:, i + 1 :, :] -= factors[:, i, i + 1 :][:, :, None] * err[:, None, :]
+    return codes
 
 
 def _improves(new: float, old: float) -> bool:

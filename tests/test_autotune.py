@@ -264,20 +264,20 @@ def _margin_search(model, calib, evaluation, margin, max_drop=1.0, forward_steps
 def test_search_with_a_margin_meets_the_budget_with_room_for_noise(model, calib, evaluation):
     from onnx_dc.autotune import drop_standard_error
 
-    # 1.5 pp on 500 samples: without the margin the search takes a configuration 1.2 pp down whose
-    # standard error (about 0.5 pp) puts it past the budget; with the margin it must not.
+    # 2 pp on 500 samples: without the margin the search takes a configuration 1.6 pp down whose
+    # standard error (about 0.55 pp) puts it past the budget; with the margin it must not.
     # (forward_steps=0: the choice is the assembled configuration whose metrics are `predicted`.)
-    plain = _margin_search(model, calib, evaluation, 0.0, max_drop=1.5)
-    careful = _margin_search(model, calib, evaluation, 1.0, max_drop=1.5)
-    again = _margin_search(model, calib, evaluation, 1.0, max_drop=1.5)
+    plain = _margin_search(model, calib, evaluation, 0.0, max_drop=2.0)
+    careful = _margin_search(model, calib, evaluation, 1.0, max_drop=2.0)
+    again = _margin_search(model, calib, evaluation, 1.0, max_drop=2.0)
     assert careful.budget_met and plain.budget_met
     n = len(evaluation["labels"])
     for result, within in ((plain, False), (careful, True)):
         predicted = result.predicted
         assert predicted is not None
         drop = 100 * (result.baseline_accuracy - predicted.accuracy)
-        assert drop <= 1.5 + 1e-9
-        assert (drop + drop_standard_error(predicted, result.baseline_accuracy, n) <= 1.5 + 1e-9) is within
+        assert drop <= 2.0 + 1e-9
+        assert (drop + drop_standard_error(predicted, result.baseline_accuracy, n) <= 2.0 + 1e-9) is within
     assert careful.built.report.ratio < plain.built.report.ratio
     # reproducible: same seed, same model
     assert careful.built.model.SerializeToString() == again.built.model.SerializeToString()
@@ -320,8 +320,8 @@ def test_forward_steps_compress_further_along_the_path_within_the_budget(model, 
 
     n = len(evaluation["labels"])
     for margin in (0.0, 1.0):
-        fixed = _margin_search(model, calib, evaluation, margin, max_drop=1.5, forward_steps=0)
-        walked = _margin_search(model, calib, evaluation, margin, max_drop=1.5, forward_steps=3)
+        fixed = _margin_search(model, calib, evaluation, margin, max_drop=2.0, forward_steps=0)
+        walked = _margin_search(model, calib, evaluation, margin, max_drop=2.0, forward_steps=3)
         assert walked.budget_met and fixed.budget_met
         assert walked.built.report.compressed_bytes <= fixed.built.report.compressed_bytes
         if margin:
@@ -330,7 +330,7 @@ def test_forward_steps_compress_further_along_the_path_within_the_budget(model, 
         if walked.built.report.compressed_bytes < fixed.built.report.compressed_bytes:
             # a configuration chosen by the walk meets the budget (and the margin) by its own real measurement
             drop = 100 * (walked.baseline_accuracy - walked.metrics.accuracy)
-            assert drop + margin * drop_standard_error(walked.metrics, walked.baseline_accuracy, n) <= 1.5 + 1e-9
+            assert drop + margin * drop_standard_error(walked.metrics, walked.baseline_accuracy, n) <= 2.0 + 1e-9
             assert any("compressing the next ones for real" in line for line in walked.steps)
     with pytest.raises(SettingsError, match="forward_steps"):
         _margin_search(model, calib, evaluation, 0.0, forward_steps=-1)

@@ -11,6 +11,7 @@ from onnx_dc.errors import InvalidTensorError, SettingsError
 from onnx_dc.refit import (
     CRITERIA,
     LayerProblem,
+    assign_with_error_feedback,
     fit_layer,
     pruning_path,
     pruning_scores,
@@ -288,6 +289,10 @@ class TestQuantizeAndFit:
         plain = quantize_layer(p, weights, masks, 2**bits, refit=False)
         assert q.error <= plain.error * (1 + 1e-12) + 1e-12
         assert q.history[0] == plain.error
+        # The error-feedback start only adds a second run: never worse than the nearest-centroid run alone.
+        nearest_only = quantize_layer(p, weights, masks, 2**bits, error_feedback=False)
+        assert q.error <= nearest_only.error * (1 + 1e-12) + 1e-12
+        assert q.history[: len(nearest_only.history)] == nearest_only.history
 
     def test_fit_layer_auto_picks_the_lowest_pruned_error(self):
         p = make_problem(11, k=24, n=10, rows=80)
@@ -322,6 +327,86 @@ class TestQuantizeAndFit:
             fit_layer(p, sparsity=0.5, bits=3, criterion="largest")
         with pytest.raises(SettingsError):
             quantize_layer(p, p.targets, [np.ones((12, 7), dtype=bool)], 4, init="nope")
+
+
+def feedback_reference(problem: LayerProblem, weights, masks, centroids):
+    """Error-feedback rounding from its definition: after each rounded weight, the rows not yet
+    rounded are re-solved exactly (least squares given the rounded ones), one column at a time."""
+    codes = []
+    for h, w, m in zip(problem.hessians, weights, masks):
+        c = np.full(m.shape, -1)
+        for n in range(m.shape[1]):
+            rows = np.flatnonzero(m[:, n])
+            rows = rows[np.argsort(-np.diag(h)[rows], kind="stable")]
+            optimum = w[rows, n]
+            fixed = np.zeros(0)
+            for i in range(rows.size):
+                free = rows[i:]
+                done = rows[:i]
+                # E restricted to the column's kept rows, with rows[:i] fixed at their centroids:
+                # minimiser over the free rows is w*_free - H_ff^-1 H_fd (q_d - w*_d).
+                shift = h[np.ix_(free, done)] @ (fixed - optimum[:i]) if i else np.zeros(free.size)
+                current = optimum[i:] - np.linalg.solve(h[np.ix_(free, free)], shift)
+                code = int(np.argmin(np.abs(centroids - current[0])))
+                c[rows[i], n] = code
+                fixed = np.append(fixed, centroids[code])
+        codes.append(c)
+    return codes
+
+
+class TestErrorFeedback:
+    @pytest.mark.parametrize("seed", range(8))
+    def test_matches_the_exact_sequential_least_squares(self, seed):
+        p = make_problem(seed, k=10, n=6, rows=60, blocks=1 + seed % 2)
+        sparsity = [0.0, 0.5, 0.8][seed % 3]
+        masks = select_mask(p, sparsity, "activation")
+        if seed % 4 == 3:  # identical column masks share one factor
+            masks = [np.repeat(m[:, :1], m.shape[1], axis=1) for m in masks]
+        weights = refit_weights(p, masks)
+        centroids = np.sort(np.random.default_rng(seed).standard_normal(5))
+        codes = assign_with_error_feedback(p, weights, masks, centroids)
+        for got, want, m in zip(codes, feedback_reference(p, weights, masks, centroids), masks):
+            assert np.array_equal(got, want)
+            assert np.array_equal(got >= 0, m)
+
+    def test_correlated_errors_cancel(self):
+        # Two copies of one input: nearest rounding of 0.3 + 0.3 onto {0, 1} gives 0 (output off by 0.6),
+        # compensating the first rounding error on the second weight gives 0 + 1 (off by 0.4).
+        p = LayerProblem([np.ones((2, 2))], [np.full((2, 1), 0.3)], damping=1e-9)
+        masks = [np.ones((2, 1), dtype=bool)]
+        codes = assign_with_error_feedback(p, p.targets, masks, np.array([0.0, 1.0]))
+        assert sorted(codes[0][:, 0].tolist()) == [0, 1]
+        values = dequantize(codes, np.array([0.0, 1.0]))
+        assert p.error(values) < p.error([np.zeros((2, 1))])
+
+    def test_singular_columns_fall_back_to_rounding(self):
+        p = LayerProblem([np.zeros((4, 4))], [np.linspace(-1, 1, 12).reshape(4, 3)], damping=0.0)
+        masks = [np.ones((4, 3), dtype=bool)]
+        codes = assign_with_error_feedback(p, p.targets, masks, np.array([-1.0, 0.0, 1.0]))
+        expected = np.argmin(np.abs(p.targets[0][..., None] - np.array([-1.0, 0.0, 1.0])), axis=-1)
+        assert np.array_equal(codes[0], expected)
+
+    def test_bad_centroids(self):
+        p = make_problem(3)
+        masks = [np.ones(p.targets[0].shape, dtype=bool)]
+        with pytest.raises(SettingsError):
+            assign_with_error_feedback(p, p.targets, masks, np.array([1.0, -1.0]))
+        with pytest.raises(SettingsError):
+            assign_with_error_feedback(p, p.targets, masks, np.array([]))
+
+    @pytest.mark.parametrize("bits", [2, 3, 4])
+    def test_feedback_start_beats_nearest_rounding_on_correlated_layers(self, bits):
+        from onnx_dc.clustering import assign_to_centroids, kmeans_1d
+
+        for seed in range(10):
+            p = make_problem(100 + seed, k=24, n=12, rows=200)
+            masks = select_mask(p, 0.5, "obs")
+            weights = refit_weights(p, masks)
+            centroids = np.sort(kmeans_1d(weights[0][masks[0]], 2**bits).centroids)
+            nearest = np.full(masks[0].shape, -1)
+            nearest[masks[0]] = assign_to_centroids(weights[0][masks[0]], centroids)
+            feedback = assign_with_error_feedback(p, weights, masks, centroids)
+            assert p.error(dequantize(feedback, centroids)) < p.error(dequantize([nearest], centroids))
 
 
 def weighted_problem(seed: int, blocks: int = 1, **kwargs):
