@@ -121,6 +121,7 @@ _ONEHOT_MAX_ELEMENTS = 1 << 18  # _centroid_system builds the one-hot matrix of 
 _ROUND_RTOL = 1e-3  # quantize_layer stops when a whole round gains less than this (relative)
 _FEEDBACK_RESTARTS = 3  # error-feedback starts quantize_layer tries at most (each from the best codebook so far)
 _FEEDBACK_BATCH_BYTES = 1 << 25  # padded factors of single-column groups processed together
+_FEEDBACK_BLOCK_ROWS = 64  # rows per lazy-update block of the error-feedback rounding
 
 
 class LayerProblem:
@@ -889,7 +890,8 @@ def _feedback_block(
         rows = rows[np.argsort(-diag[rows], kind="stable")]
         if columns.size > 1:
             factor = _feedback_factor(hessian[np.ix_(rows, rows)])
-            codes[np.ix_(rows, columns)] = _round_with_feedback(weights[np.ix_(rows, columns)][None], factor[None], centroids, mid)[0]
+            block = weights[np.ix_(rows, columns)][None]
+            codes[np.ix_(rows, columns)] = _round_with_feedback(block, factor[None], centroids, mid)[0]
         else:
             singles.append((rows, int(columns[0])))
     # Single-column groups (sparse layers: every column its own mask) are rounded together,
@@ -940,15 +942,28 @@ def _feedback_factor(hessians: np.ndarray) -> np.ndarray:
 
 
 def _round_with_feedback(weights: np.ndarray, factors: np.ndarray, centroids: np.ndarray, mid: np.ndarray) -> np.ndarray:
-    """Codes of ``weights`` ``[B, s, c]`` rounded row by row with the factors ``[B, s, s]``."""
+    """Codes of ``weights`` ``[B, s, c]`` rounded row by row with the factors ``[B, s, s]``.
+
+    Rows are taken in blocks: inside a block every rounding error updates the
+    block's remaining rows at once; the rows after the block receive the whole
+    block's errors in one matrix product (GPTQ's lazy batch updates, the same
+    arithmetic in a different order).
+    """
     w = weights.copy()
     codes = np.empty(w.shape, dtype=np.int32)
-    for i in range(w.shape[1]):
-        q = np.searchsorted(mid, w[:, i, :], side="left")
-        codes[:, i, :] = q
-        if i + 1 < w.shape[1]:
+    n_rows = w.shape[1]
+    for begin in range(0, n_rows, _FEEDBACK_BLOCK_ROWS):
+        end = min(n_rows, begin + _FEEDBACK_BLOCK_ROWS)
+        errors = np.empty((w.shape[0], end - begin, w.shape[2]))
+        for i in range(begin, end):
+            q = np.searchsorted(mid, w[:, i, :], side="left")
+            codes[:, i, :] = q
             err = (w[:, i, :] - centroids[q]) / factors[:, i, i][:, None]
-            w[:, i + 1 :, :] -= factors[:, i, i + 1 :][:, :, None] * err[:, None, :]
+            errors[:, i - begin, :] = err
+            if i + 1 < end:
+                w[:, i + 1 : end, :] -= factors[:, i, i + 1 : end][:, :, None] * err[:, None, :]
+        if end < n_rows:
+            w[:, end:, :] -= np.matmul(np.swapaxes(factors[:, begin:end, end:], 1, 2), errors)
     return codes
 
 
