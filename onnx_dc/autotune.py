@@ -256,6 +256,10 @@ class AutotuneResult:
         predicted: metrics of the assembled (non-sequential) configuration the search chose.
         search_description, n_search_samples, n_fit_samples: what the budget was measured on.
         verified_with: how the final model was run.
+        path_length: configurations on the whole search path (before thinning).
+        path: the configurations whose budget was checked, in path order (most accurate first), as
+            per-layer settings of the searched layers; the trade-off curve the choice was made on.
+        chosen_index: the index in ``path`` of the configuration returned.
         steps: log lines of the search.
     """
 
@@ -273,6 +277,8 @@ class AutotuneResult:
     n_fit_samples: int
     verified_with: str
     path_length: int = 0
+    path: list[dict[str, LayerSettings]] = field(default_factory=list)
+    chosen_index: int | None = None
     steps: list[str] = field(default_factory=list)
 
     def achieved(self) -> str:
@@ -543,10 +549,13 @@ def autotune(
     best = _robust_choice(checked, budget, baseline, n_samples=search.n_samples, drop_margin_se=drop_margin_se)
     say(f"assembled configuration {best}/{len(path) - 1} meets the budget: {_describe_metrics(checked[best], baseline)}")
 
+    path_settings = [
+        {name: LayerSettings(sparsity=c.sparsity, bits=c.bits, index_bits=None, seed=seed) for name, c in config.items()}
+        for config in path
+    ]
+
     def final(i: int) -> tuple[dict[str, LayerSettings], CalibratedCompression, Any, onnx.ModelProto, str | None, OutputMetrics]:
-        chosen = {
-            name: LayerSettings(sparsity=c.sparsity, bits=c.bits, index_bits=None, seed=seed) for name, c in path[i].items()
-        }
+        chosen = dict(path_settings[i])
         compression = compress_with_calibration(model, calibration, {**fixed, **chosen}, options)
         kept, runnable, library = build(compression)
         outputs = run_model(runnable, search, batch_size=options.batch_size, library=library)
@@ -605,6 +614,8 @@ def autotune(
         n_fit_samples=calibration.n_samples,
         verified_with="onnx-dc custom operator library" if library else "decompressed model (standard operators)",
         path_length=full_length,
+        path=path_settings,
+        chosen_index=best,
         steps=log,
     )
 

@@ -121,6 +121,7 @@ _ONEHOT_MAX_ELEMENTS = 1 << 18  # _centroid_system builds the one-hot matrix of 
 _ROUND_RTOL = 1e-3  # quantize_layer stops when a whole round gains less than this (relative)
 _FEEDBACK_RESTARTS = 3  # error-feedback starts quantize_layer tries at most (each from the best codebook so far)
 _FEEDBACK_BATCH_BYTES = 1 << 25  # padded factors of single-column groups processed together
+_FEEDBACK_KEEP_BYTES = 1 << 28  # quantize_layer keeps the factors between its restarts up to this size
 _FEEDBACK_BLOCK_ROWS = 64  # rows per lazy-update block of the error-feedback rounding
 
 
@@ -450,9 +451,11 @@ def quantize_layer(
         return QuantizedLayer(codes, start_centroids, error, history)
     codes, centroids, error = _alternate(problem, codes, start_centroids, error, rounds, history)
     if error_feedback:
+        with single_threaded_blas():
+            plans = [_FeedbackPlan(h, m, _FEEDBACK_KEEP_BYTES) for h, m in zip(problem.hessians, masks)]
         feedback_centroids = start_centroids
         for _ in range(_FEEDBACK_RESTARTS):
-            trial_codes = assign_with_error_feedback(problem, weights, masks, feedback_centroids)
+            trial_codes = _feedback_codes(plans, weights, feedback_centroids)
             trial_error = problem.error([_dequantize(c, feedback_centroids) for c in trial_codes])
             trial_codes, trial_centroids, trial_error = _alternate(
                 problem, trial_codes, feedback_centroids, trial_error, rounds, []
@@ -491,9 +494,9 @@ def assign_with_error_feedback(
         raise SettingsError("assign_with_error_feedback needs centroids sorted in increasing order")
     masks = _check_masks(masks, problem)
     weights = _blocks(weights, problem)
-    mid = 0.5 * centroids[:-1] + 0.5 * centroids[1:]
     with single_threaded_blas():
-        return [_feedback_block(h, w, m, centroids, mid) for h, w, m in zip(problem.hessians, weights, masks)]
+        plans = [_FeedbackPlan(h, m, 0) for h, m in zip(problem.hessians, masks)]
+    return _feedback_codes(plans, weights, centroids)
 
 
 def refit_centroids(problem: LayerProblem, codes: Sequence[np.ndarray], centroids: np.ndarray) -> np.ndarray:
@@ -877,44 +880,65 @@ def _alternate(
     return codes, centroids, error
 
 
-def _feedback_block(
-    hessian: np.ndarray, weights: np.ndarray, mask: np.ndarray, centroids: np.ndarray, mid: np.ndarray
-) -> np.ndarray:
-    codes = np.full(mask.shape, -1, dtype=np.int32)
-    diag = np.diag(hessian)
-    singles: list[tuple[np.ndarray, int]] = []
-    for columns in _column_groups(mask):
-        rows = np.flatnonzero(mask[:, columns[0]])
-        if rows.size == 0:
-            continue
-        rows = rows[np.argsort(-diag[rows], kind="stable")]
-        if columns.size > 1:
-            factor = _feedback_factor(hessian[np.ix_(rows, rows)])
-            block = weights[np.ix_(rows, columns)][None]
-            codes[np.ix_(rows, columns)] = _round_with_feedback(block, factor[None], centroids, mid)[0]
-        else:
-            singles.append((rows, int(columns[0])))
-    # Single-column groups (sparse layers: every column its own mask) are rounded together,
-    # padded to a common size: padded rows have an identity factor and feed nothing back.
-    singles.sort(key=lambda item: item[0].size)
-    start = 0
-    while start < len(singles):
-        size = singles[start][0].size
-        stop = start + 1
-        while stop < len(singles) and (stop - start + 1) * singles[stop][0].size ** 2 * 8 <= _FEEDBACK_BATCH_BYTES:
-            size = singles[stop][0].size
-            stop += 1
-        batch = singles[start:stop]
-        padded_h = np.broadcast_to(np.eye(size), (len(batch), size, size)).copy()
-        padded_w = np.zeros((len(batch), size, 1))
-        for b, (rows, column) in enumerate(batch):
-            padded_h[b, : rows.size, : rows.size] = hessian[np.ix_(rows, rows)]
-            padded_w[b, : rows.size, 0] = weights[rows, column]
-        rounded = _round_with_feedback(padded_w, _feedback_factor(padded_h), centroids, mid)
-        for b, (rows, column) in enumerate(batch):
-            codes[rows, column] = rounded[b, : rows.size, 0]
-        start = stop
-    return codes
+class _FeedbackPlan:
+    """Row orders and Cholesky factors of one block's column groups, for rounding it repeatedly.
+
+    Columns with the same mask form one group (one factor, all columns rounded
+    together); single-column groups (sparse layers: every column its own mask)
+    are batched, padded to a common size: padded rows have an identity factor
+    and feed nothing back. The factors are kept between roundings when they take
+    at most ``keep_bytes``, and recomputed for every rounding otherwise.
+    """
+
+    def __init__(self, hessian: np.ndarray, mask: np.ndarray, keep_bytes: int) -> None:
+        self.hessian = hessian
+        self.shape = mask.shape
+        diag = np.diag(hessian)
+        groups = []
+        for columns in _column_groups(mask):
+            rows = np.flatnonzero(mask[:, columns[0]])
+            if rows.size:
+                groups.append((rows[np.argsort(-diag[rows], kind="stable")], columns))
+        self.batches: list[list[tuple[np.ndarray, np.ndarray]]] = [[g] for g in groups if g[1].size > 1]
+        singles = sorted((g for g in groups if g[1].size == 1), key=lambda g: g[0].size)
+        start = 0
+        while start < len(singles):
+            stop = start + 1
+            while stop < len(singles) and (stop - start + 1) * singles[stop][0].size ** 2 * 8 <= _FEEDBACK_BATCH_BYTES:
+                stop += 1
+            self.batches.append(singles[start:stop])
+            start = stop
+        factor_bytes = sum(len(b) * b[-1][0].size ** 2 * 8 for b in self.batches)
+        self.factors = [self._factor(b) for b in self.batches] if factor_bytes <= keep_bytes else None
+
+    def _factor(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        size = max(rows.size for rows, _ in batch)
+        padded = np.broadcast_to(np.eye(size), (len(batch), size, size)).copy()
+        for b, (rows, _) in enumerate(batch):
+            padded[b, : rows.size, : rows.size] = self.hessian[np.ix_(rows, rows)]
+        return _feedback_factor(padded)
+
+    def codes(self, weights: np.ndarray, centroids: np.ndarray, mid: np.ndarray) -> np.ndarray:
+        """Codes of the block's kept ``weights`` (``-1`` where pruned)."""
+        codes = np.full(self.shape, -1, dtype=np.int32)
+        for i, batch in enumerate(self.batches):
+            factors = self.factors[i] if self.factors is not None else self._factor(batch)
+            width = max(columns.size for _, columns in batch)
+            padded = np.zeros((len(batch), factors.shape[-1], width))
+            for b, (rows, columns) in enumerate(batch):
+                padded[b, : rows.size, : columns.size] = weights[np.ix_(rows, columns)]
+            rounded = _round_with_feedback(padded, factors, centroids, mid)
+            for b, (rows, columns) in enumerate(batch):
+                codes[np.ix_(rows, columns)] = rounded[b, : rows.size, : columns.size]
+        return codes
+
+
+def _feedback_codes(
+    plans: Sequence[_FeedbackPlan], weights: Sequence[np.ndarray], centroids: np.ndarray
+) -> list[np.ndarray]:
+    mid = 0.5 * centroids[:-1] + 0.5 * centroids[1:]
+    with single_threaded_blas():
+        return [plan.codes(w, centroids, mid) for plan, w in zip(plans, weights)]
 
 
 def _feedback_factor(hessians: np.ndarray) -> np.ndarray:

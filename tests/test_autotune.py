@@ -279,6 +279,12 @@ def test_search_with_a_margin_meets_the_budget_with_room_for_noise(model, calib,
         assert drop <= 2.0 + 1e-9
         assert (drop + drop_standard_error(predicted, result.baseline_accuracy, n) <= 2.0 + 1e-9) is within
     assert careful.built.report.ratio < plain.built.report.ratio
+    for result in (plain, careful):
+        # the checked path is exposed; the choice is one of its configurations, the margin's an earlier one
+        assert 1 < len(result.path) <= result.path_length
+        assert result.path[result.chosen_index] == result.settings
+        assert all(set(config) == set(result.settings) for config in result.path)
+    assert careful.chosen_index < plain.chosen_index
     # reproducible: same seed, same model
     assert careful.built.model.SerializeToString() == again.built.model.SerializeToString()
 
