@@ -17,7 +17,9 @@ Usage (from the repository root)::
     python -m model_zoo.search_path [--model lenet_300_100] [--min-ratio 24] [--max-ratio 45]
                                     [--around N] [--out docs/search_path.md] [--quick]
 
-``--around N`` compresses only the configurations within ``N`` path steps of the chosen one.
+``--around N`` compresses only the configurations within ``N`` path steps of the chosen one;
+the walk along the path stops after two configurations beyond ``--max-ratio`` (sizes
+decrease along the path).
 
 Data splits are those of :mod:`model_zoo.calibration_table` (calibration: the
 first 8 192 rows of the seeded training permutation; search: test half A).
@@ -113,11 +115,16 @@ def path_points(
         return compress_model(compression.model, parse_settings(), tensor_compressor=lookup)
 
     points = []
+    past_window = 0
     for index, config in enumerate(searched.path):
         if around is not None and abs(index - searched.chosen_index) > around:
             continue
         built = convert(compress_with_calibration(model, calib_data, config, options))
         ratio = built.report.ratio
+        # Sizes decrease along the path: two configurations past the window end the walk.
+        past_window = past_window + 1 if ratio > max_ratio else 0
+        if past_window >= 2:
+            break
         if not min_ratio <= ratio <= max_ratio:
             continue
         runnable = onnx.ModelProto()
