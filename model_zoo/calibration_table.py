@@ -241,10 +241,7 @@ def model_rows(
         )
 
     def convert(compression):
-        def lookup(weight, values, resolved):
-            return compression.results[weight.name].tensor
-
-        return compress_model(compression.model, parse_settings(), tensor_compressor=lookup)
+        return compress_model(compression.model, parse_settings(), tensor_compressor=compression.tensor_compressor())
 
     rows = [] if automatic_only else [Row(name, "original (float32)", "-", 1.0, 0, base_full, 0.0, base_b, 0.0, 0.0)]
     paper = PAPER_SETTINGS[name]

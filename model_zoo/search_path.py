@@ -60,13 +60,14 @@ class PathPoint:
 
 
 def paired_drop(correct_before: np.ndarray, correct_after: np.ndarray) -> tuple[float, float]:
-    """Top-1 drop in percentage points and its standard error, from per-sample correctness (paired)."""
-    n = correct_before.size
-    broken = int(np.count_nonzero(correct_before & ~correct_after))
-    fixed = int(np.count_nonzero(~correct_before & correct_after))
-    drop = (broken - fixed) / n
-    variance = max(0.0, (broken + fixed) / n - drop * drop) / n
-    return 100.0 * drop, 100.0 * float(np.sqrt(variance))
+    """Top-1 drop in percentage points and its standard error
+    (:func:`onnx_dc.autotune.drop_standard_error`), from per-sample correctness (paired)."""
+    from onnx_dc.autotune import drop_standard_error
+    from onnx_dc.sensitivity import OutputMetrics
+
+    before, after = float(np.mean(correct_before)), float(np.mean(correct_after))
+    metrics = OutputMetrics(0.0, 1.0, accuracy=after, discordant=float(np.mean(correct_before != correct_after)))
+    return 100.0 * (before - after), drop_standard_error(metrics, before, correct_before.size)
 
 
 def path_points(
@@ -109,10 +110,7 @@ def path_points(
           f"configuration {searched.chosen_index} chosen", file=sys.stderr, flush=True)
 
     def convert(compression):
-        def lookup(weight, values, resolved):
-            return compression.results[weight.name].tensor
-
-        return compress_model(compression.model, parse_settings(), tensor_compressor=lookup)
+        return compress_model(compression.model, parse_settings(), tensor_compressor=compression.tensor_compressor())
 
     points = []
     past_window = 0

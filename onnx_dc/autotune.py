@@ -82,10 +82,9 @@ from onnx_dc.calibrated import (
     CalibrationOptions,
     LayerFitter,
     LayerSettings,
-    build_target,
     compress_with_calibration,
-    downstream_column_weights,
     initializer_array,
+    layer_target,
 )
 from onnx_dc.calibration import (
     CalibrationData,
@@ -485,15 +484,7 @@ def autotune(
     for index, layer in enumerate(layers):
         weight = initializer_array(model, layer.weight)
         bias = initializer_array(model, layer.bias) if layer.bias else None
-        layer_stats = stats.pop(layer.weight)
-        column_weights = (
-            downstream_column_weights(model, layer, layer_stats, weight, bias, layers=all_layers)
-            if options.downstream_weighting else None
-        )
-        target = build_target(
-            layer, layer_stats, weight, bias, damping=options.damping, bias_correction=options.bias_correction,
-            column_weights=column_weights,
-        )
+        target = layer_target(model, layer, stats.pop(layer.weight), weight, bias, options, layers=all_layers)
         fitter = LayerFitter(target, weight, search_options)
         fitter.prepare([s for s in sparsities if s > 0])
         fits[layer.weight] = (layer, fitter)

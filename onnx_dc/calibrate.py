@@ -26,7 +26,6 @@ from onnx_dc.errors import CalibrationError, LibraryNotFoundError, SettingsError
 from onnx_dc.model_io import ModelSource, check_output_path, constants_to_initializers, load_model, save_model
 from onnx_dc.sensitivity import DEFAULT_BITS, DEFAULT_SPARSITIES, SensitivityReport, analyze_sensitivity
 from onnx_dc.settings import CompressionSettings
-from onnx_dc.tensor import compress_tensor
 from onnx_dc.weights import find_weights
 
 __all__ = ["CalibrationSource", "compress_calibrated", "load_evaluation", "sensitivity"]
@@ -114,15 +113,6 @@ def compress_calibrated(
         values = weight.to_array() if plan.settings.quality is not None else None
         layer_settings[weight.name] = LayerSettings.from_resolved(plan.settings, values)
 
-    def lookup(compression: CalibratedCompression):
-        def compressor(weight, values, resolved):
-            found = compression.results.get(weight.name)
-            if found is not None:
-                return found.tensor
-            return compress_tensor(values, resolved.to_tensor_settings())  # the converter's plain path
-
-        return compressor
-
     if drop_margin_se and max_drop is None:
         raise SettingsError("--drop-margin-se is used with --max-drop")
     if min_cosine is None and max_drop is None:
@@ -131,7 +121,7 @@ def compress_calibrated(
         compression = compress_with_calibration(proto, data, layer_settings, options, progress=progress)
         result = compress_model(
             compression.model, settings, output=output, progress=progress,
-            external_data=external_data, tensor_compressor=lookup(compression),
+            external_data=external_data, tensor_compressor=compression.tensor_compressor(),
         )
         result.calibration = compression
         return result
@@ -149,7 +139,7 @@ def compress_calibrated(
     grid_sparsities, grid_bits_fc, grid_bits_conv = default_grids(len(searched))
 
     def build(compression: CalibratedCompression):
-        built = compress_model(compression.model, settings, tensor_compressor=lookup(compression))
+        built = compress_model(compression.model, settings, tensor_compressor=compression.tensor_compressor())
         runnable = built.model
         if library is None:
             from onnx_dc.rewrite import decompress_model

@@ -81,6 +81,7 @@ __all__ = [
     "fit_one_layer",
     "fit_to_tensor",
     "initializer_array",
+    "layer_target",
     "plain_tensor",
     "set_initializer",
 ]
@@ -344,9 +345,9 @@ class CalibratedCompression:
     """The result of :func:`compress_with_calibration`.
 
     ``model`` is a copy of the input model whose refitted biases hold their new
-    values (the weights are still the original dense ones): hand it with
-    ``tensors`` to the converter (:func:`onnx_dc.api.compress_model` with a
-    ``tensor_compressor`` looking them up).
+    values (the weights are still the original dense ones): hand it to the
+    converter with :meth:`tensor_compressor`
+    (``onnx_dc.api.compress_model(c.model, settings, tensor_compressor=c.tensor_compressor())``).
     """
 
     model: onnx.ModelProto
@@ -357,6 +358,19 @@ class CalibratedCompression:
     def tensors(self) -> dict[str, CompressedTensor]:
         """Compressed tensor per weight name."""
         return {name: r.tensor for name, r in self.results.items()}
+
+    def tensor_compressor(self) -> Callable[..., CompressedTensor]:
+        """A ``tensor_compressor`` for :func:`onnx_dc.api.compress_model`: the tensor fitted here for
+        every weight in :attr:`results`, the converter's plain path
+        (:func:`onnx_dc.tensor.compress_tensor`) for any other."""
+
+        def compressor(weight, values: np.ndarray, resolved) -> CompressedTensor:
+            found = self.results.get(weight.name)
+            if found is not None:
+                return found.tensor
+            return compress_tensor(values, resolved.to_tensor_settings())
+
+        return compressor
 
 
 ProgressCallback = Callable[[int, int, str], None]
@@ -435,13 +449,8 @@ def compress_with_calibration(
             stats = statistics[layer.weight]
             weight = initializer_array(model, layer.weight)
             bias = initializer_array(model, layer.bias) if layer.bias is not None else None
-            column_weights = (
-                downstream_column_weights(model, layer, stats, weight, bias, layers=all_layers)
-                if options.downstream_weighting else None
-            )
-            layer_result, new_bias = fit_one_layer(
-                layer, stats, weight, bias, settings[layer.weight], options, column_weights=column_weights,
-            )
+            target = layer_target(model, layer, stats, weight, bias, options, layers=all_layers)
+            layer_result, new_bias = fit_one_layer(target, weight, bias, settings[layer.weight], options)
             result.results[layer.weight] = layer_result
             result.n_samples = max(result.n_samples, stats.n_samples)
             if options.sequential:
@@ -461,24 +470,39 @@ def compress_with_calibration(
     return result
 
 
-def fit_one_layer(
+def layer_target(
+    model: onnx.ModelProto,
     layer: LayerSpec,
     stats: LayerStatistics,
     weight: np.ndarray,
     bias: np.ndarray | None,
-    settings: LayerSettings,
     options: CalibrationOptions,
     *,
-    column_weights: Sequence[np.ndarray] | None = None,
-) -> tuple[LayerResult, np.ndarray | None]:
-    """Fit one layer from its statistics; returns its :class:`LayerResult` and the new bias (or None).
-
-    ``column_weights``: see :func:`build_target` (computed by the caller, which knows the graph).
-    """
-    target = build_target(
+    layers: Sequence[LayerSpec] | None = None,
+) -> LayerTarget:
+    """:func:`build_target` with the damping and bias correction of ``options`` and, when
+    ``options.downstream_weighting`` is on, the column weights of :func:`downstream_column_weights`
+    (``layers``: the model's layers, found again when not given)."""
+    column_weights = (
+        downstream_column_weights(model, layer, stats, weight, bias, layers=layers)
+        if options.downstream_weighting else None
+    )
+    return build_target(
         layer, stats, weight, bias, damping=options.damping, bias_correction=options.bias_correction,
         column_weights=column_weights,
     )
+
+
+def fit_one_layer(
+    target: LayerTarget,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    settings: LayerSettings,
+    options: CalibrationOptions,
+) -> tuple[LayerResult, np.ndarray | None]:
+    """Fit one layer's :class:`LayerTarget` (:func:`layer_target`); returns its :class:`LayerResult`
+    and the new bias (or None)."""
+    layer = target.layer
     fit = fit_layer(
         target.problem,
         sparsity=settings.sparsity,

@@ -941,13 +941,12 @@ def _feedback_codes(
         return [plan.codes(w, centroids, mid) for plan, w in zip(plans, weights)]
 
 
-def _feedback_factor(hessians: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factors ``U`` of ``H^-1`` (``H^-1 = U^T U``) of one or a stack of matrices.
+def _feedback_factor(stack: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factors ``U`` of ``H^-1`` (``H^-1 = U^T U``) of a stack of matrices ``[B, s, s]``.
 
     A matrix that is not positive definite gets the identity: its weights are
     rounded without compensation.
     """
-    stack = hessians if hessians.ndim == 3 else hessians[None]
     try:
         factors = np.swapaxes(np.linalg.cholesky(np.linalg.inv(stack)), -1, -2)
         ok = np.all(np.isfinite(factors), axis=(1, 2))
@@ -962,7 +961,7 @@ def _feedback_factor(hessians: np.ndarray) -> np.ndarray:
                 pass
     if not np.all(ok):
         factors[~ok] = np.eye(stack.shape[-1])
-    return factors if hessians.ndim == 3 else factors[0]
+    return factors
 
 
 def _round_with_feedback(weights: np.ndarray, factors: np.ndarray, centroids: np.ndarray, mid: np.ndarray) -> np.ndarray:

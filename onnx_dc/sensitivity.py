@@ -44,9 +44,8 @@ from onnx_dc.calibrated import (
     CalibrationOptions,
     LayerFitter,
     LayerSettings,
-    build_target,
-    downstream_column_weights,
     initializer_array,
+    layer_target,
 )
 from onnx_dc.calibration import (
     DEFAULT_BATCH_SIZE,
@@ -400,14 +399,7 @@ def analyze_sensitivity(
         for layer in found:
             weight = initializer_array(model, layer.weight)
             bias = initializer_array(model, layer.bias) if layer.bias else None
-            column_weights = (
-                downstream_column_weights(model, layer, stats[layer.weight], weight, bias, layers=all_layers)
-                if opts.downstream_weighting else None
-            )
-            target = build_target(
-                layer, stats[layer.weight], weight, bias, damping=opts.damping, bias_correction=opts.bias_correction,
-                column_weights=column_weights,
-            )
+            target = layer_target(model, layer, stats[layer.weight], weight, bias, opts, layers=all_layers)
             fitter = LayerFitter(target, weight, opts)
             fitter.prepare([s for s in sparsities if 0 < s < 1])
             entry = LayerSensitivity(layer.weight, layer.op, tuple(weight.shape))
