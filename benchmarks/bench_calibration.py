@@ -2,7 +2,7 @@
 
 Builds synthetic MLPs (``depth`` layers of ``width x width`` MatMul + bias Add +
 Relu, float32, random weights), then times
-:func:`onnx_dc.calibration.capture_statistics` over all layers (one onnxruntime
+:func:`onnx_dc.calibration.capture.capture_statistics` over all layers (one onnxruntime
 pass; Gram statistics accumulated in float64) and records the process's peak
 resident memory. Each measurement runs in a fresh subprocess so that peaks do
 not leak between rows. Two tables:
@@ -68,7 +68,9 @@ def measure(depth: int, width: int, samples: int, batch_size: int) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from onnx_dc.calibration import capture_statistics, find_layers, load_calibration
+    from onnx_dc.calibration.capture import capture_statistics
+    from onnx_dc.calibration.layers import find_layers
+    from onnx_dc.calibration.data import load_calibration
 
     model = build_mlp(depth, width)
     layers = find_layers(model)

@@ -30,8 +30,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnx_dc.accounting import container_size_breakdown  # noqa: E402
-from onnx_dc.container import decode_container, encode_container, read_container_info  # noqa: E402
+from onnx_dc.codec.accounting import container_size_breakdown  # noqa: E402
+from onnx_dc.codec.container_reader import decode_container, read_container_info  # noqa: E402
+from onnx_dc.codec.container import encode_container
 
 TARGET_WEIGHTS_PER_SECOND = 5e6
 

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 import onnx_dc  # noqa: E402
-import onnx_dc.rewrite as rewrite  # noqa: E402
+import onnx_dc.graph.rewrite as rewrite  # noqa: E402
 from bench_lenet_latency import interleaved_medians, single_thread_session  # noqa: E402
 
 POLICIES: dict[str, Callable[[object, dict], bool]] = {
@@ -110,7 +110,8 @@ def measure_layers(*, rounds: int, runs_per_block: int, seed: int = 0) -> list[t
     """``(layer, DCConv seconds, onnxruntime Conv seconds)`` per layer shape and pruning rate."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from onnx_dc.container import decode_container, encode_container
+    from onnx_dc.codec.container_reader import decode_container
+    from onnx_dc.codec.container import encode_container
 
     rng = np.random.default_rng(seed)
     pairs = {}

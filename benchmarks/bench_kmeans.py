@@ -1,4 +1,4 @@
-"""1-D k-means for weight sharing: onnx_dc.clustering.kmeans_1d vs scikit-learn (issue 2 target: >= 10x at 1M).
+"""1-D k-means for weight sharing: onnx_dc.codec.clustering.kmeans_1d vs scikit-learn (issue 2 target: >= 10x at 1M).
 
 Data: the survivors of a 90 %-pruned Gaussian tensor (float32, sigma 0.05),
 i.e. the two tails beyond 1.645 sigma, drawn directly by inverse-CDF
@@ -44,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnx_dc.clustering import initial_centroids, kmeans_1d  # noqa: E402
+from onnx_dc.codec.clustering import initial_centroids, kmeans_1d  # noqa: E402
 
 TARGET_SPEEDUP_AT_1M = 10.0
 SIGMA = 0.05

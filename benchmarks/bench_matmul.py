@@ -38,9 +38,10 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnx_dc import ops_library_path  # noqa: E402
-from onnx_dc.clustering import kmeans_1d  # noqa: E402
-from onnx_dc.container import decode_container, decode_container_codes, encode_container  # noqa: E402
-from onnx_dc.pruning import prune_by_magnitude  # noqa: E402
+from onnx_dc.codec.clustering import kmeans_1d  # noqa: E402
+from onnx_dc.codec.container_reader import decode_container, decode_container_codes  # noqa: E402
+from onnx_dc.codec.container import encode_container
+from onnx_dc.codec.pruning import prune_by_magnitude  # noqa: E402
 
 BATCH1_TARGET = 5.0
 BATCH8_TARGET = 1.0

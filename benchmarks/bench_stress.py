@@ -280,7 +280,7 @@ def decode_linearity(sizes: list[int], repeats: int = 3) -> list[dict]:
             CraftedStream(mode=0, raw_width=1, symbols=rng.integers(0, 2, n))])
 
     def normal(n: int, rng: np.random.Generator) -> bytes:
-        from onnx_dc.container import encode_container
+        from onnx_dc.codec.container import encode_container
 
         codes = rng.integers(0, 32, n)
         codes[rng.random(n) < 0.9] = -1

@@ -312,12 +312,12 @@ def run_case(case: BenchCase, settings: ModelSettings, *, latency_seconds: float
 
 
 def _validate(case: BenchCase, candidate: methods.Candidate) -> dict:
-    """``onnx_dc.validate`` (through the operator library) on the first evaluation input."""
+    """``onnx_dc.api.validate`` (through the operator library) on the first evaluation input."""
     import onnx_dc
     from onnx_dc.errors import OnnxDcError
 
     try:
-        report = onnx_dc.validate(
+        report = onnx_dc.api.validate(
             onnx.load_from_string(case.original_bytes),
             onnx.load_from_string(candidate.model_bytes),
             inputs=case.eval_feeds[0],
@@ -493,7 +493,7 @@ def format_paths(results: list[dict]) -> list[str]:
     """One line per onnx-dc row: ``validate`` (operator library) and the task metric via the library and decompressed."""
     lines = [
         "Each onnx-dc model is run through the operator library and, after `onnx_dc.decompress`, as a standard "
-        "ONNX model without it; `validate` = `onnx_dc.validate(original, compressed, use_library=True)` on the "
+        "ONNX model without it; `validate` = `onnx_dc.api.validate(original, compressed, use_library=True)` on the "
         "first evaluation input (passes when the model runs and its outputs are finite and shaped like the original's).",
         "",
         "| model | onnx-dc row | validate (library) | task metric, library | task metric, decompressed | max abs diff library vs decompressed |",

@@ -106,9 +106,9 @@ def has_constant_weights(model: onnx.ModelProto) -> bool:
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """``onnx_dc.model_io.constants_to_initializers`` (a copy of ``model`` whose main-graph
+    """``onnx_dc.graph.model_io.constants_to_initializers`` (a copy of ``model`` whose main-graph
     ``Constant`` tensors became initializers), with the number of nodes it converted."""
-    from onnx_dc.model_io import constants_to_initializers as convert
+    from onnx_dc.graph.model_io import constants_to_initializers as convert
 
     converted = convert(model)
     return converted, _count_ops(model, {"Constant"}) - _count_ops(converted, {"Constant"})

@@ -53,7 +53,7 @@ class DcSettings:
 
     def compress_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``onnx_dc.compress`` (without the calibration data)."""
-        from onnx_dc.calibrated import CalibrationOptions
+        from onnx_dc.calibration.options import CalibrationOptions
 
         kwargs: dict[str, Any] = {}
         for name in ("sparsity", "bits", "index_bits", "min_elements"):
@@ -127,7 +127,7 @@ class AutoSettings:
 
     def compress_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``onnx_dc.compress`` (without calibration and search data)."""
-        from onnx_dc.calibrated import CalibrationOptions
+        from onnx_dc.calibration.options import CalibrationOptions
 
         kwargs: dict[str, Any] = {
             "calibration": CalibrationOptions(sequential=self.sequential, refit_rounds=self.refit_rounds)

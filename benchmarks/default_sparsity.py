@@ -25,7 +25,7 @@ from pathlib import Path
 
 import onnx_dc
 from onnx_dc.errors import LibraryNotFoundError
-from onnx_dc.settings import DEFAULTS
+from onnx_dc.graph.settings import DEFAULTS
 
 ZOO = ("lenet_300_100", "lenet5")
 SWEEP = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -52,8 +52,8 @@ def _within_budget(base, result) -> bool:
 
 
 def _kinds(path: Path) -> set[str]:
-    from onnx_dc.model_io import load_model
-    from onnx_dc.weights import find_weights
+    from onnx_dc.graph.model_io import load_model
+    from onnx_dc.graph.weights import find_weights
 
     return {w.kind for w in find_weights(load_model(path)) if not w.is_bias}
 
@@ -65,8 +65,8 @@ def paper_settings(model_name: str) -> dict[str, str]:
     differ between exporters).
     """
     from model_zoo import get_model_path
-    from onnx_dc.model_io import load_model
-    from onnx_dc.weights import find_weights
+    from onnx_dc.graph.model_io import load_model
+    from onnx_dc.graph.weights import find_weights
 
     weights = [w for w in find_weights(load_model(get_model_path(model_name))) if not w.is_bias]
     names = [w.name for w in weights]
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"largest sparsity within {MAX_DROP_POINTS} points on the validation images, per kind, over the zoo:")
     for kind, values in sorted(chosen.items()):
-        print(f"  {kind}: {min(values):.2f}   (onnx_dc.settings.DEFAULTS: {DEFAULTS[kind]['sparsity']})")
+        print(f"  {kind}: {min(values):.2f}   (onnx_dc.graph.settings.DEFAULTS: {DEFAULTS[kind]['sparsity']})")
 
     print()
     print("End to end (test top-1 through the operator library, and decompressed; ratio = every weight,")

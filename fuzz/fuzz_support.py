@@ -101,8 +101,8 @@ class Outcome:
 
 
 def numpy_outcome(data: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Outcome:
-    """Decode with onnx_dc.container (numpy). Any exception but ContainerError propagates."""
-    from onnx_dc.container import decode_container, decode_container_symbols
+    """Decode with onnx_dc.codec.container (numpy). Any exception but ContainerError propagates."""
+    from onnx_dc.codec.container_reader import decode_container, decode_container_symbols
     from onnx_dc.errors import ContainerError
 
     try:

@@ -6,7 +6,7 @@ Run from the repository root::
     python fuzz/make_corpus.py --check    # exit 1 if fuzz/corpus/ differs from what would be written
 
 Every float weight of every ``model_zoo/models/*.onnx`` is compressed with
-onnx_dc's tensor pipeline (:func:`onnx_dc.tensor.compress_tensor`) under a grid
+onnx_dc's tensor pipeline (:func:`onnx_dc.codec.tensor.compress_tensor`) under a grid
 of settings that covers both layouts, raw and Huffman streams, weight bits 1 to
 8, index bits 1 to 16 and the four dtypes; weights above ``_SLICE_ELEMENTS``
 elements are cut to their first rows so the seeds stay small (fuzzers mutate
@@ -31,8 +31,8 @@ from onnx import numpy_helper
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from onnx_dc.container import encode_container  # noqa: E402
-from onnx_dc.tensor import TensorSettings, compress_tensor  # noqa: E402
+from onnx_dc.codec.container import encode_container  # noqa: E402
+from onnx_dc.codec.tensor import TensorSettings, compress_tensor  # noqa: E402
 
 CORPUS_DIR = REPO_ROOT / "fuzz" / "corpus"
 MODELS_DIR = REPO_ROOT / "model_zoo" / "models"

@@ -1,4 +1,4 @@
-"""atheris (libFuzzer for Python) target for the numpy container decoder, onnx_dc/container.py.
+"""atheris (libFuzzer for Python) target for the numpy container decoder, onnx_dc/codec/container.py.
 
 Run through fuzz/run.sh (``fuzz/run.sh numpy SECONDS``) or directly with
 libFuzzer flags::
@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fuzz_support  # noqa: E402
 
 with atheris.instrument_imports(
-    include=["onnx_dc.container", "onnx_dc.huffman", "onnx_dc.bitstream", "onnx_dc.sparse"]
+    include=["onnx_dc.codec.container", "onnx_dc.codec.container_reader", "onnx_dc.codec.huffman", "onnx_dc.codec.bitstream", "onnx_dc.codec.relative_indices"]
 ):
-    from onnx_dc.container import read_container_info  # noqa: E402
+    from onnx_dc.codec.container_reader import read_container_info  # noqa: E402
     from onnx_dc.errors import ContainerError  # noqa: E402
 
 _CPP = fuzz_support.CppDecoder()

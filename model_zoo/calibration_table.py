@@ -41,7 +41,7 @@ Rows (all one-shot: no retraining, no labels in any fit):
 4. ``+ sequential``: statistics captured with the compressed upstream layers in place;
    rows 2-4 fit every layer to its own output (``downstream_weighting=False``);
 4b. ``+ downstream weighting``: each output column of a layer's error weighted by how much it
-   reaches the next compressed layer (:func:`onnx_dc.calibrated.downstream_column_weights`):
+   reaches the next compressed layer (:func:`onnx_dc.calibration.targets.downstream_column_weights`):
    the full recipe, which the automatic rows use;
 5. for scale, the automatic per-layer search (below) with the uncalibrated
    recipe of row 1: what magnitude pruning and k-means reach with the best
@@ -51,8 +51,8 @@ Rows (all one-shot: no retraining, no labels in any fit):
    margin for measurement noise, which row 7 replaces);
 7. automatic settings at ``--max-drop 0.5`` whose chosen configuration must meet
    the budget by one standard error of its drop measured on half A
-   (``--margin-drops``; :func:`onnx_dc.autotune.drop_standard_error`, the
-   ``drop_margin_se`` argument of :func:`onnx_dc.autotune.autotune`): the noise
+   (``--margin-drops``; :func:`onnx_dc.calibration.budget.drop_standard_error`, the
+   ``drop_margin_se`` argument of :func:`onnx_dc.calibration.search.autotune`): the noise
    margin computed per configuration from its own changed predictions instead of
    a fixed 0.2 pp.
 
@@ -200,12 +200,14 @@ def model_rows(
     ``search_data="train"`` measures the automatic rows' budgets on held-out training
     images instead of test half A (module docstring).
     """
-    from onnx_dc.api import compress_model
-    from onnx_dc.calibrate import compress_calibrated
-    from onnx_dc.calibrated import CalibrationOptions, LayerSettings, compress_with_calibration
-    from onnx_dc.calibration import load_calibration, run_model
-    from onnx_dc.rewrite import decompress_model
-    from onnx_dc.settings import parse_settings
+    from onnx_dc.api.convert import compress_model
+    from onnx_dc.api.calibrated import compress_calibrated
+    from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
+    from onnx_dc.calibration.model_fit import compress_with_calibration
+    from onnx_dc.calibration.data import load_calibration
+    from onnx_dc.calibration.capture import run_model
+    from onnx_dc.graph.restore import decompress_model
+    from onnx_dc.graph.settings import parse_settings
 
     path = get_model_path(name)
     model = onnx.load(str(path))

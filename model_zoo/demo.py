@@ -21,7 +21,7 @@ from pathlib import Path
 
 import onnx_dc
 from onnx_dc.errors import LibraryNotFoundError, OnnxDcError
-from onnx_dc.report import format_bytes
+from onnx_dc.api.report import format_bytes
 
 
 def run_demo(

@@ -61,9 +61,9 @@ class PathPoint:
 
 def paired_drop(correct_before: np.ndarray, correct_after: np.ndarray) -> tuple[float, float]:
     """Top-1 drop in percentage points and its standard error
-    (:func:`onnx_dc.autotune.drop_standard_error`), from per-sample correctness (paired)."""
-    from onnx_dc.autotune import drop_standard_error
-    from onnx_dc.sensitivity import OutputMetrics
+    (:func:`onnx_dc.calibration.budget.drop_standard_error`), from per-sample correctness (paired)."""
+    from onnx_dc.calibration.budget import drop_standard_error
+    from onnx_dc.calibration.metrics import OutputMetrics
 
     before, after = float(np.mean(correct_before)), float(np.mean(correct_after))
     metrics = OutputMetrics(0.0, 1.0, accuracy=after, discordant=float(np.mean(correct_before != correct_after)))
@@ -76,12 +76,14 @@ def path_points(
 ) -> list[PathPoint]:
     """Search ``name`` as the table's margin row does, then compress and measure the path's configurations
     whose ratio is in ``[min_ratio, max_ratio]`` (and, with ``around``, within that many steps of the chosen one)."""
-    from onnx_dc.api import compress_model
-    from onnx_dc.calibrate import compress_calibrated
-    from onnx_dc.calibrated import CalibrationOptions, compress_with_calibration
-    from onnx_dc.calibration import load_calibration, run_model
-    from onnx_dc.rewrite import decompress_model
-    from onnx_dc.settings import parse_settings
+    from onnx_dc.api.convert import compress_model
+    from onnx_dc.api.calibrated import compress_calibrated
+    from onnx_dc.calibration.options import CalibrationOptions
+    from onnx_dc.calibration.model_fit import compress_with_calibration
+    from onnx_dc.calibration.data import load_calibration
+    from onnx_dc.calibration.capture import run_model
+    from onnx_dc.graph.restore import decompress_model
+    from onnx_dc.graph.settings import parse_settings
 
     model = onnx.load(str(get_model_path(name)))
     calib = calibration_set(calib_samples, seed=CALIBRATION_SEED)  # TRAINING split only

@@ -2,14 +2,26 @@
 
 Python API (each function takes a model path or an ``onnx.ModelProto``)::
 
-    onnx_dc.compress(model, output=None, *, sparsity=..., bits=..., index_bits=..., init=..., exclude=..., min_elements=...)
+    onnx_dc.compress(model, output=None, recipe=None, *, calib=None, eval_data=None, ...)
     onnx_dc.decompress(model, output=None)
     onnx_dc.inspect(model)
     onnx_dc.validate(original, compressed, inputs=None, *, max_abs_diff=None, min_cosine=None)
+    onnx_dc.sensitivity(model, calib, ...)
     onnx_dc.ops_library_path()   # the custom operator library for onnxruntime
+
+The package is layered, each layer a subpackage importing only the ones below:
+:mod:`onnx_dc.api` (this API, the command line, reports) -> :mod:`onnx_dc.calibration`
+(fits to sample inputs, the automatic search) -> :mod:`onnx_dc.graph` (ONNX models
+around the containers) -> :mod:`onnx_dc.codec` (numpy: pruning, weight sharing,
+relative indices, Huffman coding, the container format). docs/ARCHITECTURE.md
+walks through them. The names below are imported when first used, so that
+``import onnx_dc`` (and the command line's start) stays cheap.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from onnx_dc.errors import (
     CalibrationError,
@@ -23,12 +35,44 @@ from onnx_dc.errors import (
 
 __version__ = "0.1.0"
 
-from onnx_dc._library import ops_library_path  # noqa: E402
-from onnx_dc.api import compress, decompress, inspect, validate  # noqa: E402
+_LAZY: dict[str, str] = {
+    "compress": "onnx_dc.api.functions",
+    "decompress": "onnx_dc.api.functions",
+    "inspect": "onnx_dc.api.functions",
+    "validate": "onnx_dc.api.functions",
+    "sensitivity": "onnx_dc.api.functions",
+    "CompressionResult": "onnx_dc.api.convert",
+    "ops_library_path": "onnx_dc.graph.library",
+}
+
+if TYPE_CHECKING:
+    from onnx_dc.api.convert import CompressionResult
+    from onnx_dc.api.functions import (
+        compress,
+        decompress,
+        inspect,
+        sensitivity,
+        validate,
+    )
+    from onnx_dc.graph.library import ops_library_path
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'onnx_dc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [
     "CalibrationError",
+    "CompressionResult",
     "ContainerError",
     "InvalidTensorError",
     "LibraryNotFoundError",
@@ -40,5 +84,6 @@ __all__ = [
     "decompress",
     "inspect",
     "ops_library_path",
+    "sensitivity",
     "validate",
 ]

@@ -14,7 +14,7 @@ def _interrupted(signum, frame):  # noqa: ARG001
 # package is still importing also ends with one line and no output.
 signal.signal(signal.SIGTERM, _interrupted)
 try:
-    from onnx_dc.cli import main
+    from onnx_dc.api.cli import main
 except KeyboardInterrupt:
     print("onnx-dc: error: interrupted; no output was written", file=sys.stderr)
     sys.exit(130)

@@ -34,3 +34,10 @@ class CalibrationError(OnnxDcError, ValueError):
 
 class LibraryNotFoundError(OnnxDcError, FileNotFoundError):
     """The custom operator library was not built or cannot be found."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message with its spaces collapsed (the type's name when empty),
+    for one-line error reports that wrap errors of onnx, onnxruntime or numpy."""
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__

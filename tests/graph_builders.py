@@ -12,9 +12,9 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from onnx_dc.container import encode_container
-from onnx_dc.rewrite import apply_compression
-from onnx_dc.weights import find_weights
+from onnx_dc.codec.container import encode_container
+from onnx_dc.graph.rewrite import apply_compression
+from onnx_dc.graph.weights import find_weights
 
 OPSET = 17
 

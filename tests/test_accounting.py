@@ -1,4 +1,4 @@
-"""Size accounting and the weight-sharing rate (onnx_dc/accounting.py)."""
+"""Size accounting and the weight-sharing rate (onnx_dc/codec/accounting.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnx_dc.accounting import container_size_breakdown, shannon_entropy_bits, weight_sharing_rate
-from onnx_dc.container import encode_container, read_container_info
+from onnx_dc.codec.accounting import container_size_breakdown, shannon_entropy_bits, weight_sharing_rate
+from onnx_dc.codec.container import encode_container
+from onnx_dc.codec.container_reader import read_container_info
 from onnx_dc.errors import SettingsError
-from onnx_dc.sparse import count_fillers
+from onnx_dc.codec.relative_indices import count_fillers
 
 
 def test_paper_weight_sharing_examples():

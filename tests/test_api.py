@@ -15,7 +15,7 @@ import graph_builders as gb
 import onnx_dc
 from graph_builders import ops_library  # noqa: F401  (fixture)
 from onnx_dc.errors import InvalidTensorError, ModelError, SettingsError
-from onnx_dc.model_io import iter_graphs
+from onnx_dc.graph.model_io import iter_graphs
 
 
 def _sha(path: Path) -> str:
@@ -82,7 +82,7 @@ def test_quantized_values_are_what_the_model_holds():
 def test_progress_callback_and_tensor_compressor_hook():
     calls = []
     seen = []
-    from onnx_dc.tensor import compress_tensor
+    from onnx_dc.codec.tensor import compress_tensor
 
     def compressor(weight, values, settings):
         seen.append((weight.name, weight.kind, values.shape, settings.bits))
@@ -106,7 +106,7 @@ def test_every_graph_shape_round_trips_and_runs_through_the_library(name, ops_li
     feeds = gb.inputs_for(model)
     for got, want in zip(_run(result.model, feeds, ops_library), _run(restored, feeds)):
         np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=1e-4, atol=1e-4)
-    report = onnx_dc.validate(model, result.model, feeds)
+    report = onnx_dc.api.validate(model, result.model, feeds)
     assert report.used_library and all(o.cosine is None or o.cosine > 0.5 for o in report.outputs)
 
 
@@ -172,7 +172,7 @@ def test_zoo_pipeline_compress_validate_decompress_evaluate(name, tmp_path, ops_
     assert kinds == ({"fc"} if name == "lenet_300_100" else {"fc", "conv"})
     assert result.report.ratio > 5  # the defaults prune and quantize every layer
 
-    report = onnx_dc.validate(src, compressed)
+    report = onnx_dc.api.validate(src, compressed)
     assert report.used_library and report.outputs[0].cosine > 0.95
 
     restored = tmp_path / f"{name}.restored.onnx"
@@ -191,7 +191,7 @@ def test_zoo_pipeline_compress_validate_decompress_evaluate(name, tmp_path, ops_
 
 def test_models_over_the_protobuf_limit_end_to_end(tmp_path, monkeypatch, ops_library):
     """The >2 GB path (external data in and out, sessions from files), with the limit lowered for the test."""
-    from onnx_dc import model_io
+    from onnx_dc.graph import model_io
 
     src = tmp_path / "big.onnx"
     onnx.save(gb.mlp(), src, save_as_external_data=True, location="big.bin", size_threshold=0)
@@ -199,7 +199,7 @@ def test_models_over_the_protobuf_limit_end_to_end(tmp_path, monkeypatch, ops_li
     result = onnx_dc.compress(src, tmp_path / "out.onnx")
     assert result.saved.external_data_path == tmp_path / "out.onnx.data"
     assert result.warnings == ["onnx.checker skipped: model over 2 GB"]
-    report = onnx_dc.validate(src, tmp_path / "out.onnx", gb.inputs_for(gb.mlp()))
+    report = onnx_dc.api.validate(src, tmp_path / "out.onnx", gb.inputs_for(gb.mlp()))
     assert report.used_library and report.outputs[0].cosine > 0.9
     onnx_dc.decompress(tmp_path / "out.onnx", tmp_path / "restored.onnx")
     assert (tmp_path / "restored.onnx.data").exists()

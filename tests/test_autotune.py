@@ -1,4 +1,4 @@
-"""Tests of onnx_dc.autotune: the search respects its budget on held-out data and is reproducible."""
+"""Tests of onnx_dc.calibration.search: the search respects its budget on held-out data and is reproducible."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import pytest
 
 import onnx_dc
 from calibration_models import classifier, inputs, labelled
-from onnx_dc.autotune import Budget, Candidate, _allocation_path, _hull
-from onnx_dc.calibration import load_calibration, run_model
-from onnx_dc.cli import main
+from onnx_dc.calibration.budget import Budget
+from onnx_dc.calibration.search_path import Candidate, _allocation_path, _hull
+from onnx_dc.calibration.data import load_calibration
+from onnx_dc.calibration.capture import run_model
+from onnx_dc.api.cli import main
 from onnx_dc.errors import CalibrationError, SettingsError
-from onnx_dc.rewrite import decompress_model
+from onnx_dc.graph.restore import decompress_model
 
 GRID = {"search_sparsities": (0.0, 0.5, 0.8, 0.9), "search_bits": (2, 4, 6)}
 
@@ -158,8 +160,8 @@ class TestSearch:
 
 
 def test_isotonic_choice_ignores_a_lucky_outlier():
-    from onnx_dc.autotune import _isotonic, _robust_choice
-    from onnx_dc.sensitivity import OutputMetrics
+    from onnx_dc.calibration.budget import _isotonic, _robust_choice
+    from onnx_dc.calibration.metrics import OutputMetrics
 
     assert _isotonic([0.0, 2.0, 1.0, 3.0]) == [0.0, 1.5, 1.5, 3.0]
     drops = [0.0, 0.2, 0.4, 0.9, 0.3, 1.2, 1.5]  # index 4 is a lucky measurement
@@ -169,7 +171,7 @@ def test_isotonic_choice_ignores_a_lucky_outlier():
 
 
 def test_default_grids_are_coarse_for_many_layers():
-    from onnx_dc.autotune import DEFAULT_SEARCH_SPARSITIES, MANY_LAYERS, default_grids
+    from onnx_dc.calibration.search import DEFAULT_SEARCH_SPARSITIES, MANY_LAYERS, default_grids
 
     fine, coarse = default_grids(MANY_LAYERS), default_grids(MANY_LAYERS + 1)
     assert fine[0] == DEFAULT_SEARCH_SPARSITIES
@@ -177,7 +179,7 @@ def test_default_grids_are_coarse_for_many_layers():
 
 
 def test_step_back_tries_the_nearest_configurations_first():
-    from onnx_dc.autotune import _step_back
+    from onnx_dc.calibration.budget import _step_back
 
     tried = []
 
@@ -198,8 +200,8 @@ def test_step_back_tries_the_nearest_configurations_first():
 
 
 def test_drop_standard_error_of_paired_predictions():
-    from onnx_dc.autotune import drop_standard_error
-    from onnx_dc.sensitivity import OutputMetrics
+    from onnx_dc.calibration.budget import drop_standard_error
+    from onnx_dc.calibration.metrics import OutputMetrics
 
     # 1000 samples, 30 changed predictions, net drop 1 pp: variance ((30/1000) - 0.01^2) / 1000.
     metrics = OutputMetrics(0.0, 1.0, accuracy=0.89, agreement=0.97)
@@ -216,8 +218,8 @@ def test_drop_standard_error_of_paired_predictions():
 
 
 def test_margin_choice_keeps_each_configuration_one_standard_error_inside_the_budget():
-    from onnx_dc.autotune import _robust_choice, drop_standard_error
-    from onnx_dc.sensitivity import OutputMetrics
+    from onnx_dc.calibration.budget import _robust_choice, drop_standard_error
+    from onnx_dc.calibration.metrics import OutputMetrics
 
     n = 5000
     drops = [0.0, 0.1, 0.2, 0.3, 0.4, 0.45, 0.6]
@@ -234,11 +236,11 @@ def test_margin_choice_keeps_each_configuration_one_standard_error_inside_the_bu
 
 
 def _margin_search(model, calib, evaluation, margin, max_drop=1.0, forward_steps=0):
-    from onnx_dc.api import compress_model
-    from onnx_dc.autotune import autotune
-    from onnx_dc.calibrate import load_evaluation
-    from onnx_dc.settings import parse_settings
-    from onnx_dc.tensor import compress_tensor
+    from onnx_dc.api.convert import compress_model
+    from onnx_dc.calibration.search import autotune
+    from onnx_dc.api.calibrated import load_evaluation
+    from onnx_dc.graph.settings import parse_settings
+    from onnx_dc.codec.tensor import compress_tensor
 
     settings = parse_settings()
 
@@ -262,7 +264,7 @@ def _margin_search(model, calib, evaluation, margin, max_drop=1.0, forward_steps
 
 
 def test_search_with_a_margin_meets_the_budget_with_room_for_noise(model, calib, evaluation):
-    from onnx_dc.autotune import drop_standard_error
+    from onnx_dc.calibration.budget import drop_standard_error
 
     # 2 pp on 500 samples: without the margin the search takes a configuration 1.6 pp down whose
     # standard error (about 0.55 pp) puts it past the budget; with the margin it must not.
@@ -296,8 +298,8 @@ def test_margin_is_checked(model, calib, evaluation):
 
 
 def test_step_forward_stops_at_the_first_failure_and_smooths():
-    from onnx_dc.autotune import _step_forward
-    from onnx_dc.sensitivity import OutputMetrics
+    from onnx_dc.calibration.budget import _step_forward
+    from onnx_dc.calibration.metrics import OutputMetrics
 
     def walk(drops, start=2, last=None, margin=0.0, changed=0.0):
         tried = []
@@ -322,7 +324,7 @@ def test_step_forward_stops_at_the_first_failure_and_smooths():
 
 
 def test_forward_steps_compress_further_along_the_path_within_the_budget(model, calib, evaluation):
-    from onnx_dc.autotune import drop_standard_error
+    from onnx_dc.calibration.budget import drop_standard_error
 
     n = len(evaluation["labels"])
     for margin in (0.0, 1.0):

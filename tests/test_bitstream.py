@@ -1,4 +1,4 @@
-"""MSB-first bit packing (onnx_dc/bitstream.py), checked against numpy.packbits(bitorder="big")."""
+"""MSB-first bit packing (onnx_dc/codec/bitstream.py), checked against numpy.packbits(bitorder="big")."""
 
 from __future__ import annotations
 
@@ -7,15 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnx_dc.bitstream import (
-    MAX_VALUE_BITS,
-    byte_windows,
-    pack_symbols,
-    pack_symbols_chunked,
-    pack_values,
-    padding_bits_are_zero,
-    unpack_fixed_width,
-)
+from onnx_dc.codec.bitstream import MAX_VALUE_BITS, byte_windows, pack_symbols, pack_symbols_chunked, pack_values, padding_bits_are_zero, unpack_fixed_width
 
 
 def _reference_pack(values: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, int]:

@@ -1,4 +1,4 @@
-"""Tests of onnx_dc.calibrated: calibrated compression of whole models, plain and sequential."""
+"""Tests of onnx_dc.calibration.model_fit: calibrated compression of whole models, plain and sequential."""
 
 from __future__ import annotations
 
@@ -8,21 +8,18 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_dc
+import onnx_dc.api.convert
 from calibration_models import classifier, inputs
-from onnx_dc.calibrated import (
-    CalibrationOptions,
-    LayerSettings,
-    compress_with_calibration,
-    downstream_column_weights,
-    initializer_array,
-    set_initializer,
-)
-from onnx_dc.calibration import load_calibration, run_model
-from onnx_dc.cli import main
-from onnx_dc.container import decode_container
+from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
+from onnx_dc.calibration.model_fit import compress_with_calibration, initializer_array, set_initializer
+from onnx_dc.calibration.targets import downstream_column_weights
+from onnx_dc.calibration.data import load_calibration
+from onnx_dc.calibration.capture import run_model
+from onnx_dc.api.cli import main
+from onnx_dc.codec.container_reader import decode_container
 from onnx_dc.errors import ModelError, SettingsError
-from onnx_dc.rewrite import decompress_model
-from onnx_dc.settings import parse_settings
+from onnx_dc.graph.restore import decompress_model
+from onnx_dc.graph.settings import parse_settings
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +44,7 @@ def output_error(model, compression, data):
     def lookup(weight, values, resolved):
         return compression.results[weight.name].tensor
 
-    result = onnx_dc.api.compress_model(compression.model, parse_settings(min_elements=0), tensor_compressor=lookup)
+    result = onnx_dc.api.convert.compress_model(compression.model, parse_settings(min_elements=0), tensor_compressor=lookup)
     runnable = onnx.ModelProto()
     runnable.CopyFrom(result.model)
     decompress_model(runnable)
@@ -114,7 +111,7 @@ def test_weights_without_statistics_take_the_plain_path():
 
 
 def test_quality_converts_to_a_sparsity():
-    from onnx_dc.settings import ResolvedSettings
+    from onnx_dc.graph.settings import ResolvedSettings
 
     w = np.linspace(-1, 1, 101)
     settings = LayerSettings.from_resolved(ResolvedSettings(None, 0.5, 4, 5, "linear"), w)
@@ -220,7 +217,7 @@ def test_weights_in_constant_nodes_are_calibrated_and_the_model_validates():
     onnx.checker.check_model(result.model)
     cosines = []
     for use_library in (True, False):  # through the operator library, and decompressed to standard operators
-        report = onnx_dc.validate(model, result.model, feeds, min_cosine=0.9, use_library=use_library)
+        report = onnx_dc.api.validate(model, result.model, feeds, min_cosine=0.9, use_library=use_library)
         assert report.passed and report.used_library == use_library
         cosines.append(report.outputs[0].cosine)
     assert cosines[0] == pytest.approx(cosines[1], abs=1e-5)
@@ -239,15 +236,15 @@ def test_weights_in_constant_nodes_are_calibrated_and_the_model_validates():
 
 
 def _every_width_sizes(codes, codebook, bits):
-    from onnx_dc.calibrated import AUTO_INDEX_BITS
-    from onnx_dc.container import encode_container
+    from onnx_dc.calibration.options import AUTO_INDEX_BITS
+    from onnx_dc.codec.container import encode_container
 
     return [len(encode_container(codes, codebook, bits=bits, index_bits=w)) for w in AUTO_INDEX_BITS]
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.6, 0.9])
 def test_automatic_index_bits_reach_the_smallest_container_of_every_width(sparsity):
-    from onnx_dc.calibrated import _encode_best
+    from onnx_dc.calibration.model_fit import _encode_best
 
     rng = np.random.default_rng(3)
     codes = rng.integers(0, 8, size=(64, 96)).astype(np.int16)
@@ -263,15 +260,15 @@ def test_automatic_index_bits_reach_the_smallest_container_of_every_width(sparsi
 
 
 class TestSearchCandidates:
-    """The parts of onnx_dc.autotune that compute the candidates and measure their effect."""
+    """The parts of onnx_dc.calibration.search that compute the candidates and measure their effect."""
 
     def cand(self, size, layer_error, output_error=float("nan")):
-        from onnx_dc.autotune import Candidate
+        from onnx_dc.calibration.search_path import Candidate
 
         return Candidate(0.0, 4, size, output_error, layer_error, np.zeros(1), None, 4)
 
     def test_cheap_search_recipe_only_for_many_layers(self):
-        from onnx_dc.autotune import MANY_LAYERS, _search_options
+        from onnx_dc.calibration.search import MANY_LAYERS, _search_options
 
         options = CalibrationOptions(refit_rounds=2)
         assert _search_options(options, MANY_LAYERS) == options
@@ -280,14 +277,14 @@ class TestSearchCandidates:
         assert cheap.sequential == options.sequential and cheap.damping == options.damping
 
     def test_runs_per_layer_follow_the_cost_of_a_run(self):
-        from onnx_dc.autotune import MAX_MEASURED_PER_LAYER, _runs_per_layer
+        from onnx_dc.calibration.search_path import MAX_MEASURED_PER_LAYER, _runs_per_layer
 
         assert _runs_per_layer(0.001, 10, 20) is None  # 0.2 s in all: every candidate is run
         assert _runs_per_layer(0.2, 60, 18) == MAX_MEASURED_PER_LAYER
         assert _runs_per_layer(5.0, 60, 18) == 1
 
     def test_measured_candidates_spread_over_the_layer_errors(self):
-        from onnx_dc.autotune import _measured_indices
+        from onnx_dc.calibration.search_path import _measured_indices
 
         errors = [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 3e-5]
         assert _measured_indices(errors, None) == list(range(7))
@@ -297,7 +294,7 @@ class TestSearchCandidates:
         assert _measured_indices([0.0, 0.0], 2) == []
 
     def test_predicted_errors_interpolate_the_measured_ratio(self):
-        from onnx_dc.autotune import _predict_output_errors
+        from onnx_dc.calibration.search_path import _predict_output_errors
 
         found = [self.cand(10, 0.0), self.cand(9, 1e-3, 2e-3), self.cand(8, 1e-2), self.cand(7, 1e-1, 4e-1), self.cand(6, 1.0)]
         _predict_output_errors(found, [1, 3])
@@ -311,7 +308,7 @@ class TestSearchCandidates:
         assert alone[0].output_error == 0.5
 
     def test_thinned_path_keeps_ends_and_spreads_in_log_size(self):
-        from onnx_dc.autotune import _thin_path
+        from onnx_dc.calibration.search_path import _thin_path
 
         path = [{"a": self.cand(1000 - 9 * i, 0.0)} for i in range(100)]
         assert _thin_path(path, 200) is path
@@ -329,7 +326,8 @@ def _gaussian_pass_probability(z):
 
 
 def test_downstream_column_weights_of_a_relu_mlp(model, calib):
-    from onnx_dc.calibration import capture_statistics, find_layers
+    from onnx_dc.calibration.capture import capture_statistics
+    from onnx_dc.calibration.layers import find_layers
 
     layers = find_layers(model)
     stats = capture_statistics(model, calib, layers)
@@ -377,7 +375,8 @@ def _two_layer_mlp(middle: list[str], extra_output: bool = False) -> onnx.ModelP
     (["Sigmoid"], False, False, False), (["Relu"], True, False, False),
 ])
 def test_downstream_column_weights_only_through_known_operators(middle, extra_output, weighted, gated):
-    from onnx_dc.calibration import capture_statistics, find_layers
+    from onnx_dc.calibration.capture import capture_statistics
+    from onnx_dc.calibration.layers import find_layers
 
     mlp = _two_layer_mlp(middle, extra_output)
     layers = find_layers(mlp)

@@ -8,16 +8,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_dc.calibration import (
-    CalibrationData,
-    LayerStatistics,
-    capture_statistics,
-    find_layers,
-    im2col,
-    input_specs,
-    load_calibration,
-    run_model,
-)
+from onnx_dc.calibration.data import CalibrationData, input_specs, load_calibration
+from onnx_dc.calibration.capture import LayerStatistics, capture_statistics, run_model
+from onnx_dc.calibration.layers import find_layers, im2col
 from onnx_dc.errors import CalibrationError, ModelError, SettingsError
 from calibration_models import classifier, inputs
 
@@ -386,7 +379,7 @@ def test_feeds_split_by_whole_feeds_without_overlap():
 
 
 def test_reused_statistics_capture_once_inside_the_block(monkeypatch):
-    import onnx_dc.calibration as calibration
+    import onnx_dc.calibration.capture as calibration
 
     model = mlp_model()
     data = load_calibration({"x": RNG.standard_normal((20, 6)).astype(np.float32)}, model)

@@ -1,4 +1,4 @@
-"""Tests for onnx_dc.cli: the four subcommands, exit codes, and one-line errors for user mistakes."""
+"""Tests for onnx_dc.api.cli: the four subcommands, exit codes, and one-line errors for user mistakes."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import graph_builders as gb
-from onnx_dc.cli import EXIT_INTERRUPTED, EXIT_THRESHOLD, EXIT_USAGE, main
+from onnx_dc.api.cli import EXIT_INTERRUPTED, EXIT_THRESHOLD, EXIT_USAGE, main
 
 REPO = Path(__file__).resolve().parents[1]
 

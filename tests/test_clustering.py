@@ -1,4 +1,4 @@
-"""Tests of onnx_dc.clustering: exact 1-D Lloyd k-means, scikit-learn as the reference."""
+"""Tests of onnx_dc.codec.clustering: exact 1-D Lloyd k-means, scikit-learn as the reference."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from sklearn.cluster import KMeans
 
-from onnx_dc.clustering import INIT_METHODS, assign_to_centroids, initial_centroids, kmeans_1d
+from onnx_dc.codec.clustering import INIT_METHODS, assign_to_centroids, initial_centroids, kmeans_1d
 from onnx_dc.errors import InvalidTensorError, SettingsError
 
 

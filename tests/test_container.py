@@ -1,4 +1,4 @@
-"""The container format (onnx_dc/container.py, docs/FORMAT.md) and the shared test vectors."""
+"""The container format (onnx_dc/codec/container.py, docs/FORMAT.md) and the shared test vectors."""
 
 from __future__ import annotations
 
@@ -17,18 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onnx_dc.container import (
-    DEFAULT_MAX_ELEMENTS,
-    ContainerInfo,
-    decode_container,
-    decode_container_codes,
-    decode_container_symbols,
-    encode_container,
-    read_container_info,
-    worked_example,
-)
+from onnx_dc.codec.container import DEFAULT_MAX_ELEMENTS, ContainerInfo, encode_container
+from onnx_dc.codec.container_reader import decode_container, decode_container_codes, decode_container_symbols, read_container_info
+from onnx_dc.codec.container_example import worked_example
 from onnx_dc.errors import ContainerError, InvalidTensorError, SettingsError
-from onnx_dc.sparse import count_fillers
+from onnx_dc.codec.relative_indices import count_fillers
 
 REPO = Path(__file__).resolve().parents[1]
 VECTORS = REPO / "tests" / "vectors"
@@ -398,11 +391,11 @@ def test_format_md_worked_example_is_current():
 
 def test_example_command_line():
     result = subprocess.run(
-        [sys.executable, "-m", "onnx_dc.container", "--example"], cwd=REPO, capture_output=True, text=True, check=False
+        [sys.executable, "-m", "onnx_dc.codec.container_example", "--example"], cwd=REPO, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == worked_example() + "\n"
     bad = subprocess.run(
-        [sys.executable, "-m", "onnx_dc.container"], cwd=REPO, capture_output=True, text=True, check=False
+        [sys.executable, "-m", "onnx_dc.codec.container_example"], cwd=REPO, capture_output=True, text=True, check=False
     )
     assert bad.returncode == 2 and "usage" in bad.stderr

@@ -311,7 +311,7 @@ def _interrupt_at_line(n: int, module_file: str):
 def test_interrupt_at_any_line_of_save_model_leaves_old_or_complete_output(tmp_path: Path, external_data: bool,
                                                                            overwrite: bool) -> None:
     """A signal can arrive between any two statements: simulate one at each line save_model executes."""
-    from onnx_dc import model_io
+    from onnx_dc.graph import model_io
 
     model = onnx.load(str(LENET))
     module_file = model_io.__file__

@@ -40,7 +40,7 @@ import fuzz_support  # noqa: E402
 import graph_builders  # noqa: E402
 
 import onnx_dc  # noqa: E402
-from onnx_dc.model_io import iter_graphs  # noqa: E402
+from onnx_dc.graph.model_io import iter_graphs  # noqa: E402
 
 DOMAIN = "ai.onnx_dc"
 KEYWORDS = [k.lower() for k in fuzz_support.format_keywords()]

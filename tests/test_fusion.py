@@ -1,4 +1,4 @@
-"""Relu fusion and sparse-input marking around DCMatMul (onnx_dc/fusion.py)."""
+"""Relu fusion and sparse-input marking around DCMatMul (onnx_dc/graph/fusion.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from onnx import numpy_helper as nh
 
 import graph_builders as gb
 from graph_builders import compress_all, ops_library  # noqa: F401  (fixture)
-from onnx_dc.fusion import fuse_relu, mark_sparse_inputs, unfuse_relu
-from onnx_dc.rewrite import DOMAIN, MATMUL_OP, decompress_model
+from onnx_dc.graph.fusion import fuse_relu, mark_sparse_inputs, unfuse_relu
+from onnx_dc.graph.operators import DOMAIN, MATMUL_OP
+from onnx_dc.graph.restore import decompress_model
 
 
 def attrs(node: onnx.NodeProto) -> dict:

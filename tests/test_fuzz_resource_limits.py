@@ -97,7 +97,7 @@ _NUMPY_CHILD = textwrap.dedent(
     """
     import resource, sys
     sys.path.insert(0, {repo!r})
-    from onnx_dc.container import decode_container
+    from onnx_dc.codec.container_reader import decode_container
     from onnx_dc.errors import ContainerError
     data = open(sys.argv[1], "rb").read()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -331,7 +331,7 @@ def test_cpp_decoder_work_is_linear_in_input_size(family: str) -> None:
 
 
 def _numpy_calls_and_peak(data: bytes) -> tuple[int, int]:
-    from onnx_dc.container import decode_container
+    from onnx_dc.codec.container_reader import decode_container
     from onnx_dc.errors import ContainerError
 
     calls = 0

@@ -1,4 +1,4 @@
-"""Canonical length-limited Huffman codes and the lockstep table decoder (onnx_dc/huffman.py)."""
+"""Canonical length-limited Huffman codes and the lockstep table decoder (onnx_dc/codec/huffman.py)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnx_dc import huffman
+from onnx_dc.codec import huffman
 from onnx_dc.errors import ContainerError, InvalidTensorError, SettingsError
-from onnx_dc.huffman import (
-    MAX_CODE_LENGTH,
-    ChunkedStream,
-    HuffmanCode,
-    decode_chunked_streams,
-    default_length_limit,
-)
+from onnx_dc.codec.huffman import MAX_CODE_LENGTH, ChunkedStream, HuffmanCode, decode_chunked_streams, default_length_limit
 
 
 def _heap_huffman_cost(freqs: list[int]) -> int:

@@ -1,4 +1,4 @@
-"""Tests for onnx_dc.model_io: loading (external data, bad files) and atomic saving."""
+"""Tests for onnx_dc.graph.model_io: loading (external data, bad files) and atomic saving."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from onnx import numpy_helper as nh
 
 import graph_builders as gb
-from onnx_dc import model_io
+from onnx_dc.graph import model_io
 from onnx_dc.errors import ModelError
-from onnx_dc.model_io import check_output_path, external_data_files, load_model, save_model
+from onnx_dc.graph.model_io import check_output_path, external_data_files, load_model, save_model
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -158,7 +158,7 @@ def test_file_size_limit_gives_a_clear_error_and_no_file(tmp_path):
         import resource, signal, sys
         sys.path[:0] = [{str(Path(__file__).parent)!r}]
         import graph_builders as gb
-        from onnx_dc.model_io import save_model
+        from onnx_dc.graph.model_io import save_model
         from onnx_dc.errors import ModelError
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))

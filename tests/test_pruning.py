@@ -1,4 +1,4 @@
-"""Tests of onnx_dc.pruning: magnitude, std-rule and score pruning masks."""
+"""Tests of onnx_dc.codec.pruning: magnitude, std-rule and score pruning masks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from onnx_dc.errors import InvalidTensorError, SettingsError
-from onnx_dc.pruning import prune_by_magnitude, prune_by_score, prune_by_std, removed_count
+from onnx_dc.codec.pruning import prune_by_magnitude, prune_by_score, prune_by_std, removed_count
 
 
 def _reference_mask(scores: np.ndarray, sparsity: float) -> np.ndarray:

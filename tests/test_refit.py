@@ -1,4 +1,4 @@
-"""Tests of onnx_dc.refit: every fit minimises (never increases) the reconstruction error."""
+"""Tests of onnx_dc.calibration.sharing_fit: every fit minimises (never increases) the reconstruction error."""
 
 from __future__ import annotations
 
@@ -8,19 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnx_dc.errors import InvalidTensorError, SettingsError
-from onnx_dc.refit import (
-    CRITERIA,
-    LayerProblem,
-    assign_with_error_feedback,
-    fit_layer,
-    pruning_path,
-    pruning_scores,
-    quantize_layer,
-    reassign_codes,
-    refit_centroids,
-    refit_weights,
-    select_mask,
-)
+from onnx_dc.calibration.layer_problem import CRITERIA, LayerProblem
+from onnx_dc.calibration.sharing_fit import assign_with_error_feedback, fit_layer, quantize_layer, reassign_codes, refit_centroids
+from onnx_dc.calibration.pruning_fit import pruning_path, pruning_scores, refit_weights, select_mask
 
 
 def make_problem(seed: int, k: int = 12, n: int = 7, rows: int = 40, blocks: int = 1, damping: float = 0.01):
@@ -203,7 +193,7 @@ class TestCentroids:
 
     def test_dense_and_sparse_system_paths_agree(self):
         # a layer with every weight kept takes the dense product path, a sparse one the per-column path
-        from onnx_dc.refit import _centroid_system
+        from onnx_dc.calibration.sharing_fit import _centroid_system
 
         p = make_problem(9, k=30, n=40)
         rng = np.random.default_rng(9)
@@ -226,7 +216,7 @@ class TestCentroids:
 
     def test_one_hot_and_per_centroid_dense_paths_agree(self, monkeypatch):
         # small blocks build one one-hot matrix; larger ones loop over the centroids in use
-        from onnx_dc import refit
+        from onnx_dc.calibration import sharing_fit as refit
 
         p = make_problem(4, k=12, n=5)
         codes = np.random.default_rng(4).integers(-1, 6, size=(12, 5))
@@ -241,7 +231,7 @@ class TestCentroids:
 def test_single_threaded_blas_restores_the_thread_count():
     from threadpoolctl import threadpool_info
 
-    from onnx_dc.refit import single_threaded_blas
+    from onnx_dc.calibration.layer_problem import single_threaded_blas
 
     def blas_threads():
         return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
@@ -396,7 +386,7 @@ class TestErrorFeedback:
 
     @pytest.mark.parametrize("bits", [2, 3, 4])
     def test_feedback_start_beats_nearest_rounding_on_correlated_layers(self, bits):
-        from onnx_dc.clustering import assign_to_centroids, kmeans_1d
+        from onnx_dc.codec.clustering import assign_to_centroids, kmeans_1d
 
         for seed in range(10):
             p = make_problem(100 + seed, k=24, n=12, rows=200)
@@ -474,7 +464,7 @@ class TestColumnWeights:
     @pytest.mark.parametrize("shape,k,density,onehot", [((12, 5), 8, 0.7, True), ((12, 5), 8, 0.7, False),
                                                          ((30, 40), 3, 0.1, True), ((30, 40), 3, 1.0, False)])
     def test_every_centroid_system_path_is_weighted(self, monkeypatch, shape, k, density, onehot):
-        from onnx_dc import refit
+        from onnx_dc.calibration import sharing_fit as refit
 
         p, _ = weighted_problem(25, k=shape[0], n=shape[1])
         codes = random_codes(p, k, 25, density)[0]

@@ -1,4 +1,4 @@
-"""Tests for onnx_dc.report: the per-layer table and the paper-style totals."""
+"""Tests for onnx_dc.api.report: the per-layer table and the paper-style totals."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import onnx
 from onnx import numpy_helper as nh
 
 import graph_builders as gb
-from onnx_dc.container import decode_container_codes, read_container_info
-from onnx_dc.report import format_bytes, model_report
+from onnx_dc.codec.container_reader import decode_container_codes, read_container_info
+from onnx_dc.api.report import format_bytes, model_report
 
 
 def _all_tensor_bytes(model: onnx.ModelProto) -> int:
@@ -24,7 +24,7 @@ def _all_tensor_bytes(model: onnx.ModelProto) -> int:
 
 
 def gb_graphs(model):
-    from onnx_dc.model_io import iter_graphs
+    from onnx_dc.graph.model_io import iter_graphs
 
     return list(iter_graphs(model.graph))
 

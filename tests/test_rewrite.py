@@ -1,6 +1,6 @@
-"""Tests for onnx_dc.rewrite: the compressed graph, and decompressing it back to standard ONNX.
+"""Tests for onnx_dc.graph.rewrite: the compressed graph, and decompressing it back to standard ONNX.
 
-The containers here are made directly with onnx_dc.container (a plain uniform
+The containers here are made directly with onnx_dc.codec.container (a plain uniform
 codebook), so these tests exercise the graph rewriting on its own.
 """
 
@@ -16,19 +16,13 @@ from onnx import numpy_helper as nh
 
 import graph_builders as gb
 from graph_builders import compress_all, ops_library, uniform_container  # noqa: F401  (fixture)
-from onnx_dc.container import decode_container
+from onnx_dc.codec.container_reader import decode_container
 from onnx_dc.errors import ContainerError, ModelError
-from onnx_dc.model_io import iter_graphs
-from onnx_dc.rewrite import (
-    CONV_OP,
-    DOMAIN,
-    MATMUL_OP,
-    apply_compression,
-    decompress_model,
-    find_containers,
-    has_custom_ops,
-)
-from onnx_dc.weights import find_weights
+from onnx_dc.graph.model_io import iter_graphs
+from onnx_dc.graph.operators import CONV_OP, DOMAIN, MATMUL_OP
+from onnx_dc.graph.rewrite import apply_compression
+from onnx_dc.graph.restore import decompress_model, find_containers, has_custom_ops
+from onnx_dc.graph.weights import find_weights
 
 
 def quantized_reference(model: onnx.ModelProto, containers: dict[str, bytes]) -> onnx.ModelProto:

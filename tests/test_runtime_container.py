@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnx_dc.container import decode_container, encode_container
+from onnx_dc.codec.container_reader import decode_container
+from onnx_dc.codec.container import encode_container
 from onnx_dc.errors import ContainerError
-from onnx_dc._library import ops_library_path
+from onnx_dc.graph.library import ops_library_path
 from test_runtime_support import (
     VECTORS_DIR,
     build_runtime,
@@ -119,7 +120,7 @@ def test_parallel_decoding_matches_and_reports_the_same_error(tool: Path, tmp_pa
         assert data == expected
     # Corrupt bytes near the end of the gap stream payload (a variable-length
     # code, so chunk lengths change), keep the CRC valid.
-    from onnx_dc.container import read_container_info
+    from onnx_dc.codec.container_reader import read_container_info
 
     stream = read_container_info(container).gap_stream
     end = stream.payload_offset + stream.payload_size_bytes

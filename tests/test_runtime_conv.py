@@ -62,7 +62,7 @@ def _attributes(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def library() -> str:
-    from onnx_dc._library import ops_library_path
+    from onnx_dc.graph.library import ops_library_path
 
     return ops_library_path()
 

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from onnx_dc._library import ops_library_path
+from onnx_dc.graph.library import ops_library_path
 from test_runtime_support import (
     DECOMPRESS_OPS,
     decompress_model,

@@ -13,8 +13,8 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-import onnx_dc._library as library_module
-from onnx_dc._library import LIBRARY_ENV_VAR, ops_library_path
+import onnx_dc.graph.library as library_module
+from onnx_dc.graph.library import LIBRARY_ENV_VAR, ops_library_path
 from onnx_dc.errors import LibraryNotFoundError
 from test_runtime_support import REPO_ROOT, make_session, matmul_model, random_container
 

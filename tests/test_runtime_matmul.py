@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 
-from onnx_dc._library import ops_library_path
+from onnx_dc.graph.library import ops_library_path
 from test_runtime_support import (
     REPO_ROOT,
     assert_matches_reference,
@@ -112,7 +112,7 @@ def test_bad_flag_attribute_fails_session_creation(library: str, attribute: str)
 
 
 def test_container_layout_is_as_requested() -> None:
-    from onnx_dc.container import read_container_info
+    from onnx_dc.codec.container_reader import read_container_info
 
     assert read_container_info(_grid_container(0.9, "dense")[0]).layout == "dense"
     assert read_container_info(_grid_container(0.9, "sparse")[0]).layout == "sparse"

@@ -27,7 +27,8 @@ from onnx import TensorProto, helper, numpy_helper
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from onnx_dc.container import decode_container, encode_container  # noqa: E402
+from onnx_dc.codec.container_reader import decode_container  # noqa: E402
+from onnx_dc.codec.container import encode_container
 
 RUNTIME_DIR = REPO_ROOT / "runtime"
 VECTORS_DIR = REPO_ROOT / "tests" / "vectors"

@@ -1,4 +1,4 @@
-"""Tests of onnx_dc.sensitivity and the ``onnx-dc sensitivity`` command."""
+"""Tests of onnx_dc.calibration.sensitivity and the ``onnx-dc sensitivity`` command."""
 
 from __future__ import annotations
 
@@ -11,17 +11,13 @@ import pytest
 from onnx import numpy_helper
 
 from calibration_models import classifier, inputs, labelled
-from onnx_dc.calibration import load_calibration, run_model
-from onnx_dc.cli import main
+from onnx_dc.calibration.data import load_calibration
+from onnx_dc.calibration.capture import run_model
+from onnx_dc.api.cli import main
 from onnx_dc.errors import SettingsError
-from onnx_dc.sensitivity import (
-    SensitivityReport,
-    WeightSwapRunner,
-    analyze_sensitivity,
-    compare_outputs,
-    plot_sensitivity,
-    write_json_atomic,
-)
+from onnx_dc.calibration.sensitivity import SensitivityReport, analyze_sensitivity, plot_sensitivity, write_json_atomic
+from onnx_dc.calibration.weight_swap import WeightSwapRunner
+from onnx_dc.calibration.metrics import compare_outputs
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +150,7 @@ def test_command_line(tmp_path, model, capsys):
 
 
 def test_compare_outputs_counts_discordant_pairs():
-    from onnx_dc.sensitivity import compare_outputs
+    from onnx_dc.calibration.metrics import compare_outputs
 
     labels = np.array([0, 1, 2, 0, 1, 2])
     eye = np.eye(3)

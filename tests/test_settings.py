@@ -1,4 +1,4 @@
-"""Tests for onnx_dc.settings: the value grammar, precedence, defaults and errors."""
+"""Tests for onnx_dc.graph.settings: the value grammar, precedence, defaults and errors."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 
 import graph_builders as gb
 from onnx_dc.errors import SettingsError
-from onnx_dc.settings import DEFAULT_MIN_ELEMENTS, DEFAULTS, parse_settings
-from onnx_dc.weights import find_weights
+from onnx_dc.graph.settings import DEFAULT_MIN_ELEMENTS, DEFAULTS, parse_settings
+from onnx_dc.graph.weights import find_weights
 
 
 def _plans(model, **options):

@@ -1,4 +1,4 @@
-"""Relative indices with filler entries (onnx_dc/sparse.py, FORMAT.md section 4.3)."""
+"""Relative indices with filler entries (onnx_dc/codec/relative_indices.py, FORMAT.md section 4.3)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnx_dc.errors import InvalidTensorError, SettingsError
-from onnx_dc.sparse import (
-    absolute_positions,
-    count_fillers,
-    fillers_per_position,
-    gap_symbol_counts,
-    relative_indices,
-)
+from onnx_dc.codec.relative_indices import absolute_positions, count_fillers, fillers_per_position, gap_symbol_counts, relative_indices
 
 
 @st.composite

@@ -1,4 +1,4 @@
-"""Tests of onnx_dc.tensor: the per-tensor pipeline (prune -> k-means -> container)."""
+"""Tests of onnx_dc.codec.tensor: the per-tensor pipeline (prune -> k-means -> container)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnx_dc.clustering import initial_centroids, kmeans_1d
-from onnx_dc.container import decode_container, decode_container_codes, read_container_info
+from onnx_dc.codec.clustering import initial_centroids, kmeans_1d
+from onnx_dc.codec.container_reader import decode_container, decode_container_codes, read_container_info
 from onnx_dc.errors import InvalidTensorError, SettingsError
-from onnx_dc.pruning import prune_by_magnitude, prune_by_std, removed_count
-from onnx_dc.tensor import (
-    CompressedTensor,
-    TensorSettings,
-    codebook_in_dtype,
-    compress_tensor,
-    compressed_tensor_from_codes,
-)
+from onnx_dc.codec.pruning import prune_by_magnitude, prune_by_std, removed_count
+from onnx_dc.codec.tensor import CompressedTensor, TensorSettings, codebook_in_dtype, compress_tensor, compressed_tensor_from_codes
 
 DTYPES = [np.float32, np.float16, np.float64, ml_dtypes.bfloat16]
 

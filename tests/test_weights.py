@@ -1,4 +1,4 @@
-"""Tests for onnx_dc.weights: finding compressible weights, their kinds and consumers."""
+"""Tests for onnx_dc.graph.weights: finding compressible weights, their kinds and consumers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import graph_builders as gb
-from onnx_dc.weights import find_weights, iter_scopes
+from onnx_dc.graph.weights import find_weights, iter_scopes
 
 
 def _by_name(model: onnx.ModelProto, **kwargs):

@@ -25,7 +25,7 @@ size_t ItemSize(DType dtype);
 const char* DTypeName(DType dtype);
 
 // The largest number of elements a decoder accepts unless told otherwise
-// (2^30, as onnx_dc.container.DEFAULT_MAX_ELEMENTS). Checked before anything
+// (2^30, as onnx_dc.codec.container.DEFAULT_MAX_ELEMENTS). Checked before anything
 // is allocated.
 constexpr uint64_t kDefaultMaxElements = uint64_t{1} << 30;
 

@@ -29,14 +29,10 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from onnx_dc import sparse  # noqa: E402
-from onnx_dc.container import (  # noqa: E402
-    _container_from_symbols,
-    decode_container,
-    encode_container,
-    read_container_info,
-    worked_example_container,
-)
+from onnx_dc.codec import relative_indices as sparse  # noqa: E402
+from onnx_dc.codec.container import _container_from_symbols, encode_container
+from onnx_dc.codec.container_reader import decode_container, read_container_info
+from onnx_dc.codec.container_example import worked_example_container
 from onnx_dc.errors import ContainerError  # noqa: E402
 
 VECTOR_DIR = Path(__file__).resolve().parent

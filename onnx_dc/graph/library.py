@@ -24,7 +24,7 @@ def ops_library_path() -> str:
     """Return the path of the onnx-dc custom operator library for onnxruntime.
 
     ``$ONNX_DC_OPS_LIBRARY``, when set, names the library to use; otherwise it is
-    ``libonnx_dc_ops.so`` next to this module.
+    ``libonnx_dc_ops.so`` in the ``onnx_dc`` package directory.
 
     Raises:
         LibraryNotFoundError: the library was not built (or the variable names a
@@ -38,7 +38,7 @@ def ops_library_path() -> str:
                 f"{LIBRARY_ENV_VAR}={override} does not name a file: unset it or point it at a built {LIBRARY_FILE}"
             )
         return str(path.resolve())
-    path = Path(__file__).resolve().with_name(LIBRARY_FILE)
+    path = Path(__file__).resolve().parent.parent / LIBRARY_FILE  # installed in the onnx_dc package directory
     if not path.is_file():
         raise LibraryNotFoundError(
             f"the onnx-dc operator library {path} is not built: reinstall the package "

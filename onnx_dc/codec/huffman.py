@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnx_dc.bitstream import byte_windows, pack_symbols, pack_symbols_chunked
+from onnx_dc.codec.bitstream import byte_windows, pack_symbols, pack_symbols_chunked
 from onnx_dc.errors import ContainerError, InvalidTensorError, SettingsError
 
 #: Longest code word the container format allows (4-bit length fields).
@@ -184,7 +184,7 @@ class HuffmanCode:
     def encode(self, symbols: np.ndarray) -> tuple[np.ndarray, int]:
         """Concatenated code words of ``symbols`` (MSB first).
 
-        Returns ``(payload, n_bits)`` as :func:`onnx_dc.bitstream.pack_values`.
+        Returns ``(payload, n_bits)`` as :func:`onnx_dc.codec.bitstream.pack_values`.
 
         Raises:
             InvalidTensorError: a symbol is outside the alphabet or has no code.

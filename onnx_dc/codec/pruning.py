@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from onnx_dc._checks import finite_real, fraction
+from onnx_dc.codec._checks import finite_real, fraction
 from onnx_dc.errors import InvalidTensorError, SettingsError
 
 __all__ = ["prune_by_magnitude", "prune_by_score", "prune_by_std", "removed_count"]

@@ -1,11 +1,11 @@
 """Per-layer sensitivity analysis: output error (and accuracy) against sparsity and against bits.
 
-For every layer with captured statistics (:func:`onnx_dc.calibration.find_layers`),
+For every layer with captured statistics (:func:`onnx_dc.calibration.layers.find_layers`),
 with all other layers untouched:
 
 * **vs sparsity**: the layer is pruned (no weight sharing) at each sparsity of
   the grid, by the calibrated recipe (pruning criterion, least-squares refit of
-  the survivors, bias correction; see :mod:`onnx_dc.calibrated`) or, with
+  the survivors, bias correction; see :mod:`onnx_dc.calibration.model_fit`) or, with
   ``method="plain"``, by magnitude alone as in the paper;
 * **vs bits**: the layer is weight-shared (no pruning) at each number of bits,
   with the centroid refit (calibrated) or plain k-means.
@@ -28,7 +28,6 @@ Figures 5-6 and Distiller's sensitivity charts).
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -38,38 +37,34 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from onnx_dc.calibrated import (
-    CalibrationOptions,
-    LayerFitter,
-    LayerSettings,
-    initializer_array,
-    layer_target,
+from onnx_dc.calibration.capture import capture_statistics
+from onnx_dc.calibration.data import CalibrationData
+from onnx_dc.calibration.layers import LayerSpec, find_layers
+from onnx_dc.calibration.metrics import (
+    OutputMetrics,
+    _json_float,
+    compare_outputs,
+    top1_accuracy,
 )
-from onnx_dc.calibration import (
-    DEFAULT_BATCH_SIZE,
-    CalibrationData,
-    LayerSpec,
-    capture_statistics,
-    find_layers,
-)
-from onnx_dc.errors import CalibrationError, ModelError, SettingsError
+from onnx_dc.calibration.model_fit import LayerFitter, initializer_array
+from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
+from onnx_dc.calibration.targets import layer_target
+from onnx_dc.calibration.weight_swap import WeightSwapRunner
+from onnx_dc.errors import ModelError, SettingsError
 
 __all__ = [
     "DEFAULT_BITS",
     "DEFAULT_SPARSITIES",
-    "PLAIN_OPTIONS",
     "LayerSensitivity",
-    "OutputMetrics",
+    "PLAIN_OPTIONS",
     "SensitivityPoint",
     "SensitivityReport",
-    "WeightSwapRunner",
     "analyze_sensitivity",
-    "compare_outputs",
     "plot_sensitivity",
     "write_json_atomic",
 ]
+
 
 DEFAULT_SPARSITIES: tuple[float, ...] = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
 DEFAULT_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
@@ -79,160 +74,6 @@ PLAIN_OPTIONS = CalibrationOptions(
     downstream_weighting=False,
 )
 """The paper's one-shot recipe expressed as options: magnitude pruning, k-means, no refit."""
-
-
-# ---------------------------------------------------------------------------
-# Output comparison
-
-
-@dataclass(frozen=True)
-class OutputMetrics:
-    """How a model's outputs compare with the original's on the same inputs.
-
-    Attributes:
-        relative_error: ``sum ||y - y0||^2 / sum ||y0||^2`` over all float outputs.
-        cosine: the lowest cosine similarity over float outputs (each output flattened).
-        accuracy: top-1 accuracy of the first output against labels, or None.
-        agreement: fraction of samples whose arg-max (last axis of the first output) is unchanged.
-        discordant: with labels, fraction of samples right in one model and wrong in the other
-            (``(broken + fixed) / n``: what the sampling error of a paired top-1 drop depends on;
-            predictions that change between two wrong classes do not count), or None.
-    """
-
-    relative_error: float
-    cosine: float
-    accuracy: float | None = None
-    agreement: float | None = None
-    discordant: float | None = None
-
-    def to_dict(self) -> dict[str, float | None]:
-        """JSON-ready dict."""
-        return {
-            "relative_error": _json_float(self.relative_error),
-            "cosine": _json_float(self.cosine),
-            "accuracy": self.accuracy,
-            "agreement": self.agreement,
-        }
-
-
-def compare_outputs(
-    reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], labels: np.ndarray | None = None
-) -> OutputMetrics:
-    """:class:`OutputMetrics` of ``outputs`` against ``reference`` (same keys and shapes)."""
-    num = den = 0.0
-    cosine = 1.0
-    first = None
-    for name, ref in reference.items():
-        got = outputs[name]
-        if ref.dtype.kind != "f":
-            continue
-        a = ref.astype(np.float64).ravel()
-        b = np.asarray(got, dtype=np.float64).ravel()
-        if a.shape != b.shape:
-            raise ModelError(f"output {name!r} has shape {np.shape(got)}, expected {ref.shape}")
-        num += float(np.sum((a - b) ** 2))
-        den += float(np.sum(a * a))
-        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-        if na == 0.0 and nb == 0.0:
-            c = 1.0
-        elif na == 0.0 or nb == 0.0 or not (math.isfinite(na) and math.isfinite(nb)):
-            c = 0.0
-        else:
-            c = float(np.dot(a, b) / (na * nb))
-        cosine = min(cosine, c)
-        if first is None and ref.ndim >= 2 and ref.shape[-1] >= 2:
-            first = (ref, np.asarray(got))
-    relative = num / den if den > 0 else (0.0 if num == 0 else math.inf)
-    accuracy = agreement = discordant = None
-    if first is not None:
-        ref, got = first
-        ref_top = ref.reshape(-1, ref.shape[-1]).argmax(axis=1)
-        got_top = got.reshape(-1, got.shape[-1]).argmax(axis=1)
-        agreement = float(np.mean(ref_top == got_top))
-        if labels is not None:
-            labels = np.asarray(labels).reshape(-1)
-            if labels.size != got_top.size:
-                raise CalibrationError(
-                    f"{labels.size} labels for {got_top.size} predictions of output {next(iter(reference))!r}"
-                )
-            accuracy = float(np.mean(got_top == labels))
-            discordant = float(np.mean((got_top == labels) != (ref_top == labels)))
-    return OutputMetrics(relative, cosine, accuracy, agreement, discordant)
-
-
-def top1_accuracy(outputs: Mapping[str, np.ndarray], labels: np.ndarray) -> float:
-    """Top-1 accuracy of the first output with at least two classes on its last axis."""
-    for value in outputs.values():
-        if value.ndim >= 2 and value.shape[-1] >= 2:
-            top = value.reshape(-1, value.shape[-1]).argmax(axis=1)
-            labels = np.asarray(labels).reshape(-1)
-            if labels.size != top.size:
-                raise CalibrationError(f"{labels.size} labels for {top.size} predictions")
-            return float(np.mean(top == labels))
-    raise CalibrationError("the model has no output with class scores on its last axis, so accuracy is undefined")
-
-
-class WeightSwapRunner:
-    """Runs a model on fixed data with some initializers replaced, in one onnxruntime session.
-
-    The named initializers become graph inputs of a copy of the model; each
-    :meth:`run` feeds either their original values or the given replacements.
-    """
-
-    def __init__(
-        self, model: onnx.ModelProto, names: Sequence[str], data: CalibrationData, *, batch_size: int = DEFAULT_BATCH_SIZE
-    ) -> None:
-        import onnxruntime as ort
-
-        self.data = data
-        self.batch_size = batch_size
-        self.names = list(dict.fromkeys(names))
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        graph = copy.graph
-        self.originals: dict[str, np.ndarray] = {}
-        keep = []
-        existing_inputs = {i.name for i in graph.input}
-        for tensor in graph.initializer:
-            if tensor.name in self.names:
-                value = numpy_helper.to_array(tensor)
-                self.originals[tensor.name] = value
-                if tensor.name not in existing_inputs:
-                    graph.input.append(
-                        onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(value.shape))
-                    )
-            else:
-                keep.append(tensor)
-        missing = [n for n in self.names if n not in self.originals]
-        if missing:
-            raise ModelError(f"not initializers of the main graph: {', '.join(map(repr, missing))}")
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(copy.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise ModelError(f"onnxruntime cannot run the model: {_first_line(exc)}") from None
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def run(self, replacements: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """All outputs over all samples, concatenated along axis 0."""
-        weights = dict(self.originals)
-        for name, value in (replacements or {}).items():
-            if name not in weights:
-                raise ModelError(f"{name!r} is not one of the swappable weights")
-            weights[name] = np.asarray(value).astype(self.originals[name].dtype).reshape(self.originals[name].shape)
-        parts: dict[str, list[np.ndarray]] = {n: [] for n in self.output_names}
-        for feed, _ in self.data.feeds(self.batch_size):
-            try:
-                values = self.session.run(self.output_names, {**feed, **weights})
-            except Exception as exc:
-                raise CalibrationError(f"onnxruntime failed on the evaluation data: {_first_line(exc)}") from None
-            for n, v in zip(self.output_names, values):
-                v = np.asarray(v)
-                parts[n].append(v if v.ndim else v.reshape(1))
-        return {n: np.concatenate(p, axis=0) for n, p in parts.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -530,13 +371,8 @@ def _check_bits(value: object) -> int:
     return b
 
 
-def _json_float(x: float) -> float | str:
-    return x if math.isfinite(x) else str(x)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
 
 
 def _bar(progress: bool | ProgressCallback, total: int):

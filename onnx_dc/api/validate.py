@@ -23,11 +23,17 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_dc.errors import CalibrationError, LibraryNotFoundError, ModelError, OnnxDcError
-from onnx_dc import model_io
-from onnx_dc.calibration import input_specs
-from onnx_dc.model_io import save_model, tensor_bytes
-from onnx_dc.rewrite import decompress_model, has_custom_ops
+from onnx_dc.calibration.data import input_specs
+from onnx_dc.errors import (
+    CalibrationError,
+    LibraryNotFoundError,
+    ModelError,
+    OnnxDcError,
+    first_line,
+)
+from onnx_dc.graph import model_io
+from onnx_dc.graph.model_io import save_model, tensor_bytes
+from onnx_dc.graph.restore import decompress_model, has_custom_ops
 
 # Generated inputs: the first dynamic axis (the batch) gets this size, the others the second.
 GENERATED_BATCH = 1
@@ -201,13 +207,13 @@ def validate_models(
     if has_custom_ops(compressed):
         if use_library is not False:
             try:
-                from onnx_dc._library import ops_library_path
+                from onnx_dc.graph.library import ops_library_path
 
                 library = str(ops_library_path())
             except (ImportError, LibraryNotFoundError) as exc:
                 if use_library:
-                    raise LibraryNotFoundError(f"custom operator library not available: {_first_line(exc)}") from None
-                notes.append(f"custom operator library not available ({_first_line(exc)})")
+                    raise LibraryNotFoundError(f"custom operator library not available: {first_line(exc)}") from None
+                notes.append(f"custom operator library not available ({first_line(exc)})")
         if library is not None:
             runner = f"onnx-dc custom operator library ({library})"
             run_model = compressed
@@ -285,7 +291,7 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], library: str | No
     except OnnxDcError:
         raise
     except Exception as exc:  # onnxruntime raises its own exception types for bad models
-        raise ModelError(f"{what}: onnxruntime failed: {_first_line(exc)}") from None
+        raise ModelError(f"{what}: onnxruntime failed: {first_line(exc)}") from None
     return {name: np.asarray(value) for name, value in zip(names, values)}
 
 
@@ -358,6 +364,3 @@ def _finite_or_str(x: float) -> float | str:
     return x if math.isfinite(x) else str(x)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -22,11 +22,12 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
 
-from onnx_dc.errors import ModelError
+from onnx_dc.errors import ModelError, first_line
 
 ModelSource = str | os.PathLike | onnx.ModelProto
 
@@ -98,7 +99,7 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
         try:
             external_data_helper.load_external_data_for_model(model, str(path.resolve().parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-            raise ModelError(f"{path}: cannot load external data: {_one_line(exc)}") from None
+            raise ModelError(f"{path}: cannot load external data: {first_line(exc)}") from None
     return model
 
 
@@ -328,9 +329,6 @@ def _check_is_model(model: onnx.ModelProto, what: str) -> None:
         raise ModelError(f"{what}: not an ONNX model (no graph, IR version or opset import)")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _temp_file(directory: Path, name: str, temps: list[Path], *, create: bool = True) -> Path:
@@ -399,7 +397,7 @@ def _serialize(model: onnx.ModelProto, path: Path) -> bytes:
     try:
         return model.SerializeToString()
     except ValueError as exc:  # protobuf refuses messages over 2 GB
-        raise ModelError(f"{path}: cannot serialize the model: {_one_line(exc)}") from None
+        raise ModelError(f"{path}: cannot serialize the model: {first_line(exc)}") from None
 
 
 @contextlib.contextmanager
@@ -470,3 +468,41 @@ def _clear_data(tensor: onnx.TensorProto) -> None:
         "string_data",
     ):
         tensor.ClearField(field)
+
+
+def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    """The value of a main-graph initializer or Constant node output. Raises :class:`ModelError`."""
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] == name:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    return numpy_helper.to_array(attr.t)
+    raise ModelError(f"{name!r} is not a constant tensor of the main graph")
+
+
+def set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    """Replace the value of a main-graph initializer (or Constant) in place, keeping its name and dtype."""
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            tensor.CopyFrom(_tensor_like(tensor, value))
+            return
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] == name:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    attr.t.CopyFrom(_tensor_like(attr.t, value))
+                    return
+    raise ModelError(f"{name!r} is not a constant tensor of the main graph")
+
+
+def _tensor_like(template: onnx.TensorProto, value: np.ndarray) -> onnx.TensorProto:
+    old = numpy_helper.to_array(template)
+    new = numpy_helper.from_array(np.asarray(value).astype(old.dtype).reshape(old.shape), template.name)
+    if template.doc_string:
+        new.doc_string = template.doc_string
+    for entry in template.metadata_props:
+        new.metadata_props.add().CopyFrom(entry)
+    return new

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_dc.model_io import attribute_subgraphs
+from onnx_dc.graph.model_io import attribute_subgraphs
 
 WeightKind = Literal["fc", "conv", "other"]
 ConsumerRole = Literal["matmul_b", "gemm_b", "conv_w", "bias", "other", "graph_output"]

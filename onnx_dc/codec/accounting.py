@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnx_dc.container import (
+from onnx_dc.codec.container import (
     CRC_SIZE_BYTES,
     DEFAULT_MAX_ELEMENTS,
     HEADER_SIZE_BYTES,
     STREAM_DESCRIPTOR_FIXED_BYTES,
     StreamInfo,
-    decode_container_symbols,
 )
+from onnx_dc.codec.container_reader import decode_container_symbols
 from onnx_dc.errors import SettingsError
 
 
@@ -181,7 +181,7 @@ def container_size_breakdown(data: bytes | np.ndarray, *, max_elements: int = DE
     part of the two payloads.
 
     Raises:
-        ContainerError: the container is invalid (as :func:`onnx_dc.container.decode_container`).
+        ContainerError: the container is invalid (as :func:`onnx_dc.codec.container_reader.decode_container`).
     """
     info, code_symbols, gap_symbols = decode_container_symbols(data, max_elements=max_elements)
     streams = [info.code_stream] + ([info.gap_stream] if info.gap_stream is not None else [])

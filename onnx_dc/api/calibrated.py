@@ -1,11 +1,11 @@
-"""The calibrated verbs behind ``onnx_dc.compress(..., calib=...)`` and ``onnx_dc.sensitivity``.
+"""The calibrated verbs behind ``onnx_dc.compress(..., calib=...)`` and ``onnx_dc.calibration.sensitivity``.
 
 ``compress`` with calibration data takes the same settings as without
 (``--sparsity``, ``--bits``, ... per kind or tensor name; see
-:mod:`onnx_dc.settings`) and applies them with the calibrated recipe of
-:mod:`onnx_dc.calibrated` to every layer whose input can be captured; with a
+:mod:`onnx_dc.graph.settings`) and applies them with the calibrated recipe of
+:mod:`onnx_dc.calibration.model_fit` to every layer whose input can be captured; with a
 budget (``min_cosine`` or ``max_drop``) the per-layer sparsity and bits of those
-layers are searched instead (:mod:`onnx_dc.autotune`), while the remaining
+layers are searched instead (:mod:`onnx_dc.calibration.search`), while the remaining
 weights keep their settings. Weights outside the main graph, or without
 statistics, take the plain path in every case.
 """
@@ -19,14 +19,36 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnx_dc.autotune import AutotuneResult, Budget, autotune, default_grids
-from onnx_dc.calibrated import CalibratedCompression, CalibrationOptions, LayerSettings, compress_with_calibration
-from onnx_dc.calibration import DEFAULT_MAX_SAMPLES, CalibrationData, find_layers, load_calibration, read_labels
+from onnx_dc.calibration.budget import Budget
+from onnx_dc.calibration.data import (
+    DEFAULT_MAX_SAMPLES,
+    CalibrationData,
+    load_calibration,
+    read_labels,
+)
+from onnx_dc.calibration.layers import find_layers
+from onnx_dc.calibration.model_fit import (
+    CalibratedCompression,
+    compress_with_calibration,
+)
+from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
+from onnx_dc.calibration.search import AutotuneResult, autotune, default_grids
+from onnx_dc.calibration.sensitivity import (
+    DEFAULT_BITS,
+    DEFAULT_SPARSITIES,
+    SensitivityReport,
+    analyze_sensitivity,
+)
 from onnx_dc.errors import CalibrationError, LibraryNotFoundError, SettingsError
-from onnx_dc.model_io import ModelSource, check_output_path, constants_to_initializers, load_model, save_model
-from onnx_dc.sensitivity import DEFAULT_BITS, DEFAULT_SPARSITIES, SensitivityReport, analyze_sensitivity
-from onnx_dc.settings import CompressionSettings
-from onnx_dc.weights import find_weights
+from onnx_dc.graph.model_io import (
+    ModelSource,
+    check_output_path,
+    constants_to_initializers,
+    load_model,
+    save_model,
+)
+from onnx_dc.graph.settings import CompressionSettings
+from onnx_dc.graph.weights import find_weights
 
 __all__ = ["CalibrationSource", "compress_calibrated", "load_evaluation", "sensitivity"]
 
@@ -43,7 +65,7 @@ def load_evaluation(
     """
     arrays = source
     if isinstance(source, (str, os.PathLike)):
-        from onnx_dc.calibration import read_npz
+        from onnx_dc.calibration.data import read_npz
 
         arrays = read_npz(source)
     if not isinstance(arrays, Mapping):
@@ -81,19 +103,19 @@ def compress_calibrated(
     """Compress with calibration data, optionally searching per-layer settings within a budget.
 
     Weights in main-graph ``Constant`` nodes are first moved to initializers
-    (:func:`onnx_dc.model_io.constants_to_initializers`) so that they are fitted too.
-    The automatic search uses :func:`onnx_dc.autotune.default_grids` unless
+    (:func:`onnx_dc.graph.model_io.constants_to_initializers`) so that they are fitted too.
+    The automatic search uses :func:`onnx_dc.calibration.search.default_grids` unless
     ``search_sparsities`` / ``search_bits`` are given.
 
     ``drop_margin_se`` (with ``max_drop``): the searched configuration must meet
     the top-1 budget by that many standard errors of its own measured drop
-    (:func:`onnx_dc.autotune.autotune`); 0 checks the budget as measured.
+    (:func:`onnx_dc.calibration.search.autotune`); 0 checks the budget as measured.
 
-    Returns the converter's :class:`onnx_dc.api.CompressionResult` with
-    ``calibration`` set to the :class:`~onnx_dc.calibrated.CalibratedCompression`
-    or, with a budget, the :class:`~onnx_dc.autotune.AutotuneResult`.
+    Returns the converter's :class:`onnx_dc.api.convert.CompressionResult` with
+    ``calibration`` set to the :class:`~onnx_dc.calibration.model_fit.CalibratedCompression`
+    or, with a budget, the :class:`~onnx_dc.calibration.search.AutotuneResult`.
     """
-    from onnx_dc.api import compress_model
+    from onnx_dc.api.convert import compress_model
 
     options = options or CalibrationOptions()
     if output is not None:
@@ -142,7 +164,7 @@ def compress_calibrated(
         built = compress_model(compression.model, settings, tensor_compressor=compression.tensor_compressor())
         runnable = built.model
         if library is None:
-            from onnx_dc.rewrite import decompress_model
+            from onnx_dc.graph.restore import decompress_model
 
             runnable = onnx.ModelProto()
             runnable.CopyFrom(built.model)
@@ -181,7 +203,7 @@ def sensitivity(
     layers: Sequence[str] | None = None,
     progress: bool | Callable[..., None] = False,
 ) -> SensitivityReport:
-    """Per-layer sensitivity to pruning and weight sharing (see :mod:`onnx_dc.sensitivity`)."""
+    """Per-layer sensitivity to pruning and weight sharing (see :mod:`onnx_dc.calibration.sensitivity`)."""
     proto = constants_to_initializers(load_model(model))
     data = load_calibration(calib, proto, max_samples=calib_samples)
     evaluation, labels = (None, None)
@@ -199,7 +221,7 @@ def _seed(settings: CompressionSettings) -> int:
 
 def _library_or_none() -> str | None:
     try:
-        from onnx_dc._library import ops_library_path
+        from onnx_dc.graph.library import ops_library_path
 
         return str(ops_library_path())
     except (ImportError, LibraryNotFoundError):

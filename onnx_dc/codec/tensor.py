@@ -5,7 +5,7 @@
     validate -> keep-mask (given, or magnitude / std-rule pruning)
              -> 1-D k-means of the kept weights (float64, k = 2**bits)
              -> codebook in the tensor's dtype, codes (int16, -1 = pruned)
-             -> onnx_dc.container.encode_container
+             -> onnx_dc.codec.container.encode_container
 
 The two halves are public too, so later stages (activation-aware masks,
 centroids refitted on calibration data, fixed assignments) can replace the
@@ -30,11 +30,11 @@ from numbers import Integral
 import ml_dtypes
 import numpy as np
 
-from onnx_dc.clustering import INIT_METHODS, assign_to_centroids, kmeans_1d
-from onnx_dc.container import LAYOUTS, encode_container
-from onnx_dc._checks import finite_real
+from onnx_dc.codec._checks import finite_real
+from onnx_dc.codec.clustering import INIT_METHODS, assign_to_centroids, kmeans_1d
+from onnx_dc.codec.container import LAYOUTS, encode_container
+from onnx_dc.codec.pruning import prune_by_magnitude, prune_by_std
 from onnx_dc.errors import InvalidTensorError, SettingsError
-from onnx_dc.pruning import prune_by_magnitude, prune_by_std
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -63,7 +63,7 @@ class TensorSettings:
 
     Attributes:
         sparsity: fraction of weights removed by magnitude (exact count, see
-            :func:`onnx_dc.pruning.prune_by_magnitude`), in ``[0, 1]``.
+            :func:`onnx_dc.codec.pruning.prune_by_magnitude`), in ``[0, 1]``.
         quality: the paper's rule, remove ``|w| < quality * std(w)``; ``>= 0``.
             At most one of ``sparsity`` and ``quality`` may be set; neither
             means no pruning.
@@ -261,8 +261,8 @@ def compressed_tensor_from_codes(
         ``+0.0`` where ``codes == -1``, equal to the decoded container bit for bit.
 
     Raises:
-        InvalidTensorError: as :func:`onnx_dc.container.encode_container`.
-        SettingsError: as :func:`onnx_dc.container.encode_container`.
+        InvalidTensorError: as :func:`onnx_dc.codec.container.encode_container`.
+        SettingsError: as :func:`onnx_dc.codec.container.encode_container`.
     """
     codebook = np.asarray(codebook)
     _check_dtype(codebook.dtype)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from onnx_dc.errors import SettingsError
-from onnx_dc.weights import KINDS, Weight
+from onnx_dc.graph.weights import KINDS, Weight
 
 SETTING_NAMES: tuple[str, ...] = ("sparsity", "quality", "bits", "index_bits", "init")
 
@@ -105,9 +105,9 @@ class ResolvedSettings:
     seed: int = 0
     sources: Mapping[str, str] = field(default_factory=dict)
 
-    def to_tensor_settings(self):  # -> onnx_dc.tensor.TensorSettings
-        """The :class:`onnx_dc.tensor.TensorSettings` for :func:`onnx_dc.tensor.compress_tensor`."""
-        from onnx_dc.tensor import TensorSettings
+    def to_tensor_settings(self):  # -> onnx_dc.codec.tensor.TensorSettings
+        """The :class:`onnx_dc.codec.tensor.TensorSettings` for :func:`onnx_dc.codec.tensor.compress_tensor`."""
+        from onnx_dc.codec.tensor import TensorSettings
 
         return TensorSettings(
             sparsity=self.sparsity,
@@ -141,7 +141,7 @@ class CompressionSettings:
         """Decide, for every weight, whether and how it is compressed.
 
         ``weights`` are all floating-point weights of the model (from
-        :func:`onnx_dc.weights.find_weights` with ``min_elements=0``): names and
+        :func:`onnx_dc.graph.weights.find_weights` with ``min_elements=0``): names and
         globs are checked against all of them, so a glob that matches only
         small tensors is not an error, but one that matches nothing is.
         """

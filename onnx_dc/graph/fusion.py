@@ -1,7 +1,7 @@
 """Graph fusions around ``DCMatMul``: a following ``Relu``, and inputs that are ReLU outputs.
 
-Run by :func:`onnx_dc.rewrite.apply_compression` after the weights are
-rewired, undone by :func:`onnx_dc.rewrite.decompress_model`
+Run by :func:`onnx_dc.graph.rewrite.apply_compression` after the weights are
+rewired, undone by :func:`onnx_dc.graph.restore.decompress_model`
 (docs/OPERATORS.md, "DCMatMul"):
 
 * :func:`fuse_relu`: a ``Relu`` that is the only reader of a ``DCMatMul``
@@ -29,12 +29,11 @@ from collections.abc import Iterable
 import onnx
 from onnx import helper
 
-from onnx_dc.model_io import attribute_subgraphs, iter_graphs, unique_name
+from onnx_dc.graph.model_io import attribute_subgraphs, iter_graphs, unique_name
+from onnx_dc.graph.operators import DOMAIN, MATMUL_OP
 
 __all__ = ["fuse_relu", "mark_sparse_inputs", "unfuse_relu"]
 
-DOMAIN = "ai.onnx_dc"
-_MATMUL_OP = "DCMatMul"
 META_RELU_NODE = "onnx_dc.relu_node"  # on a DCMatMul with relu=1: the fused Relu's name
 META_RELU_INPUT = "onnx_dc.relu_input"  # ... and the name of the value between the two nodes
 # Ops that only move data: a ReLU output stays mostly zero through them.
@@ -55,7 +54,7 @@ def fuse_relu(model: onnx.ModelProto) -> int:
             producer = producers.get(value)
             if (
                 producer is None
-                or producer.op_type != _MATMUL_OP
+                or producer.op_type != MATMUL_OP
                 or producer.domain != DOMAIN
                 or _int_attribute(producer, "relu") != 0
                 or uses[value] != 1
@@ -83,7 +82,7 @@ def mark_sparse_inputs(model: onnx.ModelProto) -> int:
     for graph in _graphs(model):
         producers = {out: node for node in graph.node for out in node.output if out}
         for node in graph.node:
-            if node.op_type != _MATMUL_OP or node.domain != DOMAIN or not node.input:
+            if node.op_type != MATMUL_OP or node.domain != DOMAIN or not node.input:
                 continue
             if _is_relu_output(node.input[0], producers) and _int_attribute(node, "sparse_input") == 0:
                 _set_int_attribute(node, "sparse_input", 1)
@@ -99,7 +98,7 @@ def unfuse_relu(model: onnx.ModelProto) -> int:
         while index < len(graph.node):
             node = graph.node[index]
             index += 1
-            if node.op_type != _MATMUL_OP or node.domain != DOMAIN or _int_attribute(node, "relu") != 1:
+            if node.op_type != MATMUL_OP or node.domain != DOMAIN or _int_attribute(node, "relu") != 1:
                 continue
             meta = {e.key: e.value for e in node.metadata_props}
             taken = {v for n in graph.node for v in list(n.input) + list(n.output)}
@@ -140,7 +139,7 @@ def _is_relu_output(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
         node = producers[name]
         if node.op_type == "Relu" and node.domain in ("", "ai.onnx"):
             return True
-        if node.domain == DOMAIN and node.op_type == _MATMUL_OP:
+        if node.domain == DOMAIN and node.op_type == MATMUL_OP:
             return _int_attribute(node, "relu") == 1
         if node.op_type in _DATA_MOVEMENT_OPS and node.domain in ("", "ai.onnx") and node.input:
             name = node.input[0]

@@ -21,8 +21,9 @@ import onnx
 from onnx import helper
 
 from onnx_dc.errors import ContainerError
-from onnx_dc.rewrite import MATMUL_OP, ContainerRef, find_containers
-from onnx_dc.weights import FLOAT_TYPES, iter_scopes
+from onnx_dc.graph.operators import MATMUL_OP
+from onnx_dc.graph.restore import ContainerRef, find_containers
+from onnx_dc.graph.weights import FLOAT_TYPES, iter_scopes
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,7 @@ def format_bytes(n: int | None) -> str:
 
 
 def _row(ref: ContainerRef) -> TensorRow:
-    from onnx_dc.container import decode_container_symbols
+    from onnx_dc.codec.container_reader import decode_container_symbols
 
     try:
         info, code_symbols, gap_symbols = decode_container_symbols(ref.data)

@@ -12,7 +12,7 @@ and the random k-means initialisations, both seeded):
 
 1. **Candidates.** From the original model's statistics, every layer is
    compressed at every (sparsity, bits) pair of the grid with the calibrated
-   recipe (:class:`onnx_dc.calibrated.LayerFitter`; the pruning path is shared
+   recipe (:class:`onnx_dc.calibration.model_fit.LayerFitter`; the pruning path is shared
    between sparsities). Each candidate has an exact size (its container, with
    the relative-index width that minimises it) and a measured effect: the
    relative output error of the whole model on the search data with only that
@@ -77,38 +77,48 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnx_dc.calibrated import (
+from onnx_dc.calibration.budget import (
+    Budget,
+    _describe_metrics,
+    _robust_choice,
+    _step_back,
+    _step_forward,
+)
+from onnx_dc.calibration.capture import capture_statistics, reused_statistics, run_model
+from onnx_dc.calibration.data import CalibrationData
+from onnx_dc.calibration.layers import LayerSpec, find_layers
+from onnx_dc.calibration.metrics import OutputMetrics, compare_outputs, top1_accuracy
+from onnx_dc.calibration.model_fit import (
     CalibratedCompression,
-    CalibrationOptions,
     LayerFitter,
-    LayerSettings,
     compress_with_calibration,
     initializer_array,
-    layer_target,
 )
-from onnx_dc.calibration import (
-    CalibrationData,
-    LayerSpec,
-    capture_statistics,
-    find_layers,
-    reused_statistics,
-    run_model,
+from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
+from onnx_dc.calibration.search_path import (
+    Candidate,
+    _allocation_path,
+    _hull,
+    _max_path_checks,
+    _measured_indices,
+    _predict_output_errors,
+    _runs_per_layer,
+    _thin_path,
 )
+from onnx_dc.calibration.targets import layer_target
+from onnx_dc.calibration.weight_swap import WeightSwapRunner
 from onnx_dc.errors import CalibrationError, SettingsError
-from onnx_dc.sensitivity import OutputMetrics, WeightSwapRunner, compare_outputs, top1_accuracy
 
 __all__ = [
+    "AutotuneResult",
     "DEFAULT_BITS_CONV",
     "DEFAULT_BITS_FC",
     "DEFAULT_SEARCH_SPARSITIES",
-    "AutotuneResult",
-    "Budget",
-    "Candidate",
     "LayerChoice",
     "autotune",
     "default_grids",
-    "drop_standard_error",
 ]
+
 
 DEFAULT_SEARCH_SPARSITIES: tuple[float, ...] = (
     0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98,
@@ -122,22 +132,6 @@ COARSE_SEARCH_SPARSITIES: tuple[float, ...] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
 COARSE_BITS_FC: tuple[int, ...] = (3, 4, 6)
 COARSE_BITS_CONV: tuple[int, ...] = (4, 6, 8)
 DEFAULT_HOLDOUT_FRACTION = 0.2
-# Large models (more than MANY_LAYERS searched layers): the candidates are fitted with a cheap
-# recipe (activation-aware pruning without the weight refit, plain k-means). Their errors are
-# upper bounds of what the full recipe gives; the chosen configuration gets the full recipe once.
-# (Full-recipe fits of every grid point took hours on the 64-layer YOLOv8n: the OBS paths and the
-# per-column refits of layers with 1152-2304 inputs cost 10-30 s per sparsity.)
-# Model-level effects: all candidates are run on the search data while that takes at most
-# MEASURE_ALL_SECONDS; otherwise MEASURED_PER_LAYER_BUDGET_SECONDS bounds the runs per layer
-# (1 to MAX_MEASURED_PER_LAYER, spread over the layer errors) and the others are predicted.
-MEASURE_ALL_SECONDS = 120.0
-MEASURED_PER_LAYER_BUDGET_SECONDS = 150.0
-MAX_MEASURED_PER_LAYER = 3
-# The assembled configurations of the path checked against the budget: all of them while that takes
-# at most PATH_CHECK_SECONDS, otherwise this many spread evenly in log(size) (at least MIN_PATH_CHECKS).
-PATH_CHECK_SECONDS = 120.0
-MIN_PATH_CHECKS = 24
-STEP_BACK_LINEAR = 6  # configurations tried one by one when the final model misses the budget
 STEP_FORWARD = 4  # configurations past the chosen one compressed for real when its final model meets the budget
 MAX_HOLDOUT_SAMPLES = 2048
 
@@ -152,61 +146,6 @@ def default_grids(n_layers: int) -> tuple[tuple[float, ...], tuple[int, ...], tu
     if n_layers > MANY_LAYERS:
         return COARSE_SEARCH_SPARSITIES, COARSE_BITS_FC, COARSE_BITS_CONV
     return DEFAULT_SEARCH_SPARSITIES, DEFAULT_BITS_FC, DEFAULT_BITS_CONV
-
-
-@dataclass(frozen=True)
-class Budget:
-    """What the compressed model must preserve, on the search data.
-
-    Attributes:
-        min_cosine: lowest allowed cosine similarity of every output with the original's.
-        max_drop: largest allowed drop of top-1 accuracy, in percentage points (needs labels).
-    """
-
-    min_cosine: float | None = None
-    max_drop: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.min_cosine is None and self.max_drop is None:
-            raise SettingsError("a budget needs --min-cosine or --max-drop")
-        if self.min_cosine is not None and not (-1.0 <= self.min_cosine <= 1.0):
-            raise SettingsError(f"--min-cosine must be between -1 and 1, got {self.min_cosine}")
-        if self.max_drop is not None and not (0.0 <= self.max_drop <= 100.0):
-            raise SettingsError(f"--max-drop must be between 0 and 100 percentage points, got {self.max_drop}")
-
-    def met(self, metrics: OutputMetrics, baseline_accuracy: float | None) -> bool:
-        """True when ``metrics`` satisfy every part of the budget."""
-        if self.min_cosine is not None and not metrics.cosine >= self.min_cosine:
-            return False
-        if self.max_drop is not None:
-            if metrics.accuracy is None or baseline_accuracy is None:
-                return False
-            if 100.0 * (baseline_accuracy - metrics.accuracy) > self.max_drop + 1e-9:
-                return False
-        return True
-
-    def describe(self) -> str:
-        """E.g. ``cosine >= 0.999`` or ``top-1 drop <= 0.5 pp``."""
-        parts = []
-        if self.min_cosine is not None:
-            parts.append(f"cosine >= {self.min_cosine:g}")
-        if self.max_drop is not None:
-            parts.append(f"top-1 drop <= {self.max_drop:g} pp")
-        return " and ".join(parts)
-
-
-@dataclass
-class Candidate:
-    """One layer at one (sparsity, bits) setting, fitted on the original statistics."""
-
-    sparsity: float
-    bits: int
-    size_bytes: int
-    output_error: float  # relative output error of the model with only this layer compressed
-    layer_error: float
-    weight: np.ndarray
-    bias: np.ndarray | None
-    index_bits: int
 
 
 @dataclass(frozen=True)
@@ -245,11 +184,11 @@ class AutotuneResult:
     """Outcome of :func:`autotune`.
 
     Attributes:
-        settings: the chosen :class:`~onnx_dc.calibrated.LayerSettings` per searched layer.
+        settings: the chosen :class:`~onnx_dc.calibration.options.LayerSettings` per searched layer.
         choices: per searched layer, what was chosen and what it gave.
-        compression: the final :class:`~onnx_dc.calibrated.CalibratedCompression`.
+        compression: the final :class:`~onnx_dc.calibration.model_fit.CalibratedCompression`.
         built: what the ``build`` callback returned for it (the converted model and its report).
-        metrics: the final model's :class:`~onnx_dc.sensitivity.OutputMetrics` on the search data.
+        metrics: the final model's :class:`~onnx_dc.calibration.metrics.OutputMetrics` on the search data.
         baseline_accuracy: the original model's accuracy on the search data (with labels).
         budget_met: whether the final model meets the budget.
         predicted: metrics of the assembled (non-sequential) configuration the search chose.
@@ -345,7 +284,7 @@ Builder = Callable[[CalibratedCompression], tuple[Any, onnx.ModelProto, str | No
 
 
 def _reusing_statistics(function: Callable[..., AutotuneResult]) -> Callable[..., AutotuneResult]:
-    """Run ``function`` inside :func:`onnx_dc.calibration.reused_statistics`: the final (non-sequential)
+    """Run ``function`` inside :func:`onnx_dc.calibration.capture.reused_statistics`: the final (non-sequential)
     compression reuses the statistics the candidates were fitted from instead of capturing them again."""
 
     @functools.wraps(function)
@@ -383,7 +322,7 @@ def autotune(
         model: the original model (not modified).
         calibration: calibration inputs (for the fits).
         budget: the :class:`Budget`.
-        build: converts a :class:`~onnx_dc.calibrated.CalibratedCompression` into the
+        build: converts a :class:`~onnx_dc.calibration.model_fit.CalibratedCompression` into the
             final model (the converter); returns ``(kept object, model to run,
             custom operator library path or None)``.
         search: data held apart from calibration for the budget (``--eval``); when
@@ -611,265 +550,9 @@ def autotune(
     )
 
 
-def _describe_metrics(metrics: OutputMetrics, baseline: float | None) -> str:
-    text = f"cosine {metrics.cosine:.6f}, relative output error {metrics.relative_error:.3g}"
-    if metrics.accuracy is not None and baseline is not None:
-        text += f", top-1 {100 * metrics.accuracy:.2f} % (drop {100 * (baseline - metrics.accuracy):.2f} pp)"
-    return text
-
-
-def _hull(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """The candidates on the lower convex hull of (size, error), from the largest (most accurate) to the smallest."""
-    # Pareto front: increasing error, strictly decreasing size.
-    front: list[Candidate] = []
-    for c in sorted(candidates, key=lambda c: (c.output_error, c.size_bytes)):
-        if not front or c.size_bytes < front[-1].size_bytes:
-            front.append(c)
-    # Lower convex hull: the added error per saved byte must increase along it.
-    hull: list[Candidate] = []
-    for c in front:
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            s_ab = (b.output_error - a.output_error) / max(1, a.size_bytes - b.size_bytes)
-            s_ac = (c.output_error - a.output_error) / max(1, a.size_bytes - c.size_bytes)
-            if s_ac <= s_ab:
-                hull.pop()
-            else:
-                break
-        hull.append(c)
-    return hull
-
-
-def _allocation_path(hulls: Mapping[str, list[Candidate]]) -> list[dict[str, Candidate]]:
-    """Configurations from every layer at its most accurate hull point, one cheapest step at a time."""
-    steps = []
-    for name, hull in hulls.items():
-        for i in range(1, len(hull)):
-            a, b = hull[i - 1], hull[i]
-            slope = (b.output_error - a.output_error) / max(1, a.size_bytes - b.size_bytes)
-            steps.append((slope, name, i))
-    steps.sort(key=lambda t: (t[0], t[1], t[2]))
-    current = {name: hull[0] for name, hull in hulls.items()}
-    path = [dict(current)]
-    for _, name, i in steps:
-        current[name] = hulls[name][i]
-        path.append(dict(current))
-    return path
-
-
 def _search_options(options: CalibrationOptions, n_layers: int) -> CalibrationOptions:
     """The recipe the candidates are fitted with: ``options`` itself, or the cheap one for large models."""
     if n_layers <= MANY_LAYERS:
         return options
     criterion = "activation" if options.criterion in ("auto", "obs") else options.criterion
     return replace(options, criterion=criterion, refit_weights=False, refit_rounds=0)
-
-
-def _runs_per_layer(run_seconds: float, n_layers: int, grid_points: int) -> int | None:
-    """Candidates per layer run on the search data: None (all) when affordable, else 1..MAX_MEASURED_PER_LAYER."""
-    if run_seconds * n_layers * grid_points <= MEASURE_ALL_SECONDS:
-        return None
-    affordable = int(MEASURED_PER_LAYER_BUDGET_SECONDS / max(run_seconds * n_layers, 1e-9))
-    return max(1, min(MAX_MEASURED_PER_LAYER, grid_points, affordable))
-
-
-def _measured_indices(layer_errors: Sequence[float], per_layer: int | None) -> list[int]:
-    """Which candidates to run: all, or ``per_layer`` spread over the sorted positive layer errors."""
-    if per_layer is None:
-        return list(range(len(layer_errors)))
-    positive = sorted((e, i) for i, e in enumerate(layer_errors) if e > 0)
-    if not positive:
-        return []
-    chosen = {positive[min(len(positive) - 1, int((q + 0.5) * len(positive) / per_layer))][1] for q in range(per_layer)}
-    return sorted(chosen)
-
-
-def _predict_output_errors(found: Sequence[Candidate], measured: Sequence[int]) -> None:
-    """Fill in the output errors of the candidates not run, from their layer errors.
-
-    Small weight perturbations change the output energy in proportion to the
-    layer's own output error, so the ratio output error / layer error is
-    interpolated in log(layer error) between the measured candidates (constant
-    beyond them; 1 when nothing was measured). A layer error of 0 predicts 0.
-    """
-    points = sorted(
-        (math.log(found[i].layer_error), math.log(max(found[i].output_error, 1e-30) / found[i].layer_error))
-        for i in measured
-        if found[i].layer_error > 0
-    )
-    for i, c in enumerate(found):
-        if i in measured:
-            continue
-        if c.layer_error <= 0:
-            c.output_error = 0.0
-        elif not points:
-            c.output_error = c.layer_error
-        else:
-            xs, ys = zip(*points)
-            c.output_error = c.layer_error * math.exp(float(np.interp(math.log(c.layer_error), xs, ys)))
-
-
-def _max_path_checks(run_seconds: float) -> int:
-    """How many path configurations are assembled and run on the search data."""
-    return max(MIN_PATH_CHECKS, int(PATH_CHECK_SECONDS / max(run_seconds, 1e-9)))
-
-
-def _thin_path(path: list[dict[str, Candidate]], max_checks: int) -> list[dict[str, Candidate]]:
-    """At most ``max_checks`` configurations of ``path``, first and last kept, spread evenly in log(total size)."""
-    if len(path) <= max_checks:
-        return path
-    sizes = np.array([float(sum(c.size_bytes for c in config.values())) for config in path])
-    logs = np.log(np.maximum(sizes, 1.0))
-    targets = np.linspace(logs[0], logs[-1], max_checks)
-    keep = {0, len(path) - 1}
-    for t in targets[1:-1]:
-        keep.add(int(np.argmin(np.abs(logs - t))))
-    return [path[i] for i in sorted(keep)]
-
-
-def drop_standard_error(metrics: OutputMetrics, baseline: float, n_samples: int) -> float:
-    """Standard error, in percentage points, of a top-1 drop measured on ``n_samples`` paired samples.
-
-    The drop ``d = (broken - fixed) / n`` counts the samples whose prediction
-    became wrong minus those that became right; its variance is
-    ``((broken + fixed) / n - d^2) / n``. ``(broken + fixed) / n`` is
-    ``metrics.discordant`` when the metrics were computed with labels; otherwise
-    it is bounded by the fraction of changed predictions, ``1 - agreement``
-    (on the large side when some predictions change from one wrong class to another).
-    """
-    if n_samples < 1 or metrics.accuracy is None:
-        return 0.0
-    drop = baseline - metrics.accuracy
-    if metrics.discordant is not None:
-        changed = metrics.discordant
-    else:
-        changed = 1.0 - metrics.agreement if metrics.agreement is not None else abs(drop)
-    variance = max(0.0, changed - drop * drop) / n_samples
-    return 100.0 * math.sqrt(variance)
-
-
-def _robust_choice(
-    measured: Sequence[OutputMetrics],
-    budget: Budget,
-    baseline: float | None,
-    *,
-    n_samples: int = 0,
-    drop_margin_se: float = 0.0,
-) -> int:
-    """The most compressed path index whose smoothed measurements, and own measurement, meet the budget.
-
-    The budget's losses (``1 - cosine``; top-1 drop) measured along the path are
-    noisy (a few hundred samples decide a drop of 0.1 pp), while their trend is
-    increasing. Each loss is fitted by a non-decreasing sequence (isotonic
-    regression, pool-adjacent-violators); a configuration qualifies when the
-    fitted losses and its own measurement meet the budget. This keeps a single
-    lucky measurement far along the path from being chosen. With
-    ``drop_margin_se`` > 0 a configuration's drops (fitted and own) must stay
-    below ``max_drop`` minus that many of its standard errors
-    (:func:`drop_standard_error` on ``n_samples``).
-    """
-    losses: list[tuple[list[float], list[float]]] = []
-    if budget.min_cosine is not None:
-        losses.append(([1.0 - m.cosine for m in measured], [1.0 - budget.min_cosine] * len(measured)))
-    if budget.max_drop is not None and baseline is not None:
-        drops = [100.0 * (baseline - (m.accuracy or 0.0)) for m in measured]
-        margins = [drop_margin_se * drop_standard_error(m, baseline, n_samples) for m in measured]
-        limits = [budget.max_drop - margin for margin in margins]
-        losses.append((drops, limits))
-    fitted = [(_isotonic(values), values, limits) for values, limits in losses]
-    best = 0
-    for i, m in enumerate(measured):
-        if budget.met(m, baseline) and all(
-            f[i] <= limits[i] + 1e-12 and own[i] <= limits[i] + 1e-12 for f, own, limits in fitted
-        ):
-            best = i
-    return best
-
-
-def _isotonic(values: Sequence[float]) -> list[float]:
-    """Least-squares non-decreasing fit of ``values`` (pool adjacent violators)."""
-    blocks: list[list[float]] = []  # [sum, count]
-    for v in values:
-        blocks.append([float(v), 1.0])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
-            total, count = blocks.pop()
-            blocks[-1][0] += total
-            blocks[-1][1] += count
-    fitted: list[float] = []
-    for total, count in blocks:
-        fitted.extend([total / count] * int(count))
-    return fitted
-
-
-def _step_forward(
-    measure: Callable[[int], OutputMetrics],
-    start: int,
-    last: int,
-    budget: Budget,
-    baseline: float | None,
-    *,
-    n_samples: int = 0,
-    drop_margin_se: float = 0.0,
-) -> int:
-    """The configuration to keep after compressing for real the ones after ``start`` (which met the budget).
-
-    Configurations ``start + 1 .. last`` are measured in order (``measure(i)``:
-    the real model's metrics) until one misses the budget by its own
-    measurement (with the ``drop_margin_se`` margin); the walk stops there, so a
-    lucky measurement behind a failure is never reached. Among the measured ones
-    the choice follows :func:`_robust_choice` (isotonic smoothing of the
-    measurements in walk order, the same margin), so a configuration is kept
-    only when the smoothed losses up to it also meet the budget. Returns
-    ``start`` when nothing after it qualifies.
-    """
-    indices = [start]
-    measured = [measure(start)]
-    for i in range(start + 1, last + 1):
-        metrics = measure(i)
-        indices.append(i)
-        measured.append(metrics)
-        if not _meets_with_margin(metrics, budget, baseline, n_samples, drop_margin_se):
-            break
-    return indices[_robust_choice(measured, budget, baseline, n_samples=n_samples, drop_margin_se=drop_margin_se)]
-
-
-def _meets_with_margin(
-    metrics: OutputMetrics, budget: Budget, baseline: float | None, n_samples: int, drop_margin_se: float
-) -> bool:
-    """``budget.met`` and, with ``max_drop``, a drop at most ``max_drop - drop_margin_se * se``."""
-    if not budget.met(metrics, baseline):
-        return False
-    if budget.max_drop is None or baseline is None or metrics.accuracy is None:
-        return True
-    drop = 100.0 * (baseline - metrics.accuracy)
-    return drop <= budget.max_drop - drop_margin_se * drop_standard_error(metrics, baseline, n_samples) + 1e-12
-
-
-def _step_back(passes: Callable[[int], bool], failed: int, linear_steps: int = STEP_BACK_LINEAR) -> int:
-    """The configuration to fall back to when ``failed`` missed the budget once compressed for real.
-
-    The real (sequential) compressions measure a little differently from the
-    assembled ones, and noisily, so passing is not monotone along the path: the
-    ``linear_steps`` configurations just before ``failed`` are tried first, one
-    by one (a binary search over the whole path would jump to its middle on one
-    noisy failure). Then 0, then a binary search below the tried ones. Returns 0
-    when even 0 fails.
-    """
-    lowest = max(0, failed - linear_steps)
-    for i in range(failed - 1, lowest - 1, -1):
-        if passes(i):
-            return i
-    if lowest == 0 or not passes(0):
-        return 0
-    return _last_passing(passes, 0, lowest - 1)
-
-
-def _last_passing(passes: Callable[[int], bool], low: int, high: int) -> int:
-    """Largest ``i`` in ``[low, high]`` with ``passes(i)``, given ``passes(low)`` (binary search, monotone assumed)."""
-    while low < high:
-        mid = (low + high + 1) // 2
-        if passes(mid):
-            low = mid
-        else:
-            high = mid - 1
-    return low

@@ -140,7 +140,7 @@ def _calibration_options(args: argparse.Namespace):
         if any(f not in (None, False) for f in flags) or args.calib_samples is not None:
             raise SettingsError("--criterion, --refit-rounds, --no-* calibration flags and --calib-samples need --calib")
         return None
-    from onnx_dc.calibrated import CalibrationOptions
+    from onnx_dc.calibration.options import CalibrationOptions
 
     kwargs = {}
     if args.criterion is not None:
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from onnx_dc.api import compress
+    from onnx_dc.api.functions import compress
 
     calibration = _calibration_options(args)
     if args.calib is None and any(
@@ -247,7 +247,7 @@ def _compress(args: argparse.Namespace) -> int:
     else:
         print(result.report.format_table())
         if result.calibration is not None:
-            from onnx_dc.calibrate import describe_calibration
+            from onnx_dc.api.calibrated import describe_calibration
 
             print(describe_calibration(result.calibration))
         print(f"wrote {args.output}")
@@ -260,7 +260,7 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _decompress(args: argparse.Namespace) -> int:
-    from onnx_dc.api import decompress
+    from onnx_dc.api.functions import decompress
 
     decompress(args.input, args.output, external_data=True if args.external_data else None)
     print(f"wrote {args.output}")
@@ -268,7 +268,7 @@ def _decompress(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from onnx_dc.api import inspect
+    from onnx_dc.api.functions import inspect
 
     report = inspect(args.model)
     if args.json:
@@ -279,7 +279,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from onnx_dc.api import validate
+    from onnx_dc.api.functions import validate
 
     report = validate(
         args.original,
@@ -297,9 +297,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _sensitivity(args: argparse.Namespace) -> int:
-    from onnx_dc.api import sensitivity
-    from onnx_dc.model_io import check_output_path
-    from onnx_dc.sensitivity import plot_sensitivity, write_json_atomic
+    from onnx_dc.api.functions import sensitivity
+    from onnx_dc.calibration.sensitivity import plot_sensitivity, write_json_atomic
+    from onnx_dc.graph.model_io import check_output_path
 
     check_output_path(args.output, [args.model])
     if args.plot is not None:

@@ -1,0 +1,182 @@
+"""Converting a model with a per-tensor compressor: the step every compression ends with.
+
+:func:`compress_model` plans every weight (:mod:`onnx_dc.graph.settings`),
+runs the per-tensor compressor on those to compress (by default the plain
+Deep Compression pipeline, :func:`onnx_dc.codec.tensor.compress_tensor`),
+rewrites the graph around the containers (:mod:`onnx_dc.graph.rewrite`),
+checks the result with ``onnx.checker``, reports it and writes it atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnx_dc.api.report import ModelReport, model_report
+from onnx_dc.errors import InvalidTensorError, ModelError
+from onnx_dc.graph import model_io
+from onnx_dc.graph.model_io import (
+    ModelSource,
+    SavedModel,
+    check_output_path,
+    external_data_files,
+    load_model,
+    save_model,
+    tensor_bytes,
+)
+from onnx_dc.graph.rewrite import RewriteSummary, apply_compression
+from onnx_dc.graph.settings import (
+    CompressionSettings,
+    ResolvedSettings,
+    TensorPlan,
+)
+from onnx_dc.graph.weights import Weight, find_weights
+
+__all__ = [
+    "CompressionResult",
+    "TensorCompressor",
+    "compress_model",
+]
+
+
+# (weight, its values, its resolved settings) -> onnx_dc.codec.tensor.CompressedTensor.
+TensorCompressor = Callable[[Weight, np.ndarray, ResolvedSettings], object]
+ProgressCallback = Callable[[int, int, str], None]
+
+
+@dataclass
+class CompressionResult:
+    """The compressed model, its per-layer report and what was decided for each weight."""
+
+    model: onnx.ModelProto
+    report: ModelReport
+    plans: list[TensorPlan]
+    compressed: dict[str, object] = field(default_factory=dict)  # weight name -> CompressedTensor
+    rewrite: RewriteSummary | None = None
+    saved: SavedModel | None = None
+    warnings: list[str] = field(default_factory=list)
+    calibration: object | None = None  # with calib=: CalibratedCompression, or AutotuneResult with a budget
+
+
+def compress_model(
+    model: ModelSource,
+    settings: CompressionSettings,
+    *,
+    output: str | os.PathLike | None = None,
+    progress: bool | ProgressCallback = False,
+    external_data: bool | None = None,
+    tensor_compressor: TensorCompressor | None = None,
+) -> CompressionResult:
+    """:func:`compress` with already parsed :class:`~onnx_dc.graph.settings.CompressionSettings`."""
+    if output is not None:
+        check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [])
+    proto = load_model(model)
+    original_file_bytes = _source_size_bytes(model)
+    weights = find_weights(proto, min_elements=0)
+    plans = settings.plan(weights)
+    todo = [p for p in plans if p.settings is not None]
+    compressor = tensor_compressor or _compress_with_core
+    compressed: dict[str, object] = {}
+    pairs: list[tuple[Weight, bytes]] = []
+    with _progress(progress, len(todo)) as tick:
+        for index, plan in enumerate(todo):
+            weight = plan.weight
+            tick(index, weight.name)
+            values = weight.to_array()
+            try:
+                result = compressor(weight, values, plan.settings)
+            except InvalidTensorError as exc:
+                raise InvalidTensorError(f"tensor {weight.name!r}: {exc}") from None
+            compressed[weight.name] = result
+            pairs.append((weight, bytes(result.container)))
+        tick(len(todo), "")
+    summary = apply_compression(proto, pairs)
+    warnings = _check_written_model(proto, model)
+    reasons = {p.weight.name: p.skip_reason for p in plans if p.skip_reason}
+    report = model_report(
+        proto,
+        original_file_bytes=original_file_bytes,
+        compressed_file_bytes=_serialized_size(proto),
+        skip_reasons=reasons,
+    )
+    saved = None
+    if output is not None:  # the last step: nothing can fail after the output is in place
+        saved = save_model(proto, output, external_data=external_data)
+        report.compressed_file_bytes = saved.size_bytes
+    else:
+        report.notes.append("compressed size: serialized size (the model was not written to a file)")
+    return CompressionResult(proto, report, plans, compressed, summary, saved, warnings)
+
+
+def _compress_with_core(weight: Weight, values: np.ndarray, settings: ResolvedSettings):
+    from onnx_dc.codec.tensor import compress_tensor
+
+    return compress_tensor(values, settings.to_tensor_settings())
+
+
+def _source_size_bytes(model: ModelSource) -> int:
+    if isinstance(model, onnx.ModelProto):
+        return _serialized_size(model)
+    path = Path(model)
+    total = path.stat().st_size
+    try:
+        total += sum(p.stat().st_size for p in external_data_files(path))
+    except (OSError, ValueError):
+        pass
+    return total
+
+
+def _serialized_size(model: onnx.ModelProto) -> int:
+    try:
+        return model.ByteSize()
+    except Exception:
+        return tensor_bytes(model)
+
+
+def _check_written_model(model: onnx.ModelProto, source: ModelSource) -> list[str]:
+    """Run onnx.checker (full check) on a converted model; a failure the input did not have is a bug."""
+    if tensor_bytes(model) > model_io.PROTOBUF_LIMIT_BYTES:
+        return ["onnx.checker skipped: model over 2 GB"]
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        return []
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    try:
+        original = load_model(source)
+        onnx.checker.check_model(original, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ModelError):
+        return [f"onnx.checker rejects the model, as it rejects the input: {message}"]
+    raise ModelError(f"internal error: the converted model fails onnx.checker: {message}")
+
+
+class _progress:
+    """A tqdm bar on a terminal (``progress=True``), a user callback, or nothing."""
+
+    def __init__(self, progress: bool | ProgressCallback, total: int) -> None:
+        self.progress = progress
+        self.total = total
+        self.bar = None
+
+    def __enter__(self) -> Callable[[int, str], None]:
+        if self.progress is True:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="tensor", desc="compressing", leave=False)
+        return self.tick
+
+    def tick(self, done: int, name: str) -> None:
+        if callable(self.progress):
+            self.progress(done, self.total, name)
+        elif self.bar is not None:
+            self.bar.n = done
+            self.bar.set_postfix_str(name, refresh=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,522 @@
+"""Calibrated weight sharing: a layer's codebook and assignments fitted to its outputs.
+
+:func:`quantize_layer` starts from 1-D k-means of the kept weights and
+alternates :func:`refit_centroids` (the ``k x k`` least-squares system of the
+centroids, assignments fixed) and :func:`reassign_codes` (coordinate descent
+over the assignments), from two starts: nearest-centroid assignment and
+:func:`assign_with_error_feedback` (sequential rounding with error feedback,
+as Optimal Brain Quantization / GPTQ, onto the shared codebook). Each step is
+accepted only when it lowers the layer's error. :func:`fit_layer` is the whole
+per-layer recipe: pruning (:mod:`onnx_dc.calibration.pruning_fit`), then this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from onnx_dc.calibration.layer_problem import (
+    CRITERIA,
+    LayerFit,
+    LayerProblem,
+    QuantizedLayer,
+    _blas_threads_for,
+    _blocks,
+    _check_codes,
+    _check_criterion,
+    _check_masks,
+    _dequantize,
+    _int,
+    single_threaded_blas,
+)
+from onnx_dc.calibration.pruning_fit import (
+    DEFAULT_OBS_RATE,
+    _column_groups,
+    prune_iteratively,
+    refit_weights,
+    select_mask,
+)
+from onnx_dc.codec._checks import fraction
+from onnx_dc.codec.clustering import INIT_METHODS, assign_to_centroids, kmeans_1d
+from onnx_dc.errors import SettingsError
+
+__all__ = [
+    "assign_with_error_feedback",
+    "fit_layer",
+    "quantize_layer",
+    "reassign_codes",
+    "refit_centroids",
+]
+
+
+_IMPROVEMENT_RTOL = 1e-9  # a step must lower E by more than this (relative) to count
+_ONEHOT_MAX_ELEMENTS = 1 << 18  # _centroid_system builds the one-hot matrix of blocks up to this size
+_ROUND_RTOL = 1e-3  # quantize_layer stops when a whole round gains less than this (relative)
+_FEEDBACK_RESTARTS = 3  # error-feedback starts quantize_layer tries at most (each from the best codebook so far)
+_FEEDBACK_BATCH_BYTES = 1 << 25  # padded factors of single-column groups processed together
+_FEEDBACK_KEEP_BYTES = 1 << 28  # quantize_layer keeps the factors between its restarts up to this size
+_FEEDBACK_BLOCK_ROWS = 64  # rows per lazy-update block of the error-feedback rounding
+
+
+# ---------------------------------------------------------------------------
+# Weight sharing
+
+
+def quantize_layer(
+    problem: LayerProblem,
+    weights: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    n_clusters: int,
+    *,
+    refit: bool = True,
+    rounds: int = 8,
+    init: str = "linear",
+    seed: int = 0,
+    error_feedback: bool = True,
+) -> QuantizedLayer:
+    """Share the kept weights among ``n_clusters`` centroids, minimising ``E``.
+
+    Starts from 1-D k-means of the kept values of ``weights`` (nearest-centroid
+    assignment). With ``refit`` it then alternates :func:`refit_centroids` and
+    :func:`reassign_codes` for at most ``rounds`` rounds, each step accepted only
+    if it lowers ``E``; it stops early when a round gains nothing. With
+    ``error_feedback`` as well, the alternation is repeated from the assignment
+    of :func:`assign_with_error_feedback` (first with the k-means centroids, then
+    with the best centroids found, while that lowers ``E``) and the result with
+    the lowest ``E`` is returned. ``weights`` should be the unquantized weights
+    that minimise ``E`` for ``masks`` (:func:`refit_weights`), which the
+    error-feedback start assumes. Pruned weights (``masks`` False) stay exactly zero.
+
+    ``history`` lists ``E`` after the k-means start and after every accepted step
+    of the nearest-centroid run, then every lower ``E`` an error-feedback run ended
+    with; it never increases.
+    """
+    masks = _check_masks(masks, problem)
+    weights = _blocks(weights, problem)
+    n_clusters = _int(n_clusters, "n_clusters", 1)
+    rounds = _int(rounds, "rounds", 0)
+    if init not in INIT_METHODS:
+        raise SettingsError(f"unknown init {init!r}: expected one of {', '.join(INIT_METHODS)}")
+    kept_values = np.concatenate([w[m] for w, m in zip(weights, masks)]) if masks else np.empty(0)
+    if kept_values.size == 0:
+        codes = [np.full(m.shape, -1, dtype=np.int32) for m in masks]
+        centroids = np.empty(0)
+        error = problem.error([_dequantize(c, centroids) for c in codes])
+        return QuantizedLayer(codes, centroids, error, [error])
+    clusters = kmeans_1d(kept_values, n_clusters, init=init, seed=seed)
+    start_centroids = np.sort(np.asarray(clusters.centroids, dtype=np.float64))
+    codes = []
+    for w, m in zip(weights, masks):
+        c = np.full(m.shape, -1, dtype=np.int32)
+        c[m] = assign_to_centroids(w[m], start_centroids)
+        codes.append(c)
+    error = problem.error([_dequantize(c, start_centroids) for c in codes])
+    history = [error]
+    if not refit:
+        return QuantizedLayer(codes, start_centroids, error, history)
+    codes, centroids, error = _alternate(problem, codes, start_centroids, error, rounds, history)
+    if error_feedback:
+        with single_threaded_blas():
+            plans = [_FeedbackPlan(h, m, _FEEDBACK_KEEP_BYTES) for h, m in zip(problem.hessians, masks)]
+        feedback_centroids = start_centroids
+        for _ in range(_FEEDBACK_RESTARTS):
+            trial_codes = _feedback_codes(plans, weights, feedback_centroids)
+            trial_error = problem.error([_dequantize(c, feedback_centroids) for c in trial_codes])
+            trial_codes, trial_centroids, trial_error = _alternate(
+                problem, trial_codes, feedback_centroids, trial_error, rounds, []
+            )
+            if not _improves(trial_error, error):
+                break
+            codes, centroids, error = trial_codes, trial_centroids, trial_error
+            history.append(error)
+            feedback_centroids = centroids
+    return QuantizedLayer(codes, centroids, error, history)
+
+
+def assign_with_error_feedback(
+    problem: LayerProblem, weights: Sequence[np.ndarray], masks: Sequence[np.ndarray], centroids: np.ndarray
+) -> list[np.ndarray]:
+    """Codes from rounding the kept weights one input row at a time, compensating each rounding error.
+
+    Per output column ``n`` with kept rows ``S`` the rows are visited in
+    decreasing order of ``H_jj``; each weight is rounded to its nearest centroid
+    and the rows not yet rounded are moved by the change that minimises ``E``
+    given the rounded ones (Optimal Brain Quantization; with ``U`` the upper
+    Cholesky factor of ``H_SS^-1`` the update after row ``i`` is
+    ``w_>i -= (w_i - q_i) / U_ii * U_i,>i``, as in GPTQ). Nearest rounding
+    ignores that the rounding errors of correlated inputs can cancel; this
+    assignment lets later weights absorb earlier errors. It is a start for the
+    alternation of :func:`quantize_layer`, not a minimiser by itself. ``weights``
+    should minimise ``E`` for ``masks`` (:func:`refit_weights`): the updates are
+    exact only from that point. Columns whose ``H_SS`` is singular are rounded
+    without compensation. ``centroids`` must be sorted increasing; pruned weights
+    get code ``-1``.
+    """
+    centroids = np.asarray(centroids, dtype=np.float64).reshape(-1)
+    if centroids.size == 0:
+        raise SettingsError("assign_with_error_feedback needs at least one centroid")
+    if np.any(np.diff(centroids) < 0):
+        raise SettingsError("assign_with_error_feedback needs centroids sorted in increasing order")
+    masks = _check_masks(masks, problem)
+    weights = _blocks(weights, problem)
+    with single_threaded_blas():
+        plans = [_FeedbackPlan(h, m, 0) for h, m in zip(problem.hessians, masks)]
+    return _feedback_codes(plans, weights, centroids)
+
+
+def refit_centroids(problem: LayerProblem, codes: Sequence[np.ndarray], centroids: np.ndarray) -> np.ndarray:
+    """Centroids minimising ``E`` for fixed assignments (the ``k x k`` system ``M mu = r``).
+
+    Clusters no weight is assigned to keep their value. Returns the new
+    centroids in the same order (callers re-sort). If the system is singular the
+    minimum-norm least-squares solution is used; :func:`quantize_layer` still
+    checks that ``E`` went down.
+    """
+    centroids = np.asarray(centroids, dtype=np.float64).reshape(-1)
+    k = centroids.size
+    codes = _check_codes(codes, problem, k)
+    system = np.zeros((k, k))
+    rhs = np.zeros(k)
+    for hessian, target, c, cw in zip(problem.hessians, problem.targets, codes, problem.column_weights):
+        m_block, r_block = _centroid_system(hessian, target, c, k, cw)
+        system += m_block
+        rhs += r_block
+    used = np.flatnonzero(np.diag(system) > 0)
+    result = centroids.copy()
+    if used.size == 0:
+        return result
+    sub = system[np.ix_(used, used)]
+    sub = 0.5 * (sub + sub.T)
+    try:
+        solution = np.linalg.solve(sub, rhs[used])
+    except np.linalg.LinAlgError:
+        solution = np.linalg.lstsq(sub, rhs[used], rcond=None)[0]
+    if np.all(np.isfinite(solution)):
+        result[used] = solution
+    return result
+
+
+def reassign_codes(
+    problem: LayerProblem, codes: Sequence[np.ndarray], centroids: np.ndarray, *, sweeps: int = 1
+) -> list[np.ndarray]:
+    """Coordinate descent over the assignments: never increases ``E``.
+
+    Input rows are visited in order; every kept weight of the row moves to the
+    centroid that lowers ``E`` most given all other weights (the centroid
+    nearest to ``w - R_jn / H_jj``), then the residual ``R = H (W_q - T)`` is
+    updated. ``centroids`` must be sorted increasing. Pruned weights stay pruned.
+    """
+    centroids = np.asarray(centroids, dtype=np.float64).reshape(-1)
+    codes = _check_codes(codes, problem, centroids.size)
+    sweeps = _int(sweeps, "sweeps", 1)
+    if np.any(np.diff(centroids) < 0):
+        raise SettingsError("reassign_codes needs centroids sorted in increasing order")
+    result = []
+    for hessian, target, c in zip(problem.hessians, problem.targets, codes):
+        result.append(_reassign_block(hessian, target, c.copy(), centroids, sweeps))
+    return result
+
+
+def fit_layer(
+    problem: LayerProblem,
+    *,
+    sparsity: float,
+    bits: int,
+    criterion: str = "auto",
+    refit_weights_first: bool = True,
+    refit_centroids_rounds: int = 8,
+    obs_rate: float = DEFAULT_OBS_RATE,
+    init: str = "linear",
+    seed: int = 0,
+    pruned: Mapping[str, tuple[Sequence[np.ndarray], Sequence[np.ndarray]]] | None = None,
+) -> LayerFit:
+    """Prune, refit and quantize one layer; the whole one-shot recipe.
+
+    Args:
+        problem: the layer's :class:`LayerProblem`.
+        sparsity: fraction of the layer's weights removed, ``[0, 1]``.
+        bits: at most ``2**bits`` shared values (1..8).
+        criterion: one of :data:`CRITERIA`, or ``"auto"``: prune with each, re-fit,
+            and quantize the one whose pruned weights have the lowest ``E``.
+        refit_weights_first: re-fit the surviving weights (:func:`refit_weights`)
+            before clustering; ``obs`` always re-fits.
+        refit_centroids_rounds: rounds of centroid refit + re-assignment
+            (0: plain k-means, as without calibration).
+        obs_rate: step size of :func:`pruning_path` for ``obs``.
+        init, seed: the k-means initialisation (see :mod:`onnx_dc.codec.clustering`).
+        pruned: optional precomputed ``(masks, weights)`` per criterion at this
+            sparsity (e.g. from one :func:`pruning_path` for several sparsities);
+            criteria not in it are computed.
+    """
+    with _blas_threads_for(problem):
+        sparsity = fraction(sparsity, "sparsity")
+        bits = _int(bits, "bits", 1)
+        if bits > 8:
+            raise SettingsError(f"bits must be in [1, 8], got {bits}")
+        candidates = CRITERIA if criterion == "auto" else (criterion,)
+        for name in candidates:
+            _check_criterion(name)
+        # Every criterion gives a mask and re-fitted weights; the one with the lowest E
+        # after pruning is quantized (identical masks, e.g. at sparsity 0, count once).
+        best_pruned: tuple[float, str, list[np.ndarray], list[np.ndarray]] | None = None
+        errors: dict[str, float] = {}
+        seen: list[list[np.ndarray]] = []
+        for name in candidates:
+            if pruned is not None and name in pruned:
+                masks, weights = (list(x) for x in pruned[name])
+            elif name == "obs":
+                masks, weights = prune_iteratively(problem, sparsity, rate=obs_rate)
+            else:
+                masks = select_mask(problem, sparsity, name)
+                if any(all(np.array_equal(a, b) for a, b in zip(masks, other)) for other in seen):
+                    continue
+                weights = refit_weights(problem, masks) if refit_weights_first else [
+                    t * m for t, m in zip(problem.targets, masks)
+                ]
+            seen.append(masks)
+            errors[name] = problem.error(weights)
+            if best_pruned is None or errors[name] < best_pruned[0]:
+                best_pruned = (errors[name], name, masks, weights)
+        assert best_pruned is not None
+        _, name, masks, weights = best_pruned
+        quantized = quantize_layer(
+            problem, weights, masks, 2**bits, refit=refit_centroids_rounds > 0,
+            rounds=refit_centroids_rounds, init=init, seed=seed,
+        )
+        return LayerFit(name, masks, quantized, quantized.error, problem.relative_error(quantized.weights), errors)
+
+
+
+
+def _sorted_codebook(codes: list[np.ndarray], centroids: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    order = np.argsort(centroids, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    new_codes = []
+    for c in codes:
+        n = c.copy()
+        kept = c >= 0
+        n[kept] = rank[c[kept]]
+        new_codes.append(n)
+    return new_codes, centroids[order]
+
+
+def _alternate(
+    problem: LayerProblem, codes: list[np.ndarray], centroids: np.ndarray, error: float, rounds: int,
+    history: list[float],
+) -> tuple[list[np.ndarray], np.ndarray, float]:
+    """Alternate centroid refit and re-assignment from ``codes``; accepted errors appended to ``history``."""
+    for _ in range(rounds):
+        start = error
+        new_centroids = refit_centroids(problem, codes, centroids)
+        new_error = problem.error([_dequantize(c, new_centroids) for c in codes])
+        if _improves(new_error, error):
+            centroids, error = new_centroids, new_error
+            codes, centroids = _sorted_codebook(codes, centroids)
+            history.append(error)
+        new_codes = reassign_codes(problem, codes, centroids)
+        new_error = problem.error([_dequantize(c, centroids) for c in new_codes])
+        if _improves(new_error, error):
+            codes, error = new_codes, new_error
+            history.append(error)
+        if not error < start * (1.0 - _ROUND_RTOL):
+            break
+    return codes, centroids, error
+
+
+class _FeedbackPlan:
+    """Row orders and Cholesky factors of one block's column groups, for rounding it repeatedly.
+
+    Columns with the same mask form one group (one factor, all columns rounded
+    together); single-column groups (sparse layers: every column its own mask)
+    are batched, padded to a common size: padded rows have an identity factor
+    and feed nothing back. The factors are kept between roundings when they take
+    at most ``keep_bytes``, and recomputed for every rounding otherwise.
+    """
+
+    def __init__(self, hessian: np.ndarray, mask: np.ndarray, keep_bytes: int) -> None:
+        self.hessian = hessian
+        self.shape = mask.shape
+        diag = np.diag(hessian)
+        groups = []
+        for columns in _column_groups(mask):
+            rows = np.flatnonzero(mask[:, columns[0]])
+            if rows.size:
+                groups.append((rows[np.argsort(-diag[rows], kind="stable")], columns))
+        self.batches: list[list[tuple[np.ndarray, np.ndarray]]] = [[g] for g in groups if g[1].size > 1]
+        singles = sorted((g for g in groups if g[1].size == 1), key=lambda g: g[0].size)
+        start = 0
+        while start < len(singles):
+            stop = start + 1
+            while stop < len(singles) and (stop - start + 1) * singles[stop][0].size ** 2 * 8 <= _FEEDBACK_BATCH_BYTES:
+                stop += 1
+            self.batches.append(singles[start:stop])
+            start = stop
+        factor_bytes = sum(len(b) * b[-1][0].size ** 2 * 8 for b in self.batches)
+        self.factors = [self._factor(b) for b in self.batches] if factor_bytes <= keep_bytes else None
+
+    def _factor(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        size = max(rows.size for rows, _ in batch)
+        padded = np.broadcast_to(np.eye(size), (len(batch), size, size)).copy()
+        for b, (rows, _) in enumerate(batch):
+            padded[b, : rows.size, : rows.size] = self.hessian[np.ix_(rows, rows)]
+        return _feedback_factor(padded)
+
+    def codes(self, weights: np.ndarray, centroids: np.ndarray, mid: np.ndarray) -> np.ndarray:
+        """Codes of the block's kept ``weights`` (``-1`` where pruned)."""
+        codes = np.full(self.shape, -1, dtype=np.int32)
+        for i, batch in enumerate(self.batches):
+            factors = self.factors[i] if self.factors is not None else self._factor(batch)
+            width = max(columns.size for _, columns in batch)
+            padded = np.zeros((len(batch), factors.shape[-1], width))
+            for b, (rows, columns) in enumerate(batch):
+                padded[b, : rows.size, : columns.size] = weights[np.ix_(rows, columns)]
+            rounded = _round_with_feedback(padded, factors, centroids, mid)
+            for b, (rows, columns) in enumerate(batch):
+                codes[np.ix_(rows, columns)] = rounded[b, : rows.size, : columns.size]
+        return codes
+
+
+def _feedback_codes(
+    plans: Sequence[_FeedbackPlan], weights: Sequence[np.ndarray], centroids: np.ndarray
+) -> list[np.ndarray]:
+    mid = 0.5 * centroids[:-1] + 0.5 * centroids[1:]
+    with single_threaded_blas():
+        return [plan.codes(w, centroids, mid) for plan, w in zip(plans, weights)]
+
+
+def _feedback_factor(stack: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factors ``U`` of ``H^-1`` (``H^-1 = U^T U``) of a stack of matrices ``[B, s, s]``.
+
+    A matrix that is not positive definite gets the identity: its weights are
+    rounded without compensation.
+    """
+    try:
+        factors = np.swapaxes(np.linalg.cholesky(np.linalg.inv(stack)), -1, -2)
+        ok = np.all(np.isfinite(factors), axis=(1, 2))
+    except np.linalg.LinAlgError:
+        factors = np.empty_like(stack)
+        ok = np.zeros(len(stack), dtype=bool)
+        for b, h in enumerate(stack):
+            try:
+                factors[b] = np.linalg.cholesky(np.linalg.inv(h)).T
+                ok[b] = np.all(np.isfinite(factors[b]))
+            except np.linalg.LinAlgError:
+                pass
+    if not np.all(ok):
+        factors[~ok] = np.eye(stack.shape[-1])
+    return factors
+
+
+def _round_with_feedback(weights: np.ndarray, factors: np.ndarray, centroids: np.ndarray, mid: np.ndarray) -> np.ndarray:
+    """Codes of ``weights`` ``[B, s, c]`` rounded row by row with the factors ``[B, s, s]``.
+
+    Rows are taken in blocks: inside a block every rounding error updates the
+    block's remaining rows at once; the rows after the block receive the whole
+    block's errors in one matrix product (GPTQ's lazy batch updates, the same
+    arithmetic in a different order).
+    """
+    w = weights.copy()
+    codes = np.empty(w.shape, dtype=np.int32)
+    n_rows = w.shape[1]
+    for begin in range(0, n_rows, _FEEDBACK_BLOCK_ROWS):
+        end = min(n_rows, begin + _FEEDBACK_BLOCK_ROWS)
+        errors = np.empty((w.shape[0], end - begin, w.shape[2]))
+        for i in range(begin, end):
+            q = np.searchsorted(mid, w[:, i, :], side="left")
+            codes[:, i, :] = q
+            err = (w[:, i, :] - centroids[q]) / factors[:, i, i][:, None]
+            errors[:, i - begin, :] = err
+            if i + 1 < end:
+                w[:, i + 1 : end, :] -= factors[:, i, i + 1 : end][:, :, None] * err[:, None, :]
+        if end < n_rows:
+            w[:, end:, :] -= np.matmul(np.swapaxes(factors[:, begin:end, end:], 1, 2), errors)
+    return codes
+
+
+def _improves(new: float, old: float) -> bool:
+    return new < old - _IMPROVEMENT_RTOL * max(abs(old), 1e-300)
+
+
+def _centroid_system(
+    hessian: np.ndarray, target: np.ndarray, codes: np.ndarray, k: int, column_weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(M, r)`` of one block: ``M_cd = tr(A_c^T H A_d S)``, ``r_c = tr(A_c^T H T S)`` (``S`` = diag(column weights))."""
+    kept = codes >= 0
+    system = np.zeros((k, k))
+    if not np.any(kept):
+        return system, np.zeros(k)
+    ht = hessian @ target
+    if column_weights is not None:
+        ht = ht * column_weights[None, :]
+    rhs = np.bincount(codes[kept], weights=ht[kept], minlength=k)[:k]
+    n_rows, n_cols = codes.shape
+    per_column = np.count_nonzero(kept, axis=0).astype(np.float64)
+    # Measured costs: k products H @ A_d (BLAS) against one gather of H_SS and a
+    # small product per column (dominated by the gather and per-column overhead).
+    dense_seconds = 1.5e-10 * k * n_rows * n_rows * n_cols
+    sparse_seconds = 1.5e-8 * float(np.sum(per_column**2)) + 2e-4 * n_cols
+    if dense_seconds <= sparse_seconds:
+        flat_codes = codes[kept]
+        if codes.size * k <= _ONEHOT_MAX_ELEMENTS:
+            # Small blocks (e.g. depthwise convolutions): all centroids in one product.
+            onehot = np.zeros((codes.size, k))
+            onehot[np.flatnonzero(kept.reshape(-1)), flat_codes] = 1.0  # rows (j, n) in C order
+            product = (hessian @ onehot.reshape(n_rows, n_cols * k)).reshape(n_rows * n_cols, k)
+            if column_weights is not None:
+                product *= np.tile(column_weights, n_rows)[:, None]  # rows (j, n) in C order
+            system = onehot.T @ product
+        else:
+            for d in np.unique(flat_codes):
+                product = hessian @ (codes == d).astype(np.float64)
+                if column_weights is not None:
+                    product *= column_weights[None, :]
+                system[:, d] = np.bincount(flat_codes, weights=product[kept], minlength=k)[:k]
+    else:
+        with single_threaded_blas():
+            for n in range(n_cols):
+                rows = np.flatnonzero(kept[:, n])
+                if rows.size == 0:
+                    continue
+                onehot = np.zeros((rows.size, k))
+                onehot[np.arange(rows.size), codes[rows, n]] = 1.0
+                scale = 1.0 if column_weights is None else column_weights[n]
+                system += scale * (onehot.T @ (hessian[np.ix_(rows, rows)] @ onehot))
+    return 0.5 * (system + system.T), rhs
+
+
+def _reassign_block(
+    hessian: np.ndarray, target: np.ndarray, codes: np.ndarray, centroids: np.ndarray, sweeps: int
+) -> np.ndarray:
+    if centroids.size == 0 or not np.any(codes >= 0):
+        return codes
+    values = _dequantize(codes, centroids)
+    residual = hessian @ (values - target)
+    mid = 0.5 * centroids[:-1] + 0.5 * centroids[1:]
+    diag = np.diag(hessian)
+    for _ in range(sweeps):
+        changed_any = False
+        for j in range(codes.shape[0]):
+            h_jj = diag[j]
+            if h_jj <= 0:
+                continue
+            cols = np.flatnonzero(codes[j] >= 0)
+            if cols.size == 0:
+                continue
+            current = values[j, cols]
+            optimum = current - residual[j, cols] / h_jj
+            new = np.searchsorted(mid, optimum, side="left")
+            delta = centroids[new] - current
+            gain = 2.0 * delta * residual[j, cols] + delta * delta * h_jj  # change of E, <= 0 up to rounding
+            move = (delta != 0) & (gain < 0)
+            if not np.any(move):
+                continue
+            cols, new, delta = cols[move], new[move], delta[move]
+            codes[j, cols] = new
+            values[j, cols] += delta
+            residual[:, cols] += np.outer(hessian[:, j], delta)
+            changed_any = True
+        if not changed_any:
+            break
+    return codes

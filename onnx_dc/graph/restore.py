@@ -1,0 +1,317 @@
+"""Restoring a compressed model: finding its containers and turning it back into standard ONNX.
+
+:func:`find_containers` lists the containers of a model converted by
+:func:`onnx_dc.graph.rewrite.apply_compression` (with the original name, kind
+and consumers recorded in their metadata); :func:`decompress_model` decodes
+each one and restores the original operators (``MatMul``, ``Gemm``, ``Conv``,
+the fused ``Relu``) with dense, quantized weights, so that the model runs on
+plain onnxruntime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnx_dc.errors import ContainerError, ModelError
+from onnx_dc.graph.fusion import unfuse_relu
+from onnx_dc.graph.model_io import unique_name
+from onnx_dc.graph.operators import (
+    _DECOMPRESS_NAMES,
+    _FUSED_OPS,
+    CONTAINER_SUFFIX,
+    CONV_OP,
+    DEFAULT_ALPHA,
+    DEFAULT_BETA,
+    DOMAIN,
+    META_ADDED,
+    META_ATTRS,
+    META_KIND,
+    META_NAME,
+    META_OP,
+)
+from onnx_dc.graph.rewrite import _copy_doc_string, _index_of, _value_names
+from onnx_dc.graph.weights import GraphScope, iter_scopes
+
+__all__ = [
+    "ContainerRef",
+    "decompress_model",
+    "find_containers",
+    "has_custom_ops",
+]
+
+
+
+
+@dataclass(eq=False)
+class ContainerRef:
+    """A container tensor found in a compressed model and the nodes that read it."""
+
+    name: str
+    original_name: str
+    kind: str
+    scope: GraphScope
+    tensor: onnx.TensorProto
+    constant_node: onnx.NodeProto | None
+    readers: list[tuple[GraphScope, onnx.NodeProto]] = field(default_factory=list)
+
+    @property
+    def data(self) -> bytes:
+        """The container's bytes."""
+        if self.tensor.HasField("raw_data"):
+            return self.tensor.raw_data
+        return numpy_helper.to_array(self.tensor).tobytes()
+
+
+def find_containers(model: onnx.ModelProto) -> list[ContainerRef]:
+    """Every container read by a ``DCMatMul``, ``DCConv`` or ``DCDecompress`` node of the model, in graph order."""
+    refs: dict[tuple[int, str], ContainerRef] = {}
+    order: list[ContainerRef] = []
+    for scope, node, definition in _dc_nodes_with_container(model):
+        if definition is None:
+            raise ModelError(
+                f"node {node.name or node.op_type!r} in {scope.describe()}: its container "
+                f"{node.input[1 if node.op_type in _FUSED_OPS else 0]!r} is not a constant tensor of the model"
+            )
+        def_scope, name, tensor, constant_node = definition
+        key = (id(def_scope.graph), name)
+        ref = refs.get(key)
+        if ref is None:
+            meta = {e.key: e.value for e in tensor.metadata_props}
+            original = meta.get(META_NAME) or (
+                name[: -len(CONTAINER_SUFFIX)] if name.endswith(CONTAINER_SUFFIX) else name
+            )
+            ref = ContainerRef(name, original, meta.get(META_KIND, ""), def_scope, tensor, constant_node)
+            refs[key] = ref
+            order.append(ref)
+        ref.readers.append((scope, node))
+    # List containers in the order their tensors appear in the model (layer order, usually).
+    position: dict[tuple[int, str], int] = {}
+    for scope in iter_scopes(model):
+        for t in scope.graph.initializer:
+            position.setdefault((id(scope.graph), t.name), len(position))
+        for node in scope.graph.node:
+            if node.op_type == "Constant" and node.output:
+                position.setdefault((id(scope.graph), node.output[0]), len(position))
+    order.sort(key=lambda ref: position.get((id(ref.scope.graph), ref.name), len(position)))
+    return order
+
+
+def decompress_model(model: onnx.ModelProto) -> int:
+    """Turn a compressed model back into standard ONNX in place; returns the number of containers decoded.
+
+    ``DCMatMul`` nodes become the original ``MatMul``/``Gemm``, ``DCConv`` nodes
+    ``Conv`` (with the same attributes), ``DCDecompress``
+    outputs become dense initializers (or ``Constant`` nodes, where the weight
+    was one) holding the quantized weights, and the ``ai.onnx_dc`` opset is
+    dropped. Raises :class:`ContainerError` naming the tensor when a container
+    is corrupted.
+    """
+    from onnx_dc.codec.container_reader import decode_container
+
+    unfuse_relu(model)
+    refs = find_containers(model)
+    taken = _value_names(model)
+    for ref in refs:
+        try:
+            dense = decode_container(ref.data)
+        except ContainerError as exc:
+            raise ContainerError(f"container {ref.name!r} (tensor {ref.original_name!r}): {exc}") from None
+        own = [n for s, n in ref.readers if n.op_type in _DECOMPRESS_NAMES and s.graph is ref.scope.graph]
+        nested = [(s, n) for s, n in ref.readers if n.op_type in _DECOMPRESS_NAMES and s.graph is not ref.scope.graph]
+        matmuls = [n for _, n in ref.readers if n.op_type in _FUSED_OPS]
+        primary: str | None = None
+        if own:
+            primary = own[0].output[0]
+        elif matmuls:
+            primary = ref.original_name if ref.original_name not in taken else unique_name(ref.original_name, taken)
+            taken.add(primary)
+        # The dense tensor takes the container's place (same initializer slot or Constant node).
+        if primary is not None:
+            _replace_container(model, ref, _dense_tensor(ref, dense, primary))
+        else:
+            _remove_container(model, ref)
+        graph = ref.scope.graph
+        for node in own[1:]:  # further decompressions of the same container: aliases of the first
+            node.CopyFrom(helper.make_node("Identity", [primary], list(node.output), name=node.name))
+        if own:
+            del graph.node[_index_of(graph, own[0])]
+        for scope, node in nested:
+            tensor = _dense_tensor(ref, dense, node.output[0])
+            if ref.constant_node is not None:
+                node.CopyFrom(_constant_node(ref.constant_node, tensor, node.output[0]))
+            else:
+                del scope.graph.node[_index_of(scope.graph, node)]
+                scope.graph.initializer.append(tensor)
+        for node in matmuls:
+            if node.op_type == CONV_OP:
+                _from_dc_conv(node, primary)
+            else:
+                _from_dc_matmul(node, primary)
+    _drop_added_value_info(model)
+    if not any(node.domain == DOMAIN for scope in iter_scopes(model) for node in scope.graph.node):
+        keep = [o for o in model.opset_import if o.domain != DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+    return len(refs)
+
+
+def has_custom_ops(model: onnx.ModelProto) -> bool:
+    """True when some node of the model (any graph) is in the ``ai.onnx_dc`` domain."""
+    return any(node.domain == DOMAIN for scope in iter_scopes(model) for node in scope.graph.node)
+
+
+# ----------------------------------------------------------------------------- decompression helpers
+
+
+def _dc_nodes_with_container(model: onnx.ModelProto):
+    """Yield (scope, node, definition) for each DC node; definition = (scope, name, tensor, constant node) or None."""
+
+    def walk(scope: GraphScope, chain: list[tuple[GraphScope, dict]]):
+        local: dict[str, tuple] = {}
+        graph = scope.graph
+        for vi in graph.input:
+            local[vi.name] = ()
+        for t in graph.initializer:
+            local[t.name] = (scope, t.name, t, None)
+        for node in graph.node:
+            for out in node.output:
+                if not out:
+                    continue
+                if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                    value = next(
+                        (a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR),
+                        None,
+                    )
+                    local[out] = (scope, out, value, node) if value is not None else ()
+                else:
+                    local[out] = ()
+        full = [(scope, local)] + chain
+
+        def lookup(name: str):
+            for _, names in full:
+                if name in names:
+                    found = names[name]
+                    return found if found else None
+            return None
+
+        for index, node in enumerate(graph.node):
+            if node.domain == DOMAIN and (node.op_type in _FUSED_OPS or node.op_type in _DECOMPRESS_NAMES):
+                slot = 1 if node.op_type in _FUSED_OPS else 0
+                if len(node.input) <= slot or not node.input[slot]:
+                    raise ModelError(f"node {node.name or node.op_type!r} in {scope.describe()} has no container input")
+                definition = lookup(node.input[slot])
+                if definition is not None and definition[2].data_type != onnx.TensorProto.UINT8:
+                    definition = None
+                yield scope, node, definition
+            for attr in node.attribute:
+                subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []
+                for sub in subs:
+                    label = node.name or f"{node.op_type}#{index}"
+                    step = (
+                        f"{label}/{attr.name}[{list(attr.graphs).index(sub)}]"
+                        if attr.type == onnx.AttributeProto.GRAPHS
+                        else f"{label}/{attr.name}"
+                    )
+                    yield from walk(GraphScope(sub, scope.path + (step,), scope), full)
+
+    yield from walk(GraphScope(model.graph, (), None), [])
+
+
+def _dense_tensor(ref: ContainerRef, dense: np.ndarray, name: str) -> onnx.TensorProto:
+    tensor = numpy_helper.from_array(dense, name)
+    _copy_doc_string(ref.tensor, tensor)
+    for entry in ref.tensor.metadata_props:
+        if not entry.key.startswith("onnx_dc."):
+            tensor.metadata_props.add().CopyFrom(entry)
+    return tensor
+
+
+def _constant_node(template: onnx.NodeProto, tensor: onnx.TensorProto, output: str) -> onnx.NodeProto:
+    """A Constant node ``output`` = ``tensor`` with the name, doc string and metadata of ``template``."""
+    constant = helper.make_node("Constant", [], [output], name=template.name)
+    constant.attribute.append(helper.make_attribute("value", tensor))
+    _copy_doc_string(template, constant)
+    for entry in template.metadata_props:
+        constant.metadata_props.add().CopyFrom(entry)
+    return constant
+
+
+def _replace_container(model: onnx.ModelProto, ref: ContainerRef, dense: onnx.TensorProto) -> None:
+    """Put the dense tensor where the container was: same initializer slot, or same Constant node."""
+    graph = ref.scope.graph
+    if ref.constant_node is not None:
+        output = dense.name
+        dense.name = ref.tensor.name
+        ref.constant_node.CopyFrom(_constant_node(ref.constant_node, dense, output))
+        return
+    index = next(i for i, t in enumerate(graph.initializer) if t is ref.tensor or t.name == ref.name)
+    graph.initializer[index].CopyFrom(dense)
+    for i, vi in enumerate(graph.input):
+        if vi.name == ref.name:  # IR <= 3: initializers are graph inputs
+            graph.input[i].CopyFrom(helper.make_tensor_value_info(dense.name, dense.data_type, list(dense.dims)))
+            break
+
+
+def _from_dc_matmul(node: onnx.NodeProto, dense_name: str) -> None:
+    meta = {e.key: e.value for e in node.metadata_props}
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    trans_b = int(attrs.get("trans_b", 0))
+    alpha = float(attrs.get("alpha", DEFAULT_ALPHA))
+    beta = float(attrs.get("beta", DEFAULT_BETA))
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    op = meta.get(META_OP)
+    if op not in ("MatMul", "Gemm"):
+        op = "MatMul" if (trans_b == 0 and alpha == 1.0 and beta == 1.0 and not has_bias) else "Gemm"
+    inputs = [node.input[0], dense_name] + ([node.input[2]] if has_bias else [])
+    new = helper.make_node(op, inputs, list(node.output), name=node.name)
+    if op == "Gemm":
+        explicit = set(filter(None, meta.get(META_ATTRS, "transB,alpha,beta").split(",")))
+        values = {"transA": 0, "transB": trans_b, "alpha": alpha, "beta": beta}
+        for key in ("alpha", "beta", "transA", "transB"):
+            if key in explicit or (key == "transB" and trans_b) or (key == "alpha" and alpha != 1.0) or (
+                key == "beta" and beta != 1.0
+            ):
+                new.attribute.append(helper.make_attribute(key, values[key]))
+    _copy_doc_string(node, new)
+    for entry in node.metadata_props:
+        if not entry.key.startswith("onnx_dc."):
+            new.metadata_props.add().CopyFrom(entry)
+    node.CopyFrom(new)
+
+
+def _from_dc_conv(node: onnx.NodeProto, dense_name: str) -> None:
+    inputs = [node.input[0], dense_name] + ([node.input[2]] if len(node.input) > 2 and node.input[2] else [])
+    new = helper.make_node("Conv", inputs, list(node.output), name=node.name)
+    new.attribute.extend(node.attribute)
+    _copy_doc_string(node, new)
+    for entry in node.metadata_props:
+        if not entry.key.startswith("onnx_dc."):
+            new.metadata_props.add().CopyFrom(entry)
+    node.CopyFrom(new)
+
+
+def _remove_container(model: onnx.ModelProto, ref: ContainerRef) -> None:
+    graph = ref.scope.graph
+    if ref.constant_node is not None:
+        del graph.node[_index_of(graph, ref.constant_node)]
+        return
+    for i, t in enumerate(graph.initializer):
+        if t is ref.tensor or t.name == ref.name:
+            del graph.initializer[i]
+            break
+    for i, vi in enumerate(graph.input):
+        if vi.name == ref.name:
+            del graph.input[i]
+            break
+
+
+def _drop_added_value_info(model: onnx.ModelProto) -> None:
+    for scope in iter_scopes(model):
+        keep = [vi for vi in scope.graph.value_info if not any(e.key == META_ADDED for e in vi.metadata_props)]
+        if len(keep) != len(scope.graph.value_info):
+            del scope.graph.value_info[:]
+            scope.graph.value_info.extend(keep)
