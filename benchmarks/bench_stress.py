@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "fuzz"))
 
 import onnx_dc  # noqa: E402
+from onnx_dc.api.recipe import Recipe
 
 LENET = REPO_ROOT / "model_zoo" / "models" / "lenet_300_100.onnx"
 
@@ -108,7 +109,7 @@ def write_models(directory: Path) -> dict[str, Path]:
     paths = {}
     for name, source in sources.items():
         paths[name] = directory / f"{name}.dc.onnx"
-        onnx_dc.compress(source, paths[name], min_elements=64)
+        onnx_dc.compress(source, paths[name], Recipe(min_elements=64))
     lenet = onnx.load(str(paths["lenet_300_100"]))
     container = next(n.input[1] for n in lenet.graph.node if n.op_type == "DCMatMul")
 

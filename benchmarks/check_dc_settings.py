@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     reference_outputs = [np.concatenate([np.ravel(o) for o in reference(f)]) for f in checks]
     for settings in tries:
         started = time.perf_counter()
-        result = onnx_dc.compress(proto, calib=calib, **settings.compress_kwargs())
+        result = onnx_dc.compress(proto, recipe=settings.recipe(), calib=calib)
         seconds = time.perf_counter() - started
         data = result.model.SerializeToString()
         session = make_session(data, library=True)

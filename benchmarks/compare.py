@@ -191,7 +191,7 @@ def build_candidates(
         methods.onnx_dc_candidate(
             "onnx-dc calibrated",
             model,
-            lambda m: onnx_dc.compress(m, calib=case.calib_feeds, **calibrated.compress_kwargs()),
+            lambda m: onnx_dc.compress(m, recipe=calibrated.recipe(), calib=case.calib_feeds),
             notes=[f"{calibrated.describe()}; {case.sizes.calib} calibration inputs. Why: {calibrated.why}"],
         )
     )
@@ -211,7 +211,7 @@ def build_candidates(
         methods.onnx_dc_candidate(
             "onnx-dc automatic",
             model,
-            lambda m: onnx_dc.compress(m, calib=case.calib_feeds, **automatic.compress_kwargs(), **extra),
+            lambda m: onnx_dc.compress(m, recipe=automatic.recipe(), calib=case.calib_feeds, **extra),
             notes=[f"{automatic.describe()}; budget checked on {searched_on}. Why: {automatic.why}"],
         )
     )
@@ -312,7 +312,7 @@ def run_case(case: BenchCase, settings: ModelSettings, *, latency_seconds: float
 
 
 def _validate(case: BenchCase, candidate: methods.Candidate) -> dict:
-    """``onnx_dc.api.validate`` (through the operator library) on the first evaluation input."""
+    """``onnx_dc.validate`` (through the operator library) on the first evaluation input."""
     import onnx_dc
     from onnx_dc.errors import OnnxDcError
 

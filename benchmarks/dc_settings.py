@@ -51,21 +51,16 @@ class DcSettings:
     refit_rounds: int = 8
     why: str = ""
 
-    def compress_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``onnx_dc.compress`` (without the calibration data)."""
+    def recipe(self):
+        """The :class:`onnx_dc.api.recipe.Recipe` for ``onnx_dc.compress`` (the calibration data go beside it)."""
+        from onnx_dc.api.recipe import CalibrationRecipe, Recipe
         from onnx_dc.calibration.options import CalibrationOptions
 
-        kwargs: dict[str, Any] = {}
-        for name in ("sparsity", "bits", "index_bits", "min_elements"):
-            value = getattr(self, name)
-            if value is not None:
-                kwargs[name] = value
-        if self.exclude:
-            kwargs["exclude"] = list(self.exclude)
-        kwargs["calibration"] = CalibrationOptions(
-            sequential=self.sequential, criterion=self.criterion, refit_rounds=self.refit_rounds
+        options = CalibrationOptions(sequential=self.sequential, criterion=self.criterion, refit_rounds=self.refit_rounds)
+        return Recipe.build(
+            sparsity=self.sparsity, bits=self.bits, index_bits=self.index_bits, min_elements=self.min_elements,
+            exclude=self.exclude or None, calibration=CalibrationRecipe(options=options),
         )
-        return kwargs
 
     def describe(self) -> str:
         """The settings as ``onnx-dc compress`` options (for the table notes)."""
@@ -125,24 +120,16 @@ class AutoSettings:
     refit_rounds: int = 8
     why: str = ""
 
-    def compress_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``onnx_dc.compress`` (without calibration and search data)."""
+    def recipe(self):
+        """The :class:`onnx_dc.api.recipe.Recipe` for ``onnx_dc.compress`` (calibration and search data beside it)."""
+        from onnx_dc.api.recipe import CalibrationRecipe, Recipe, SearchRecipe
         from onnx_dc.calibration.options import CalibrationOptions
 
-        kwargs: dict[str, Any] = {
-            "calibration": CalibrationOptions(sequential=self.sequential, refit_rounds=self.refit_rounds)
-        }
-        if self.min_cosine is not None:
-            kwargs["min_cosine"] = self.min_cosine
-        if self.max_drop is not None:
-            kwargs["max_drop"] = self.max_drop
-        if self.search_sparsities is not None:
-            kwargs["search_sparsities"] = list(self.search_sparsities)
-        if self.search_bits is not None:
-            kwargs["search_bits"] = list(self.search_bits)
-        if self.exclude:
-            kwargs["exclude"] = list(self.exclude)
-        return kwargs
+        options = CalibrationOptions(sequential=self.sequential, refit_rounds=self.refit_rounds)
+        search = SearchRecipe(
+            min_cosine=self.min_cosine, max_drop=self.max_drop, sparsities=self.search_sparsities, bits=self.search_bits
+        )
+        return Recipe.build(exclude=self.exclude or None, calibration=CalibrationRecipe(options=options), search=search)
 
     def describe(self) -> str:
         """The budget and grids as ``onnx-dc compress`` options."""

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import onnx_dc
+from onnx_dc.api.recipe import Recipe
 from onnx_dc.errors import LibraryNotFoundError
 from onnx_dc.graph.settings import DEFAULTS
 
@@ -108,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
             prefix_ok = True
             for s in sweep:
                 others = ",".join(f"{k}=0" for k in ("fc", "conv") if k != kind)
-                result = onnx_dc.compress(
-                    path,
+                recipe = Recipe.build(
                     sparsity=f"{kind}={s},{others}",
                     bits=",".join(f"{k}={b}" for k, b in PAPER_BITS.items()),
                     index_bits=",".join(f"{k}={b}" for k, b in PAPER_BITS.items()),
                 )
+                result = onnx_dc.compress(path, recipe=recipe)
                 acc = _accuracies(result.model, datasets)
                 print(
                     f"{name:<15} {kind:<5} {s:8.2f} {result.report.ratio:6.1f}x {100 * acc['val'].accuracy:9.2f}% "
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             base = _accuracies(path, test)["test"].accuracy
             for label, settings in (("defaults", {}), ("paper", paper_settings(name))):
                 out = Path(tmp) / f"{name}.{label}.onnx"
-                result = onnx_dc.compress(path, out, **settings)
+                result = onnx_dc.compress(path, out, Recipe.build(**settings))
                 try:
                     library = _accuracies(out, test, custom_ops=True)["test"].accuracy
                     library_text = f"{100 * library:7.2f}%"

@@ -207,7 +207,7 @@ def model_rows(
     from onnx_dc.calibration.data import load_calibration
     from onnx_dc.calibration.capture import run_model
     from onnx_dc.graph.restore import decompress_model
-    from onnx_dc.graph.settings import parse_settings
+    from onnx_dc.api.recipe import CalibrationRecipe, Recipe, SearchRecipe
 
     path = get_model_path(name)
     model = onnx.load(str(path))
@@ -243,7 +243,7 @@ def model_rows(
         )
 
     def convert(compression):
-        return compress_model(compression.model, parse_settings(), tensor_compressor=compression.tensor_compressor())
+        return compress_model(compression.model, Recipe(), tensor_compressor=compression.tensor_compressor())
 
     rows = [] if automatic_only else [Row(name, "original (float32)", "-", 1.0, 0, base_full, 0.0, base_b, 0.0, 0.0)]
     paper = PAPER_SETTINGS[name]
@@ -273,9 +273,9 @@ def model_rows(
             raise SettingsError("calibration and training search rows overlap: lower --calib-samples")
         search_inputs = {"input": held_out.images, "labels": held_out.labels}
         where = f"{len(held_out)} held-out training images"
-    search_kwargs = {}
+    grids = {}
     if quick:
-        search_kwargs = {"search_sparsities": (0.0, 0.5, 0.8), "search_bits": (3, 5)}
+        grids = {"sparsities": (0.0, 0.5, 0.8), "bits": (3, 5)}
     searches = [] if automatic_only or fixed_only else [
         # For scale: the same per-layer search with the uncalibrated recipe (magnitude, k-means).
         (f"magnitude one-shot, automatic per-layer settings, --max-drop 0.5 ({where})", 0.5, variants[0][1], 0.0),
@@ -288,10 +288,11 @@ def model_rows(
         ]
     for method, max_drop, options, margin in searches:
         start = time.perf_counter()
-        result = compress_calibrated(
-            model, parse_settings(), calib_data, max_drop=max_drop, drop_margin_se=margin, eval_data=search_inputs,
-            calib_samples=None, options=options, **search_kwargs,
+        recipe = Recipe(
+            calibration=CalibrationRecipe(samples=None, options=options or CalibrationOptions()),
+            search=SearchRecipe(max_drop=max_drop, drop_margin_se=margin, **grids),
         )
+        result = compress_calibrated(model, recipe, calib_data, eval_data=search_inputs)
         tuned = result.calibration
         chosen = ", ".join(f"{c.name.split('.')[0]} {100 * (1 - c.sparsity):.0f}%/{c.bits}b" for c in tuned.choices)
         search_drop = 100 * (tuned.baseline_accuracy - tuned.metrics.accuracy)

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import onnx_dc
+from onnx_dc.api.recipe import Recipe
 from onnx_dc.errors import LibraryNotFoundError, OnnxDcError
 from onnx_dc.api.report import format_bytes
 
@@ -46,7 +47,7 @@ def run_demo(
     given = {k: v for k, v in settings.items() if v is not None}
 
     print(f"Compressing {source.name} with {_describe(given)} ...", file=out)
-    result = onnx_dc.compress(source, compressed, progress=sys.stderr.isatty(), **given)
+    result = onnx_dc.compress(source, compressed, Recipe.build(**given), progress=sys.stderr.isatty())
     print(result.report.format_table(), file=out)
     onnx_dc.decompress(compressed, restored)
 

@@ -83,7 +83,7 @@ def path_points(
     from onnx_dc.calibration.data import load_calibration
     from onnx_dc.calibration.capture import run_model
     from onnx_dc.graph.restore import decompress_model
-    from onnx_dc.graph.settings import parse_settings
+    from onnx_dc.api.recipe import CalibrationRecipe, Recipe, SearchRecipe
 
     model = onnx.load(str(get_model_path(name)))
     calib = calibration_set(calib_samples, seed=CALIBRATION_SEED)  # TRAINING split only
@@ -98,21 +98,23 @@ def path_points(
     a_rows, b_rows = np.arange(half_a.size), np.arange(half_a.size, everything.size)
     correct0 = run_model(model, test_data)["logits"].argmax(axis=1) == labels
 
-    grids = {"search_sparsities": (0.0, 0.5, 0.8), "search_bits": (3, 5)} if quick else {}
+    grids = {"sparsities": (0.0, 0.5, 0.8), "bits": (3, 5)} if quick else {}
     # --quick: activation-aware pruning instead of the (slower) OBS path and 2 rounds of centroid refit;
     # the default recipe otherwise.
     options = CalibrationOptions(criterion="activation", refit_rounds=2) if quick else CalibrationOptions()
     started = time.perf_counter()
+    recipe = Recipe(
+        calibration=CalibrationRecipe(samples=None, options=options),
+        search=SearchRecipe(max_drop=MAX_DROP, drop_margin_se=MARGIN_SE, **grids),
+    )
     searched = compress_calibrated(
-        model, parse_settings(), calib_data, max_drop=MAX_DROP, drop_margin_se=MARGIN_SE,
-        eval_data={"input": test.images[half_a], "labels": test.labels[half_a]}, calib_samples=None,
-        options=options, **grids,
+        model, recipe, calib_data, eval_data={"input": test.images[half_a], "labels": test.labels[half_a]}
     ).calibration
     print(f"{name}: search done in {time.perf_counter() - started:.0f} s, {len(searched.path)} configurations checked, "
           f"configuration {searched.chosen_index} chosen", file=sys.stderr, flush=True)
 
     def convert(compression):
-        return compress_model(compression.model, parse_settings(), tensor_compressor=compression.tensor_compressor())
+        return compress_model(compression.model, Recipe(), tensor_compressor=compression.tensor_compressor())
 
     points = []
     past_window = 0

@@ -13,6 +13,8 @@ from onnx import numpy_helper as nh
 
 import graph_builders as gb
 import onnx_dc
+from onnx_dc.api.convert import compress_model
+from onnx_dc.api.recipe import Recipe
 from graph_builders import ops_library  # noqa: F401  (fixture)
 from onnx_dc.errors import InvalidTensorError, ModelError, SettingsError
 from onnx_dc.graph.model_io import iter_graphs
@@ -65,7 +67,7 @@ def test_compress_a_path_writes_a_valid_model_and_leaves_the_input_alone(tmp_pat
 def test_compress_a_proto_does_not_modify_it():
     model = gb.if_model()
     before = model.SerializeToString()
-    result = onnx_dc.compress(model, min_elements=0)
+    result = onnx_dc.compress(model, recipe=Recipe(min_elements=0))
     assert model.SerializeToString() == before
     assert result.saved is None and {r.name for r in result.report.tensors} == {"outer.weight", "then.weight", "else.weight"}
 
@@ -88,7 +90,8 @@ def test_progress_callback_and_tensor_compressor_hook():
         seen.append((weight.name, weight.kind, values.shape, settings.bits))
         return compress_tensor(values, settings.to_tensor_settings())
 
-    onnx_dc.compress(gb.mlp(), progress=lambda done, total, name: calls.append((done, total, name)), tensor_compressor=compressor)
+    compress_model(gb.mlp(), Recipe(), progress=lambda done, total, name: calls.append((done, total, name)),
+                   tensor_compressor=compressor)
     assert calls[0] == (0, 4, "w1") and calls[-1] == (4, 4, "")
     assert seen[0] == ("w1", "fc", (64, 300), 5)
 
@@ -96,7 +99,7 @@ def test_progress_callback_and_tensor_compressor_hook():
 @pytest.mark.parametrize("name", sorted(gb.ALL_BUILDERS))
 def test_every_graph_shape_round_trips_and_runs_through_the_library(name, ops_library):
     model = gb.ALL_BUILDERS[name]()
-    result = onnx_dc.compress(model, min_elements=0, sparsity=0.6)
+    result = onnx_dc.compress(model, recipe=Recipe(min_elements=0), sparsity=0.6)
     onnx.checker.check_model(result.model, full_check=True)
     restored = onnx_dc.decompress(result.model)
     onnx.checker.check_model(restored, full_check=True)

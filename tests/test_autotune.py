@@ -7,6 +7,7 @@ import onnx
 import pytest
 
 import onnx_dc
+from onnx_dc.api.recipe import Recipe, SearchRecipe
 from calibration_models import classifier, inputs, labelled
 from onnx_dc.calibration.budget import Budget
 from onnx_dc.calibration.search_path import Candidate, _allocation_path, _hull
@@ -16,7 +17,12 @@ from onnx_dc.api.cli import main
 from onnx_dc.errors import CalibrationError, SettingsError
 from onnx_dc.graph.restore import decompress_model
 
-GRID = {"search_sparsities": (0.0, 0.5, 0.8, 0.9), "search_bits": (2, 4, 6)}
+GRID = {"sparsities": (0.0, 0.5, 0.8, 0.9), "bits": (2, 4, 6)}
+
+
+def searching(seed: int = 0, **budget) -> Recipe:
+    """A recipe searching the test grid within ``budget`` (SearchRecipe's fields)."""
+    return Recipe(seed=seed, search=SearchRecipe(**{**GRID, **budget}))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +89,7 @@ class TestPath:
 class TestSearch:
     def test_max_drop_is_met_on_the_held_out_data(self, tmp_path, model, calib, evaluation):
         out = tmp_path / "c.onnx"
-        result = onnx_dc.compress(model, out, calib=calib, max_drop=1.0, eval_data=evaluation, **GRID)
+        result = onnx_dc.compress(model, out, searching(max_drop=1.0), calib=calib, eval_data=evaluation)
         tuned = result.calibration
         assert tuned.budget_met and out.exists()
         data = load_calibration({"x": evaluation["x"]}, model)
@@ -101,44 +107,44 @@ class TestSearch:
         assert [t.raw_data for t in on_disk.graph.initializer] == [t.raw_data for t in result.model.graph.initializer]
 
     def test_min_cosine_on_a_held_out_part_of_the_calibration_data(self, model, calib):
-        result = onnx_dc.compress(model, calib=calib, min_cosine=0.999, seed=3, **GRID)
+        result = onnx_dc.compress(model, recipe=searching(3, min_cosine=0.999), calib=calib)
         tuned = result.calibration
         assert tuned.budget_met and tuned.n_search_samples == 120 and tuned.n_fit_samples == 480
         _, held_out = load_calibration(calib, model).split(120, seed=3)
         reference = run_model(model, held_out)["logits"]
         assert cosine(reference, run_compressed(result, held_out)) >= 0.999
         assert tuned.metrics.cosine == pytest.approx(cosine(reference, run_compressed(result, held_out)), abs=1e-9)
-        looser = onnx_dc.compress(model, calib=calib, min_cosine=0.99, seed=3, **GRID)
+        looser = onnx_dc.compress(model, recipe=searching(3, min_cosine=0.99), calib=calib)
         assert looser.report.ratio >= result.report.ratio
 
     def test_min_cosine_with_calibration_given_as_feeds(self, model, calib):
         feeds = [{"x": calib["x"][i : i + 20]} for i in range(0, 600, 20)]  # 30 feeds of 20 samples
-        result = onnx_dc.compress(model, calib=iter(feeds), min_cosine=0.999, seed=3, **GRID)
+        result = onnx_dc.compress(model, recipe=searching(3, min_cosine=0.999), calib=iter(feeds))
         tuned = result.calibration
         assert tuned.budget_met
         assert tuned.n_search_samples + tuned.n_fit_samples == 600
         assert tuned.n_search_samples % 20 == 0 and tuned.n_search_samples >= 120
 
     def test_reproducible_with_a_seed(self, model, calib):
-        a = onnx_dc.compress(model, calib=calib, min_cosine=0.995, seed=5, **GRID)
-        b = onnx_dc.compress(model, calib=calib, min_cosine=0.995, seed=5, **GRID)
+        a = onnx_dc.compress(model, recipe=searching(5, min_cosine=0.995), calib=calib)
+        b = onnx_dc.compress(model, recipe=searching(5, min_cosine=0.995), calib=calib)
         assert a.model.SerializeToString() == b.model.SerializeToString()
 
     def test_impossible_budget(self, model, calib):
         with pytest.raises(CalibrationError, match="cannot be met"):
-            onnx_dc.compress(model, calib=calib, min_cosine=1.0, search_sparsities=(0.9,), search_bits=(1,))
+            onnx_dc.compress(model, recipe=Recipe(search=SearchRecipe(min_cosine=1.0, sparsities=(0.9,), bits=(1,))), calib=calib)
 
     def test_max_drop_needs_labels(self, model, calib):
         with pytest.raises(CalibrationError, match="--eval"):
-            onnx_dc.compress(model, calib=calib, max_drop=0.5)
+            onnx_dc.compress(model, recipe=Recipe(search=SearchRecipe(max_drop=0.5)), calib=calib)
         with pytest.raises(CalibrationError, match="labels"):
-            onnx_dc.compress(model, calib=calib, max_drop=0.5, eval_data={"x": inputs(50, seed=1)})
+            onnx_dc.compress(model, recipe=Recipe(search=SearchRecipe(max_drop=0.5)), calib=calib, eval_data={"x": inputs(50, seed=1)})
         with pytest.raises(SettingsError):
-            onnx_dc.compress(model, max_drop=0.5)
+            onnx_dc.compress(model, recipe=Recipe(search=SearchRecipe(max_drop=0.5)))
         with pytest.raises(SettingsError, match="need"):
-            onnx_dc.compress(model, max_drop=0.5, drop_margin_se=1.0)
+            onnx_dc.compress(model, recipe=Recipe(search=SearchRecipe(max_drop=0.5, drop_margin_se=1.0)))
         with pytest.raises(SettingsError, match="--drop-margin-se is used with --max-drop"):
-            onnx_dc.compress(model, calib=calib, min_cosine=0.99, drop_margin_se=1.0)
+            Recipe(search=SearchRecipe(min_cosine=0.99, drop_margin_se=1.0))
 
     def test_command_line(self, tmp_path, model, calib, evaluation, capsys):
         path = tmp_path / "m.onnx"
@@ -239,10 +245,9 @@ def _margin_search(model, calib, evaluation, margin, max_drop=1.0, forward_steps
     from onnx_dc.api.convert import compress_model
     from onnx_dc.calibration.search import autotune
     from onnx_dc.api.calibrated import load_evaluation
-    from onnx_dc.graph.settings import parse_settings
     from onnx_dc.codec.tensor import compress_tensor
 
-    settings = parse_settings()
+    settings = Recipe()
 
     def build(compression):
         def compressor(weight, values, resolved):
@@ -258,7 +263,7 @@ def _margin_search(model, calib, evaluation, margin, max_drop=1.0, forward_steps
     search, labels = load_evaluation(evaluation, model, need_labels=True)
     return autotune(
         model, load_calibration(calib, model), Budget(max_drop=max_drop), build, search=search, labels=labels,
-        searched=["fc0.weight", "fc1.weight"], sparsities=GRID["search_sparsities"], bits_fc=GRID["search_bits"],
+        searched=["fc0.weight", "fc1.weight"], sparsities=GRID["sparsities"], bits_fc=GRID["bits"],
         drop_margin_se=margin, seed=0, forward_steps=forward_steps,
     )
 

@@ -211,7 +211,7 @@ def test_settings_registry_covers_every_benchmark_model():
     for name in SETTINGS:
         entry = settings_for(name)
         assert entry.calibrated.why and entry.calibrated.why != "initial"
-        assert isinstance(entry.calibrated.compress_kwargs(), dict)
+        assert entry.calibrated.recipe().search is None
         if entry.automatic is None:
             assert entry.automatic_skipped and entry.automatic_skipped != "initial"
         else:

@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_dc
 import onnx_dc.api.convert
+from onnx_dc.api.recipe import CalibrationRecipe, Recipe
 from calibration_models import classifier, inputs
 from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
 from onnx_dc.calibration.model_fit import compress_with_calibration, initializer_array, set_initializer
@@ -19,7 +20,6 @@ from onnx_dc.api.cli import main
 from onnx_dc.codec.container_reader import decode_container
 from onnx_dc.errors import ModelError, SettingsError
 from onnx_dc.graph.restore import decompress_model
-from onnx_dc.graph.settings import parse_settings
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def output_error(model, compression, data):
     def lookup(weight, values, resolved):
         return compression.results[weight.name].tensor
 
-    result = onnx_dc.api.convert.compress_model(compression.model, parse_settings(min_elements=0), tensor_compressor=lookup)
+    result = onnx_dc.api.convert.compress_model(compression.model, Recipe(min_elements=0), tensor_compressor=lookup)
     runnable = onnx.ModelProto()
     runnable.CopyFrom(result.model)
     decompress_model(runnable)
@@ -165,8 +165,8 @@ def test_no_downstream_weighting_flag(tmp_path, model):
     common = ["--calib", str(tmp_path / "c.npz"), "--sparsity", "0.8", "--bits", "3", "--no-progress"]
     assert main(["compress", str(path), "-o", str(tmp_path / "flag.onnx"), "--no-downstream-weighting", *common]) == 0
     assert main(["compress", str(path), "-o", str(tmp_path / "default.onnx"), *common]) == 0
-    api = onnx_dc.compress(str(path), calib=tmp_path / "c.npz", sparsity=0.8, bits=3,
-                           calibration=CalibrationOptions(downstream_weighting=False))
+    recipe = Recipe(calibration=CalibrationRecipe(options=CalibrationOptions(downstream_weighting=False)))
+    api = onnx_dc.compress(str(path), recipe=recipe, calib=tmp_path / "c.npz", sparsity=0.8, bits=3)
 
     def weights(m: onnx.ModelProto) -> dict[str, bytes]:
         return {t.name: t.raw_data or numpy_helper.to_array(t).tobytes() for t in m.graph.initializer}
@@ -210,7 +210,7 @@ def test_weights_in_constant_nodes_are_calibrated_and_the_model_validates():
     rng = np.random.default_rng(3)
     calib = {"x": rng.standard_normal((1000, 2, 6, 6)).astype(np.float32)}
     feeds = {"x": rng.standard_normal((100, 2, 6, 6)).astype(np.float32)}
-    result = onnx_dc.compress(model, calib=calib, sparsity=0.6, bits=4, min_elements=0)
+    result = onnx_dc.compress(model, recipe=Recipe(min_elements=0), calib=calib, sparsity=0.6, bits=4)
     fitted = result.calibration.results
     assert {name for name, r in fitted.items() if r.calibrated} == {"conv.w", "fc.w", "head.w"}
     assert fitted["conv.w"].bias == "conv.b" and fitted["fc.w"].bias == "fc.b"
@@ -222,7 +222,7 @@ def test_weights_in_constant_nodes_are_calibrated_and_the_model_validates():
         cosines.append(report.outputs[0].cosine)
     assert cosines[0] == pytest.approx(cosines[1], abs=1e-5)
     # the calibrated fit beats the plain recipe with the same settings on held-out inputs
-    plain = onnx_dc.compress(model, sparsity=0.6, bits=4, min_elements=0)
+    plain = onnx_dc.compress(model, recipe=Recipe(min_elements=0), sparsity=0.6, bits=4)
 
     def error(compressed):
         runnable = onnx.ModelProto()

@@ -40,6 +40,7 @@ import fuzz_support  # noqa: E402
 import graph_builders  # noqa: E402
 
 import onnx_dc  # noqa: E402
+from onnx_dc.api.recipe import Recipe  # noqa: E402
 from onnx_dc.graph.model_io import iter_graphs  # noqa: E402
 
 DOMAIN = "ai.onnx_dc"
@@ -84,7 +85,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
     result = {}
     for name, original in sources.items():
         compressed = directory / f"{name}.dc.onnx"
-        onnx_dc.compress(original, compressed, min_elements=64)
+        onnx_dc.compress(original, compressed, Recipe(min_elements=64))
         names = _container_names(onnx.load(str(compressed)))
         assert names, f"{name}: no container in the compressed model"
         np.savez(directory / f"{name}.npz", **graph_builders.inputs_for(onnx.load(str(original))))

@@ -1,4 +1,4 @@
-"""Tests for onnx_dc.api.validate: comparing a compressed model's outputs with the original's."""
+"""Tests for onnx_dc.api.validation: comparing a compressed model's outputs with the original's."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from onnx import helper as h
 import graph_builders as gb
 from graph_builders import ops_library  # noqa: F401  (fixture)
 from onnx_dc.errors import CalibrationError, ModelError
-from onnx_dc.api.validate import generate_inputs, load_inputs, validate_models
+from onnx_dc.api.validation import generate_inputs, load_inputs, validate_models
 
 
 def test_identical_models_agree_exactly():

@@ -3,7 +3,7 @@
 :mod:`~onnx_dc.api.functions` holds ``compress``, ``decompress``, ``inspect``,
 ``validate`` and ``sensitivity``; :mod:`~onnx_dc.api.convert` is the conversion
 every compression ends with; :mod:`~onnx_dc.api.calibrated` joins the calibration
-layer to it; :mod:`~onnx_dc.api.report` and :mod:`~onnx_dc.api.validate` are the
+layer to it; :mod:`~onnx_dc.api.report` and :mod:`~onnx_dc.api.validation` are the
 per-layer table and the output comparison; :mod:`~onnx_dc.api.cli` is ``onnx-dc``.
 Imports every layer below.
 """

@@ -1,58 +1,53 @@
-"""The calibrated verbs behind ``onnx_dc.compress(..., calib=...)`` and ``onnx_dc.calibration.sensitivity``.
+"""The calibrated verbs behind ``onnx_dc.compress(..., calib=...)`` and ``onnx_dc.sensitivity``.
 
-``compress`` with calibration data takes the same settings as without
-(``--sparsity``, ``--bits``, ... per kind or tensor name; see
-:mod:`onnx_dc.graph.settings`) and applies them with the calibrated recipe of
-:mod:`onnx_dc.calibration.model_fit` to every layer whose input can be captured; with a
-budget (``min_cosine`` or ``max_drop``) the per-layer sparsity and bits of those
-layers are searched instead (:mod:`onnx_dc.calibration.search`), while the remaining
+``compress`` with calibration data takes the same recipe as without (per-kind
+or per-tensor ``sparsity``, ``bits``...; see :mod:`onnx_dc.graph.settings`) and
+applies it with the calibrated fits of :mod:`onnx_dc.calibration.model_fit` to
+every layer whose input can be captured; with a search in the recipe (a budget,
+``min_cosine`` or ``max_drop``) the per-layer sparsity and bits of those layers
+are searched instead (:mod:`onnx_dc.calibration.search`), while the remaining
 weights keep their settings. Weights outside the main graph, or without
-statistics, take the plain path in every case.
+statistics, take the plain path in every case. The result's recipe spells out
+what a search chose, so that ``--recipe`` reproduces the model without searching.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import onnx
 
-from onnx_dc.calibration.budget import Budget
+from onnx_dc.api.convert import CompressionResult, compress_model, record_recipe
+from onnx_dc.api.recipe import Recipe
 from onnx_dc.calibration.data import (
     DEFAULT_MAX_SAMPLES,
     CalibrationData,
+    CalibrationSource,
+    EvaluationSource,
     load_calibration,
     read_labels,
 )
 from onnx_dc.calibration.layers import find_layers
-from onnx_dc.calibration.model_fit import (
-    CalibratedCompression,
-    compress_with_calibration,
-)
+from onnx_dc.calibration.model_fit import CalibratedCompression, compress_with_calibration
 from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
-from onnx_dc.calibration.search import AutotuneResult, autotune, default_grids
-from onnx_dc.calibration.sensitivity import (
-    DEFAULT_BITS,
-    DEFAULT_SPARSITIES,
-    SensitivityReport,
-    analyze_sensitivity,
+from onnx_dc.calibration.search import (
+    DEFAULT_HOLDOUT_FRACTION,
+    MAX_HOLDOUT_SAMPLES,
+    AutotuneResult,
+    autotune,
+    default_grids,
 )
+from onnx_dc.calibration.sensitivity import DEFAULT_BITS, DEFAULT_SPARSITIES, SensitivityReport, analyze_sensitivity
 from onnx_dc.errors import CalibrationError, LibraryNotFoundError, SettingsError
-from onnx_dc.graph.model_io import (
-    ModelSource,
-    check_output_path,
-    constants_to_initializers,
-    load_model,
-    save_model,
-)
-from onnx_dc.graph.settings import CompressionSettings
+from onnx_dc.graph.model_io import ModelSource, check_output_path, constants_to_initializers, load_model, save_model
+from onnx_dc.graph.restore import decompress_model
 from onnx_dc.graph.weights import find_weights
 
-__all__ = ["CalibrationSource", "compress_calibrated", "load_evaluation", "sensitivity"]
-
-CalibrationSource = str | os.PathLike | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | CalibrationData
+__all__ = ["compress_calibrated", "load_evaluation", "sensitivity"]
 
 
 def load_evaluation(
@@ -85,87 +80,79 @@ def load_evaluation(
 
 def compress_calibrated(
     model: ModelSource,
-    settings: CompressionSettings,
+    recipe: Recipe,
     calib: CalibrationSource,
     *,
+    eval_data: EvaluationSource | None = None,
     output: str | os.PathLike | None = None,
-    options: CalibrationOptions | None = None,
-    calib_samples: int | None = DEFAULT_MAX_SAMPLES,
-    min_cosine: float | None = None,
-    max_drop: float | None = None,
-    drop_margin_se: float = 0.0,
-    eval_data: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
-    search_sparsities: Sequence[float] | None = None,
-    search_bits: Sequence[int] | None = None,
     progress: bool | Callable[..., None] = False,
     external_data: bool | None = None,
-):
-    """Compress with calibration data, optionally searching per-layer settings within a budget.
+) -> CompressionResult:
+    """Compress with calibration data as ``recipe`` says: fitted settings, or a search within its budget.
 
     Weights in main-graph ``Constant`` nodes are first moved to initializers
     (:func:`onnx_dc.graph.model_io.constants_to_initializers`) so that they are fitted too.
-    The automatic search uses :func:`onnx_dc.calibration.search.default_grids` unless
-    ``search_sparsities`` / ``search_bits`` are given.
-
-    ``drop_margin_se`` (with ``max_drop``): the searched configuration must meet
-    the top-1 budget by that many standard errors of its own measured drop
-    (:func:`onnx_dc.calibration.search.autotune`); 0 checks the budget as measured.
-
-    Returns the converter's :class:`onnx_dc.api.convert.CompressionResult` with
-    ``calibration`` set to the :class:`~onnx_dc.calibration.model_fit.CalibratedCompression`
-    or, with a budget, the :class:`~onnx_dc.calibration.search.AutotuneResult`.
+    Returns the :class:`onnx_dc.api.convert.CompressionResult` with ``calibration`` set to the
+    :class:`~onnx_dc.calibration.model_fit.CalibratedCompression` or, with a search, the
+    :class:`~onnx_dc.calibration.search.AutotuneResult`; its ``recipe`` spells out what a search chose.
     """
-    from onnx_dc.api.convert import compress_model
-
-    options = options or CalibrationOptions()
     if output is not None:
         check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [])
     # Weights held in main-graph Constant nodes (PaddlePaddle exports) become initializers, so they get statistics.
     proto = constants_to_initializers(load_model(model))
-    data = load_calibration(calib, proto, max_samples=calib_samples)
-    plans = settings.plan(find_weights(proto, min_elements=0))
+    data = load_calibration(calib, proto, max_samples=recipe.calibration.samples)
+    layer_settings = _layer_settings(proto, recipe)
+    if recipe.search is None:
+        if eval_data is not None:
+            raise SettingsError("--eval is used with a budget (--max-drop or --min-cosine)")
+        return _compress_fitted(proto, recipe, data, layer_settings, output, progress, external_data)
+    return _compress_searched(proto, recipe, data, eval_data, layer_settings, output, progress, external_data)
+
+
+def _layer_settings(proto: onnx.ModelProto, recipe: Recipe) -> dict[str, LayerSettings]:
+    """The calibrated path's settings of every planned main-graph weight."""
     main_graph = {t.name for t in proto.graph.initializer} | {
         n.output[0] for n in proto.graph.node if n.op_type == "Constant" and n.output
     }
     layer_settings: dict[str, LayerSettings] = {}
-    for plan in plans:
+    for plan in recipe.settings().plan(find_weights(proto, min_elements=0)):
         weight = plan.weight
         if plan.settings is None or weight.scope.parent is not None or weight.name not in main_graph:
             continue
         values = weight.to_array() if plan.settings.quality is not None else None
         layer_settings[weight.name] = LayerSettings.from_resolved(plan.settings, values)
+    return layer_settings
 
-    if drop_margin_se and max_drop is None:
-        raise SettingsError("--drop-margin-se is used with --max-drop")
-    if min_cosine is None and max_drop is None:
-        if eval_data is not None:
-            raise SettingsError("--eval is used with a budget (--max-drop or --min-cosine)")
-        compression = compress_with_calibration(proto, data, layer_settings, options, progress=progress)
-        result = compress_model(
-            compression.model, settings, output=output, progress=progress,
-            external_data=external_data, tensor_compressor=compression.tensor_compressor(),
-        )
-        result.calibration = compression
-        return result
 
-    budget = Budget(min_cosine=min_cosine, max_drop=max_drop)
-    search, labels = (None, None)
-    if eval_data is not None:
-        search, labels = load_evaluation(eval_data, proto, need_labels=max_drop is not None)
-    elif max_drop is not None:
-        raise CalibrationError("--max-drop needs --eval E.npz (evaluation inputs and their 'labels')")
+def _compress_fitted(proto, recipe, data, layer_settings, output, progress, external_data) -> CompressionResult:
+    """Every layer fitted with its settings as given (``recipe.calibration.holdout`` samples left out)."""
+    if recipe.calibration.holdout:
+        data, _ = data.materialised().split(recipe.calibration.holdout, seed=recipe.seed)
+    compression = compress_with_calibration(proto, data, layer_settings, recipe.calibration.options, progress=progress)
+    result = compress_model(
+        compression.model, recipe, output=output, progress=progress,
+        external_data=external_data, tensor_compressor=compression.tensor_compressor(),
+    )
+    result.calibration = compression
+    return result
+
+
+def _compress_searched(proto, recipe, data, eval_data, layer_settings, output, progress, external_data):
+    """The automatic search of :mod:`onnx_dc.calibration.search`, then the chosen model written."""
+    search_recipe = recipe.search
+    budget = search_recipe.budget
+    data, search, labels, holdout = _search_data(proto, recipe, data, eval_data)
     layer_names = {layer.weight for layer in find_layers(proto)}
     searched = [name for name in layer_settings if name in layer_names]
     fixed = {name: s for name, s in layer_settings.items() if name not in layer_names}
     library = _library_or_none()
     grid_sparsities, grid_bits_fc, grid_bits_conv = default_grids(len(searched))
+    fit_recipe = replace(recipe, search=None)
 
     def build(compression: CalibratedCompression):
-        built = compress_model(compression.model, settings, tensor_compressor=compression.tensor_compressor())
+        built = compress_model(compression.model, fit_recipe, tensor_compressor=compression.tensor_compressor())
         runnable = built.model
         if library is None:
-            from onnx_dc.graph.restore import decompress_model
-
             runnable = onnx.ModelProto()
             runnable.CopyFrom(built.model)
             decompress_model(runnable)
@@ -174,13 +161,16 @@ def compress_calibrated(
     tuned = autotune(
         proto, data, budget, build,
         search=search, labels=labels, fixed=fixed, searched=searched,
-        sparsities=search_sparsities if search_sparsities is not None else grid_sparsities,
-        bits_fc=search_bits if search_bits is not None else grid_bits_fc,
-        bits_conv=search_bits if search_bits is not None else grid_bits_conv,
-        drop_margin_se=drop_margin_se,
-        options=options, seed=_seed(settings), progress=progress is True,
+        sparsities=search_recipe.sparsities if search_recipe.sparsities is not None else grid_sparsities,
+        bits_fc=search_recipe.bits if search_recipe.bits is not None else grid_bits_fc,
+        bits_conv=search_recipe.bits if search_recipe.bits is not None else grid_bits_conv,
+        drop_margin_se=search_recipe.drop_margin_se,
+        options=recipe.calibration.options, seed=recipe.seed, progress=progress is True,
     )
     result = tuned.built
+    result.recipe = _chosen_recipe(recipe, tuned, holdout)
+    record_recipe(result.model, result.recipe)
+    result.report.recipe = result.recipe
     if output is not None:
         saved = save_model(result.model, output, external_data=external_data)
         result.saved = saved
@@ -188,6 +178,34 @@ def compress_calibrated(
         result.report.notes[:] = [n for n in result.report.notes if not n.startswith("compressed size: serialized")]
     result.calibration = tuned
     return result
+
+
+def _search_data(proto, recipe, data, eval_data):
+    """(fit data, search data, labels, samples held out of the calibration data for the budget)."""
+    search_recipe = recipe.search
+    if eval_data is not None:
+        search, labels = load_evaluation(eval_data, proto, need_labels=search_recipe.max_drop is not None)
+        return data, search, labels, 0
+    if search_recipe.max_drop is not None:
+        raise CalibrationError("--max-drop needs --eval E.npz (evaluation inputs and their 'labels')")
+    data = data.materialised()
+    holdout = recipe.calibration.holdout or min(
+        MAX_HOLDOUT_SAMPLES, max(1, int(round(DEFAULT_HOLDOUT_FRACTION * data.n_samples)))
+    )
+    if data.n_samples - holdout < 1:
+        raise CalibrationError(f"{data.n_samples} calibration sample(s) are too few to hold some apart for the budget")
+    data, search = data.split(holdout, seed=recipe.seed)
+    search.description = f"the calibration data (held out, seed {recipe.seed})"
+    return data, search, None, holdout
+
+
+def _chosen_recipe(recipe: Recipe, tuned: AutotuneResult, holdout: int) -> Recipe:
+    """The recipe that reproduces the searched model without searching: each searched layer's settings by name."""
+    per_tensor = {
+        c.name: {"sparsity": c.sparsity, "bits": c.bits, "index_bits": c.index_bits} for c in tuned.choices
+    }
+    calibration = replace(recipe.calibration, holdout=holdout)
+    return replace(recipe.without_search(per_tensor), calibration=calibration)
 
 
 def sensitivity(
@@ -213,10 +231,6 @@ def sensitivity(
         proto, data, evaluation=evaluation, labels=labels, sparsities=sparsities, bits=bits,
         method=method, options=options, layers=layers, progress=progress,
     )
-
-
-def _seed(settings: CompressionSettings) -> int:
-    return int(getattr(settings, "seed", 0))
 
 
 def _library_or_none() -> str | None:

@@ -27,9 +27,11 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import NoReturn
 
 from onnx_dc import __version__
+from onnx_dc.api.recipe import CalibrationRecipe, Recipe, SearchRecipe, load_recipe
 from onnx_dc.errors import OnnxDcError, SettingsError
 
 EXIT_OK = 0
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="compress a model's weights (prune, share, Huffman-code)")
     p.add_argument("input", metavar="IN", help="ONNX model to compress")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="compressed model to write")
+    p.add_argument("--recipe", metavar="FILE",
+                   help="start from a recipe: a JSON file (as --json prints under 'recipe') or a model onnx-dc "
+                   "compressed (its recorded recipe); the flags below override its settings")
     p.add_argument("--sparsity", metavar="S", help=f"fraction of weights pruned by magnitude, 0..1: {_SETTING_HELP}")
     p.add_argument("--quality", metavar="Q", help=f"prune |w| < Q * std(w) (the paper's rule) instead: {_SETTING_HELP}")
     p.add_argument("--bits", metavar="B", help=f"bits per shared weight, 1..8: {_SETTING_HELP}")
@@ -70,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="M", help=f"k-means initialisation (linear, density, random, kmeans++): {_SETTING_HELP}")
     p.add_argument("--exclude", metavar="GLOB", action="append", help="leave matching tensors dense (repeatable)")
     p.add_argument("--min-elements", metavar="N", help="leave tensors with fewer elements dense (default 256)")
-    p.add_argument("--seed", metavar="N", type=int, default=0, help="random seed (random/kmeans++ init)")
+    p.add_argument("--seed", metavar="N", type=int, help="random seed (random/kmeans++ init, held-out splits; default 0)")
     p.add_argument("--external-data", action="store_true", help="always write tensors to OUT.data beside the model")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -132,28 +137,59 @@ def _add_calibration_arguments(p: argparse.ArgumentParser, *, required: bool = F
                    help="weigh every output of a layer alike in its fit (default: by its effect on the next layer)")
 
 
-def _calibration_options(args: argparse.Namespace):
-    """CalibrationOptions from the flags, or None when none was given (library defaults)."""
-    flags = (args.criterion, args.refit_rounds, args.no_weight_refit, args.no_sequential, args.no_bias_correction,
-             args.no_downstream_weighting)
-    if args.calib is None:
-        if any(f not in (None, False) for f in flags) or args.calib_samples is not None:
-            raise SettingsError("--criterion, --refit-rounds, --no-* calibration flags and --calib-samples need --calib")
-        return None
-    from onnx_dc.calibration.options import CalibrationOptions
+def _calibration_recipe(args: argparse.Namespace, base: CalibrationRecipe) -> CalibrationRecipe:
+    """``base`` with the calibration flags that were given; they need ``--calib``."""
+    changes = {
+        "criterion": args.criterion,
+        "refit_rounds": args.refit_rounds,
+        "refit_weights": False if args.no_weight_refit else None,
+        "sequential": False if args.no_sequential else None,
+        "bias_correction": False if args.no_bias_correction else None,
+        "downstream_weighting": False if args.no_downstream_weighting else None,
+    }
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if args.calib is None and (changes or args.calib_samples is not None):
+        raise SettingsError("--criterion, --refit-rounds, --no-* calibration flags and --calib-samples need --calib")
+    options = replace(base.options, **changes) if changes else base.options
+    samples = base.samples if args.calib_samples is None else args.calib_samples
+    return replace(base, samples=samples, options=options)
 
-    kwargs = {}
-    if args.criterion is not None:
-        kwargs["criterion"] = args.criterion
-    if args.refit_rounds is not None:
-        kwargs["refit_rounds"] = args.refit_rounds
-    return CalibrationOptions(
-        refit_weights=not args.no_weight_refit,
-        sequential=not args.no_sequential,
-        bias_correction=not args.no_bias_correction,
-        downstream_weighting=not args.no_downstream_weighting,
-        **kwargs,
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The :class:`~onnx_dc.api.recipe.Recipe` of ``compress``'s flags (over ``--recipe`` when given)."""
+    base = load_recipe(args.recipe) if args.recipe else Recipe()
+    budget_flags = (args.min_cosine, args.max_drop, args.drop_margin_se, args.search_sparsities, args.search_bits)
+    if args.calib is None and (args.eval is not None or any(v is not None for v in budget_flags)):
+        raise SettingsError("--eval, --min-cosine, --max-drop, --drop-margin-se and --search-* need --calib")
+    search = base.search
+    if any(v is not None for v in budget_flags):
+        previous = search or SearchRecipe(min_cosine=args.min_cosine, max_drop=args.max_drop)
+        search = SearchRecipe(
+            min_cosine=args.min_cosine if args.min_cosine is not None else previous.min_cosine,
+            max_drop=args.max_drop if args.max_drop is not None else previous.max_drop,
+            drop_margin_se=args.drop_margin_se if args.drop_margin_se is not None else previous.drop_margin_se,
+            sparsities=_number_list(args.search_sparsities, "--search-sparsities", float) or previous.sparsities,
+            bits=_number_list(args.search_bits, "--search-bits", int) or previous.bits,
+        )
+    recipe = Recipe.build(
+        base,
+        sparsity=args.sparsity,
+        quality=args.quality,
+        bits=args.bits,
+        index_bits=args.index_bits,
+        init=args.init,
+        exclude=tuple(args.exclude) if args.exclude else None,
+        min_elements=None if args.min_elements is None else _int_flag(args.min_elements, "--min-elements"),
+        seed=args.seed,
     )
+    return replace(recipe, calibration=_calibration_recipe(args, recipe.calibration), search=search)
+
+
+def _int_flag(text: str, flag: str) -> int:
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise SettingsError(f"{flag}: {text!r} is not an integer") from None
 
 
 def _number_list(text: str | None, flag: str, kind: type) -> list | None:
@@ -209,34 +245,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _compress(args: argparse.Namespace) -> int:
     from onnx_dc.api.functions import compress
 
-    calibration = _calibration_options(args)
-    if args.calib is None and any(
-        v is not None
-        for v in (args.eval, args.min_cosine, args.max_drop, args.drop_margin_se, args.search_sparsities, args.search_bits)
-    ):
-        raise SettingsError("--eval, --min-cosine, --max-drop, --drop-margin-se and --search-* need --calib")
     result = compress(
         args.input,
         args.output,
-        sparsity=args.sparsity,
-        quality=args.quality,
-        bits=args.bits,
-        index_bits=args.index_bits,
-        init=args.init,
-        exclude=args.exclude,
-        min_elements=args.min_elements,
-        seed=args.seed,
+        recipe_from_args(args),
+        calib=args.calib,
+        eval_data=args.eval,
         progress=not args.no_progress and sys.stderr.isatty(),
         external_data=True if args.external_data else None,
-        calib=args.calib,
-        calib_samples=args.calib_samples,
-        calibration=calibration,
-        min_cosine=args.min_cosine,
-        max_drop=args.max_drop,
-        drop_margin_se=args.drop_margin_se,
-        eval_data=args.eval,
-        search_sparsities=_number_list(args.search_sparsities, "--search-sparsities", float),
-        search_bits=_number_list(args.search_bits, "--search-bits", int),
     )
     budget_met = getattr(result.calibration, "budget_met", True)
     if args.json:
@@ -316,7 +332,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
         sparsities=_number_list(args.sparsities, "--sparsities", float),
         bits=_number_list(args.bits, "--bits", int),
         method=args.method,
-        calibration=_calibration_options(args),
+        calibration=_calibration_recipe(args, CalibrationRecipe()).options,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     print(report.format_table())

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnx_dc.api.recipe import METADATA_KEY, Recipe
 from onnx_dc.api.report import ModelReport, model_report
 from onnx_dc.errors import InvalidTensorError, ModelError
 from onnx_dc.graph import model_io
@@ -30,17 +31,14 @@ from onnx_dc.graph.model_io import (
     tensor_bytes,
 )
 from onnx_dc.graph.rewrite import RewriteSummary, apply_compression
-from onnx_dc.graph.settings import (
-    CompressionSettings,
-    ResolvedSettings,
-    TensorPlan,
-)
+from onnx_dc.graph.settings import ResolvedSettings, TensorPlan
 from onnx_dc.graph.weights import Weight, find_weights
 
 __all__ = [
     "CompressionResult",
     "TensorCompressor",
     "compress_model",
+    "record_recipe",
 ]
 
 
@@ -56,6 +54,7 @@ class CompressionResult:
     model: onnx.ModelProto
     report: ModelReport
     plans: list[TensorPlan]
+    recipe: Recipe  # reproduces this model (with a search: the settings it chose)
     compressed: dict[str, object] = field(default_factory=dict)  # weight name -> CompressedTensor
     rewrite: RewriteSummary | None = None
     saved: SavedModel | None = None
@@ -65,20 +64,26 @@ class CompressionResult:
 
 def compress_model(
     model: ModelSource,
-    settings: CompressionSettings,
+    recipe: Recipe,
     *,
     output: str | os.PathLike | None = None,
     progress: bool | ProgressCallback = False,
     external_data: bool | None = None,
     tensor_compressor: TensorCompressor | None = None,
 ) -> CompressionResult:
-    """:func:`compress` with already parsed :class:`~onnx_dc.graph.settings.CompressionSettings`."""
+    """Compress every weight the recipe selects with ``tensor_compressor`` and convert the graph around them.
+
+    ``recipe``'s per-tensor settings plan every weight; the compressor (default:
+    the plain pipeline, :func:`onnx_dc.codec.tensor.compress_tensor`) turns each
+    planned weight into a container. The recipe is recorded in the model's
+    metadata. Written atomically to ``output`` when given.
+    """
     if output is not None:
         check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [])
     proto = load_model(model)
     original_file_bytes = _source_size_bytes(model)
     weights = find_weights(proto, min_elements=0)
-    plans = settings.plan(weights)
+    plans = recipe.settings().plan(weights)
     todo = [p for p in plans if p.settings is not None]
     compressor = tensor_compressor or _compress_with_core
     compressed: dict[str, object] = {}
@@ -96,6 +101,7 @@ def compress_model(
             pairs.append((weight, bytes(result.container)))
         tick(len(todo), "")
     summary = apply_compression(proto, pairs)
+    record_recipe(proto, recipe)
     warnings = _check_written_model(proto, model)
     reasons = {p.weight.name: p.skip_reason for p in plans if p.skip_reason}
     report = model_report(
@@ -110,7 +116,16 @@ def compress_model(
         report.compressed_file_bytes = saved.size_bytes
     else:
         report.notes.append("compressed size: serialized size (the model was not written to a file)")
-    return CompressionResult(proto, report, plans, compressed, summary, saved, warnings)
+    return CompressionResult(proto, report, plans, recipe, compressed, summary, saved, warnings)
+
+
+def record_recipe(model: onnx.ModelProto, recipe: Recipe) -> None:
+    """Write ``recipe`` into the model's ``metadata_props`` (replacing a recorded one)."""
+    for index in reversed(range(len(model.metadata_props))):
+        if model.metadata_props[index].key == METADATA_KEY:
+            del model.metadata_props[index]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, recipe.to_json()
 
 
 def _compress_with_core(weight: Weight, values: np.ndarray, settings: ResolvedSettings):

@@ -1,4 +1,4 @@
-"""The Python API: ``compress``, ``decompress``, ``inspect``, ``validate``.
+"""The Python API: ``compress``, ``decompress``, ``inspect``, ``validate``, ``sensitivity``.
 
 Every function accepts a model as a path (external data is loaded from beside
 it) or as an ``onnx.ModelProto`` (never modified), and, where it writes a
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -17,112 +18,68 @@ import onnx
 from onnx_dc.api.convert import (
     CompressionResult,
     ProgressCallback,
-    TensorCompressor,
     _check_written_model,
     _source_size_bytes,
     compress_model,
 )
+from onnx_dc.api.recipe import Recipe
 from onnx_dc.api.report import ModelReport, model_report
-from onnx_dc.api.validate import ValidationReport, validate_models
+from onnx_dc.api.validation import ValidationReport, validate_models
 from onnx_dc.errors import SettingsError
-from onnx_dc.graph.model_io import (
-    ModelSource,
-    check_output_path,
-    load_model,
-    save_model,
-)
+from onnx_dc.graph.model_io import ModelSource, check_output_path, load_model, save_model
 from onnx_dc.graph.restore import decompress_model
-from onnx_dc.graph.settings import (
-    SettingValue,
-    parse_settings,
-)
+from onnx_dc.graph.settings import SettingValue
+
+if TYPE_CHECKING:
+    from onnx_dc.calibration.data import CalibrationSource, EvaluationSource
 
 
 def compress(
     model: ModelSource,
     output: str | os.PathLike | None = None,
+    recipe: Recipe | None = None,
     *,
+    calib: CalibrationSource | None = None,
+    eval_data: EvaluationSource | None = None,
     sparsity: SettingValue = None,
-    quality: SettingValue = None,
     bits: SettingValue = None,
-    index_bits: SettingValue = None,
-    init: SettingValue = None,
-    exclude: str | Sequence[str] | None = None,
-    min_elements: int | None = None,
-    seed: int = 0,
     progress: bool | ProgressCallback = False,
     external_data: bool | None = None,
-    tensor_compressor: TensorCompressor | None = None,
-    calib=None,
-    calib_samples: int | None = None,
-    calibration=None,
-    min_cosine: float | None = None,
-    max_drop: float | None = None,
-    drop_margin_se: float | None = None,
-    eval_data=None,
-    search_sparsities: Sequence[float] | None = None,
-    search_bits: Sequence[int] | None = None,
 ) -> CompressionResult:
-    """Compress the weights of an ONNX model with Deep Compression.
+    """Compress the weights of an ONNX model with Deep Compression, as ``recipe`` says.
 
-    Settings take one value for every tensor, a ``KEY=VALUE,...`` string or a
-    dict keyed by kind (``fc``, ``conv``, ``other``), tensor name or glob; see
-    :mod:`onnx_dc.graph.settings` for the grammar and the per-kind defaults. When
-    ``output`` is given the model is written there atomically (with external
-    data when over 2 GB or ``external_data=True``). ``progress=True`` shows a
-    tqdm bar per tensor; a callable gets ``(done, total, tensor_name)``.
-    ``tensor_compressor`` replaces the per-tensor pipeline (used by calibrated
-    compression); by default :func:`onnx_dc.codec.tensor.compress_tensor`.
+    Args:
+        model: a path (external data is read from beside it) or an ``onnx.ModelProto`` (not modified).
+        output: where to write the compressed model, atomically (with external data when over
+            2 GB or ``external_data=True``); None returns it only.
+        recipe: the :class:`~onnx_dc.api.recipe.Recipe` (default: the data-free defaults).
+        calib: calibration inputs (an ``.npz`` keyed by input name, a dict of arrays or an
+            iterable of feeds): the layers are fitted to them (``recipe.calibration``); with
+            ``recipe.search`` the per-layer settings are searched within its budget.
+        eval_data: held-out inputs (and ``labels`` for ``max_drop``) the search's budget is
+            measured on; default: a seeded part of ``calib`` held apart.
+        sparsity, bits: shorthand for ``Recipe.build(recipe, sparsity=..., bits=...)``: one
+            value, ``KEY=VALUE,...`` text or a dict by kind, name or glob
+            (:mod:`onnx_dc.graph.settings`).
+        progress: ``True`` shows progress on a terminal; a callable gets ``(done, total, name)``.
+        external_data: force (True) or forbid (False) external data for the output.
 
-    With ``calib`` (an ``.npz`` keyed by input name, a dict of arrays or an
-    iterable of feeds; at most ``calib_samples`` samples, default 4096) the layers
-    are fitted to calibration data with the options ``calibration``
-    (:class:`onnx_dc.calibration.options.CalibrationOptions`); with a budget,
-    ``min_cosine`` and/or ``max_drop`` (percentage points of top-1, needs
-    ``eval_data`` with ``labels``), the per-layer sparsity and bits are searched
-    over ``search_sparsities`` x ``search_bits``; ``drop_margin_se`` makes the
-    searched configuration meet ``max_drop`` by that many standard errors of
-    its measured drop. See docs/CALIBRATION.md and
-    :mod:`onnx_dc.api.calibrated`.
+    Returns:
+        The :class:`~onnx_dc.api.convert.CompressionResult`: model, per-layer report, and
+        ``recipe``, the recipe that reproduces it (a search's choice spelled out per tensor).
+
+    See docs/USAGE.md and docs/CALIBRATION.md.
     """
-    settings = parse_settings(
-        sparsity=sparsity,
-        quality=quality,
-        bits=bits,
-        index_bits=index_bits,
-        init=init,
-        exclude=exclude,
-        min_elements=min_elements,
-        seed=seed,
-    )
+    recipe = Recipe.build(recipe, sparsity=sparsity, bits=bits)
     if calib is not None:
         from onnx_dc.api.calibrated import compress_calibrated
-        from onnx_dc.calibration.data import DEFAULT_MAX_SAMPLES
 
-        if tensor_compressor is not None:
-            raise SettingsError("tensor_compressor cannot be combined with calib")
         return compress_calibrated(
-            model, settings, calib, output=output, options=calibration,
-            calib_samples=DEFAULT_MAX_SAMPLES if calib_samples is None else calib_samples,
-            min_cosine=min_cosine, max_drop=max_drop, eval_data=eval_data,
-            drop_margin_se=0.0 if drop_margin_se is None else drop_margin_se,
-            search_sparsities=search_sparsities, search_bits=search_bits,
-            progress=progress, external_data=external_data,
+            model, recipe, calib, eval_data=eval_data, output=output, progress=progress, external_data=external_data
         )
-    if any(
-        v is not None
-        for v in (calib_samples, calibration, min_cosine, max_drop, drop_margin_se, eval_data, search_sparsities,
-                  search_bits)
-    ):
-        raise SettingsError("calibration options (budget, --eval, --calib-samples...) need calibration data (--calib)")
-    return compress_model(
-        model,
-        settings,
-        output=output,
-        progress=progress,
-        external_data=external_data,
-        tensor_compressor=tensor_compressor,
-    )
+    if recipe.search is not None or eval_data is not None:
+        raise SettingsError("a budget search (--min-cosine, --max-drop) and --eval need calibration data (--calib)")
+    return compress_model(model, recipe, output=output, progress=progress, external_data=external_data)
 
 
 def decompress(
@@ -163,7 +120,7 @@ def validate(
     min_cosine: float | None = None,
     use_library: bool | None = None,
 ) -> ValidationReport:
-    """Run both models on the same inputs and compare their outputs (see :mod:`onnx_dc.api.validate`)."""
+    """Run both models on the same inputs and compare their outputs (see :mod:`onnx_dc.api.validation`)."""
     return validate_models(
         load_model(original),
         load_model(compressed),

@@ -13,6 +13,7 @@ uncompressed (biases, small tensors, integer tensors...). The graph structure
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_dc.errors import ContainerError
+from onnx_dc.api.recipe import METADATA_KEY, Recipe
+from onnx_dc.errors import ContainerError, OnnxDcError, first_line
 from onnx_dc.graph.operators import MATMUL_OP
 from onnx_dc.graph.restore import ContainerRef, find_containers
 from onnx_dc.graph.weights import FLOAT_TYPES, iter_scopes
@@ -107,6 +109,7 @@ class ModelReport:
     original_file_bytes: int | None = None
     compressed_file_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
+    recipe: Recipe | None = None  # the recipe recorded in the model, None when it carries none
 
     @property
     def dense_bytes(self) -> int:
@@ -159,6 +162,7 @@ class ModelReport:
             "tensors": [r.to_dict() for r in self.tensors],
             "dense_tensors": [d.to_dict() for d in self.dense],
             "notes": list(self.notes),
+            "recipe": None if self.recipe is None else self.recipe.to_dict(),
         }
 
     def format_table(self) -> str:
@@ -231,6 +235,8 @@ class ModelReport:
 
         rule = "-" * sum(widths) + "-" * 2 * (len(widths) - 1)
         lines = [fmt(header), rule, *(fmt(row) for row in rows), rule, *(fmt(row) for row in footer)]
+        if self.recipe is not None:
+            lines.append(f"recipe: {self.recipe.describe()}")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -281,7 +287,14 @@ def model_report(
                 elif attr.type in (onnx.AttributeProto.STRING, onnx.AttributeProto.STRINGS):
                     size = len(attr.s) if attr.type == onnx.AttributeProto.STRING else sum(len(s) for s in attr.strings)
                     dense.append(DenseTensor(name, "string", (), size))
-    return ModelReport(rows, dense, original_file_bytes, compressed_file_bytes)
+    report = ModelReport(rows, dense, original_file_bytes, compressed_file_bytes)
+    text = {p.key: p.value for p in model.metadata_props}.get(METADATA_KEY)
+    if text is not None:
+        try:
+            report.recipe = Recipe.from_dict(json.loads(text))
+        except (ValueError, OnnxDcError) as exc:
+            report.notes.append(f"the model's recorded recipe cannot be read: {first_line(exc)}")
+    return report
 
 
 def format_bytes(n: int | None) -> str:

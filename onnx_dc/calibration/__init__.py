@@ -17,15 +17,8 @@ model: :mod:`~onnx_dc.calibration.targets` (what each fit aims at),
 from __future__ import annotations
 
 from onnx_dc.calibration.budget import Budget
-from onnx_dc.calibration.data import (
-    DEFAULT_MAX_SAMPLES,
-    CalibrationData,
-    load_calibration,
-)
-from onnx_dc.calibration.model_fit import (
-    CalibratedCompression,
-    compress_with_calibration,
-)
+from onnx_dc.calibration.data import DEFAULT_MAX_SAMPLES, CalibrationData, load_calibration
+from onnx_dc.calibration.model_fit import CalibratedCompression, compress_with_calibration
 from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
 from onnx_dc.calibration.search import AutotuneResult, autotune
 

@@ -89,6 +89,12 @@ LABELS_KEY = "labels"
 # Model inputs and calibration data
 
 
+CalibrationSource = "str | os.PathLike | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | CalibrationData"
+"""What calibration data may be given as: an ``.npz`` path, arrays keyed by input name, an iterable of feeds."""
+EvaluationSource = "str | os.PathLike | Mapping[str, np.ndarray]"
+"""What evaluation data may be given as: an ``.npz`` path or arrays keyed by input name (and ``labels``)."""
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """A model input: name, numpy dtype and shape (``None`` for a dynamic or unknown dimension)."""

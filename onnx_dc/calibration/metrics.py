@@ -1,5 +1,4 @@
-"""How a candidate's outputs compare with the original's: relative error, cosine, top-1.
-"""
+"""How a candidate's outputs compare with the original's: relative error, cosine, top-1."""
 
 from __future__ import annotations
 

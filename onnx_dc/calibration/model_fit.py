@@ -50,30 +50,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnx_dc.calibration.capture import (
-    LayerStatistics,
-    capture_statistics,
-)
+from onnx_dc.calibration.capture import LayerStatistics, capture_statistics
 from onnx_dc.calibration.data import CalibrationData
-from onnx_dc.calibration.layer_problem import (
-    CRITERIA,
-    LayerFit,
-)
+from onnx_dc.calibration.layer_problem import CRITERIA, LayerFit
 from onnx_dc.calibration.layers import LayerSpec, find_layers
-from onnx_dc.calibration.options import (
-    AUTO_INDEX_BITS,
-    CalibrationOptions,
-    LayerSettings,
-)
+from onnx_dc.calibration.options import AUTO_INDEX_BITS, CalibrationOptions, LayerSettings
 from onnx_dc.calibration.sharing_fit import fit_layer
 from onnx_dc.calibration.targets import LayerTarget, layer_target
 from onnx_dc.codec.container import encode_container
-from onnx_dc.codec.tensor import (
-    CompressedTensor,
-    codebook_in_dtype,
-    compress_tensor,
-    compressed_tensor_from_codes,
-)
+from onnx_dc.codec.tensor import CompressedTensor, codebook_in_dtype, compress_tensor, compressed_tensor_from_codes
 from onnx_dc.graph.model_io import initializer_array, set_initializer
 
 __all__ = [

@@ -1,5 +1,4 @@
-"""The options of the calibrated fits and the settings of one fitted layer.
-"""
+"""The options of the calibrated fits and the settings of one fitted layer."""
 
 from __future__ import annotations
 
@@ -8,19 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnx_dc.calibration.capture import (
-    DEFAULT_MAX_MEMORY_BYTES,
-)
+from onnx_dc.calibration.capture import DEFAULT_MAX_MEMORY_BYTES
 from onnx_dc.calibration.data import DEFAULT_BATCH_SIZE
-from onnx_dc.calibration.layer_problem import (
-    CRITERIA,
-    DEFAULT_DAMPING,
-)
+from onnx_dc.calibration.layer_problem import CRITERIA, DEFAULT_DAMPING
 from onnx_dc.calibration.pruning_fit import DEFAULT_OBS_RATE
 from onnx_dc.codec.pruning import prune_by_std
-from onnx_dc.codec.tensor import (
-    TensorSettings,
-)
+from onnx_dc.codec.tensor import TensorSettings
 from onnx_dc.errors import SettingsError
 
 __all__ = [

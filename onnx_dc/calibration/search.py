@@ -71,19 +71,13 @@ import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import onnx
 
-from onnx_dc.calibration.budget import (
-    Budget,
-    _describe_metrics,
-    _robust_choice,
-    _step_back,
-    _step_forward,
-)
+from onnx_dc.calibration.budget import Budget, _describe_metrics, _robust_choice, _step_back, _step_forward
 from onnx_dc.calibration.capture import capture_statistics, reused_statistics, run_model
 from onnx_dc.calibration.data import CalibrationData
 from onnx_dc.calibration.layers import LayerSpec, find_layers
@@ -105,6 +99,7 @@ from onnx_dc.calibration.search_path import (
     _runs_per_layer,
     _thin_path,
 )
+from onnx_dc.calibration.search_result import AutotuneResult, LayerChoice
 from onnx_dc.calibration.targets import layer_target
 from onnx_dc.calibration.weight_swap import WeightSwapRunner
 from onnx_dc.errors import CalibrationError, SettingsError
@@ -148,135 +143,8 @@ def default_grids(n_layers: int) -> tuple[tuple[float, ...], tuple[int, ...], tu
     return DEFAULT_SEARCH_SPARSITIES, DEFAULT_BITS_FC, DEFAULT_BITS_CONV
 
 
-@dataclass(frozen=True)
-class LayerChoice:
-    """What the search chose for one layer and what it gave in the final model."""
-
-    name: str
-    op: str
-    shape: tuple[int, ...]
-    sparsity: float
-    bits: int
-    index_bits: int
-    size_bytes: int
-    original_bytes: int
-    criterion: str | None
-    relative_error: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return {
-            "name": self.name,
-            "op": self.op,
-            "shape": list(self.shape),
-            "sparsity": self.sparsity,
-            "bits": self.bits,
-            "index_bits": self.index_bits,
-            "bytes": self.size_bytes,
-            "original_bytes": self.original_bytes,
-            "criterion": self.criterion,
-            "layer_relative_error": self.relative_error,
-        }
 
 
-@dataclass
-class AutotuneResult:
-    """Outcome of :func:`autotune`.
-
-    Attributes:
-        settings: the chosen :class:`~onnx_dc.calibration.options.LayerSettings` per searched layer.
-        choices: per searched layer, what was chosen and what it gave.
-        compression: the final :class:`~onnx_dc.calibration.model_fit.CalibratedCompression`.
-        built: what the ``build`` callback returned for it (the converted model and its report).
-        metrics: the final model's :class:`~onnx_dc.calibration.metrics.OutputMetrics` on the search data.
-        baseline_accuracy: the original model's accuracy on the search data (with labels).
-        budget_met: whether the final model meets the budget.
-        predicted: metrics of the assembled (non-sequential) configuration the search chose.
-        search_description, n_search_samples, n_fit_samples: what the budget was measured on.
-        verified_with: how the final model was run.
-        path_length: configurations on the whole search path (before thinning).
-        path: the configurations whose budget was checked, in path order (most accurate first), as
-            per-layer settings of the searched layers; the trade-off curve the choice was made on.
-        chosen_index: the index in ``path`` of the configuration returned.
-        steps: log lines of the search.
-    """
-
-    settings: dict[str, LayerSettings]
-    choices: list[LayerChoice]
-    compression: CalibratedCompression
-    built: Any
-    metrics: OutputMetrics
-    budget: Budget
-    baseline_accuracy: float | None
-    budget_met: bool
-    predicted: OutputMetrics | None
-    search_description: str
-    n_search_samples: int
-    n_fit_samples: int
-    verified_with: str
-    path_length: int = 0
-    path: list[dict[str, LayerSettings]] = field(default_factory=list)
-    chosen_index: int | None = None
-    steps: list[str] = field(default_factory=list)
-
-    def achieved(self) -> str:
-        """The achieved budget as text, e.g. ``cosine 0.99942 (>= 0.999)``."""
-        parts = []
-        if self.budget.min_cosine is not None:
-            parts.append(f"cosine {self.metrics.cosine:.6f} (budget >= {self.budget.min_cosine:g})")
-        if self.budget.max_drop is not None and self.metrics.accuracy is not None and self.baseline_accuracy is not None:
-            drop = 100.0 * (self.baseline_accuracy - self.metrics.accuracy)
-            parts.append(
-                f"top-1 {100 * self.metrics.accuracy:.2f} % vs {100 * self.baseline_accuracy:.2f} % "
-                f"original, drop {drop:.2f} pp (budget <= {self.budget.max_drop:g} pp)"
-            )
-        return "; ".join(parts)
-
-    def format_summary(self) -> str:
-        """The per-layer choices and the achieved budget, for the command line."""
-        header = ["layer", "op", "shape", "sparsity", "bits", "idx bits", "bytes", "ratio", "criterion", "layer err"]
-        rows = [header]
-        for c in self.choices:
-            rows.append(
-                [
-                    c.name,
-                    c.op,
-                    "x".join(map(str, c.shape)),
-                    f"{c.sparsity:.2f}",
-                    str(c.bits),
-                    str(c.index_bits),
-                    f"{c.size_bytes:,}",
-                    f"{c.original_bytes / c.size_bytes:.1f}x" if c.size_bytes else "-",
-                    c.criterion or "plain",
-                    f"{c.relative_error:.2e}" if c.relative_error is not None else "-",
-                ]
-            )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = [f"automatic settings ({self.budget.describe()} on {self.n_search_samples} samples of {self.search_description}; "
-                 f"fitted on {self.n_fit_samples} calibration samples):"]
-        for i, row in enumerate(rows):
-            lines.append("  ".join(cell.ljust(widths[j]) if j in (0, 1, 2, 8) else cell.rjust(widths[j]) for j, cell in enumerate(row)))
-            if i == 0:
-                lines.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
-        verdict = "met" if self.budget_met else "NOT met"
-        lines.append(f"budget {verdict}: {self.achieved()} [final model run end to end: {self.verified_with}]")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary."""
-        return {
-            "budget": {"min_cosine": self.budget.min_cosine, "max_drop": self.budget.max_drop},
-            "budget_met": self.budget_met,
-            "search_data": self.search_description,
-            "search_samples": self.n_search_samples,
-            "fit_samples": self.n_fit_samples,
-            "baseline_accuracy": self.baseline_accuracy,
-            "final": self.metrics.to_dict(),
-            "predicted": None if self.predicted is None else self.predicted.to_dict(),
-            "verified_with": self.verified_with,
-            "layers": [c.to_dict() for c in self.choices],
-            "path_length": self.path_length,
-        }
 
 
 Builder = Callable[[CalibratedCompression], tuple[Any, onnx.ModelProto, str | None]]
@@ -349,16 +217,105 @@ def autotune(
         CalibrationError: ``max_drop`` without labels, or the budget cannot be met by any
             configuration of the grid.
     """
-    log: list[str] = []
+    say = _Log(progress)
+    fixed = dict(fixed or {})
+    sparsities = _check_arguments(sparsities, bits_fc, bits_conv, forward_steps, drop_margin_se)
+    if budget.max_drop is not None and (search is None or labels is None):
+        raise CalibrationError("--max-drop needs evaluation data with labels (--eval E.npz holding the inputs and 'labels')")
+    calibration, search, description = _search_data(calibration, search, holdout_fraction, seed)
+    all_layers = find_layers(model)
+    layers = _searched_layers(all_layers, fixed, searched)
+    if forward_steps is None:
+        forward_steps = STEP_FORWARD if len(layers) <= MANY_LAYERS else 0
 
-    def say(line: str) -> None:
-        log.append(line)
-        if callable(progress):
-            progress(line)
-        elif progress is True and sys.stderr.isatty():
+    say(f"capturing statistics of {len(layers)} layer(s) on {calibration.n_samples} samples")
+    stats = capture_statistics(model, calibration, layers, batch_size=options.batch_size, max_memory_bytes=options.max_memory_bytes)
+    runner = WeightSwapRunner(model, _swapped(layers), search, batch_size=options.batch_size)
+    reference, run_seconds = _reference_run(runner)
+    baseline = top1_accuracy(reference, labels) if labels is not None else None
+    search_options = _search_options(options, len(layers))
+    if search_options != options:
+        say("large model: candidates fitted with the cheap search recipe (activation-aware pruning, plain k-means); "
+            "the chosen configuration is fitted with the full recipe")
+    grid_points = max(len(sparsities) * len(bits_conv if layer.op == "Conv" else bits_fc) for layer in layers)
+    per_layer = _runs_per_layer(run_seconds, len(layers), grid_points)
+    if per_layer is not None:
+        say(f"one pass over the search data takes {run_seconds:.2f} s: the model-level effect of {per_layer} "
+            f"candidate(s) per layer is measured, the others' predicted from their layer errors")
+
+    candidates: dict[str, list[Candidate]] = {}
+    for index, layer in enumerate(layers):
+        grid_bits = bits_conv if layer.op == "Conv" else bits_fc
+        found, measured = _layer_candidates(
+            model, layer, stats.pop(layer.weight), all_layers, options, search_options, sparsities, grid_bits,
+            seed, runner, reference, per_layer,
+        )
+        candidates[layer.weight] = found
+        say(f"layer {index + 1}/{len(layers)} {layer.weight}: {len(found)} candidates ({measured} measured)")
+
+    path = _allocation_path({name: _hull(c) for name, c in candidates.items()})
+    full_length = len(path)
+    path = _thin_path(path, _max_path_checks(run_seconds))
+    say(f"search path of {full_length} configurations, {len(path)} of them checked")
+    say(f"checking the budget along the path ({len(path)} configurations, one pass over the search data each)")
+    biases = {layer.weight: layer.bias for layer in layers}
+    checked = [_assembled_metrics(config, biases, runner, reference, labels) for config in path]
+    if not budget.met(checked[0], baseline):
+        raise CalibrationError(
+            f"the budget ({budget.describe()}) cannot be met by any setting of the search grid: the least compressed "
+            f"configuration gives {_describe_metrics(checked[0], baseline)} on {description}"
+        )
+    best = _robust_choice(checked, budget, baseline, n_samples=search.n_samples, drop_margin_se=drop_margin_se)
+    say(f"assembled configuration {best}/{len(path) - 1} meets the budget: {_describe_metrics(checked[best], baseline)}")
+
+    path_settings = [
+        {name: LayerSettings(sparsity=c.sparsity, bits=c.bits, index_bits=None, seed=seed) for name, c in config.items()}
+        for config in path
+    ]
+    finals = _FinalModels(model, calibration, fixed, path_settings, options, build, search, reference, labels, baseline, say)
+    best = finals.refine(best, budget, forward_steps, drop_margin_se)
+    final = finals.results[best]
+    return AutotuneResult(
+        settings=final.settings,
+        choices=[_layer_choice(layer, final.compression) for layer in layers],
+        compression=final.compression,
+        built=final.kept,
+        metrics=final.metrics,
+        budget=budget,
+        baseline_accuracy=baseline,
+        budget_met=budget.met(final.metrics, baseline),
+        predicted=checked[best] if best < len(checked) else None,
+        search_description=description,
+        n_search_samples=search.n_samples,
+        n_fit_samples=calibration.n_samples,
+        verified_with="onnx-dc custom operator library" if final.library else "decompressed model (standard operators)",
+        path_length=full_length,
+        path=path_settings,
+        chosen_index=best,
+        steps=say.lines,
+    )
+
+
+class _Log:
+    """The search's log lines, echoed to a callable or (``True``) to a terminal's stderr."""
+
+    def __init__(self, progress: bool | Callable[[str], None]) -> None:
+        self.progress = progress
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+        if callable(self.progress):
+            self.progress(line)
+        elif self.progress is True and sys.stderr.isatty():
             print(f"onnx-dc: {line}", file=sys.stderr, flush=True)
 
-    fixed = dict(fixed or {})
+
+def _check_arguments(
+    sparsities: Sequence[float], bits_fc: Sequence[int], bits_conv: Sequence[int], forward_steps: int | None,
+    drop_margin_se: float,
+) -> list[float]:
+    """Validate the grids and the search's numbers; the sorted distinct sparsities."""
     sparsities = sorted({float(s) for s in sparsities})
     for s in sparsities:
         if not 0.0 <= s < 1.0:
@@ -374,179 +331,162 @@ def autotune(
         math.isfinite(drop_margin_se) and drop_margin_se >= 0
     ):
         raise SettingsError(f"drop_margin_se must be a finite number >= 0, got {drop_margin_se!r}")
-    if budget.max_drop is not None and (search is None or labels is None):
-        raise CalibrationError("--max-drop needs evaluation data with labels (--eval E.npz holding the inputs and 'labels')")
-    if search is None:
-        calibration = calibration.materialised()
-        n_holdout = min(MAX_HOLDOUT_SAMPLES, max(1, int(round(holdout_fraction * calibration.n_samples))))
-        if calibration.n_samples - n_holdout < 1:
-            raise CalibrationError(f"{calibration.n_samples} calibration sample(s) are too few to hold some apart for the budget")
-        calibration, search = calibration.split(n_holdout, seed=seed)
-        description = f"the calibration data (held out, seed {seed})"
-    else:
-        description = search.description or "evaluation data"
+    return sparsities
 
-    all_layers = find_layers(model)
+
+def _search_data(
+    calibration: CalibrationData, search: CalibrationData | None, holdout_fraction: float, seed: int
+) -> tuple[CalibrationData, CalibrationData, str]:
+    """(fit data, budget data, description of the budget data): ``search``, or a seeded held-out part."""
+    if search is not None:
+        return calibration, search, search.description or "evaluation data"
+    calibration = calibration.materialised()
+    n_holdout = min(MAX_HOLDOUT_SAMPLES, max(1, int(round(holdout_fraction * calibration.n_samples))))
+    if calibration.n_samples - n_holdout < 1:
+        raise CalibrationError(f"{calibration.n_samples} calibration sample(s) are too few to hold some apart for the budget")
+    calibration, search = calibration.split(n_holdout, seed=seed)
+    return calibration, search, f"the calibration data (held out, seed {seed})"
+
+
+def _searched_layers(
+    all_layers: Sequence[LayerSpec], fixed: Mapping[str, LayerSettings], searched: Sequence[str] | None
+) -> list[LayerSpec]:
     layers = [layer for layer in all_layers if layer.weight not in fixed]
     if searched is not None:
         wanted = set(searched)
         layers = [layer for layer in layers if layer.weight in wanted]
     if not layers:
         raise CalibrationError("no layer with calibration statistics to search (MatMul/Gemm/Conv weights)")
+    return layers
 
-    say(f"capturing statistics of {len(layers)} layer(s) on {calibration.n_samples} samples")
-    stats = capture_statistics(model, calibration, layers, batch_size=options.batch_size, max_memory_bytes=options.max_memory_bytes)
-    swap = [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias]
-    runner = WeightSwapRunner(model, swap, search, batch_size=options.batch_size)
+
+def _swapped(layers: Sequence[LayerSpec]) -> list[str]:
+    """The initializers a candidate replaces: every searched weight and its bias."""
+    return [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias]
+
+
+def _reference_run(runner: WeightSwapRunner) -> tuple[dict[str, np.ndarray], float]:
+    """The original model's outputs on the search data, and the seconds one pass takes (what every check costs)."""
     started = time.perf_counter()
     reference = runner.run()
-    run_seconds = time.perf_counter() - started  # one pass over the search data: what every measurement costs
+    run_seconds = time.perf_counter() - started
     if run_seconds > 0.05:  # the first run pays onnxruntime's warm-up: time a second one
         started = time.perf_counter()
         runner.run()
         run_seconds = min(run_seconds, time.perf_counter() - started)
-    baseline = top1_accuracy(reference, labels) if labels is not None else None
+    return reference, run_seconds
 
-    search_options = _search_options(options, len(layers))
+
+def _layer_candidates(
+    model: onnx.ModelProto, layer: LayerSpec, stats, all_layers: Sequence[LayerSpec], options: CalibrationOptions,
+    search_options: CalibrationOptions, sparsities: Sequence[float], grid_bits: Sequence[int], seed: int,
+    runner: WeightSwapRunner, reference: Mapping[str, np.ndarray], per_layer: int | None,
+) -> tuple[list[Candidate], int]:
+    """Every grid point of one layer fitted on the original statistics, with its size and output error.
+
+    Returns the candidates and how many had their model-level effect measured (the others' is predicted).
+    """
+    weight = initializer_array(model, layer.weight)
+    bias = initializer_array(model, layer.bias) if layer.bias else None
+    target = layer_target(model, layer, stats, weight, bias, options, layers=all_layers)
+    fitter = LayerFitter(target, weight, search_options)
+    fitter.prepare([s for s in sparsities if s > 0])
     cheap = search_options != options
-    if search_options != options:
-        say("large model: candidates fitted with the cheap search recipe (activation-aware pruning, plain k-means); "
-            "the chosen configuration is fitted with the full recipe")
-    grid_points = max(len(sparsities) * len(bits_conv if layer.op == "Conv" else bits_fc) for layer in layers)
-    per_layer = _runs_per_layer(run_seconds, len(layers), grid_points)
-    if per_layer is not None:
-        say(f"one pass over the search data takes {run_seconds:.2f} s: the model-level effect of {per_layer} "
-            f"candidate(s) per layer is measured, the others' predicted from their layer errors")
-
-    candidates: dict[str, list[Candidate]] = {}
-    fits: dict[str, tuple[LayerSpec, LayerFitter]] = {}
-    for index, layer in enumerate(layers):
-        weight = initializer_array(model, layer.weight)
-        bias = initializer_array(model, layer.bias) if layer.bias else None
-        target = layer_target(model, layer, stats.pop(layer.weight), weight, bias, options, layers=all_layers)
-        fitter = LayerFitter(target, weight, search_options)
-        fitter.prepare([s for s in sparsities if s > 0])
-        fits[layer.weight] = (layer, fitter)
-        grid_bits = bits_conv if layer.op == "Conv" else bits_fc
-        found = []
-        replacements = []
-        for s in sparsities:
-            for b in grid_bits:
-                fit = fitter.fit(s, int(b), seed=seed)
-                tensor, new_bias = fitter.tensor(
-                    fit, LayerSettings(sparsity=s, bits=int(b), index_bits=None, seed=seed), exhaustive=not cheap
-                )
-                replacement = {layer.weight: tensor.quantized}
-                if new_bias is not None and bias is not None:
-                    new_bias = new_bias.reshape(bias.shape).astype(bias.dtype)
-                    replacement[layer.bias] = new_bias  # type: ignore[index]
-                replacements.append(replacement)
-                found.append(
-                    Candidate(
-                        s, int(b), tensor.size_bytes, math.nan,
-                        target.problem.relative_error(layer.to_blocks(tensor.quantized)),
-                        tensor.quantized, new_bias, tensor.settings.index_bits,
-                    )
-                )
-        measured = _measured_indices([c.layer_error for c in found], per_layer)
-        for i in measured:
-            found[i].output_error = compare_outputs(reference, runner.run(replacements[i])).relative_error
-        _predict_output_errors(found, measured)
-        candidates[layer.weight] = found
-        say(f"layer {index + 1}/{len(layers)} {layer.weight}: {len(found)} candidates ({len(measured)} measured)")
-
-    path = _allocation_path({name: _hull(c) for name, c in candidates.items()})
-    full_length = len(path)
-    path = _thin_path(path, _max_path_checks(run_seconds))
-    say(f"search path of {full_length} configurations, {len(path)} of them checked")
-
-    def assembled(config: Mapping[str, Candidate]) -> OutputMetrics:
-        replacement: dict[str, np.ndarray] = {}
-        for name, cand in config.items():
-            layer = fits[name][0]
-            replacement[name] = cand.weight
-            if cand.bias is not None and layer.bias is not None:
-                replacement[layer.bias] = cand.bias
-        return compare_outputs(reference, runner.run(replacement), labels)
-
-    say(f"checking the budget along the path ({len(path)} configurations, one pass over the search data each)")
-    checked = [assembled(config) for config in path]
-    if not budget.met(checked[0], baseline):
-        raise CalibrationError(
-            f"the budget ({budget.describe()}) cannot be met by any setting of the search grid: the least compressed "
-            f"configuration gives {_describe_metrics(checked[0], baseline)} on {description}"
-        )
-    best = _robust_choice(checked, budget, baseline, n_samples=search.n_samples, drop_margin_se=drop_margin_se)
-    say(f"assembled configuration {best}/{len(path) - 1} meets the budget: {_describe_metrics(checked[best], baseline)}")
-
-    path_settings = [
-        {name: LayerSettings(sparsity=c.sparsity, bits=c.bits, index_bits=None, seed=seed) for name, c in config.items()}
-        for config in path
-    ]
-
-    def final(i: int) -> tuple[dict[str, LayerSettings], CalibratedCompression, Any, onnx.ModelProto, str | None, OutputMetrics]:
-        chosen = dict(path_settings[i])
-        compression = compress_with_calibration(model, calibration, {**fixed, **chosen}, options)
-        kept, runnable, library = build(compression)
-        outputs = run_model(runnable, search, batch_size=options.batch_size, library=library)
-        metrics = compare_outputs(reference, {k: outputs[k] for k in reference}, labels)
-        say(f"final model for configuration {i}: {_describe_metrics(metrics, baseline)}")
-        return chosen, compression, kept, runnable, library, metrics
-
-    results = {best: final(best)}
-    if forward_steps is None:
-        forward_steps = STEP_FORWARD if len(layers) <= MANY_LAYERS else 0
-    if budget.met(results[best][5], baseline) and forward_steps > 0 and best < len(path) - 1:
-        # The assembled configurations fit every layer to the original model's inputs; the real
-        # (sequential) compression corrects upstream errors and usually measures better, so the next
-        # configurations of the path may meet the budget too once compressed for real.
-        def real_metrics(i: int) -> OutputMetrics:
-            if i not in results:
-                results[i] = final(i)
-            return results[i][5]
-
-        best = _step_forward(
-            real_metrics, best, min(len(path) - 1, best + forward_steps), budget, baseline,
-            n_samples=search.n_samples, drop_margin_se=drop_margin_se,
-        )
-        say(f"configuration {best} chosen after compressing the next ones for real")
-    if not budget.met(results[best][5], baseline):
-        # The real (e.g. sequential) compression misses what the assembled one met: step back.
-        def real_passes(i: int) -> bool:
-            if i not in results:
-                results[i] = final(i)
-            return budget.met(results[i][5], baseline)
-
-        best = _step_back(real_passes, best)
-    chosen, compression, kept, runnable, library, metrics = results[best]
-    choices = []
-    for layer in layers:
-        r = compression.results[layer.weight]
-        choices.append(
-            LayerChoice(
-                layer.weight, layer.op, tuple(layer.weight_shape), r.settings.sparsity, r.settings.bits,
-                r.tensor.settings.index_bits, r.tensor.size_bytes, r.tensor.original_size_bytes,
-                r.criterion, r.relative_error,
+    found: list[Candidate] = []
+    replacements: list[dict[str, np.ndarray]] = []
+    for s in sparsities:
+        for b in grid_bits:
+            fit = fitter.fit(s, int(b), seed=seed)
+            tensor, new_bias = fitter.tensor(
+                fit, LayerSettings(sparsity=s, bits=int(b), index_bits=None, seed=seed), exhaustive=not cheap
             )
-        )
-    return AutotuneResult(
-        settings=chosen,
-        choices=choices,
-        compression=compression,
-        built=kept,
-        metrics=metrics,
-        budget=budget,
-        baseline_accuracy=baseline,
-        budget_met=budget.met(metrics, baseline),
-        predicted=checked[best] if best < len(checked) else None,
-        search_description=description,
-        n_search_samples=search.n_samples,
-        n_fit_samples=calibration.n_samples,
-        verified_with="onnx-dc custom operator library" if library else "decompressed model (standard operators)",
-        path_length=full_length,
-        path=path_settings,
-        chosen_index=best,
-        steps=log,
+            replacement = {layer.weight: tensor.quantized}
+            if new_bias is not None and bias is not None:
+                new_bias = new_bias.reshape(bias.shape).astype(bias.dtype)
+                replacement[layer.bias] = new_bias  # type: ignore[index]
+            replacements.append(replacement)
+            found.append(
+                Candidate(
+                    s, int(b), tensor.size_bytes, math.nan,
+                    target.problem.relative_error(layer.to_blocks(tensor.quantized)),
+                    tensor.quantized, new_bias, tensor.settings.index_bits,
+                )
+            )
+    measured = _measured_indices([c.layer_error for c in found], per_layer)
+    for i in measured:
+        found[i].output_error = compare_outputs(reference, runner.run(replacements[i])).relative_error
+    _predict_output_errors(found, measured)
+    return found, len(measured)
+
+
+def _assembled_metrics(
+    config: Mapping[str, Candidate], biases: Mapping[str, str | None], runner: WeightSwapRunner,
+    reference: Mapping[str, np.ndarray], labels: np.ndarray | None,
+) -> OutputMetrics:
+    """The model with every layer of ``config`` at its candidate (fitted on the original inputs), on the search data."""
+    replacement: dict[str, np.ndarray] = {}
+    for name, cand in config.items():
+        replacement[name] = cand.weight
+        if cand.bias is not None and biases[name] is not None:
+            replacement[biases[name]] = cand.bias
+    return compare_outputs(reference, runner.run(replacement), labels)
+
+
+@dataclass
+class _FinalModel:
+    """One path configuration compressed for real (the full recipe, sequential when asked) and run end to end."""
+
+    settings: dict[str, LayerSettings]
+    compression: CalibratedCompression
+    kept: Any
+    library: str | None
+    metrics: OutputMetrics
+
+
+class _FinalModels:
+    """Path configurations compressed for real on demand, each once; and the walk along the path with them."""
+
+    def __init__(self, model, calibration, fixed, path_settings, options, build, search, reference, labels, baseline, say):
+        self.model, self.calibration, self.fixed = model, calibration, fixed
+        self.path_settings, self.options, self.build = path_settings, options, build
+        self.search, self.reference, self.labels, self.baseline, self.say = search, reference, labels, baseline, say
+        self.results: dict[int, _FinalModel] = {}
+
+    def get(self, i: int) -> _FinalModel:
+        """Configuration ``i`` compressed, converted and measured (cached)."""
+        if i not in self.results:
+            chosen = dict(self.path_settings[i])
+            compression = compress_with_calibration(self.model, self.calibration, {**self.fixed, **chosen}, self.options)
+            kept, runnable, library = self.build(compression)
+            outputs = run_model(runnable, self.search, batch_size=self.options.batch_size, library=library)
+            metrics = compare_outputs(self.reference, {k: outputs[k] for k in self.reference}, self.labels)
+            self.say(f"final model for configuration {i}: {_describe_metrics(metrics, self.baseline)}")
+            self.results[i] = _FinalModel(chosen, compression, kept, library, metrics)
+        return self.results[i]
+
+    def refine(self, best: int, budget: Budget, forward_steps: int, drop_margin_se: float) -> int:
+        """The configuration returned: ``best`` compressed for real, then stepped forward or back along the path."""
+        last = len(self.path_settings) - 1
+        if budget.met(self.get(best).metrics, self.baseline) and forward_steps > 0 and best < last:
+            # The assembled configurations fit every layer to the original model's inputs; the real
+            # (sequential) compression corrects upstream errors and usually measures better, so the next
+            # configurations of the path may meet the budget too once compressed for real.
+            best = _step_forward(
+                lambda i: self.get(i).metrics, best, min(last, best + forward_steps), budget, self.baseline,
+                n_samples=self.search.n_samples, drop_margin_se=drop_margin_se,
+            )
+            self.say(f"configuration {best} chosen after compressing the next ones for real")
+        if not budget.met(self.results[best].metrics, self.baseline):
+            # The real (e.g. sequential) compression misses what the assembled one met: step back.
+            best = _step_back(lambda i: budget.met(self.get(i).metrics, self.baseline), best)
+        return best
+
+
+def _layer_choice(layer: LayerSpec, compression: CalibratedCompression) -> LayerChoice:
+    r = compression.results[layer.weight]
+    return LayerChoice(
+        layer.weight, layer.op, tuple(layer.weight_shape), r.settings.sparsity, r.settings.bits,
+        r.tensor.settings.index_bits, r.tensor.size_bytes, r.tensor.original_size_bytes, r.criterion, r.relative_error,
     )
 
 

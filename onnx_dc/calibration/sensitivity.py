@@ -41,12 +41,7 @@ import onnx
 from onnx_dc.calibration.capture import capture_statistics
 from onnx_dc.calibration.data import CalibrationData
 from onnx_dc.calibration.layers import LayerSpec, find_layers
-from onnx_dc.calibration.metrics import (
-    OutputMetrics,
-    _json_float,
-    compare_outputs,
-    top1_accuracy,
-)
+from onnx_dc.calibration.metrics import OutputMetrics, _json_float, compare_outputs, top1_accuracy
 from onnx_dc.calibration.model_fit import LayerFitter, initializer_array
 from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
 from onnx_dc.calibration.targets import layer_target

@@ -17,13 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnx_dc.calibration.capture import (
-    LayerStatistics,
-)
-from onnx_dc.calibration.layer_problem import (
-    DEFAULT_DAMPING,
-    LayerProblem,
-)
+from onnx_dc.calibration.capture import LayerStatistics
+from onnx_dc.calibration.layer_problem import DEFAULT_DAMPING, LayerProblem
 from onnx_dc.calibration.layers import LayerSpec, find_layers
 from onnx_dc.calibration.options import CalibrationOptions
 from onnx_dc.graph.model_io import initializer_array

@@ -1,5 +1,4 @@
-"""One onnxruntime session whose chosen weights are inputs: candidates run without rebuilding the model.
-"""
+"""One onnxruntime session whose chosen weights are inputs: candidates run without rebuilding the model."""
 
 from __future__ import annotations
 

@@ -13,11 +13,7 @@ docs/FORMAT.md), :mod:`~onnx_dc.codec.tensor` (one tensor through every stage) a
 from __future__ import annotations
 
 from onnx_dc.codec.container import ContainerInfo, encode_container
-from onnx_dc.codec.container_reader import (
-    decode_container,
-    decode_container_codes,
-    read_container_info,
-)
+from onnx_dc.codec.container_reader import decode_container, decode_container_codes, read_container_info
 from onnx_dc.codec.tensor import CompressedTensor, TensorSettings, compress_tensor
 
 __all__ = [

@@ -26,14 +26,8 @@ import ml_dtypes
 import numpy as np
 
 from onnx_dc.codec import relative_indices
-from onnx_dc.codec.bitstream import (
-    pack_values,
-    packed_size_bytes,
-)
-from onnx_dc.codec.huffman import (
-    MAX_CODE_LENGTH,
-    HuffmanCode,
-)
+from onnx_dc.codec.bitstream import pack_values, packed_size_bytes
+from onnx_dc.codec.huffman import MAX_CODE_LENGTH, HuffmanCode
 from onnx_dc.errors import InvalidTensorError, SettingsError
 
 MAGIC = b"ODCT"

@@ -13,11 +13,7 @@ import zlib
 import numpy as np
 
 from onnx_dc.codec import relative_indices
-from onnx_dc.codec.container import (
-    HEADER_SIZE_BYTES,
-    STREAM_DESCRIPTOR_FIXED_BYTES,
-    _container_from_symbols,
-)
+from onnx_dc.codec.container import HEADER_SIZE_BYTES, STREAM_DESCRIPTOR_FIXED_BYTES, _container_from_symbols
 from onnx_dc.codec.container_reader import decode_container, decode_container_symbols
 
 # ---------------------------------------------------------------------------- worked example

@@ -17,11 +17,7 @@ import zlib
 import numpy as np
 
 from onnx_dc.codec import relative_indices
-from onnx_dc.codec.bitstream import (
-    packed_size_bytes,
-    padding_bits_are_zero,
-    unpack_fixed_width,
-)
+from onnx_dc.codec.bitstream import packed_size_bytes, padding_bits_are_zero, unpack_fixed_width
 from onnx_dc.codec.container import (
     _BITS_DTYPE,
     _CODE_TO_DTYPE,
@@ -45,11 +41,7 @@ from onnx_dc.codec.container import (
     StreamInfo,
     _product,
 )
-from onnx_dc.codec.huffman import (
-    ChunkedStream,
-    HuffmanCode,
-    decode_chunked_streams,
-)
+from onnx_dc.codec.huffman import ChunkedStream, HuffmanCode, decode_chunked_streams
 from onnx_dc.errors import ContainerError
 
 

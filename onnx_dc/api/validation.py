@@ -24,13 +24,7 @@ import onnx
 from onnx import helper
 
 from onnx_dc.calibration.data import input_specs
-from onnx_dc.errors import (
-    CalibrationError,
-    LibraryNotFoundError,
-    ModelError,
-    OnnxDcError,
-    first_line,
-)
+from onnx_dc.errors import CalibrationError, LibraryNotFoundError, ModelError, OnnxDcError, first_line
 from onnx_dc.graph import model_io
 from onnx_dc.graph.model_io import save_model, tensor_bytes
 from onnx_dc.graph.restore import decompress_model, has_custom_ops
