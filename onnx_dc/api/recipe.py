@@ -378,9 +378,12 @@ def _rules_from_json(setting: str, value: Any) -> Rules:
 
 
 def _rules_to_text(rules: Rules) -> str:
+    def text(value: RuleValue) -> str:
+        return "none" if value is None else str(value)
+
     if len(rules) == 1 and rules[0][0] is None:
-        return str(rules[0][1])
-    return ",".join(f"{'*' if k is None else k}={v}" for k, v in rules)
+        return text(rules[0][1])
+    return ",".join(f"{'*' if k is None else k}={text(v)}" for k, v in rules)
 
 
 def _number(value: Any, flag: str, kind: type) -> Any:
