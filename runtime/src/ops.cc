@@ -19,6 +19,7 @@
 
 #include "container.h"
 #include "conv.h"
+#include "gemm.h"
 #include "onnxruntime_c_api.h"
 #include "sparse_matmul.h"
 
@@ -305,6 +306,14 @@ std::string OrtParallelFor(void* runner, size_t total, void (*fn)(void*, size_t)
 
 // ------------------------------------------------------------ DCMatMul
 
+// A DCMatMul weight: code panels (most weights kept) or the index layout.
+struct MatMulWeights {
+  uint64_t in_features = 0;
+  uint64_t out_features = 0;
+  std::unique_ptr<PanelWeights> panels;
+  std::unique_ptr<SparseWeights> sparse;
+};
+
 class MatMulKernel {
  public:
   MatMulKernel(const OrtApi* api, InputLabel label) : api_(api), label_(std::move(label)) {}
@@ -318,9 +327,20 @@ class MatMulKernel {
     order_ = sparse_input ? SparseOrder::kRows : SparseOrder::kColumns;
     ReadFloatAttribute(info, "alpha", &alpha_);
     ReadFloatAttribute(info, "beta", &beta_);
+    const std::string activation = ReadName(
+        api_, [&](char* out, size_t* size) { return api_->KernelInfoGetAttribute_string(info, "activation", out, size); });
+    if (!ParseActivation(activation, &activation_))
+      return MakeStatus(api_, ORT_INVALID_ARGUMENT,
+                        label_.Prefix() + "attribute activation must be \"none\", \"relu\", \"gelu\" or \"gelu_tanh\", got \"" +
+                            activation + "\"");
+    if (relu_ && activation_ != Activation::kNone && activation_ != Activation::kRelu)
+      return MakeStatus(api_, ORT_INVALID_ARGUMENT,
+                        label_.Prefix() + "relu = 1 contradicts activation \"" + activation + "\"");
+    if (relu_) activation_ = Activation::kRelu;
     isa_ = DetectKernelIsa();
+    gemm_isa_ = DetectGemmIsa();
 
-    auto decode = [this](const uint8_t* d, size_t n, SparseWeights* w) { return Decode(d, n, w); };
+    auto decode = [this](const uint8_t* d, size_t n, MatMulWeights* w) { return Decode(d, n, w); };
     status = DecodeConstantContainer(api_, info, label_, 1, decode, &weights_);
     if (status != nullptr || weights_ == nullptr) return status;
     CacheConstantBias(info);
@@ -337,9 +357,9 @@ class MatMulKernel {
     uint64_t x_count = 0;
     if (x_dims.empty() || !ElementCount(x_dims, &x_count)) return Fail("input X must have rank >= 1, got shape " + ShapeString(x_dims));
 
-    const SparseWeights* weights = nullptr;
-    SparseWeights per_call;
-    auto decode = [this](const uint8_t* d, size_t n, SparseWeights* w) { return Decode(d, n, w); };
+    const MatMulWeights* weights = nullptr;
+    MatMulWeights per_call;
+    auto decode = [this](const uint8_t* d, size_t n, MatMulWeights* w) { return Decode(d, n, w); };
     error = WeightsForRun(api_, context, weights_.get(), decode, &per_call, &weights);
     if (!error.empty()) return Fail(error);
 
@@ -378,7 +398,24 @@ class MatMulKernel {
     if (status != nullptr) return status;
 
     OrtRunner runner{api_, context};
-    error = SparseMatMul(*weights, args, isa_, &OrtParallelFor, &runner);
+    if (weights->panels) {
+      GemmArgs gemm;
+      gemm.x = args.x;
+      gemm.y = args.y;
+      gemm.rows = args.rows;
+      gemm.alpha = args.alpha;
+      gemm.beta = args.beta;
+      gemm.activation = activation_;
+      gemm.bias = args.bias;
+      gemm.bias_size = args.bias_size;
+      error = PanelGemm(*weights->panels, gemm, gemm_isa_, &OrtParallelFor, &runner);
+    } else {
+      args.relu = activation_ == Activation::kRelu;
+      error = SparseMatMul(*weights->sparse, args, isa_, &OrtParallelFor, &runner);
+      // The index-layout kernels fuse only Relu; GELU is a pass over Y.
+      if (error.empty() && activation_ != Activation::kNone && activation_ != Activation::kRelu)
+        ApplyActivation(args.y, args.rows * weights->out_features, activation_, gemm_isa_);
+    }
     if (!error.empty()) return Fail(error);
     return nullptr;
   }
@@ -411,12 +448,33 @@ class MatMulKernel {
     *value = v;
   }
 
-  std::string Decode(const uint8_t* data, size_t size, SparseWeights* weights) const {
+  std::string Decode(const uint8_t* data, size_t size, MatMulWeights* weights) const {
     DecodedContainer decoded;
     std::string error;
     if (!DecodeContainer(data, size, DecodeOptions(), &decoded, &error)) return error;
-    if (!BuildSparseWeights(decoded, trans_b_, order_, weights, &error)) return error;
+    if (UsePanels(decoded)) {
+      weights->panels.reset(new PanelWeights);
+      if (!BuildPanelWeights(decoded, trans_b_, gemm_isa_, weights->panels.get(), &error)) return error;
+      weights->in_features = weights->panels->in_features;
+      weights->out_features = weights->panels->out_features;
+    } else {
+      weights->sparse.reset(new SparseWeights);
+      if (!BuildSparseWeights(decoded, trans_b_, order_, weights->sparse.get(), &error)) return error;
+      weights->in_features = weights->sparse->in_features;
+      weights->out_features = weights->sparse->out_features;
+    }
     return std::string();
+  }
+
+  // Code panels for weights with at least kPanelKeptFraction of their values
+  // kept (and an index for 0 when some are pruned); the index layout otherwise.
+  static bool UsePanels(const DecodedContainer& decoded) {
+    const ContainerInfo& info = decoded.info;
+    if (info.dtype != DType::kFloat32 || info.dims.size() != 2 || info.numel == 0) return false;
+    if (!PanelsPossible(decoded)) return false;
+    uint64_t kept = 0;
+    for (uint16_t c : decoded.codes) kept += (c != info.codebook_size);
+    return static_cast<double>(kept) >= kPanelKeptFraction * static_cast<double>(info.numel);
   }
 
   // Gemm's C broadcast per column: shape [N], [1, N], [1], [1, 1] or [].
@@ -477,11 +535,13 @@ class MatMulKernel {
   float alpha_ = 1.0f;
   float beta_ = 1.0f;
   bool relu_ = false;
+  Activation activation_ = Activation::kNone;
+  GemmIsa gemm_isa_ = GemmIsa::kGeneric;
   SparseOrder order_ = SparseOrder::kColumns;
   bool bias_cached_ = false;  // cached_bias_ holds the bias (or none): Compute does not read input 2
   MatMulArgs cached_bias_;    // only bias and bias_size are used
   KernelIsa isa_ = KernelIsa::kGeneric;
-  std::unique_ptr<SparseWeights> weights_;  // null: the container is not constant
+  std::unique_ptr<MatMulWeights> weights_;  // null: the container is not constant
 };
 
 // ------------------------------------------------------------ DCConv
