@@ -254,7 +254,9 @@ std::string PanelGemm(const PanelWeights& weights, const GemmArgs& args, GemmIsa
   run.tile_rows = PanelTileRows(isa);
   const uint64_t tiles = (args.rows + run.tile_rows - 1) / run.tile_rows;
   std::vector<float> packed;
-  if (weights.in_features > 0) {
+  // The AVX-512 kernels read X in place for tasks of at most 3 rows (gemm_kernels_avx512.cc: kFewRows).
+  const bool few_rows = isa >= GemmIsa::kAvx512 && args.rows <= 3;
+  if (weights.in_features > 0 && !few_rows) {
     // tiles * tile_rows * K floats: at most (rows + 11) * K, X's own size plus 11 rows.
     packed.resize(static_cast<size_t>(tiles * run.tile_rows * weights.in_features));
     run.packed = packed.data();

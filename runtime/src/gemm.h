@@ -77,7 +77,13 @@ bool BuildPanelWeights(const DecodedContainer& decoded, bool trans_b, GemmIsa is
 
 // Weights with at least this fraction of their values kept are held as code
 // panels (when possible), the others in the index layout of sparse_matmul.h.
+// A build can move it (-DONNX_DC_PANEL_KEPT_FRACTION=2 forces the index
+// layout, 0 the panels) to measure the crossover.
+#ifdef ONNX_DC_PANEL_KEPT_FRACTION
+constexpr double kPanelKeptFraction = ONNX_DC_PANEL_KEPT_FRACTION;
+#else
 constexpr double kPanelKeptFraction = 0.25;
+#endif
 
 // Which micro-kernels the panel GEMM uses (chosen once per kernel from CPUID).
 // kAvx512Vbmi: AVX-512 with VBMI byte permutes (8-bit codebooks decode with

@@ -171,9 +171,191 @@ void MultiplyTile(const float* a, const float* b, unsigned kc, unsigned rows, fl
   }
 }
 
+// Tasks of at most this many rows (one to three rows of X: batch 1 and small
+// batches) decode each panel row in registers and multiply it right away,
+// with no decoded block in memory: there the decode is most of the work.
+constexpr uint64_t kFewRows = 3;
+
+// Register decoders for one panel row (32 indices -> two vectors) or, in
+// byte-plane order, two rows at once (64 indices -> four vectors).
+struct Decode16 {
+  __m512 t0;
+  explicit Decode16(const float* cb) : t0(_mm512_loadu_ps(cb)) {}
+  __m512 operator()(__m512i idx) const { return _mm512_permutexvar_ps(idx, t0); }
+};
+struct Decode32 {
+  __m512 t0, t1;
+  explicit Decode32(const float* cb) : t0(_mm512_loadu_ps(cb)), t1(_mm512_loadu_ps(cb + 16)) {}
+  __m512 operator()(__m512i idx) const { return _mm512_permutex2var_ps(t0, idx, t1); }
+};
+struct Decode64 {
+  __m512 t0, t1, t2, t3;
+  explicit Decode64(const float* cb)
+      : t0(_mm512_loadu_ps(cb)), t1(_mm512_loadu_ps(cb + 16)), t2(_mm512_loadu_ps(cb + 32)),
+        t3(_mm512_loadu_ps(cb + 48)) {}
+  __m512 operator()(__m512i idx) const {
+    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), _mm512_permutex2var_ps(t0, idx, t1),
+                                _mm512_permutex2var_ps(t2, idx, t3));
+  }
+};
+struct Decode256 {
+  __m512 t[16];
+  explicit Decode256(const float* cb) {
+    for (unsigned j = 0; j < 16; ++j) t[j] = _mm512_loadu_ps(cb + 16 * j);
+  }
+  __m512 operator()(__m512i idx) const {
+    const __mmask16 m5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+    const __mmask16 m6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+    const __mmask16 m7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+    __m512 q[4];
+    for (unsigned j = 0; j < 4; ++j)
+      q[j] = _mm512_mask_blend_ps(m5, _mm512_permutex2var_ps(t[4 * j], idx, t[4 * j + 1]),
+                                  _mm512_permutex2var_ps(t[4 * j + 2], idx, t[4 * j + 3]));
+    return _mm512_mask_blend_ps(m7, _mm512_mask_blend_ps(m6, q[0], q[1]), _mm512_mask_blend_ps(m6, q[2], q[3]));
+  }
+};
+
+inline __m512i Indices16(const uint8_t* codes) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+}
+
+// acc[r] += x[r][k] * (v0, v1) for the rows of a few-row task.
+template <unsigned kRows>
+__attribute__((always_inline)) inline void Accumulate(__m512 (&acc)[kRows][2], const float* const* x, uint64_t k,
+                                                      __m512 v0, __m512 v1) {
+  for (unsigned r = 0; r < kRows; ++r) {
+    const __m512 a = _mm512_set1_ps(x[r][k]);
+    acc[r][0] = _mm512_fmadd_ps(a, v0, acc[r][0]);
+    acc[r][1] = _mm512_fmadd_ps(a, v1, acc[r][1]);
+  }
+}
+
+template <unsigned kRows>
+__attribute__((always_inline)) inline void StoreFewRows(const PanelTask& task, __m512 (&even)[kRows][2],
+                                                        __m512 (&odd)[kRows][2]);
+
+// Natural order, one row per step, two accumulator sets (even / odd k) to
+// cover the multiply-add latency.
+template <unsigned kRows, typename Decoder>
+void FewRowsNatural(const PanelTask& task, const Decoder& decode) {
+  const PanelWeights& w = *task.weights;
+  const uint64_t k_count = w.in_features;
+  const uint8_t* codes = w.codes.data() + task.panel * k_count * kPanelColumns;
+  const float* x[kRows];
+  for (unsigned r = 0; r < kRows; ++r) x[r] = task.args->x + (task.first_row + r) * k_count;
+  __m512 even[kRows][2], odd[kRows][2];
+  for (unsigned r = 0; r < kRows; ++r) even[r][0] = even[r][1] = odd[r][0] = odd[r][1] = _mm512_setzero_ps();
+  uint64_t k = 0;
+  for (; k + 2 <= k_count; k += 2) {
+    const uint8_t* c = codes + k * kPanelColumns;
+    Accumulate<kRows>(even, x, k, decode(Indices16(c)), decode(Indices16(c + 16)));
+    Accumulate<kRows>(odd, x, k + 1, decode(Indices16(c + 32)), decode(Indices16(c + 48)));
+  }
+  if (k < k_count) {
+    const uint8_t* c = codes + k * kPanelColumns;
+    Accumulate<kRows>(even, x, k, decode(Indices16(c)), decode(Indices16(c + 16)));
+  }
+  StoreFewRows<kRows>(task, even, odd);
+}
+
+// Byte-plane order (8-bit codebooks with VBMI): two rows per step.
+template <unsigned kRows>
+__attribute__((target("avx512vbmi"))) void FewRowsPlanes(const PanelTask& task) {
+  const PanelWeights& w = *task.weights;
+  const uint64_t k_count = w.in_features;
+  const uint64_t k_rows = (k_count + 1) / 2 * 2;
+  const uint8_t* codes = w.codes.data() + task.panel * k_rows * kPanelColumns;
+  alignas(64) uint8_t planes[4][256];
+  for (unsigned i = 0; i < 256; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, w.codebook.data() + i, sizeof(bits));
+    for (unsigned p = 0; p < 4; ++p) planes[p][i] = static_cast<uint8_t>(bits >> (8 * p));
+  }
+  __m512i t[4][4];
+  for (unsigned p = 0; p < 4; ++p) {
+    for (unsigned j = 0; j < 4; ++j) t[p][j] = _mm512_load_si512(planes[p] + 64 * j);
+  }
+  const float* x[kRows];
+  for (unsigned r = 0; r < kRows; ++r) x[r] = task.args->x + (task.first_row + r) * k_count;
+  __m512 even[kRows][2], odd[kRows][2];
+  for (unsigned r = 0; r < kRows; ++r) even[r][0] = even[r][1] = odd[r][0] = odd[r][1] = _mm512_setzero_ps();
+  for (uint64_t k = 0; k < k_count; k += 2) {
+    const __m512i idx = _mm512_loadu_si512(codes + k * kPanelColumns);
+    const __mmask64 high = _mm512_movepi8_mask(idx);
+    __m512i plane[4];
+    for (unsigned p = 0; p < 4; ++p) {
+      plane[p] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(t[p][0], idx, t[p][1]),
+                                        _mm512_permutex2var_epi8(t[p][2], idx, t[p][3]));
+    }
+    const __m512i lo01 = _mm512_unpacklo_epi8(plane[0], plane[1]), hi01 = _mm512_unpackhi_epi8(plane[0], plane[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(plane[2], plane[3]), hi23 = _mm512_unpackhi_epi8(plane[2], plane[3]);
+    Accumulate<kRows>(even, x, k, _mm512_castsi512_ps(_mm512_unpacklo_epi16(lo01, lo23)),
+                      _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo01, lo23)));
+    if (k + 1 < k_count)
+      Accumulate<kRows>(odd, x, k + 1, _mm512_castsi512_ps(_mm512_unpacklo_epi16(hi01, hi23)),
+                        _mm512_castsi512_ps(_mm512_unpackhi_epi16(hi01, hi23)));
+  }
+  StoreFewRows<kRows>(task, even, odd);
+}
+
+template <unsigned kRows>
+void FewRowsTyped(const PanelTask& task) {
+  const PanelWeights& w = *task.weights;
+  const float* cb = w.codebook.data();
+  if (w.plane_order) {
+    FewRowsPlanes<kRows>(task);
+  } else if (w.code_limit <= 16) {
+    FewRowsNatural<kRows>(task, Decode16(cb));
+  } else if (w.code_limit <= 32) {
+    FewRowsNatural<kRows>(task, Decode32(cb));
+  } else if (w.code_limit <= 64) {
+    FewRowsNatural<kRows>(task, Decode64(cb));
+  } else {
+    FewRowsNatural<kRows>(task, Decode256(cb));
+  }
+}
+
+void RunFewRows(const PanelTask& task);
+
 }  // namespace
 
+#define ONNX_DC_GEMM_FEW_ROWS 1
 #include "gemm_kernels_impl.h"
+
+namespace {
+
+template <unsigned kRows>
+__attribute__((always_inline)) inline void StoreFewRows(const PanelTask& task, __m512 (&even)[kRows][2],
+                                                        __m512 (&odd)[kRows][2]) {
+  const GemmArgs& args = *task.args;
+  const uint64_t n_count = task.weights->out_features;
+  const uint64_t first_column = task.panel * kPanelColumns;
+  const unsigned columns = static_cast<unsigned>(std::min<uint64_t>(kPanelColumns, n_count - first_column));
+  const __mmask16 m0 = columns >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << columns) - 1);
+  const __mmask16 m1 = columns >= 32 ? 0xFFFF : columns <= 16 ? 0 : static_cast<__mmask16>((1u << (columns - 16)) - 1);
+  for (unsigned r = 0; r < kRows; ++r) {
+    float* y = args.y + (task.first_row + r) * n_count + first_column;
+    _mm512_mask_storeu_ps(y, m0, _mm512_add_ps(even[r][0], odd[r][0]));
+    _mm512_mask_storeu_ps(y + 16, m1, _mm512_add_ps(even[r][1], odd[r][1]));
+    if (gemm_detail::NeedsEpilogue(args)) gemm_detail::ApplyEpilogue(y, first_column, columns, args);
+  }
+}
+
+void RunFewRows(const PanelTask& task) {
+  switch (task.end_row - task.first_row) {
+    case 1:
+      FewRowsTyped<1>(task);
+      break;
+    case 2:
+      FewRowsTyped<2>(task);
+      break;
+    default:
+      FewRowsTyped<3>(task);
+      break;
+  }
+}
+
+}  // namespace
 
 void RunPanelTaskVbmi(const PanelTask& task) {
   gemm_detail::RunPanelTaskWith(task, [](const uint8_t* codes, unsigned kc, const PanelWeights& w, float* block) {

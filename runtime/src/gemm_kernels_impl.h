@@ -115,6 +115,12 @@ namespace gemm_detail {
 // The task body; decode(codes, kc, weights, block) fills block[kc][32].
 template <typename Decode>
 __attribute__((always_inline)) inline void RunPanelTaskWith(const PanelTask& task, Decode decode) {
+#ifdef ONNX_DC_GEMM_FEW_ROWS
+  if (task.end_row - task.first_row <= kFewRows && task.weights->in_features > 0) {
+    RunFewRows(task);
+    return;
+  }
+#endif
   const PanelWeights& w = *task.weights;
   const GemmArgs& args = *task.args;
   const uint64_t k_count = w.in_features, n_count = w.out_features;
