@@ -72,7 +72,8 @@ void BuildCompactTensor(const DecodedContainer& decoded, CompactTensor* out) {
   t.row_size = t.rows == 0 ? 0 : info.numel / t.rows;
   const uint32_t zero_symbol = info.codebook_size;
   t.table.assign(256 * t.itemsize, 0);
-  std::memcpy(t.table.data(), decoded.codebook.data(), size_t{info.codebook_size} * t.itemsize);
+  if (info.codebook_size > 0)
+    std::memcpy(t.table.data(), decoded.codebook.data(), size_t{info.codebook_size} * t.itemsize);
 
   uint64_t kept = 0;
   ForEachKept(decoded, [&](uint64_t, uint8_t) { ++kept; });
