@@ -155,6 +155,9 @@ bool BuildPanelWeights(const DecodedContainer& decoded, bool trans_b, GemmIsa is
     }
   }
   if (pruned || n_count % kPanelColumns != 0) limit = std::max<uint32_t>(limit, zero_code + 1);
+  // The decoders zero the lanes of index 16 (32) by its bit 4 (5) when it is
+  // the only index at or above 16 (32): that needs the zero index there.
+  if ((limit == 17 || limit == 33) && zero_code != limit - 1) limit = limit == 17 ? 32 : 64;
   w.code_limit = limit;
   w.plane_order = isa == GemmIsa::kAvx512Vbmi && limit > 64;
   const uint64_t k_rows = w.plane_order ? (k_count + 1) / 2 * 2 : k_count;  // even with plane order

@@ -25,7 +25,24 @@ constexpr unsigned kTileRows = 12;
 // some CPUs).
 void DecodeBlock(const uint8_t* codes, unsigned kc, const float* codebook, uint32_t limit, float* b) {
   const unsigned count = kc * kPanelColumns;  // a multiple of 16
-  if (limit <= 16) {
+  if (limit == 17) {
+    // 16 values and the zero index just past them (pruned weights): one
+    // permute, the index's bit 4 zeroing the lane.
+    const __m512 t0 = _mm512_loadu_ps(codebook);
+    const __m512i zero_bit = _mm512_set1_epi32(16);
+    for (unsigned i = 0; i < count; i += 16) {
+      const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
+      _mm512_store_ps(b + i, _mm512_maskz_permutexvar_ps(_mm512_testn_epi32_mask(idx, zero_bit), idx, t0));
+    }
+  } else if (limit == 33) {
+    // 32 values and the zero index: one two-table permute, bit 5 zeroing.
+    const __m512 t0 = _mm512_loadu_ps(codebook), t1 = _mm512_loadu_ps(codebook + 16);
+    const __m512i zero_bit = _mm512_set1_epi32(32);
+    for (unsigned i = 0; i < count; i += 16) {
+      const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
+      _mm512_store_ps(b + i, _mm512_maskz_permutex2var_ps(_mm512_testn_epi32_mask(idx, zero_bit), t0, idx, t1));
+    }
+  } else if (limit <= 16) {
     const __m512 t0 = _mm512_loadu_ps(codebook);
     for (unsigned i = 0; i < count; i += 16) {
       const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
@@ -183,6 +200,20 @@ struct Decode16 {
   explicit Decode16(const float* cb) : t0(_mm512_loadu_ps(cb)) {}
   __m512 operator()(__m512i idx) const { return _mm512_permutexvar_ps(idx, t0); }
 };
+struct Decode16Zero {  // 16 values and the zero index 16
+  __m512 t0;
+  explicit Decode16Zero(const float* cb) : t0(_mm512_loadu_ps(cb)) {}
+  __m512 operator()(__m512i idx) const {
+    return _mm512_maskz_permutexvar_ps(_mm512_testn_epi32_mask(idx, _mm512_set1_epi32(16)), idx, t0);
+  }
+};
+struct Decode32Zero {  // 32 values and the zero index 32
+  __m512 t0, t1;
+  explicit Decode32Zero(const float* cb) : t0(_mm512_loadu_ps(cb)), t1(_mm512_loadu_ps(cb + 16)) {}
+  __m512 operator()(__m512i idx) const {
+    return _mm512_maskz_permutex2var_ps(_mm512_testn_epi32_mask(idx, _mm512_set1_epi32(32)), t0, idx, t1);
+  }
+};
 struct Decode32 {
   __m512 t0, t1;
   explicit Decode32(const float* cb) : t0(_mm512_loadu_ps(cb)), t1(_mm512_loadu_ps(cb + 16)) {}
@@ -304,6 +335,10 @@ void FewRowsTyped(const PanelTask& task) {
   const float* cb = w.codebook.data();
   if (w.plane_order) {
     FewRowsPlanes<kRows>(task);
+  } else if (w.code_limit == 17) {
+    FewRowsNatural<kRows>(task, Decode16Zero(cb));
+  } else if (w.code_limit == 33) {
+    FewRowsNatural<kRows>(task, Decode32Zero(cb));
   } else if (w.code_limit <= 16) {
     FewRowsNatural<kRows>(task, Decode16(cb));
   } else if (w.code_limit <= 32) {
