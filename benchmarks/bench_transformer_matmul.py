@@ -15,7 +15,9 @@ One MatMul layer ``Y = X @ W`` (X ``[rows, K]`` Gaussian, W ``[K, N]`` Gaussian
   (``onnx_dc.tensor.compress_tensor``: magnitude pruning, k-means weight
   sharing, the container) and run by ``DCMatMul`` through the operator
   library: ``u8`` no pruning 8-bit codes, ``u6`` / ``u5`` no pruning 6 / 5-bit,
-  ``p50`` / ``p90`` 50 % / 90 % pruned 5-bit.
+  ``p50`` / ``p90`` 50 % / 90 % pruned 5-bit; ``u8x3`` / ``u5x3`` / ``p50x3``
+  the same with ``precision = "bf16x3"`` (AMX-BF16 tiles, three bfloat16
+  passes, on CPUs that have them; float elsewhere).
 
 Timing: for each (rows, shape, threads) every session is warmed up, then
 ``--rounds`` rounds visit the sessions in a fresh random order, each timing a
@@ -52,7 +54,9 @@ from onnx_dc.tensor import TensorSettings, compress_tensor  # noqa: E402
 
 SHAPES = ("384x384", "384x1536", "1536x384", "768x768", "768x3072", "3072x768")
 #: variant -> (sparsity, bits)
-VARIANTS = {"u8": (None, 8), "u6": (None, 6), "u5": (None, 5), "p50": (0.5, 5), "p90": (0.9, 5)}
+VARIANTS = {"u8": (None, 8), "u6": (None, 6), "u5": (None, 5), "p50": (0.5, 5), "p90": (0.9, 5),
+            "u8x3": (None, 8), "u5x3": (None, 5), "p50x3": (0.5, 5)}
+DEFAULT_VARIANTS = ("u8", "u6", "u5", "p50", "p90", "u8x3", "p50x3")
 
 
 def _model(node: onnx.NodeProto, initializers: list, k: int, n: int) -> onnx.ModelProto:
@@ -85,8 +89,9 @@ def int8_model(weight: np.ndarray) -> bytes:
         return target.read_bytes()
 
 
-def dc_model(container: bytes, k: int, n: int) -> onnx.ModelProto:
-    node = helper.make_node("DCMatMul", ["x", "w.dc"], ["y"], domain="ai.onnx_dc", name="fc")
+def dc_model(container: bytes, k: int, n: int, precision: str | None = None) -> onnx.ModelProto:
+    attributes = {} if precision is None else {"precision": precision}
+    node = helper.make_node("DCMatMul", ["x", "w.dc"], ["y"], domain="ai.onnx_dc", name="fc", **attributes)
     initializer = numpy_helper.from_array(np.frombuffer(container, dtype=np.uint8).copy(), "w.dc")
     return _model(node, [initializer], k, n)
 
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[64, 128, 512])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="KxN")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--min-block-ms", type=float, default=20.0)
@@ -136,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants:
             sparsity, bits = VARIANTS[variant]
             compressed = compress_tensor(weight, TensorSettings(bits=bits, sparsity=sparsity, seed=args.seed))
-            models[f"dc {variant}"] = (dc_model(compressed.container, k, n), decode_container(compressed.container))
+            precision = "bf16x3" if variant.endswith("x3") else None
+            models[f"dc {variant}"] = (dc_model(compressed.container, k, n, precision),
+                                       decode_container(compressed.container))
         for threads in args.threads:
             sessions = {name: session(model, threads, library if name.startswith("dc") else None)
                         for name, (model, _) in models.items()}

@@ -170,6 +170,57 @@ def test_full_eight_bit_codebook_with_pruning(library: str, isa: str, zero_in_co
         assert_matches_reference(session.run(None, {"x": x})[0], reference_matmul(x, dense))
 
 
+def _has_amx() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags and "avx512_bf16" in flags
+
+
+@pytest.mark.parametrize("bits,sparsity", [(2, 0.0), (5, 0.5), (6, 0.0), (8, 0.0), (8, 0.4)])
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_bf16x3_precision(library: str, bits: int, sparsity: float, trans_b: int) -> None:
+    """precision = "bf16x3": AMX tiles where the CPU has them (about 1e-5 of the largest output), float elsewhere."""
+    rng = np.random.default_rng(bits + trans_b)
+    for k, n in ((300, 45), (257, 64), (33, 31)):
+        container, dense = random_container(rng, (n, k) if trans_b else (k, n), sparsity=sparsity, bits=bits)
+        bias = rng.standard_normal(n).astype(np.float32)
+        for activation in ("none", "gelu"):
+            model = gemm_model(container, trans_b=trans_b, bias=bias, alpha=0.5, beta=2.0, activation=activation)
+            model.graph.node[0].attribute.append(helper.make_attribute("precision", "bf16x3"))
+            sessions = [make_session(model, library, threads=t) for t in (1, 2)]
+            for rows in (1, 16, 17, 64, 241):
+                x = random_activations(rng, (rows, k))
+                x[:, :2] *= 20  # outlier features, as transformer activations have
+                y1, y2 = (s.run(None, {"x": x})[0] for s in sessions)
+                assert np.array_equal(y1, y2)
+                reference = reference_matmul(x, dense, trans_b=trans_b, alpha=0.5, beta=2.0, bias=bias)
+                assert_matches_reference(y1, activate(reference, activation), rtol=4e-5 if _has_amx() else 2e-5)
+
+
+def test_bf16x3_rank_three_and_exactness_elsewhere(library: str) -> None:
+    rng = np.random.default_rng(12)
+    container, dense = random_container(rng, (96, 70), sparsity=0.0, bits=8)
+    model = gemm_model(container)
+    model.graph.node[0].attribute.append(helper.make_attribute("precision", "bf16x3"))
+    x = random_activations(rng, (2, 40, 96))
+    (y,) = make_session(model, library).run(None, {"x": x})
+    assert y.shape == (2, 40, 70)
+    assert_matches_reference(y, reference_matmul(x, dense), rtol=4e-5)
+    # Without the attribute (precision "float") the same session is exact to float rounding.
+    (y,) = make_session(gemm_model(container), library).run(None, {"x": x})
+    assert_matches_reference(y, reference_matmul(x, dense))
+
+
+def test_unknown_precision_fails_session_creation(library: str) -> None:
+    container, _ = random_container(np.random.default_rng(0), (8, 8), sparsity=0.0)
+    model = gemm_model(container)
+    model.graph.node[0].attribute.append(helper.make_attribute("precision", "int8"))
+    with pytest.raises(Exception, match='precision must be "float" or "bf16x3", got "int8"'):
+        make_session(model, library)
+
+
 def test_unknown_activation_fails_session_creation(library: str) -> None:
     container, _ = random_container(np.random.default_rng(0), (8, 8), sparsity=0.0)
     with pytest.raises(Exception, match='activation must be "none", "relu", "gelu" or "gelu_tanh", got "tanh"'):

@@ -381,6 +381,16 @@ def sanitizer_workload(library: str) -> None:
                     assert y.shape == (rows, n) and np.isfinite(y).all()
         finally:
             del os.environ["ONNX_DC_KERNEL_ISA"]
+    # precision = "bf16x3" (AMX tiles where the CPU has them): remainders in rows (16-row tiles, 240-row
+    # tasks), K (32-wide steps, 256-deep blocks) and N; 8-bit codes in byte-plane order and 5-bit with pruning.
+    for bits, sparsity, k, n in ((8, 0.0, 257, 45), (5, 0.5, 33, 70)):
+        container, dense = random_container(rng, (k, n), sparsity=sparsity, bits=bits)
+        model = matmul_model(container, bias=rng.standard_normal(n).astype(np.float32))
+        model.graph.node[0].attribute.append(_helper.make_attribute("precision", "bf16x3"))
+        session = make_session(model, library, threads=2)
+        for rows in (1, 17, 245):
+            (y,) = session.run(None, {"x": random_activations(rng, (rows, k))})
+            assert y.shape == (rows, n) and np.isfinite(y).all()
     # DCGather from every compact form, with negative and out-of-range indices.
     for sparsity in (0.0, 0.5, 0.95):
         container, table = random_container(rng, (70, 33), sparsity=sparsity, bits=6)

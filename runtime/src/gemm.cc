@@ -5,6 +5,14 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace onnx_dc {
 
 namespace {
@@ -59,7 +67,60 @@ float CodebookValue(const DecodedContainer& decoded, uint32_t i) {
   return v;
 }
 
+// bfloat16 bits of a finite float, rounded to nearest even.
+uint32_t BFloat16Bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+}
+
+float BFloat16Value(uint32_t bf16) {
+  const uint32_t bits = bf16 << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// AMX tasks: tiles of 16 rows, the product in bf16 passes.
+constexpr uint64_t kAmxTileRows = 16;
+// Below this many rows the float kernels are used (AMX tiles hold 16 rows).
+constexpr uint64_t kAmxMinRows = 16;
+
+void PackTileAmxTask(void* context, size_t index) {
+  const GemmRun& run = *static_cast<const GemmRun*>(context);
+  avx512::PackTileAmx(run.args->x, run.args->rows, run.weights->in_features, index,
+                      reinterpret_cast<uint16_t*>(run.packed));
+}
+
 }  // namespace
+
+// AMX-TILE, AMX-BF16 and AVX512-BF16 (CPUID leaf 7; not every compiler's
+// __builtin_cpu_supports knows them).
+bool HasAmxBf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool amx = (d & (1u << 24)) != 0 && (d & (1u << 22)) != 0;
+  if (!amx || a < 1) return false;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return (a & (1u << 5)) != 0;
+#else
+  return false;
+#endif
+}
+
+// Linux hands out the AMX tile state only to a process that asked for it
+// (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); asking again is a
+// no-op, and onnxruntime's own int8 kernels ask the same on these CPUs.
+bool RequestAmxPermission() {
+#if defined(__linux__) && defined(__x86_64__) && defined(SYS_arch_prctl)
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtileData = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtileData) == 0;
+#else
+  return false;
+#endif
+}
 
 bool ParseActivation(const std::string& name, Activation* out) {
   if (name.empty() || name == "none") {
@@ -159,7 +220,15 @@ bool BuildPanelWeights(const DecodedContainer& decoded, bool trans_b, GemmIsa is
   // the only index at or above 16 (32): that needs the zero index there.
   if ((limit == 17 || limit == 33) && zero_code != limit - 1) limit = limit == 17 ? 32 : 64;
   w.code_limit = limit;
-  w.plane_order = isa == GemmIsa::kAvx512Vbmi && limit > 64;
+  w.plane_order = isa >= GemmIsa::kAvx512Vbmi && limit > 64;
+  if (isa == GemmIsa::kAmx) {
+    w.split_codebook.resize(256);
+    for (unsigned i = 0; i < 256; ++i) {
+      const uint32_t hi = BFloat16Bits(w.codebook[i]);
+      const float rest = w.codebook[i] - BFloat16Value(hi);
+      w.split_codebook[i] = hi | (BFloat16Bits(rest) << 16);
+    }
+  }
   const uint64_t k_rows = w.plane_order ? (k_count + 1) / 2 * 2 : k_count;  // even with plane order
   w.codes.assign(static_cast<size_t>(w.panels * k_rows * kPanelColumns), w.zero_code);
   uint8_t* codes = w.codes.data();
@@ -194,12 +263,14 @@ bool BuildPanelWeights(const DecodedContainer& decoded, bool trans_b, GemmIsa is
   return true;
 }
 
-GemmIsa DetectGemmIsa() {
+GemmIsa DetectGemmIsa(bool allow_amx) {
   const char* forced = std::getenv("ONNX_DC_KERNEL_ISA");
-  GemmIsa cap = GemmIsa::kAvx512Vbmi;
+  GemmIsa cap = GemmIsa::kAmx;
   if (forced != nullptr && std::strcmp(forced, "generic") == 0) cap = GemmIsa::kGeneric;
   if (forced != nullptr && std::strcmp(forced, "avx2") == 0) cap = GemmIsa::kAvx2;
   if (forced != nullptr && std::strcmp(forced, "avx512") == 0) cap = GemmIsa::kAvx512;
+  if (forced != nullptr && std::strcmp(forced, "vbmi") == 0) cap = GemmIsa::kAvx512Vbmi;
+  if (forced != nullptr && std::strcmp(forced, "amx") == 0) cap = GemmIsa::kAmx;
   GemmIsa best = GemmIsa::kGeneric;
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
@@ -208,6 +279,8 @@ GemmIsa DetectGemmIsa() {
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     best = GemmIsa::kAvx512;
   if (best == GemmIsa::kAvx512 && __builtin_cpu_supports("avx512vbmi")) best = GemmIsa::kAvx512Vbmi;
+  if (best == GemmIsa::kAvx512Vbmi && cap == GemmIsa::kAmx && allow_amx && HasAmxBf16() && RequestAmxPermission())
+    best = GemmIsa::kAmx;
 #endif
   return std::min(best, cap);
 }
@@ -228,6 +301,8 @@ const char* GemmIsaName(GemmIsa isa) {
       return "avx512";
     case GemmIsa::kAvx512Vbmi:
       return "avx512vbmi";
+    case GemmIsa::kAmx:
+      return "amx";
   }
   return "?";
 }
@@ -249,6 +324,19 @@ std::string PanelGemm(const PanelWeights& weights, const GemmArgs& args, GemmIsa
   GemmRun run;
   run.weights = &weights;
   run.args = &args;
+  if (isa == GemmIsa::kAmx && !weights.split_codebook.empty() && args.rows >= kAmxMinRows &&
+      weights.in_features > 0) {
+    run.run = &avx512::RunPanelTaskAmx;
+    run.row_blocks = (args.rows + kTaskRows - 1) / kTaskRows;
+    const uint64_t tiles = (args.rows + kAmxTileRows - 1) / kAmxTileRows;
+    const uint64_t ksteps = (weights.in_features + 31) / 32;
+    // tiles * 16 rows * ksteps * 32 * 2 bf16: X's own bytes plus up to 15 rows and 31 columns.
+    std::vector<float> packed(static_cast<size_t>(tiles * ksteps * 512));
+    run.packed = packed.data();
+    std::string error = parallel_for(runner, static_cast<size_t>(tiles), &PackTileAmxTask, &run);
+    if (!error.empty()) return error;
+    return parallel_for(runner, static_cast<size_t>(run.row_blocks * weights.panels), &RunTask, &run);
+  }
   run.run = weights.plane_order        ? &avx512::RunPanelTaskVbmi  // built for kAvx512Vbmi only
             : isa >= GemmIsa::kAvx512 ? &avx512::RunPanelTask
             : isa == GemmIsa::kAvx2   ? &avx2::RunPanelTask

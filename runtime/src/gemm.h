@@ -58,6 +58,9 @@ struct PanelWeights {
   // decoder's byte interleaving writes its four output vectors. Rows are then
   // padded to an even count.
   bool plane_order = false;
+  // kAmx: per codebook index, its value split in two bfloat16 (hi = value
+  // rounded, lo = the rest rounded), as hi | lo << 16.
+  std::vector<uint32_t> split_codebook;
   std::vector<float> codebook;  // 256 values
   std::vector<uint8_t> codes;   // [panels][K][32]
 
@@ -88,9 +91,13 @@ constexpr double kPanelKeptFraction = 0.25;
 // Which micro-kernels the panel GEMM uses (chosen once per kernel from CPUID).
 // kAvx512Vbmi: AVX-512 with VBMI byte permutes (8-bit codebooks decode with
 // them, in byte-plane order).
-enum class GemmIsa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vbmi = 3 };
-// The best the CPU has, capped by ONNX_DC_KERNEL_ISA ("generic", "avx2").
-GemmIsa DetectGemmIsa();
+// kAmx: kAvx512Vbmi plus AMX-BF16 tiles and AVX512-BF16 for tasks of many rows
+// (the product in three bf16 passes, see gemm_kernels_avx512.cc).
+enum class GemmIsa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vbmi = 3, kAmx = 4 };
+// The best the CPU has, capped by ONNX_DC_KERNEL_ISA ("generic", "avx2",
+// "avx512", "vbmi", "amx"); kAmx only with allow_amx (DCMatMul's precision =
+// "bf16x3") and after Linux granted the AMX tile state.
+GemmIsa DetectGemmIsa(bool allow_amx = false);
 const char* GemmIsaName(GemmIsa isa);
 
 struct GemmArgs {
@@ -141,6 +148,10 @@ void ApplyActivationTo(float* y, uint64_t count, Activation activation);
 namespace avx512 {
 void RunPanelTask(const PanelTask& task);
 void RunPanelTaskVbmi(const PanelTask& task);
+void RunPanelTaskAmx(const PanelTask& task);
+// X packed for the AMX tasks: tile t of 16 rows, K step s of 32: hi then lo
+// bfloat16 [16][32] at packed[((t * ksteps + s) * 2 + part) * 512].
+void PackTileAmx(const float* x, uint64_t rows, uint64_t k_count, uint64_t tile, uint16_t* packed);
 void ApplyActivationTo(float* y, uint64_t count, Activation activation);
 }  // namespace avx512
 

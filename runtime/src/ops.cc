@@ -338,8 +338,13 @@ class MatMulKernel {
       return MakeStatus(api_, ORT_INVALID_ARGUMENT,
                         label_.Prefix() + "relu = 1 contradicts activation \"" + activation + "\"");
     if (relu_) activation_ = Activation::kRelu;
+    const std::string precision = ReadName(
+        api_, [&](char* out, size_t* size) { return api_->KernelInfoGetAttribute_string(info, "precision", out, size); });
+    if (!precision.empty() && precision != "float" && precision != "bf16x3")
+      return MakeStatus(api_, ORT_INVALID_ARGUMENT,
+                        label_.Prefix() + "attribute precision must be \"float\" or \"bf16x3\", got \"" + precision + "\"");
     isa_ = DetectKernelIsa();
-    gemm_isa_ = DetectGemmIsa();
+    gemm_isa_ = DetectGemmIsa(precision == "bf16x3");
 
     auto decode = [this](const uint8_t* d, size_t n, MatMulWeights* w) { return Decode(d, n, w); };
     status = DecodeConstantContainer(api_, info, label_, 1, decode, &weights_);
