@@ -81,6 +81,27 @@ def test_gather_matches_take(library: str, form: str, sparsity: float, index_typ
         assert same_bits(y, expected)
 
 
+@pytest.mark.parametrize("isa", ["generic", "avx512"])
+@pytest.mark.parametrize("bits,sparsity", [(2, 0.0), (4, 0.2), (5, 0.3), (6, 0.0), (8, 0.0), (8, 0.3)])
+def test_gather_expansion_variants(library: str, isa: str, bits: int, sparsity: float) -> None:
+    """Codes expanded by the scalar loop (generic) and by AVX-512 permutes (every codebook size, row tails)."""
+    import os
+
+    rng = np.random.default_rng(bits)
+    container, table = random_container(rng, (100, 37), sparsity=sparsity, bits=bits)
+    previous = os.environ.get("ONNX_DC_KERNEL_ISA")
+    os.environ["ONNX_DC_KERNEL_ISA"] = isa
+    try:
+        session = make_session(gather_model(container), library)
+    finally:
+        if previous is None:
+            del os.environ["ONNX_DC_KERNEL_ISA"]
+        else:
+            os.environ["ONNX_DC_KERNEL_ISA"] = previous
+    ids = rng.integers(-100, 100, size=(3, 50))
+    assert same_bits(session.run(None, {"ids": ids})[0], np.take(table, ids, axis=0))
+
+
 def test_gather_rank_three_data_and_large_batch_in_parallel(library: str) -> None:
     rng = np.random.default_rng(3)
     container, table = random_container(rng, (300, 4, 40), sparsity=0.5, bits=5)

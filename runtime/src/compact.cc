@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "gemm.h"
+
 namespace onnx_dc {
 
 namespace {
@@ -116,7 +118,13 @@ void BuildCompactTensor(const DecodedContainer& decoded, CompactTensor* out) {
   } else if (zero_index) {
     t.form = CompactForm::kCodes;
     t.codes.assign(static_cast<size_t>(info.numel), t.zero_code);
-    ForEachKept(decoded, [&](uint64_t position, uint8_t code) { t.codes[position] = code; });
+    uint32_t limit = kept < info.numel ? uint32_t{t.zero_code} + 1 : 1;
+    ForEachKept(decoded, [&](uint64_t position, uint8_t code) {
+      t.codes[position] = code;
+      limit = std::max<uint32_t>(limit, uint32_t{code} + 1);
+    });
+    t.code_limit = limit;
+    t.avx512 = t.itemsize == 4 && DetectGemmIsa() >= GemmIsa::kAvx512;
   } else {
     t.form = CompactForm::kDenseBytes;
     t.dense.resize(static_cast<size_t>(info.numel) * t.itemsize);
@@ -136,6 +144,10 @@ void ExpandRows(const CompactTensor& t, uint64_t first_row, uint64_t count, void
       const uint8_t* codes = t.codes.data() + first_row * t.row_size;
       if (t.itemsize == 2) {
         ExpandCodes<uint16_t>(codes, elements, t.table.data(), dst);
+      } else if (t.itemsize == 4 && t.avx512) {
+        uint32_t table[256];
+        std::memcpy(table, t.table.data(), sizeof(table));
+        avx512::ExpandCodes32(codes, elements, table, t.code_limit, reinterpret_cast<uint32_t*>(dst));
       } else if (t.itemsize == 4) {
         ExpandCodes<uint32_t>(codes, elements, t.table.data(), dst);
       } else {

@@ -42,6 +42,8 @@ struct CompactTensor {
   size_t itemsize = 4;
   CompactForm form = CompactForm::kCodes;
   uint8_t zero_code = 0;
+  uint32_t code_limit = 256;  // kCodes: 1 + the largest code (selects the AVX-512 expansion)
+  bool avx512 = false;        // 4-byte values expand with AVX-512 permutes
   std::vector<uint8_t> table;  // 256 * itemsize bytes
   std::vector<uint8_t> codes;  // kCodes: numel; kSparseRows: one per kept element
   std::vector<uint64_t> row_offsets;  // kSparseRows: rows + 1

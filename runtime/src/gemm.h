@@ -149,6 +149,9 @@ namespace avx512 {
 void RunPanelTask(const PanelTask& task);
 void RunPanelTaskVbmi(const PanelTask& task);
 void RunPanelTaskAmx(const PanelTask& task);
+// out[i] = table[codes[i]] for i < count (4-byte values, any alignment;
+// limit = 1 + the largest code).
+void ExpandCodes32(const uint8_t* codes, uint64_t count, const uint32_t* table, uint32_t limit, uint32_t* out);
 // X packed for the AMX tasks: tile t of 16 rows, K step s of 32: hi then lo
 // bfloat16 [16][32] at packed[((t * ksteps + s) * 2 + part) * 512].
 void PackTileAmx(const float* x, uint64_t rows, uint64_t k_count, uint64_t tile, uint16_t* packed);

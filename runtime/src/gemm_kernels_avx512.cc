@@ -553,6 +553,35 @@ __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512vbmi"))) void RunPanel
   }
 }
 
+namespace {
+
+template <typename Decoder>
+void ExpandWith(const uint8_t* codes, uint64_t count, const Decoder& decode, float* out) {
+  uint64_t i = 0;
+  for (; i + 16 <= count; i += 16) _mm512_storeu_ps(out + i, decode(Indices16(codes + i)));
+  if (i < count) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (count - i)) - 1);
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, codes + i));
+    _mm512_mask_storeu_ps(out + i, m, decode(idx));
+  }
+}
+
+}  // namespace
+
+void ExpandCodes32(const uint8_t* codes, uint64_t count, const uint32_t* table, uint32_t limit, uint32_t* out) {
+  const float* cb = reinterpret_cast<const float*>(table);  // the permutes move bits
+  float* dst = reinterpret_cast<float*>(out);
+  if (limit <= 16) {
+    ExpandWith(codes, count, Decode16(cb), dst);
+  } else if (limit <= 32) {
+    ExpandWith(codes, count, Decode32(cb), dst);
+  } else if (limit <= 64) {
+    ExpandWith(codes, count, Decode64(cb), dst);
+  } else {
+    ExpandWith(codes, count, Decode256(cb), dst);
+  }
+}
+
 void RunPanelTaskVbmi(const PanelTask& task) {
   gemm_detail::RunPanelTaskWith(task, [](const uint8_t* codes, unsigned kc, const PanelWeights& w, float* block) {
     DecodeBlockVbmi(codes, kc, w.codebook.data(), block);
@@ -569,6 +598,9 @@ namespace avx512 {
 void RunPanelTask(const PanelTask& task) { generic::RunPanelTask(task); }
 void RunPanelTaskVbmi(const PanelTask& task) { generic::RunPanelTask(task); }
 void RunPanelTaskAmx(const PanelTask& task) { generic::RunPanelTask(task); }
+void ExpandCodes32(const uint8_t* codes, uint64_t count, const uint32_t* table, uint32_t, uint32_t* out) {
+  for (uint64_t i = 0; i < count; ++i) out[i] = table[codes[i]];
+}
 void PackTileAmx(const float*, uint64_t, uint64_t, uint64_t, uint16_t*) {}
 void ApplyActivationTo(float* y, uint64_t count, Activation activation) {
   generic::ApplyActivationTo(y, count, activation);
