@@ -63,7 +63,7 @@ size_t CompactTensor::memory_bytes() const {
          positions32.capacity() * sizeof(uint32_t) + dense.capacity();
 }
 
-void BuildCompactTensor(const DecodedContainer& decoded, CompactTensor* out) {
+void BuildCompactTensor(const DecodedContainer& decoded, bool prefer_codes, CompactTensor* out) {
   const ContainerInfo& info = decoded.info;
   CompactTensor& t = *out;
   t.dtype = info.dtype;
@@ -93,7 +93,7 @@ void BuildCompactTensor(const DecodedContainer& decoded, CompactTensor* out) {
   const bool short_rows = t.row_size <= 65536;
   const bool sparse_possible = t.row_size <= UINT32_MAX && t.rows > 0;
   const uint64_t sparse_bytes = kept * (short_rows ? 3 : 5) + 8 * (t.rows + 1);
-  const bool sparse = sparse_possible && (!zero_index || sparse_bytes < info.numel);
+  const bool sparse = sparse_possible && (!zero_index || (!prefer_codes && sparse_bytes < info.numel));
   if (sparse) {
     t.form = CompactForm::kSparseRows;
     t.row_offsets.assign(static_cast<size_t>(t.rows + 1), 0);

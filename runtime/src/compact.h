@@ -9,7 +9,7 @@
 //   elements and fillers with the zero index (an index whose value is +0.0:
 //   the container's zero symbol when the codebook has fewer than 256 values,
 //   else a value whose bits are all zero): 1 byte per element;
-// * **sparse rows** (chosen when smaller): per row the kept elements as
+// * **sparse rows** (DCGather: chosen when smaller): per row the kept elements as
 //   (position inside the row, index) pairs, positions ascending, uint16
 //   positions when row_size <= 65536 (else uint32), plus rows + 1 uint64
 //   offsets: 3 (or 5) bytes per kept element;
@@ -54,8 +54,11 @@ struct CompactTensor {
   size_t memory_bytes() const;
 };
 
-// Builds the compact form of a decoded container (any dtype, any rank).
-void BuildCompactTensor(const DecodedContainer& decoded, CompactTensor* out);
+// Builds the compact form of a decoded container (any dtype, any rank). With
+// prefer_codes the codes form is taken whenever it is possible (DCDecompress:
+// every run expands the whole tensor, which codes do faster); otherwise the
+// smaller of codes and sparse rows (DCGather).
+void BuildCompactTensor(const DecodedContainer& decoded, bool prefer_codes, CompactTensor* out);
 
 // Writes rows [first_row, first_row + count) (count * row_size elements of
 // the tensor's dtype) to `out`.

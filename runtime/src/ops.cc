@@ -726,7 +726,7 @@ class DecompressKernel {
     std::vector<int64_t> dims;
     error = OnnxDims(decoded.info.dims, &dims);
     if (!error.empty()) return error;
-    BuildCompactTensor(decoded, tensor);
+    BuildCompactTensor(decoded, /*prefer_codes=*/true, tensor);
     return std::string();
   }
 
@@ -864,7 +864,7 @@ class GatherKernel {
     std::vector<int64_t> dims;
     error = OnnxDims(decoded.info.dims, &dims);
     if (!error.empty()) return error;
-    BuildCompactTensor(decoded, tensor);
+    BuildCompactTensor(decoded, /*prefer_codes=*/false, tensor);
     return std::string();
   }
 
