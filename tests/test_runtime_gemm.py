@@ -72,7 +72,7 @@ def gemm_model(container: bytes, *, activation: str | None = None, **kwargs):
 @pytest.mark.parametrize("bits", [2, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
 def test_panels_match_reference_with_remainders(library: str, isa: str, bits: int, sparsity: float) -> None:
-    """Rows, K and N that are not multiples of the tile (12 / 6 / 4 rows), block (128) or panel (32) sizes."""
+    """Rows, K and N that are not multiples of the tile (14 / 6 / 4 rows), the task (336 rows), block (128) or panel (32) sizes."""
     rng = np.random.default_rng(bits * 10 + int(sparsity * 2))
     for k, n in ((129, 33), (300, 100), (7, 31), (256, 64)):
         container, dense = random_container(rng, (k, n), sparsity=sparsity, bits=bits)

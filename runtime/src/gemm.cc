@@ -18,7 +18,7 @@ namespace onnx_dc {
 namespace {
 
 // Every task decodes its panel once, so kPanelTaskRows rows amortise the
-// decoding, and [rows][kPanelDepth] floats of X (120 KiB) stay in L2 while
+// decoding, and [rows][kPanelDepth] floats of X (168 KiB) stay in L2 while
 // the panel's blocks stream.
 constexpr uint64_t kTaskRows = kPanelTaskRows;
 
@@ -286,9 +286,10 @@ GemmIsa DetectGemmIsa(bool allow_amx) {
 }
 
 unsigned PanelTileRows(GemmIsa isa) {
-  static_assert(kPanelTaskRows % 12 == 0 && kPanelTaskRows % 6 == 0 && kPanelTaskRows % 4 == 0,
-                "tasks hold whole tiles");
-  return isa >= GemmIsa::kAvx512 ? 12 : isa == GemmIsa::kAvx2 ? 6 : 4;
+  static_assert(kPanelTaskRows % 14 == 0 && kPanelTaskRows % 6 == 0 && kPanelTaskRows % 4 == 0 &&
+                    kPanelTaskRows % 16 == 0,
+                "tasks hold whole tiles (AMX: of 16 rows)");
+  return isa >= GemmIsa::kAvx512 ? 14 : isa == GemmIsa::kAvx2 ? 6 : 4;
 }
 
 const char* GemmIsaName(GemmIsa isa) {
@@ -348,7 +349,7 @@ std::string PanelGemm(const PanelWeights& weights, const GemmArgs& args, GemmIsa
   // The AVX-512 kernels read X in place for tasks of at most 3 rows (gemm_kernels_avx512.cc: kFewRows).
   const bool few_rows = isa >= GemmIsa::kAvx512 && args.rows <= 3;
   if (weights.in_features > 0 && !few_rows) {
-    // tiles * tile_rows * K floats: at most (rows + 11) * K, X's own size plus 11 rows.
+    // tiles * tile_rows * K floats: at most (rows + 13) * K, X's own size plus 13 rows.
     packed.resize(static_cast<size_t>(tiles * run.tile_rows * weights.in_features));
     run.packed = packed.data();
     std::string error = parallel_for(runner, static_cast<size_t>(tiles), &PackTile, &run);

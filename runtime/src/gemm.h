@@ -11,7 +11,7 @@
 // A call decodes one block of kPanelDepth rows of one panel at a time
 // ([kc][32] floats, 16 KiB, into the task's stack) through the codebook and
 // multiplies every row of X with it in a register-blocked micro-kernel
-// (AVX-512: 12 rows x 32 columns in 24 zmm accumulators; AVX2: 6 x 16 in 12
+// (AVX-512: 14 rows x 32 columns in 28 zmm accumulators; AVX2: 6 x 16 in 12
 // ymm, twice per panel; baseline: plain C++). The decoded block is reused by
 // every row of X, so decoding costs K * N lookups per call whatever the
 // number of rows. Partial sums of the first K blocks go through Y; the last
@@ -121,7 +121,7 @@ void ApplyActivation(float* y, uint64_t count, Activation activation, GemmIsa is
 // ------------------------------------------------------------ internal
 
 // Rows of X per task (a multiple of every ISA's tile height).
-constexpr uint64_t kPanelTaskRows = 240;
+constexpr uint64_t kPanelTaskRows = 336;
 
 // X packed in tiles of TileRows(isa) rows: tile t, row r, column k at
 // packed[(t * K + k) * tile_rows + r] (rows past the end are 0).

@@ -16,9 +16,9 @@ namespace avx512 {
 
 namespace {
 
-// 12 rows x 32 columns: 24 zmm accumulators, two for the panel row, the X
-// values broadcast from memory.
-constexpr unsigned kTileRows = 12;
+// 14 rows x 32 columns: 28 zmm accumulators, two for the panel row, one for
+// the X value broadcast.
+constexpr unsigned kTileRows = 14;
 
 // b[i] = codebook[codes[i]], 16 at a time, with the codebook's first 16 / 32
 // / 64 / 256 values in registers: permutes of 16 indices at a time (no
@@ -134,7 +134,7 @@ template <unsigned kRows>
 __attribute__((always_inline)) inline void Tile(const float* __restrict a, const float* __restrict b, unsigned kc,
                                                 float* y, uint64_t ldy, __mmask16 m0, __mmask16 m1, bool accumulate) {
   __m512 c0[kRows], c1[kRows];
-#pragma GCC unroll 12
+#pragma GCC unroll 14
   for (unsigned r = 0; r < kRows; ++r) {
     if (accumulate) {
       c0[r] = _mm512_maskz_loadu_ps(m0, y + r * ldy);
@@ -148,14 +148,14 @@ __attribute__((always_inline)) inline void Tile(const float* __restrict a, const
     const __m512 b0 = _mm512_load_ps(b + k * kPanelColumns);
     const __m512 b1 = _mm512_load_ps(b + k * kPanelColumns + 16);
     const float* ak = a + k * kTileRows;
-#pragma GCC unroll 12
+#pragma GCC unroll 14
     for (unsigned r = 0; r < kRows; ++r) {
       const __m512 av = _mm512_set1_ps(ak[r]);
       c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
       c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
     }
   }
-#pragma GCC unroll 12
+#pragma GCC unroll 14
   for (unsigned r = 0; r < kRows; ++r) {
     _mm512_mask_storeu_ps(y + r * ldy, m0, c0[r]);
     _mm512_mask_storeu_ps(y + r * ldy + 16, m1, c1[r]);
@@ -183,6 +183,8 @@ void MultiplyTile(const float* a, const float* b, unsigned kc, unsigned rows, fl
     ONNX_DC_TILE_CASE(10)
     ONNX_DC_TILE_CASE(11)
     ONNX_DC_TILE_CASE(12)
+    ONNX_DC_TILE_CASE(13)
+    ONNX_DC_TILE_CASE(14)
 #undef ONNX_DC_TILE_CASE
     default:
       break;
