@@ -32,8 +32,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from bench_lenet_latency import interleaved_medians  # noqa: E402
 from onnx_dc import ops_library_path  # noqa: E402
-from onnx_dc.container import decode_container  # noqa: E402
-from onnx_dc.tensor import TensorSettings, compress_tensor  # noqa: E402
+from onnx_dc.codec.container_reader import decode_container  # noqa: E402
+from onnx_dc.codec.tensor import TensorSettings, compress_tensor  # noqa: E402
 
 
 def _model(nodes, initializers):

@@ -12,7 +12,7 @@ One MatMul layer ``Y = X @ W`` (X ``[rows, K]`` Gaussian, W ``[K, N]`` Gaussian
   (default options: int8 weights, uint8 activations quantized per run;
   onnxruntime runs it as DynamicQuantizeMatMul / MatMulInteger);
 * ``dc <variant>``: W compressed with onnx-dc's codec
-  (``onnx_dc.tensor.compress_tensor``: magnitude pruning, k-means weight
+  (``onnx_dc.codec.tensor.compress_tensor``: magnitude pruning, k-means weight
   sharing, the container) and run by ``DCMatMul`` through the operator
   library: ``u8`` no pruning 8-bit codes, ``u6`` / ``u5`` no pruning 6 / 5-bit,
   ``p50`` / ``p90`` 50 % / 90 % pruned 5-bit; ``u8x3`` / ``u5x3`` / ``p50x3``
@@ -49,8 +49,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from bench_lenet_latency import interleaved_medians  # noqa: E402
 from onnx_dc import ops_library_path  # noqa: E402
-from onnx_dc.container import decode_container  # noqa: E402
-from onnx_dc.tensor import TensorSettings, compress_tensor  # noqa: E402
+from onnx_dc.codec.container_reader import decode_container  # noqa: E402
+from onnx_dc.codec.tensor import TensorSettings, compress_tensor  # noqa: E402
 
 SHAPES = ("384x384", "384x1536", "1536x384", "768x768", "768x3072", "3072x768")
 #: variant -> (sparsity, bits)

@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from onnx_dc._library import ops_library_path
-from onnx_dc.container import decode_container, encode_container
+from onnx_dc.graph.library import ops_library_path
+from onnx_dc.codec.container_reader import decode_container
+from onnx_dc.codec.container import encode_container
 from test_runtime_support import (
     assert_matches_reference,
     make_session,
