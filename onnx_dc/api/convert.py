@@ -21,6 +21,7 @@ from onnx_dc.api.recipe import METADATA_KEY, Recipe
 from onnx_dc.api.report import ModelReport, model_report
 from onnx_dc.errors import InvalidTensorError, ModelError
 from onnx_dc.graph import model_io
+from onnx_dc.graph.folding import FoldSummary, fold_normalizations
 from onnx_dc.graph.model_io import (
     ModelSource,
     SavedModel,
@@ -70,18 +71,25 @@ def compress_model(
     progress: bool | ProgressCallback = False,
     external_data: bool | None = None,
     tensor_compressor: TensorCompressor | None = None,
+    folding: FoldSummary | None = None,
 ) -> CompressionResult:
     """Compress every weight the recipe selects with ``tensor_compressor`` and convert the graph around them.
 
-    ``recipe``'s per-tensor settings plan every weight; the compressor (default:
-    the plain pipeline, :func:`onnx_dc.codec.tensor.compress_tensor`) turns each
-    planned weight into a container. The recipe is recorded in the model's
-    metadata. Written atomically to ``output`` when given.
+    First BatchNormalization and per-channel Mul/Add after a layer are folded
+    into its weight and bias (:func:`onnx_dc.graph.folding.fold_normalizations`;
+    ``folding``: the summary of a fold the caller already ran on ``model``,
+    which then is not folded again). ``recipe``'s per-tensor settings plan every
+    weight; the compressor (default: the plain pipeline,
+    :func:`onnx_dc.codec.tensor.compress_tensor`) turns each planned weight into
+    a container. The recipe is recorded in the model's metadata. Written
+    atomically to ``output`` when given.
     """
     if output is not None:
         check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [])
     proto = load_model(model)
     original_file_bytes = _source_size_bytes(model)
+    if folding is None:
+        folding = fold_normalizations(proto)
     weights = find_weights(proto, min_elements=0)
     plans = recipe.settings().plan(weights)
     todo = [p for p in plans if p.settings is not None]
@@ -110,6 +118,7 @@ def compress_model(
         compressed_file_bytes=_serialized_size(proto),
         skip_reasons=reasons,
     )
+    report.notes.extend(folding.notes())
     saved = None
     if output is not None:  # the last step: nothing can fail after the output is in place
         saved = save_model(proto, output, external_data=external_data)

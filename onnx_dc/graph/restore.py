@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper
 
 from onnx_dc.errors import ContainerError, ModelError
 from onnx_dc.graph.fusion import unfuse_relu
+from onnx_dc.graph.graph_index import model_value_names
 from onnx_dc.graph.model_io import unique_name
 from onnx_dc.graph.operators import (
     _DECOMPRESS_NAMES,
@@ -33,7 +34,7 @@ from onnx_dc.graph.operators import (
     META_NAME,
     META_OP,
 )
-from onnx_dc.graph.rewrite import _copy_doc_string, _index_of, _value_names
+from onnx_dc.graph.rewrite import _copy_doc_string, _index_of
 from onnx_dc.graph.weights import GraphScope, iter_scopes
 
 __all__ = [
@@ -114,7 +115,7 @@ def decompress_model(model: onnx.ModelProto) -> int:
 
     unfuse_relu(model)
     refs = find_containers(model)
-    taken = _value_names(model)
+    taken = model_value_names(model)
     for ref in refs:
         try:
             dense = decode_container(ref.data)

@@ -29,8 +29,7 @@ plain onnxruntime.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +38,8 @@ from onnx import helper, numpy_helper
 
 from onnx_dc.errors import ModelError
 from onnx_dc.graph.fusion import fuse_relu, mark_sparse_inputs
+from onnx_dc.graph.graph_index import inferred_value_types as _inferred_value_types
+from onnx_dc.graph.graph_index import model_value_names
 from onnx_dc.graph.model_io import unique_name
 from onnx_dc.graph.operators import (
     _DECOMPRESS_NAMES,
@@ -82,7 +83,7 @@ def apply_compression(model: onnx.ModelProto, compressed: Sequence[tuple[Weight,
     if not compressed:
         return summary
     value_types = _inferred_value_types(model)
-    taken = _value_names(model)
+    taken = model_value_names(model)
     node_names = _node_names(model)
     constants = _constant_types(model)
     for weight, container in compressed:
@@ -344,22 +345,6 @@ def _index_of(graph: onnx.GraphProto, node: onnx.NodeProto) -> int:
     raise ModelError(f"internal: node {node.name!r} not found in its graph")
 
 
-def _value_names(model: onnx.ModelProto) -> set[str]:
-    """Every tensor name used anywhere in the model (all graphs)."""
-    names: set[str] = set()
-    for scope in iter_scopes(model):
-        g = scope.graph
-        names.update(vi.name for vi in g.input)
-        names.update(vi.name for vi in g.output)
-        names.update(vi.name for vi in g.value_info)
-        names.update(t.name for t in g.initializer)
-        for node in g.node:
-            names.update(node.input)
-            names.update(node.output)
-    names.discard("")
-    return names
-
-
 def _node_names(model: onnx.ModelProto) -> set[str]:
     return {node.name for scope in iter_scopes(model) for node in scope.graph.node if node.name}
 
@@ -376,49 +361,3 @@ def _constant_types(model: onnx.ModelProto) -> dict[str, tuple[list[int], int]]:
                     if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
                         types[node.output[0]] = (list(attr.t.dims), attr.t.data_type)
     return types
-
-
-def _inferred_value_types(model: onnx.ModelProto) -> dict[tuple[tuple[str, ...], str], onnx.TypeProto]:
-    """Types of every value ONNX shape inference can infer, keyed by (graph path, name).
-
-    Inference runs on the model with its large tensors' bytes temporarily
-    detached (marked external), so it costs little memory even for big models.
-    """
-    try:
-        with _detached_tensor_data(model):
-            inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
-    except Exception:  # inference is a best effort: value_info then carries only the element type
-        return {}
-    types: dict[tuple[tuple[str, ...], str], onnx.TypeProto] = {}
-    for scope in iter_scopes(inferred):
-        for vi in list(scope.graph.value_info) + list(scope.graph.output) + list(scope.graph.input):
-            if vi.HasField("type"):
-                types[(scope.path, vi.name)] = vi.type
-    return types
-
-
-@contextlib.contextmanager
-def _detached_tensor_data(model: onnx.ModelProto, min_bytes: int = 4096) -> Iterator[None]:
-    detached: list[tuple[onnx.TensorProto, bytes]] = []
-    try:
-        for scope in iter_scopes(model):
-            tensors = list(scope.graph.initializer)
-            for node in scope.graph.node:
-                for attr in node.attribute:
-                    if attr.type == onnx.AttributeProto.TENSOR:
-                        tensors.append(attr.t)
-            for t in tensors:
-                if t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data") and len(t.raw_data) >= min_bytes:
-                    raw = t.raw_data
-                    detached.append((t, raw))
-                    t.ClearField("raw_data")
-                    t.data_location = onnx.TensorProto.EXTERNAL
-                    for key, value in (("location", "onnx_dc_detached.bin"), ("offset", "0"), ("length", str(len(raw)))):
-                        entry = t.external_data.add()
-                        entry.key, entry.value = key, value
-        yield
-    finally:
-        for t, raw in detached:
-            t.ClearField("external_data")
-            t.data_location = onnx.TensorProto.DEFAULT
-            t.raw_data = raw
