@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_dc.errors import ContainerError, ModelError
-from onnx_dc.graph.fusion import unfuse_relu
+from onnx_dc.graph.fusion import unfuse_absorbed, unfuse_relu
 from onnx_dc.graph.graph_index import model_value_names
 from onnx_dc.graph.model_io import unique_name
 from onnx_dc.graph.operators import (
@@ -113,7 +113,9 @@ def decompress_model(model: onnx.ModelProto) -> int:
     """
     from onnx_dc.codec.container_reader import decode_container
 
+    unfuse_absorbed(model, "activation")  # the reverse of apply_compression's fusions
     unfuse_relu(model)
+    unfuse_absorbed(model, "bias")
     refs = find_containers(model)
     taken = model_value_names(model)
     for ref in refs:

@@ -37,7 +37,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_dc.errors import ModelError
-from onnx_dc.graph.fusion import fuse_relu, mark_sparse_inputs
+from onnx_dc.graph.fusion import fuse_activations, fuse_bias, fuse_relu, mark_sparse_inputs
 from onnx_dc.graph.graph_index import inferred_value_types as _inferred_value_types
 from onnx_dc.graph.graph_index import model_value_names
 from onnx_dc.graph.model_io import unique_name
@@ -69,7 +69,9 @@ class RewriteSummary:
     matmul_nodes: int = 0
     conv_nodes: int = 0
     decompress_nodes: int = 0
-    fused_relus: int = 0  # Relu nodes folded into DCMatMul (onnx_dc.graph.fusion)
+    fused_biases: int = 0  # bias Adds moved into DCMatMul's bias input (onnx_dc.graph.fusion)
+    fused_relus: int = 0  # Relu nodes folded into DCMatMul
+    fused_activations: int = 0  # other activations folded in (only kinds the runtime implements)
     sparse_inputs: int = 0  # DCMatMul nodes marked sparse_input (their X is a ReLU output)
 
 
@@ -130,7 +132,9 @@ def apply_compression(model: onnx.ModelProto, compressed: Sequence[tuple[Weight,
             else:
                 _to_dc_matmul(consumer, cname, value_types)
                 summary.matmul_nodes += 1
+    summary.fused_biases = fuse_bias(model)
     summary.fused_relus = fuse_relu(model)
+    summary.fused_activations = fuse_activations(model)
     summary.sparse_inputs = mark_sparse_inputs(model)
     _declare_domain(model)
     return summary
