@@ -135,7 +135,12 @@ def test_shared_initializer_is_one_container_used_by_both_paths():
     containers = [t.name for t in compressed.graph.initializer]
     assert containers == ["shared__dc", "square__dc"]
     readers = {ref.original_name: sorted(n.op_type for _, n in ref.readers) for ref in find_containers(compressed)}
-    assert readers == {"shared": ["DCDecompress", "DCMatMul"], "square": ["DCMatMul", "DCMatMul"]}
+    # the MatMul behind Transpose(shared) reads the container too, with trans_b = 1
+    assert readers == {"shared": ["DCMatMul", "DCMatMul"], "square": ["DCMatMul", "DCMatMul"]}
+    nodes = {n.name: n for n in compressed.graph.node}
+    assert "Transpose" not in op_types(compressed)
+    assert list(nodes["use_transposed"].input) == ["c", "shared__dc"]
+    assert {a.name: h.get_attribute_value(a) for a in nodes["use_transposed"].attribute}["trans_b"] == 1
 
 
 def test_if_branches_keep_weights_where_they_were():

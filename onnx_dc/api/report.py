@@ -23,7 +23,8 @@ from onnx import helper
 
 from onnx_dc.api.recipe import METADATA_KEY, Recipe
 from onnx_dc.errors import ContainerError, OnnxDcError, first_line
-from onnx_dc.graph.operators import MATMUL_OP
+from onnx_dc.graph.model_io import iter_graphs
+from onnx_dc.graph.operators import DECOMPRESS_OPS, MATMUL_OP
 from onnx_dc.graph.restore import ContainerRef, find_containers
 from onnx_dc.graph.weights import FLOAT_TYPES, iter_scopes
 
@@ -45,7 +46,8 @@ class TensorRow:
     codebook_size: int
     original_bytes: int
     compressed_bytes: int
-    op: str  # the readers of the container: DCMatMul, DCConv, DCDecompress, joined with "+"
+    op: str  # the readers of the container: DCMatMul, DCConv, DCGather, DCDecompress, joined with "+"
+    decompressed_for: tuple[str, ...] = ()  # the ops that read the DCDecompress output (e.g. "com.microsoft Attention")
 
     @property
     def kept_fraction(self) -> float:
@@ -76,6 +78,7 @@ class TensorRow:
             "compressed_bytes": self.compressed_bytes,
             "ratio": self.ratio,
             "op": self.op,
+            "decompressed_for": list(self.decompressed_for),
         }
 
 
@@ -288,6 +291,7 @@ def model_report(
                     size = len(attr.s) if attr.type == onnx.AttributeProto.STRING else sum(len(s) for s in attr.strings)
                     dense.append(DenseTensor(name, "string", (), size))
     report = ModelReport(rows, dense, original_file_bytes, compressed_file_bytes)
+    report.notes.extend(_decompressed_notes(rows) + _dense_notes(dense))
     text = {p.key: p.value for p in model.metadata_props}.get(METADATA_KEY)
     if text is not None:
         try:
@@ -307,6 +311,52 @@ def format_bytes(n: int | None) -> str:
             return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
+
+
+def _decompressed_notes(rows: list[TensorRow]) -> list[str]:
+    """One line per group of containers expanded by DCDecompress, by what reads the dense tensor."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for row in rows:
+        if row.decompressed_for:
+            groups.setdefault(row.decompressed_for, []).append(row.name)
+    return [
+        f"decompressed at session start (no fused operator reads the container): {_names(names)} "
+        f"for {', '.join(readers)}"
+        for readers, names in groups.items()
+    ]
+
+
+def _dense_notes(dense: list[DenseTensor]) -> list[str]:
+    """One line per reason a tensor was left dense (the compress table; ``inspect`` knows no reasons)."""
+    groups: dict[str, list[DenseTensor]] = {}
+    for tensor in dense:
+        if tensor.reason:
+            groups.setdefault(tensor.reason, []).append(tensor)
+    return [
+        f"left dense, {reason}: {_names([t.name for t in tensors])} ({format_bytes(sum(t.size_bytes for t in tensors))})"
+        for reason, tensors in groups.items()
+    ]
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _decompressed_readers(ref: ContainerRef) -> tuple[str, ...]:
+    """The ops reading the outputs of the container's DCDecompress nodes (their graph and its subgraphs)."""
+    found: list[str] = []
+    for scope, node in ref.readers:
+        if node.op_type not in DECOMPRESS_OPS.values():
+            continue
+        for graph in iter_graphs(scope.graph):
+            for reader in graph.node:
+                if node.output[0] in reader.input:
+                    domain = "" if reader.domain in ("", "ai.onnx") else reader.domain + " "
+                    found.append(domain + reader.op_type)
+        if any(o.name == node.output[0] for o in scope.graph.output):
+            found.append("graph output")
+    return tuple(sorted(set(found)))
 
 
 def _row(ref: ContainerRef) -> TensorRow:
@@ -337,16 +387,20 @@ def _row(ref: ContainerRef) -> TensorRow:
         original_bytes=info.numel * info.dtype.itemsize,
         compressed_bytes=len(ref.data),
         op="+".join(ops),
+        decompressed_for=_decompressed_readers(ref),
     )
 
 
 def _dense(tensor: onnx.TensorProto, name: str, reasons: dict[str, str]) -> DenseTensor:
+    reason = reasons.get(name)
+    if reason is None and reasons and tensor.data_type not in FLOAT_TYPES:
+        reason = "not a floating-point tensor"
     return DenseTensor(
         name,
         _dtype_name(tensor.data_type),
         tuple(int(d) for d in tensor.dims),
         _tensor_size_bytes(tensor),
-        reasons.get(name),
+        reason,
     )
 
 
