@@ -327,15 +327,26 @@ def _decompressed_notes(rows: list[TensorRow]) -> list[str]:
 
 
 def _dense_notes(dense: list[DenseTensor]) -> list[str]:
-    """One line per reason a tensor was left dense (the compress table; ``inspect`` knows no reasons)."""
-    groups: dict[str, list[DenseTensor]] = {}
+    """One line per reason tensors were left dense, with what they are to their readers (``inspect`` knows no reasons).
+
+    A reason reads ``<use>: <why>`` (the converter's) or just ``<why>``.
+    """
+    groups: dict[str, list[tuple[str, DenseTensor]]] = {}
     for tensor in dense:
         if tensor.reason:
-            groups.setdefault(tensor.reason, []).append(tensor)
-    return [
-        f"left dense, {reason}: {_names([t.name for t in tensors])} ({format_bytes(sum(t.size_bytes for t in tensors))})"
-        for reason, tensors in groups.items()
-    ]
+            use, _, why = tensor.reason.rpartition(": ")
+            groups.setdefault(why, []).append((use, tensor))
+    lines = []
+    for why, items in groups.items():
+        uses: dict[str, int] = {}
+        for use, _ in items:
+            if use:
+                uses[use] = uses.get(use, 0) + 1
+        detail = ", ".join(f"{use} x{count}" for use, count in uses.items())
+        size = format_bytes(sum(t.size_bytes for _, t in items))
+        names = _names([t.name for _, t in items])
+        lines.append(f"left dense, {why}: {len(items)} tensors, {size}" + (f" ({detail})" if detail else f": {names}"))
+    return lines
 
 
 def _names(names: list[str], limit: int = 3) -> str:

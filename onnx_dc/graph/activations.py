@@ -105,10 +105,11 @@ def find_activations(model: onnx.ModelProto, ops: Iterable[str] = (MATMUL_OP, CO
 
 
 def match_bias_add(index: GraphIndex, node: onnx.NodeProto, n_columns: int | None) -> BiasMatch | None:
-    """The ``Add`` of a float32 constant ``[N]`` (or one value) that alone reads ``node``'s output, if any.
+    """The ``Add`` of a float32 constant ``[N]`` that alone reads ``node``'s output, if any.
 
-    ``n_columns`` is the product's last dimension when known; a bias whose
-    size differs (and is not 1) is not matched.
+    ``n_columns`` is the product's last dimension (N) when known. A scalar
+    ``Add`` is no bias: it is left to the activation it usually starts
+    (``Add(3) -> Clip(0, 6) -> Div(6)`` is a HardSigmoid).
     """
     value = node.output[0]
     if not index.is_private(value) or len(index.readers.get(value, [])) != 1:
@@ -120,7 +121,7 @@ def match_bias_add(index: GraphIndex, node: onnx.NodeProto, n_columns: int | Non
     if bias == value or not index.is_float32_constant(bias):
         return None
     shape = tuple(int(d) for d in index.constants[bias].dims)
-    if len(shape) > 1 or (n_columns is not None and shape not in ((n_columns,), (1,), ())):
+    if len(shape) != 1 or shape[0] < 2 or (n_columns is not None and shape != (n_columns,)):
         return None
     return BiasMatch(node, add, bias, 1 - slot)
 
@@ -177,8 +178,7 @@ def _single_op(index: GraphIndex, node: onnx.NodeProto, reader: tuple[onnx.NodeP
                 if not index.is_float32_constant(bias) or len(index.constants[bias].dims) != 1:
                     return None
                 if node.op_type != MATMUL_OP or (len(node.input) > 2 and node.input[2]):
-                    return None  # only DCMatMul takes a bias, and only one
-                extra = [bias]
+                    return None  # only DCMatMul takes a bias, and only one; it moves there, it is not absorbed
     if kind is None:
         return None
     nodes, constants = _with_constants(index, [act], extra)

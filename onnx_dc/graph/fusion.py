@@ -45,6 +45,7 @@ from onnx import helper, numpy_helper
 
 from onnx_dc.codec.container_reader import read_container_info
 from onnx_dc.errors import OnnxDcError
+from onnx_dc.graph import operators
 from onnx_dc.graph.activations import BiasMatch, match_activation, match_bias_add
 from onnx_dc.graph.graph_index import GraphIndex
 from onnx_dc.graph.model_io import attribute_subgraphs, iter_graphs, unique_name
@@ -55,7 +56,6 @@ from onnx_dc.graph.operators import (
     MATMUL_OP,
     META_ABSORBED,
     META_OP,
-    RUNTIME_ACTIVATIONS,
 )
 
 __all__ = [
@@ -206,9 +206,8 @@ def _remove_attribute(node: onnx.NodeProto, name: str) -> None:
 def fuse_bias(model: onnx.ModelProto) -> int:
     """Move the bias ``Add`` after each ``DCMatMul`` (from a MatMul) into its bias input; returns how many.
 
-    The ``Add`` must alone read the product and add a float32 ``[N]`` (or
-    one-value) tensor: a constant, or the output of a ``DCDecompress`` of such
-    a tensor. The runtime adds it while the output is in cache; results are
+    The ``Add`` must alone read the product and add a float32 ``[N]`` tensor:
+    a constant, or the output of a ``DCDecompress`` of such a tensor. The runtime adds it while the output is in cache; results are
     the same to float rounding. :func:`unfuse_absorbed` restores the ``Add``.
     """
     fused = 0
@@ -241,7 +240,7 @@ def fuse_activations(model: onnx.ModelProto, kinds: dict[str, frozenset[str]] | 
     Clip, HardSigmoid and LeakyRelu, ``activation_params``; a com.microsoft
     BiasGelu/FastGelu bias moves to DCMatMul's bias input. Returns how many.
     """
-    allowed = RUNTIME_ACTIVATIONS if kinds is None else kinds
+    allowed = operators.RUNTIME_ACTIVATIONS if kinds is None else kinds
     fused = 0
     for graph in _graphs(model):
         for match in find_activations_in_graph(graph):
@@ -368,6 +367,6 @@ def _decompressed_bias(index: GraphIndex, node: onnx.NodeProto, columns: int | N
         info = read_container_info(numpy_helper.to_array(container)) if container is not None else None
     except OnnxDcError:
         return None
-    if info is None or str(info.dtype) != "float32" or tuple(info.shape) not in ((columns,), (1,), ()):
+    if info is None or str(info.dtype) != "float32" or tuple(info.shape) != (columns,):
         return None
     return BiasMatch(node, add, bias, 1 - slot)

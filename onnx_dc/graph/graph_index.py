@@ -98,13 +98,18 @@ class GraphIndex:
         return tensor is not None and name not in self.inputs and tensor.data_type == onnx.TensorProto.FLOAT
 
 
-def model_value_names(model: onnx.ModelProto) -> set[str]:
-    """Every tensor name used anywhere in the model (all graphs): what a new name must avoid."""
+def model_value_names(model: onnx.ModelProto, *, value_info: bool = True) -> set[str]:
+    """Every tensor name used anywhere in the model (all graphs): what a new name must avoid.
+
+    ``value_info=False`` leaves out names that only a ``value_info`` entry mentions
+    (an exporter may describe an initializer there; restoring it may take the name).
+    """
     names: set[str] = set()
     for graph in iter_graphs(model.graph):
         names.update(vi.name for vi in graph.input)
         names.update(vi.name for vi in graph.output)
-        names.update(vi.name for vi in graph.value_info)
+        if value_info:
+            names.update(vi.name for vi in graph.value_info)
         names.update(t.name for t in graph.initializer)
         for node in graph.node:
             names.update(node.input)

@@ -122,7 +122,7 @@ def decompress_model(model: onnx.ModelProto) -> int:
     unfuse_relu(model)
     unfuse_absorbed(model, "bias")
     refs = find_containers(model)
-    taken = model_value_names(model)
+    taken = model_value_names(model, value_info=False)
     for ref in refs:
         try:
             dense = decode_container(ref.data)

@@ -38,6 +38,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_dc.errors import ModelError
+from onnx_dc.graph import operators
 from onnx_dc.graph.fusion import fuse_activations, fuse_bias, fuse_relu, mark_sparse_inputs
 from onnx_dc.graph.graph_index import GraphIndex, model_value_names
 from onnx_dc.graph.graph_index import inferred_value_types as _inferred_value_types
@@ -60,7 +61,6 @@ from onnx_dc.graph.operators import (
     META_SOURCE,
     META_TRANSPOSE,
     OPSET_VERSION,
-    RUNTIME_HAS_GATHER,
 )
 from onnx_dc.graph.weights import Consumer, Weight, iter_scopes
 
@@ -94,7 +94,7 @@ def apply_compression(
     summary = RewriteSummary()
     if not compressed:
         return summary
-    gather = RUNTIME_HAS_GATHER if gather is None else gather
+    gather = operators.RUNTIME_HAS_GATHER if gather is None else gather
     indexes: dict[int, GraphIndex] = {}
     value_types = _inferred_value_types(model)
     taken = model_value_names(model)
