@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from onnx_dc.api.convert import compress_model  # noqa: E402
-from onnx_dc.api.recipe import Recipe  # noqa: E402
-from onnx_dc.api.report import format_bytes  # noqa: E402
+from onnx_dc.api.convert import compress_model
+from onnx_dc.api.recipe import Recipe
+from onnx_dc.api.report import format_bytes
 
 MODELS_DIR = REPO / "tests" / "models"
 MODELS = ["bert_ts", "bert_dynamo", "gpt_ts", "gpt_dynamo", "gpt_ts_nofold", "bert_ort_opt1", "bert_ort_opt2"]
