@@ -48,6 +48,7 @@ __all__ = [
     "BiasMatch",
     "activation_function",
     "find_activations",
+    "find_activations_in_graph",
     "match_activation",
     "match_bias_add",
 ]
@@ -92,15 +93,19 @@ class BiasMatch:
 
 def find_activations(model: onnx.ModelProto, ops: Iterable[str] = (MATMUL_OP, CONV_OP)) -> list[ActivationMatch]:
     """For every ``ai.onnx_dc`` node of type ``ops`` (all graphs), the activation that follows it, if any."""
+    return [match for graph in iter_graphs(model.graph) for match in find_activations_in_graph(graph, ops)]
+
+
+def find_activations_in_graph(graph: onnx.GraphProto, ops: Iterable[str] = (MATMUL_OP, CONV_OP)) -> list[ActivationMatch]:
+    """:func:`find_activations` for the nodes of one graph (not its subgraphs)."""
     wanted = set(ops)
+    index = GraphIndex.build(graph)
     matches = []
-    for graph in iter_graphs(model.graph):
-        index = GraphIndex.build(graph)
-        for node in graph.node:
-            if node.domain == DOMAIN and node.op_type in wanted and node.output and node.output[0]:
-                match = match_activation(index, node)
-                if match is not None:
-                    matches.append(match)
+    for node in graph.node:
+        if node.domain == DOMAIN and node.op_type in wanted and node.output and node.output[0]:
+            match = match_activation(index, node)
+            if match is not None:
+                matches.append(match)
     return matches
 
 

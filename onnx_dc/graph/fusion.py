@@ -46,7 +46,7 @@ from onnx import helper, numpy_helper
 from onnx_dc.codec.container_reader import read_container_info
 from onnx_dc.errors import OnnxDcError
 from onnx_dc.graph import operators
-from onnx_dc.graph.activations import BiasMatch, match_activation, match_bias_add
+from onnx_dc.graph.activations import BiasMatch, find_activations_in_graph, match_bias_add
 from onnx_dc.graph.graph_index import GraphIndex
 from onnx_dc.graph.model_io import attribute_subgraphs, iter_graphs, unique_name
 from onnx_dc.graph.operators import (
@@ -59,7 +59,6 @@ from onnx_dc.graph.operators import (
 )
 
 __all__ = [
-    "find_activations_in_graph",
     "fuse_activations",
     "fuse_bias",
     "fuse_relu",
@@ -243,7 +242,7 @@ def fuse_activations(model: onnx.ModelProto, kinds: dict[str, frozenset[str]] | 
     allowed = operators.RUNTIME_ACTIVATIONS if kinds is None else kinds
     fused = 0
     for graph in _graphs(model):
-        for match in find_activations_in_graph(graph):
+        for match in find_activations_in_graph(graph, _FUSED_OPS):
             node = match.node
             if match.kind not in allowed.get(node.op_type, frozenset()) or _int_attribute(node, "relu"):
                 continue
@@ -266,10 +265,7 @@ def unfuse_absorbed(model: onnx.ModelProto, undo: str) -> int:
     """Restore the nodes absorbed by the last fusions of kind ``undo`` (``bias`` or ``activation``) exactly."""
     restored = 0
     for graph in _graphs(model):
-        index = 0
-        while index < len(graph.node):
-            node = graph.node[index]
-            index += 1
+        for node in [n for n in graph.node if _last_absorbed(n) is not None]:
             while True:
                 entry = _last_absorbed(node)
                 if entry is None:
@@ -280,8 +276,9 @@ def unfuse_absorbed(model: onnx.ModelProto, undo: str) -> int:
                 if info.get("undo") != undo:
                     break
                 node.output[0] = record.name
+                after = next(i for i, n in enumerate(graph.node) if n is node) + 1
                 for offset, absorbed in enumerate(record.node):
-                    graph.node.insert(index + offset, absorbed)
+                    graph.node.insert(after + offset, absorbed)
                 for position, tensor in sorted(zip(info["initializer_positions"], record.initializer, strict=True), key=lambda p: p[0]):
                     graph.initializer.insert(position, tensor)
                 if info.get("bias"):
@@ -291,21 +288,8 @@ def unfuse_absorbed(model: onnx.ModelProto, undo: str) -> int:
                 keep = [e for e in node.metadata_props if e.key != entry.key]
                 del node.metadata_props[:]
                 node.metadata_props.extend(keep)
-                index += len(record.node)
                 restored += 1
     return restored
-
-
-def find_activations_in_graph(graph: onnx.GraphProto) -> list:
-    """:func:`~onnx_dc.graph.activations.match_activation` for every DCMatMul / DCConv of one graph."""
-    index = GraphIndex.build(graph)
-    matches = []
-    for node in graph.node:
-        if node.domain == DOMAIN and node.op_type in _FUSED_OPS and node.output and node.output[0]:
-            match = match_activation(index, node)
-            if match is not None:
-                matches.append(match)
-    return matches
 
 
 def _absorb(graph, node, nodes, initializers, *, undo: str, output: str | None = None, bias: bool = False) -> None:
