@@ -105,25 +105,31 @@ def fold_normalizations(model: onnx.ModelProto) -> FoldSummary:
     taken = model_value_names(model)
     ranks = _LazyRanks(model)
     for graph in list(iter_graphs(model.graph)):
-        skipped: dict[int, SkippedFold] = {}
-        while True:
+        skipped: dict[tuple[str, str], SkippedFold] = {}
+        while True:  # one pass folds every normalisation right after a layer; a chain takes a pass per link
             index = GraphIndex.build(graph)
-            folded = False
-            for node in list(graph.node):
+            steps: list[_Step] = []
+            for node in graph.node:
                 step = _plan(node, index, ranks, graph is model.graph)
-                if step is None:
-                    continue
                 if isinstance(step, SkippedFold):
-                    skipped[id(node)] = step
-                    continue
-                summary.folds.append(_apply(step, index, model, taken))
-                skipped.pop(id(node), None)
-                folded = True
+                    skipped[_key(node)] = step
+                elif step is not None:
+                    steps.append(step)
+            if not steps:
                 break
-            if not folded:
-                break
+            released: list[str] = []
+            for step in steps:
+                fold, names = _apply(step, index, model, taken)
+                summary.folds.append(fold)
+                skipped.pop(_key(step.node), None)
+                released += names
+            _drop_unused(graph, released)
         summary.skipped.extend(skipped.values())
     return summary
+
+
+def _key(node: onnx.NodeProto) -> tuple[str, str]:
+    return node.name, node.output[0] if node.output else ""
 
 
 # ----------------------------------------------------------------------------- planning
@@ -328,16 +334,18 @@ def _per_channel(value: np.ndarray, channels: int, channel_axis: int, out_rank: 
 # ----------------------------------------------------------------------------- applying
 
 
-def _apply(step: _Step, index: GraphIndex, model: onnx.ModelProto, taken: set[str]) -> Fold:
+def _apply(step: _Step, index: GraphIndex, model: onnx.ModelProto, taken: set[str]) -> tuple[Fold, list[str]]:
+    """Fold one step; returns the fold and the constants it stopped reading (dropped once unused)."""
     graph = index.graph
     layer, node = step.layer, step.node
     absorbed = _describe(node)
     weight_name = layer.input[1]
     weight = index.constant(weight_name).astype(np.float64)
     _write(index, weight_name, _scaled_weight(layer, weight, step.scale))
+    old_bias = _bias_name(layer, step.bias_add)
     bias_name = _fold_bias(step, index, model, taken)
     old_value = (step.bias_add or layer).output[0]
-    removed_inputs = [name for name in node.input if name and name != old_value]
+    released = [name for name in node.input if name and name != old_value] + ([old_bias] if old_bias else [])
     if step.replace_with_add:
         shift_name = unique_name(f"{node.name or weight_name}.folded_bias", taken)
         _add_constant(graph, model, shift_name, step.shift, before=node)
@@ -348,8 +356,7 @@ def _apply(step: _Step, index: GraphIndex, model: onnx.ModelProto, taken: set[st
         (step.bias_add or layer).output[0] = node.output[0]
         graph.node.remove(node)
         _drop_value_info(graph, old_value)
-    _drop_unused(graph, removed_inputs)
-    return Fold(_describe(layer), absorbed, weight_name, bias_name)
+    return Fold(_describe(layer), absorbed, weight_name, bias_name), released
 
 
 def _scaled_weight(layer: onnx.NodeProto, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
