@@ -258,7 +258,8 @@ def model_report(
     """
     refs = find_containers(model)
     container_keys = {(id(ref.scope.graph), ref.name) for ref in refs}
-    rows = [_row(ref) for ref in refs]
+    readers = _readers_by_value(model)
+    rows = [_row(ref, readers) for ref in refs]
     reasons = skip_reasons or {}
     dense: list[DenseTensor] = []
     for scope in iter_scopes(model):
@@ -354,23 +355,29 @@ def _names(names: list[str], limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _decompressed_readers(ref: ContainerRef) -> tuple[str, ...]:
-    """The ops reading the outputs of the container's DCDecompress nodes (their graph and its subgraphs)."""
-    found: list[str] = []
-    for scope, node in ref.readers:
-        if node.op_type not in DECOMPRESS_OPS.values():
-            continue
-        for graph in iter_graphs(scope.graph):
-            for reader in graph.node:
-                if node.output[0] in reader.input:
-                    domain = "" if reader.domain in ("", "ai.onnx") else reader.domain + " "
-                    found.append(domain + reader.op_type)
-        if any(o.name == node.output[0] for o in scope.graph.output):
-            found.append("graph output")
-    return tuple(sorted(set(found)))
+def _readers_by_value(model: onnx.ModelProto) -> dict[str, set[str]]:
+    """Value name -> the ops reading it anywhere in the model (``com.microsoft Attention``, ``graph output``)."""
+    readers: dict[str, set[str]] = {}
+    for graph in iter_graphs(model.graph):
+        for node in graph.node:
+            domain = "" if node.domain in ("", "ai.onnx") else node.domain + " "
+            for name in node.input:
+                readers.setdefault(name, set()).add(domain + node.op_type)
+        for output in graph.output:
+            readers.setdefault(output.name, set()).add("graph output")
+    return readers
 
 
-def _row(ref: ContainerRef) -> TensorRow:
+def _decompressed_readers(ref: ContainerRef, readers: dict[str, set[str]]) -> tuple[str, ...]:
+    """The ops reading the outputs of the container's DCDecompress nodes."""
+    found: set[str] = set()
+    for _, node in ref.readers:
+        if node.op_type in DECOMPRESS_OPS.values():
+            found |= readers.get(node.output[0], set())
+    return tuple(sorted(found))
+
+
+def _row(ref: ContainerRef, readers: dict[str, set[str]]) -> TensorRow:
     from onnx_dc.codec.container_reader import decode_container_symbols
 
     try:
@@ -398,7 +405,7 @@ def _row(ref: ContainerRef) -> TensorRow:
         original_bytes=info.numel * info.dtype.itemsize,
         compressed_bytes=len(ref.data),
         op="+".join(ops),
-        decompressed_for=_decompressed_readers(ref),
+        decompressed_for=_decompressed_readers(ref, readers),
     )
 
 
