@@ -240,6 +240,8 @@ def fuse_activations(model: onnx.ModelProto, kinds: dict[str, frozenset[str]] | 
     BiasGelu/FastGelu bias moves to DCMatMul's bias input. Returns how many.
     """
     allowed = operators.RUNTIME_ACTIVATIONS if kinds is None else kinds
+    if not any(allowed.values()):
+        return 0  # nothing to look for (the runtime implements no fused activation yet)
     fused = 0
     for graph in _graphs(model):
         for match in find_activations_in_graph(graph, _FUSED_OPS):
