@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnx_dc.api.convert import CompressionResult, compress_model, record_recipe
+from onnx_dc.api.convert import CompressionResult, compress_model, prepare_model, record_recipe
 from onnx_dc.api.recipe import Recipe
 from onnx_dc.calibration.data import (
     DEFAULT_MAX_SAMPLES,
@@ -100,13 +100,14 @@ def compress_calibrated(
         check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [])
     # Weights held in main-graph Constant nodes (PaddlePaddle exports) become initializers, so they get statistics.
     proto = constants_to_initializers(load_model(model))
+    prepared = prepare_model(proto)  # folded and shared first: the layers are fitted as they will run
     data = load_calibration(calib, proto, max_samples=recipe.calibration.samples)
     layer_settings = _layer_settings(proto, recipe)
     if recipe.search is None:
         if eval_data is not None:
             raise SettingsError("--eval is used with a budget (--max-drop or --min-cosine)")
-        return _compress_fitted(proto, recipe, data, layer_settings, output, progress, external_data)
-    return _compress_searched(proto, recipe, data, eval_data, layer_settings, output, progress, external_data)
+        return _compress_fitted(proto, recipe, data, layer_settings, output, progress, external_data, prepared)
+    return _compress_searched(proto, recipe, data, eval_data, layer_settings, output, progress, external_data, prepared)
 
 
 def _layer_settings(proto: onnx.ModelProto, recipe: Recipe) -> dict[str, LayerSettings]:
@@ -124,20 +125,20 @@ def _layer_settings(proto: onnx.ModelProto, recipe: Recipe) -> dict[str, LayerSe
     return layer_settings
 
 
-def _compress_fitted(proto, recipe, data, layer_settings, output, progress, external_data) -> CompressionResult:
+def _compress_fitted(proto, recipe, data, layer_settings, output, progress, external_data, prepared) -> CompressionResult:
     """Every layer fitted with its settings as given (``recipe.calibration.holdout`` samples left out)."""
     if recipe.calibration.holdout:
         data, _ = data.materialised().split(recipe.calibration.holdout, seed=recipe.seed)
     compression = compress_with_calibration(proto, data, layer_settings, recipe.calibration.options, progress=progress)
     result = compress_model(
         compression.model, recipe, output=output, progress=progress,
-        external_data=external_data, tensor_compressor=compression.tensor_compressor(),
+        external_data=external_data, tensor_compressor=compression.tensor_compressor(), prepared=prepared,
     )
     result.calibration = compression
     return result
 
 
-def _compress_searched(proto, recipe, data, eval_data, layer_settings, output, progress, external_data):
+def _compress_searched(proto, recipe, data, eval_data, layer_settings, output, progress, external_data, prepared):
     """The automatic search of :mod:`onnx_dc.calibration.search`, then the chosen model written."""
     search_recipe = recipe.search
     budget = search_recipe.budget
@@ -150,7 +151,9 @@ def _compress_searched(proto, recipe, data, eval_data, layer_settings, output, p
     fit_recipe = replace(recipe, search=None)
 
     def build(compression: CalibratedCompression):
-        built = compress_model(compression.model, fit_recipe, tensor_compressor=compression.tensor_compressor())
+        built = compress_model(
+            compression.model, fit_recipe, tensor_compressor=compression.tensor_compressor(), prepared=prepared
+        )
         runnable = built.model
         if library is None:
             runnable = onnx.ModelProto()

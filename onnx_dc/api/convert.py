@@ -21,6 +21,7 @@ from onnx_dc.api.recipe import METADATA_KEY, Recipe
 from onnx_dc.api.report import ModelReport, model_report
 from onnx_dc.errors import InvalidTensorError, ModelError
 from onnx_dc.graph import model_io
+from onnx_dc.graph.folding import fold_normalizations
 from onnx_dc.graph.model_io import (
     ModelSource,
     SavedModel,
@@ -32,12 +33,14 @@ from onnx_dc.graph.model_io import (
 )
 from onnx_dc.graph.rewrite import RewriteSummary, apply_compression
 from onnx_dc.graph.settings import ResolvedSettings, TensorPlan
-from onnx_dc.graph.weights import Weight, find_weights
+from onnx_dc.graph.shared import share_duplicate_weights
+from onnx_dc.graph.weights import Weight, describe_use, find_weights
 
 __all__ = [
     "CompressionResult",
     "TensorCompressor",
     "compress_model",
+    "prepare_model",
     "record_recipe",
 ]
 
@@ -70,18 +73,24 @@ def compress_model(
     progress: bool | ProgressCallback = False,
     external_data: bool | None = None,
     tensor_compressor: TensorCompressor | None = None,
+    prepared: list[str] | None = None,
 ) -> CompressionResult:
     """Compress every weight the recipe selects with ``tensor_compressor`` and convert the graph around them.
 
-    ``recipe``'s per-tensor settings plan every weight; the compressor (default:
-    the plain pipeline, :func:`onnx_dc.codec.tensor.compress_tensor`) turns each
-    planned weight into a container. The recipe is recorded in the model's
-    metadata. Written atomically to ``output`` when given.
+    First :func:`prepare_model` folds normalisations into the layers before
+    them and stores duplicated weights once (``prepared``: the notes of a
+    :func:`prepare_model` the caller already ran on ``model``, which then is
+    not prepared again). ``recipe``'s per-tensor settings plan every
+    weight; the compressor (default: the plain pipeline,
+    :func:`onnx_dc.codec.tensor.compress_tensor`) turns each planned weight into
+    a container. The recipe is recorded in the model's metadata. Written
+    atomically to ``output`` when given.
     """
     if output is not None:
         check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [])
     proto = load_model(model)
     original_file_bytes = _source_size_bytes(model)
+    notes = prepare_model(proto) if prepared is None else list(prepared)
     weights = find_weights(proto, min_elements=0)
     plans = recipe.settings().plan(weights)
     todo = [p for p in plans if p.settings is not None]
@@ -103,13 +112,14 @@ def compress_model(
     summary = apply_compression(proto, pairs)
     record_recipe(proto, recipe)
     warnings = _check_written_model(proto, model)
-    reasons = {p.weight.name: p.skip_reason for p in plans if p.skip_reason}
+    reasons = {p.weight.name: f"{_uses(p.weight)}: {p.skip_reason}" for p in plans if p.skip_reason}
     report = model_report(
         proto,
         original_file_bytes=original_file_bytes,
         compressed_file_bytes=_serialized_size(proto),
         skip_reasons=reasons,
     )
+    report.notes.extend(notes)
     saved = None
     if output is not None:  # the last step: nothing can fail after the output is in place
         saved = save_model(proto, output, external_data=external_data)
@@ -119,6 +129,20 @@ def compress_model(
     return CompressionResult(proto, report, plans, recipe, compressed, summary, saved, warnings)
 
 
+def prepare_model(model: onnx.ModelProto) -> list[str]:
+    """The converter's pre-passes on its copy of the model, in place; returns the report's notes about them.
+
+    BatchNormalization and per-channel Mul/Add after a layer are folded into
+    its weight and bias (:func:`onnx_dc.graph.folding.fold_normalizations`),
+    then initializers that repeat another one, or its transpose (a tied LM
+    head), read that one instead (:func:`onnx_dc.graph.shared.share_duplicate_weights`).
+    The model computes the same outputs (to float rounding for the folds).
+    """
+    notes = fold_normalizations(model).notes()
+    notes += [shared.describe() for shared in share_duplicate_weights(model)]
+    return notes
+
+
 def record_recipe(model: onnx.ModelProto, recipe: Recipe) -> None:
     """Write ``recipe`` into the model's ``metadata_props`` (replacing a recorded one)."""
     for index in reversed(range(len(model.metadata_props))):
@@ -126,6 +150,12 @@ def record_recipe(model: onnx.ModelProto, recipe: Recipe) -> None:
             del model.metadata_props[index]
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, recipe.to_json()
+
+
+def _uses(weight: Weight) -> str:
+    """What the weight is to its readers, e.g. ``LayerNormalization input 'Scale'`` (at most two, then "...")."""
+    uses = list(dict.fromkeys(describe_use(c) for c in weight.consumers))
+    return ", ".join(uses[:2]) + (f" and {len(uses) - 2} more" if len(uses) > 2 else "")
 
 
 def _compress_with_core(weight: Weight, values: np.ndarray, settings: ResolvedSettings):

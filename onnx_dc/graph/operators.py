@@ -14,7 +14,9 @@ __all__ = [
     "CONV_OP",
     "DECOMPRESS_OPS",
     "DOMAIN",
+    "GATHER_OP",
     "MATMUL_OP",
+    "META_ABSORBED",
     "META_ADDED",
     "META_ATTRS",
     "META_KIND",
@@ -22,6 +24,8 @@ __all__ = [
     "META_OP",
     "META_SOURCE",
     "OPSET_VERSION",
+    "RUNTIME_ACTIVATIONS",
+    "RUNTIME_HAS_GATHER",
 ]
 
 
@@ -29,6 +33,7 @@ DOMAIN = "ai.onnx_dc"
 OPSET_VERSION = 1
 MATMUL_OP = "DCMatMul"
 CONV_OP = "DCConv"
+GATHER_OP = "DCGather"  # proposed: DCGather(container, indices), ONNX Gather axis 0 (docs/OPERATORS.md)
 # Operators that read a container as input 1 and compute with it directly.
 _FUSED_OPS = frozenset({MATMUL_OP, CONV_OP})
 # onnxruntime custom operators declare their output type statically, so the
@@ -48,6 +53,17 @@ META_OP = "onnx_dc.op"  # on a DCMatMul node: MatMul or Gemm; on a DCConv node: 
 META_ATTRS = "onnx_dc.attrs"  # on a DCMatMul node: attributes the original Gemm set explicitly
 META_ADDED = "onnx_dc.added"  # on value_info entries the converter added
 META_SOURCE = "onnx_dc.source"  # on a container: initializer / constant
+META_ABSORBED = "onnx_dc.absorbed"  # on a fused node: ".1", ".2"... the nodes it absorbed (onnx_dc.graph.fusion)
+META_TRANSPOSE = "onnx_dc.transpose"  # on a DCMatMul: the Transpose node it absorbed (serialized)
+
+# What the runtime implements beyond the operators above. The converter writes a
+# fused activation (attributes ``activation`` and ``activation_params``) only
+# for the kinds listed for an operator, and DCGather only when
+# RUNTIME_HAS_GATHER is True: both stay empty / False until runtime/ ships
+# them (docs/OPERATORS.md, "Proposed"). Relu after DCMatMul is already fused
+# as ``relu = 1``.
+RUNTIME_ACTIVATIONS: dict[str, frozenset[str]] = {MATMUL_OP: frozenset(), CONV_OP: frozenset()}
+RUNTIME_HAS_GATHER = False
 
 # Gemm's defaults, written explicitly on DCMatMul nodes.
 DEFAULT_ALPHA = 1.0

@@ -214,7 +214,7 @@ class CompressionSettings:
         if self._named_exactly(weight.name):
             return None
         if weight.is_bias:
-            return "bias (left dense)"
+            return "bias"
         if weight.n_elements < self.min_elements:
             return f"fewer than {self.min_elements} elements"
         return None
