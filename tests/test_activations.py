@@ -19,6 +19,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
+from onnx_dc.graph import operators
 from onnx_dc.graph.activations import FLT_MAX, activation_function, find_activations
 from onnx_dc.graph.operators import CONV_OP, MATMUL_OP
 
@@ -47,6 +48,12 @@ def matmul_model(pattern, *, opset: int = 17, extra_outputs=(), domains=()) -> o
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)] + [h.make_opsetid(d, 1) for d in domains])
     model.ir_version = 8
     return model
+
+
+@pytest.fixture(autouse=True)
+def analysis_only(monkeypatch):
+    """These tests look at the graph before fusion: the converter fuses no activation here."""
+    monkeypatch.setattr(operators, "RUNTIME_ACTIVATIONS", {MATMUL_OP: frozenset(), CONV_OP: frozenset()})
 
 
 def check(model: onnx.ModelProto, kind: str, params=(), absorbed=None, op=MATMUL_OP):

@@ -21,7 +21,7 @@ from onnx import helper as h
 from onnx_dc.api.convert import compress_model, prepare_model
 from onnx_dc.api.recipe import Recipe
 from onnx_dc.graph import operators
-from onnx_dc.graph.activations import ACTIVATION_KINDS, find_activations
+from onnx_dc.graph.activations import ACTIVATION_KINDS
 from onnx_dc.graph.operators import CONV_OP, DOMAIN, GATHER_OP, MATMUL_OP
 from onnx_dc.graph.restore import decompress_model, find_containers
 
@@ -99,6 +99,15 @@ def test_outputs_match_the_original_through_the_library_and_decompressed(name, l
         np.testing.assert_allclose(got, plain, rtol=1e-4, atol=1e-4 * float(np.abs(plain).max()))
 
 
+def activations_of_node(node: onnx.NodeProto) -> bytes | None:
+    return {a.name: h.get_attribute_value(a) for a in node.attribute}.get("activation")
+
+
+def activations_of(model: onnx.ModelProto) -> list[bytes]:
+    """The fused activations of the model's DCMatMul nodes, in graph order."""
+    return [a for n in model.graph.node if n.op_type == MATMUL_OP and (a := activations_of_node(n))]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_decompress_keeps_the_node_structure(name, compressed_models):
     original, results = compressed_models[name]
@@ -115,16 +124,15 @@ def test_decompress_keeps_the_node_structure(name, compressed_models):
 def test_bert_exports(name, compressed_models):
     _, results = compressed_models[name]
     compressed = results["defaults"].model
-    assert dc_ops(compressed) == {MATMUL_OP: 12, "DCDecompress": 2}  # Q, K, V, O, FFN in, FFN out per layer
+    assert dc_ops(compressed) == {MATMUL_OP: 12, GATHER_OP: 2}  # Q, K, V, O, FFN in, FFN out per layer; embeddings
     matmuls = [n for n in compressed.graph.node if n.op_type == MATMUL_OP]
     assert all(len(n.input) == 3 and n.input[2] for n in matmuls)  # every bias Add became the bias input
     assert results["defaults"].rewrite.fused_biases == 12
-    assert [m.kind for m in find_activations(compressed)] == ["Gelu", "Gelu"]  # the erf form, waiting for the runtime
+    assert activations_of(compressed) == [b"gelu", b"gelu"]  # the erf form, fused into the FFN's first DCMatMul
     kinds = {ref.original_name: ref.kind for ref in find_containers(compressed)}
     assert kinds["word_embeddings.weight"] == "other" and sum(k == "fc" for k in kinds.values()) == 12
     notes = results["defaults"].report.notes
-    assert "decompressed at session start (no fused operator reads the container): " \
-           "'word_embeddings.weight', 'position_embeddings.weight' for Gather" in notes
+    assert not any(n.startswith("decompressed at session start") for n in notes)  # the tables are read by DCGather
     assert any(n.startswith("left dense, fewer than 256 elements:") and "LayerNormalization input 'Scale' x5" in n for n in notes)
 
 
@@ -133,13 +141,13 @@ def test_gpt_tied_head_reads_the_embedding_container(name, compressed_models):
     _, results = compressed_models[name]
     result = results["defaults"]
     compressed = result.model
-    assert dc_ops(compressed) == {MATMUL_OP: 9, "DCDecompress": 2}
+    assert dc_ops(compressed) == {MATMUL_OP: 9, GATHER_OP: 2}
     (wte,) = [ref for ref in find_containers(compressed) if ref.original_name == "wte.weight"]
-    assert sorted(n.op_type for _, n in wte.readers) == ["DCDecompress", MATMUL_OP]  # Gather and LM head, one container
+    assert sorted(n.op_type for _, n in wte.readers) == [GATHER_OP, MATMUL_OP]  # Gather and LM head, one container
     (head,) = [n for _, n in wte.readers if n.op_type == MATMUL_OP]
     assert {a.name: h.get_attribute_value(a) for a in head.attribute}["trans_b"] == 1
     assert wte.kind == "fc"
-    assert [m.kind for m in find_activations(compressed)] == ["FastGelu", "FastGelu"]
+    assert activations_of(compressed) == [b"gelu_tanh", b"gelu_tanh"]
     weights_through_transpose = 9 if name == "gpt_ts_nofold" else 1
     assert result.rewrite.absorbed_transposes == weights_through_transpose
     if name != "gpt_ts_nofold":  # the exporter constant-folded wte.weight^T into a second initializer
@@ -166,9 +174,10 @@ def test_onnxruntime_fused_bert(name, compressed_models):
     )
     table = result.report.format_table()
     assert "'Attention_0_qkv_weight', 'Attention_1_qkv_weight' for com.microsoft Attention" in table
-    # BiasGelu: Gelu with its bias, the bias waits for DCMatMul's bias input with the fused activation
-    assert [(m.kind, m.bias) for m in find_activations(compressed)] == [
-        ("Gelu", "layers.0.intermediate.bias"), ("Gelu", "layers.1.intermediate.bias"),
+    # BiasGelu: Gelu with its bias, fused: the bias becomes DCMatMul's bias input
+    fused = [n for n in compressed.graph.node if n.op_type == MATMUL_OP and activations_of_node(n)]
+    assert [(activations_of_node(n), n.input[2]) for n in fused] == [
+        (b"gelu", "layers.0.intermediate.bias"), (b"gelu", "layers.1.intermediate.bias"),
     ]
 
 
@@ -186,8 +195,8 @@ def test_with_the_runtime_switches_on(name, monkeypatch, ops_library):
         {a.name: h.get_attribute_value(a) for a in n.attribute}.get("activation")
         for n in compressed.graph.node if n.op_type == MATMUL_OP
     ]
-    expected = {"bert_ts": [b"Gelu"] * 2, "gpt_dynamo": [b"FastGelu"] * 2, "gpt_ts_nofold": [b"FastGelu"] * 2,
-                "bert_ort_opt1": [b"Gelu"] * 2}[name]
+    expected = {"bert_ts": [b"gelu"] * 2, "gpt_dynamo": [b"gelu_tanh"] * 2, "gpt_ts_nofold": [b"gelu_tanh"] * 2,
+                "bert_ort_opt1": [b"gelu"] * 2}[name]
     assert [a for a in activations if a] == expected
     gathers = dc_ops(compressed)[GATHER_OP]
     assert gathers == {"bert_ts": 2, "gpt_dynamo": 2, "gpt_ts_nofold": 2, "bert_ort_opt1": 0}[name]

@@ -22,7 +22,7 @@ rewired, undone by :func:`onnx_dc.graph.restore.decompress_model`
 * :func:`fuse_activations`: the activations
   :mod:`onnx_dc.graph.activations` recognises become the ``activation`` /
   ``activation_params`` attributes, only for the kinds the runtime
-  implements (:data:`onnx_dc.graph.operators.RUNTIME_ACTIVATIONS`; none yet).
+  implements (:data:`onnx_dc.graph.operators.RUNTIME_ACTIVATIONS`).
 
 The nodes :func:`fuse_bias` and :func:`fuse_activations` remove are recorded,
 serialized, in the fused node's ``metadata_props`` (``onnx_dc.absorbed.N``),
@@ -252,7 +252,7 @@ def fuse_activations(model: onnx.ModelProto, kinds: dict[str, frozenset[str]] | 
                 graph, node, list(match.nodes), list(match.constants),
                 undo="activation", output=match.output, bias=match.bias is not None,
             )
-            node.attribute.append(helper.make_attribute("activation", match.kind))
+            node.attribute.append(helper.make_attribute("activation", operators.ACTIVATION_ATTRIBUTE[match.kind]))
             if match.params:
                 node.attribute.append(helper.make_attribute("activation_params", [float(p) for p in match.params]))
             if match.bias is not None:

@@ -24,6 +24,7 @@ __all__ = [
     "META_OP",
     "META_SOURCE",
     "OPSET_VERSION",
+    "ACTIVATION_ATTRIBUTE",
     "RUNTIME_ACTIVATIONS",
     "RUNTIME_HAS_GATHER",
 ]
@@ -56,14 +57,20 @@ META_SOURCE = "onnx_dc.source"  # on a container: initializer / constant
 META_ABSORBED = "onnx_dc.absorbed"  # on a fused node: ".1", ".2"... the nodes it absorbed (onnx_dc.graph.fusion)
 META_TRANSPOSE = "onnx_dc.transpose"  # on a DCMatMul: the Transpose node it absorbed (serialized)
 
-# What the runtime implements beyond the operators above. The converter writes a
-# fused activation (attributes ``activation`` and ``activation_params``) only
-# for the kinds listed for an operator, and DCGather only when
-# RUNTIME_HAS_GATHER is True: both stay empty / False until runtime/ ships
-# them (docs/OPERATORS.md, "Proposed"). Relu after DCMatMul is already fused
-# as ``relu = 1``.
-RUNTIME_ACTIVATIONS: dict[str, frozenset[str]] = {MATMUL_OP: frozenset(), CONV_OP: frozenset()}
-RUNTIME_HAS_GATHER = False
+# The fused activations the runtime implements, per operator (docs/OPERATORS.md,
+# "Fused activations"): the converter writes ``activation`` (the runtime's name
+# of the kind, ACTIVATION_ATTRIBUTE) and ``activation_params`` only for the
+# kinds listed here. Relu after DCMatMul is fused as ``relu = 1``.
+RUNTIME_ACTIVATIONS: dict[str, frozenset[str]] = {
+    MATMUL_OP: frozenset({"Gelu", "FastGelu"}),
+    CONV_OP: frozenset(),
+}
+ACTIVATION_ATTRIBUTE: dict[str, str] = {
+    "Relu": "relu", "Clip": "clip", "HardSigmoid": "hard_sigmoid", "HardSwish": "hard_swish", "Sigmoid": "sigmoid",
+    "SiLU": "silu", "LeakyRelu": "leaky_relu", "Tanh": "tanh", "Gelu": "gelu", "FastGelu": "gelu_tanh",
+}
+"""The ``activation`` attribute value of each kind :mod:`onnx_dc.graph.activations` recognises."""
+RUNTIME_HAS_GATHER = True  # Gather(W, indices) on a compressed W runs as DCGather
 
 # Gemm's defaults, written explicitly on DCMatMul nodes.
 DEFAULT_ALPHA = 1.0

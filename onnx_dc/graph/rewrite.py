@@ -89,7 +89,7 @@ def apply_compression(
     ``compressed`` pairs weights found by :func:`onnx_dc.graph.weights.find_weights`
     on this same ``model`` with their container bytes. ``gather`` turns
     ``Gather`` on a float32 weight (axis 0) into ``DCGather`` (default:
-    :data:`onnx_dc.graph.operators.RUNTIME_HAS_GATHER`, off until the runtime has it).
+    :data:`onnx_dc.graph.operators.RUNTIME_HAS_GATHER`).
     """
     summary = RewriteSummary()
     if not compressed:
