@@ -123,10 +123,11 @@ def test_plan_skips_biases_small_and_excluded_tensors():
     assert plans["w2"].settings.sparsity == DEFAULTS["fc"]["sparsity"]
     assert plans["w3"].settings is None and "excluded" in plans["w3"].skip_reason
     assert plans["b2"].settings is None and "bias" in plans["b2"].skip_reason
-    # b1 (300 elements, an Add operand) is compressed as "other" at the default threshold of 256.
-    assert plans["b1"].settings is not None and plans["b1"].settings.bits == DEFAULTS["other"]["bits"]
-    plans = _plans(gb.mlp(), min_elements=1000)
-    assert plans["b1"].settings is None and "fewer than 1000" in plans["b1"].skip_reason
+    # b1 (300 elements, the bias Add's operand) is a vector: dense unless named.
+    assert plans["b1"].settings is None and "vector" in plans["b1"].skip_reason
+    assert _plans(gb.mlp(), bits="b1=6")["b1"].settings.bits == 6
+    plans = _plans(gb.mlp(), min_elements=100000)
+    assert plans["w1"].settings is None and "fewer than 100000" in plans["w1"].skip_reason
 
 
 def test_an_exact_name_compresses_a_bias_or_small_tensor():
@@ -137,7 +138,7 @@ def test_an_exact_name_compresses_a_bias_or_small_tensor():
 
 def test_glob_matching_only_small_tensors_is_accepted():
     plans = _plans(gb.mlp(), bits="b*=6")
-    assert plans["b1"].settings.bits == 6
+    assert plans["b1"].settings is None  # a vector: only its exact name compresses it
     assert plans["b2"].settings is None  # still a bias
 
 

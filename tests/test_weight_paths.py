@@ -75,11 +75,11 @@ def test_tied_head_through_transpose_is_one_container_and_no_transpose(ops_libra
     compressed, containers = compress_all(model, sparsity=0.3, bits=6, min_elements=256)
     assert set(containers) == {"E"}
     ops = [n.op_type for n in compressed.graph.node]
-    assert ops == ["DCDecompress", "Gather", "Tanh", MATMUL_OP]  # the Gather reads the decompressed table
+    assert ops == [GATHER_OP, "Tanh", MATMUL_OP]  # the table's rows gathered straight from its container
     head = compressed.graph.node[-1]
     assert list(head.input) == ["t", "E__dc"] and attrs(head) == {"trans_b": 1}
     (ref,) = find_containers(compressed)
-    assert sorted(n.op_type for _, n in ref.readers) == ["DCDecompress", MATMUL_OP]
+    assert sorted(n.op_type for _, n in ref.readers) == [GATHER_OP, MATMUL_OP]
     plain = decompressed(compressed)
     assert structure(plain) == structure(model)  # the Transpose is back, where it was
     (got,), (want,) = run(compressed, FEEDS, ops_library), run(plain, FEEDS)
@@ -159,12 +159,15 @@ def test_transpose_with_another_reader_keeps_decompress():
     model.graph.node.append(h.make_node("Neg", ["E_t"], ["z"]))
     model.graph.output.append(h.make_tensor_value_info("z", T.FLOAT, [32, 50]))
     compressed, _ = compress_all(model, min_elements=256)
-    assert [n.op_type for n in compressed.graph.node] == ["DCDecompress", "Gather", "Tanh", "Transpose", "MatMul", "Neg"]
+    assert [n.op_type for n in compressed.graph.node] == ["DCDecompress", GATHER_OP, "Tanh", "Transpose", "MatMul", "Neg"]
 
 
-def test_gather_becomes_dc_gather_only_with_the_switch():
+def test_gather_becomes_dc_gather_unless_switched_off(ops_library):
     model = tied_lm(folded=False)
-    off, _ = compress_all(model, min_elements=256)
+    off = onnx.ModelProto()
+    off.CopyFrom(model)
+    pairs = [(w, uniform_container(w.to_array())) for w in find_weights(off, min_elements=256)]
+    apply_compression(off, pairs, gather=False)
     assert GATHER_OP not in [n.op_type for n in off.graph.node]
     on = onnx.ModelProto()
     on.CopyFrom(model)
@@ -177,6 +180,7 @@ def test_gather_becomes_dc_gather_only_with_the_switch():
     plain = decompressed(on)
     assert structure(plain) == structure(model)
     np.testing.assert_allclose(run(plain, FEEDS)[0], run(decompressed(off), FEEDS)[0], rtol=0, atol=0)
+    np.testing.assert_allclose(run(on, FEEDS, ops_library)[0], run(off, FEEDS, ops_library)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_gather_on_another_axis_keeps_decompress():

@@ -215,6 +215,10 @@ class CompressionSettings:
             return None
         if weight.is_bias:
             return "bias"
+        if len(weight.shape) <= 1:
+            # Biases of MatMul + Add, normalisation scales and shifts: a few bytes each, and a
+            # compressed one costs a DCDecompress node on every run.
+            return "a vector (bias, scale or normalisation parameter)"
         if weight.n_elements < self.min_elements:
             return f"fewer than {self.min_elements} elements"
         return None
