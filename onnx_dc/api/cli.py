@@ -28,11 +28,13 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from onnx_dc import __version__
-from onnx_dc.api.recipe import CalibrationRecipe, Recipe, SearchRecipe, load_recipe
-from onnx_dc.errors import OnnxDcError, SettingsError
+from onnx_dc.errors import OnnxDcError, SettingsError, caused_by_interrupt
+
+if TYPE_CHECKING:  # imported where used: ``onnx-dc --help`` loads neither numpy nor onnx
+    from onnx_dc.api.recipe import CalibrationRecipe, Recipe
 
 EXIT_OK = 0
 EXIT_THRESHOLD = 1
@@ -157,6 +159,8 @@ def _calibration_recipe(args: argparse.Namespace, base: CalibrationRecipe) -> Ca
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The :class:`~onnx_dc.api.recipe.Recipe` of ``compress``'s flags (over ``--recipe`` when given)."""
+    from onnx_dc.api.recipe import Recipe, SearchRecipe, load_recipe
+
     base = load_recipe(args.recipe) if args.recipe else Recipe()
     budget_flags = (args.min_cosine, args.max_drop, args.drop_margin_se, args.search_sparsities, args.search_bits)
     if args.calib is None and (args.eval is not None or any(v is not None for v in budget_flags)):
@@ -237,6 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
+    except Exception as exc:
+        if caused_by_interrupt(exc):  # a signal inside an import or a C call, re-raised as another error
+            _error("interrupted; no output was written")
+            return EXIT_INTERRUPTED
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -314,6 +323,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _sensitivity(args: argparse.Namespace) -> int:
     from onnx_dc.api.functions import sensitivity
+    from onnx_dc.api.recipe import CalibrationRecipe
     from onnx_dc.calibration.sensitivity import plot_sensitivity, write_json_atomic
     from onnx_dc.graph.model_io import check_output_path
 
