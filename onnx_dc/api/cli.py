@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from onnx_dc import __version__
 from onnx_dc.errors import OnnxDcError, SettingsError, caused_by_interrupt
+from onnx_dc.graph.defaults import DEFAULT_MIN_ELEMENTS, describe_default
 
 if TYPE_CHECKING:  # imported where used: ``onnx-dc --help`` loads neither numpy nor onnx
     from onnx_dc.api.recipe import CalibrationRecipe, Recipe
@@ -45,6 +46,9 @@ _SETTING_HELP = (
     "one value for every tensor, or KEY=VALUE,... where KEY is a kind (fc, conv, other), "
     "a tensor name or a glob; the most specific match wins"
 )
+
+
+_PROGRESS_HELP = "no progress on stderr (default: a bar on a terminal, else one line per stage)"
 
 
 class _UsageError(Exception):
@@ -70,17 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", metavar="FILE",
                    help="start from a recipe: a JSON file (as --json prints under 'recipe') or a model onnx-dc "
                    "compressed (its recorded recipe); the flags below override its settings")
-    p.add_argument("--sparsity", metavar="S", help=f"fraction of weights pruned by magnitude, 0..1: {_SETTING_HELP}")
+    p.add_argument("--sparsity", metavar="S",
+                   help=f"fraction of weights pruned by magnitude, 0 <= S < 1 or none: {_SETTING_HELP} "
+                   f"(default {describe_default('sparsity')})")
     p.add_argument("--quality", metavar="Q", help=f"prune |w| < Q * std(w) (the paper's rule) instead: {_SETTING_HELP}")
-    p.add_argument("--bits", metavar="B", help=f"bits per shared weight, 1..8: {_SETTING_HELP}")
-    p.add_argument("--index-bits", metavar="I", help=f"bits per relative index, 1..16: {_SETTING_HELP}")
-    p.add_argument("--init", metavar="M", help=f"k-means initialisation (linear, density, random, kmeans++): {_SETTING_HELP}")
+    p.add_argument("--bits", metavar="B",
+                   help=f"bits per shared weight, 1..8: {_SETTING_HELP} (default {describe_default('bits')})")
+    p.add_argument("--index-bits", metavar="I",
+                   help=f"bits per relative index, 1..16: {_SETTING_HELP} (default {describe_default('index_bits')})")
+    p.add_argument("--init", metavar="M", help=f"k-means initialisation (linear, density, random, kmeans++): "
+                   f"{_SETTING_HELP} (default linear)")
     p.add_argument("--exclude", metavar="GLOB", action="append", help="leave matching tensors dense (repeatable)")
-    p.add_argument("--min-elements", metavar="N", help="leave tensors with fewer elements dense (default 256)")
+    p.add_argument("--min-elements", metavar="N",
+                   help=f"leave tensors with fewer elements dense (default {DEFAULT_MIN_ELEMENTS})")
     p.add_argument("--seed", metavar="N", type=int, help="random seed (random/kmeans++ init, held-out splits; default 0)")
     p.add_argument("--external-data", action="store_true", help="always write tensors to OUT.data beside the model")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
     _add_calibration_arguments(p)
     p.add_argument("--eval", metavar="E.npz", help="held-out inputs and 'labels' for the budget (not used for fitting)")
     p.add_argument("--min-cosine", metavar="Y", type=float, help="budget: search settings keeping every output's cosine >= Y")
@@ -97,12 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", action="store_true", help="always write tensors to OUT.data beside the model")
 
     p = sub.add_parser("inspect", help="per-layer table of a compressed model")
-    p.add_argument("model", metavar="MODEL")
+    p.add_argument("model", metavar="MODEL", help="ONNX model compressed by onnx-dc")
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
     p = sub.add_parser("validate", help="compare a compressed model's outputs with the original's")
-    p.add_argument("original", metavar="ORIGINAL")
-    p.add_argument("compressed", metavar="COMPRESSED")
+    p.add_argument("original", metavar="ORIGINAL", help="the ONNX model before compression (the reference)")
+    p.add_argument("compressed", metavar="COMPRESSED", help="the compressed ONNX model to compare with it")
     p.add_argument("--inputs", metavar="FILE.npz", help="inputs keyed by input name (default: generated)")
     p.add_argument("--max-abs-diff", metavar="X", type=float, help="fail (exit 1) when an output differs by more")
     p.add_argument("--min-cosine", metavar="Y", type=float, help="fail (exit 1) when an output's cosine is lower")
@@ -112,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
     p = sub.add_parser("sensitivity", help="per-layer output error (and top-1) vs sparsity and vs bits")
-    p.add_argument("model", metavar="MODEL")
+    p.add_argument("model", metavar="MODEL", help="ONNX model to measure (not compressed)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.json", help="JSON report to write")
     p.add_argument("--plot", metavar="OUT.png", help="also plot the curves (needs matplotlib)")
     p.add_argument("--eval", metavar="E.npz", help="inputs (and optional 'labels') the model-level effect is measured on")
@@ -120,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", metavar="LIST", help="weight bits to measure (comma-separated)")
     p.add_argument("--method", choices=("calibrated", "plain"), default="calibrated",
                    help="calibrated refits (default) or the paper's magnitude pruning and k-means")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
     _add_calibration_arguments(p, required=True)
     return parser
 
@@ -260,7 +270,7 @@ def _compress(args: argparse.Namespace) -> int:
         recipe_from_args(args),
         calib=args.calib,
         eval_data=args.eval,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=not args.no_progress,
         external_data=True if args.external_data else None,
     )
     budget_met = getattr(result.calibration, "budget_met", True)
@@ -343,7 +353,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
         bits=_number_list(args.bits, "--bits", int),
         method=args.method,
         calibration=_calibration_recipe(args, CalibrationRecipe()).options,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=not args.no_progress,
     )
     print(report.format_table())
     write_json_atomic(report.to_dict(), args.output)

@@ -33,6 +33,7 @@ from onnx_dc.graph.model_io import (
 from onnx_dc.graph.rewrite import RewriteSummary, apply_compression
 from onnx_dc.graph.settings import ResolvedSettings, TensorPlan
 from onnx_dc.graph.weights import Weight, find_weights
+from onnx_dc.progress import progress_bar, stage_line
 
 __all__ = [
     "CompressionResult",
@@ -171,7 +172,7 @@ def _check_written_model(model: onnx.ModelProto, source: ModelSource) -> list[st
 
 
 class _progress:
-    """A tqdm bar on a terminal (``progress=True``), a user callback, or nothing."""
+    """``progress=True``: a bar per tensor on a terminal, one stage line elsewhere; a callable; or nothing."""
 
     def __init__(self, progress: bool | ProgressCallback, total: int) -> None:
         self.progress = progress
@@ -179,10 +180,8 @@ class _progress:
         self.bar = None
 
     def __enter__(self) -> Callable[[int, str], None]:
-        if self.progress is True:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, unit="tensor", desc="compressing", leave=False)
+        stage_line(self.progress, f"compressing {self.total} tensor{'' if self.total == 1 else 's'}")
+        self.bar = progress_bar(self.progress, self.total, unit="tensor", description="compressing")
         return self.tick
 
     def tick(self, done: int, name: str) -> None:

@@ -61,7 +61,8 @@ def compress(
         sparsity, bits: shorthand for ``Recipe.build(recipe, sparsity=..., bits=...)``: one
             value, ``KEY=VALUE,...`` text or a dict by kind, name or glob
             (:mod:`onnx_dc.graph.settings`).
-        progress: ``True`` shows progress on a terminal; a callable gets ``(done, total, name)``.
+        progress: ``True`` shows a bar per tensor on a terminal and one line per stage on stderr
+            otherwise (:mod:`onnx_dc.progress`); a callable gets ``(done, total, name)``.
         external_data: force (True) or forbid (False) external data for the output.
 
     Returns:
