@@ -78,8 +78,49 @@ def test_validate_with_npz_inputs(tmp_path, mlp_file, capsys):
     assert main(["compress", str(mlp_file), "-o", str(out), "--no-progress"]) == 0
     np.savez(tmp_path / "in.npz", x=gb.inputs_for(gb.mlp(), batch=7)["x"])
     capsys.readouterr()
-    assert main(["validate", str(mlp_file), str(out), "--inputs", str(tmp_path / "in.npz"), "--json", "--no-library"]) == 0
-    assert json.loads(capsys.readouterr().out)["outputs"][0]["shape"] == [7, 10]
+    argv = ["validate", str(mlp_file), str(out), "--inputs", str(tmp_path / "in.npz"), "--json", "--no-library"]
+    # The test MLP's random weights keep a cosine of about 0.98 at the default settings: below the default 0.99.
+    assert main([*argv, "--min-cosine", "0.9"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["outputs"][0]["shape"] == [7, 10]
+    assert report["thresholds"]["applied"] == ["cosine >= 0.9", "top-1 agreement >= 95% (default)"]
+    assert main(argv) == EXIT_THRESHOLD
+    assert json.loads(capsys.readouterr().out)["thresholds"]["defaults"] == ["min_cosine", "min_top1_agreement"]
+
+
+def test_validate_fails_a_model_that_lost_its_weights_by_default(tmp_path, mlp_file, capsys):
+    """An all-zero model (what --sparsity 1 wrote) must not pass validate without thresholds given."""
+    zeroed = onnx.load(mlp_file)
+    for tensor in zeroed.graph.initializer:
+        tensor.CopyFrom(nh.from_array(np.zeros_like(nh.to_array(tensor)), tensor.name))
+    onnx.save(zeroed, tmp_path / "zero.onnx")
+    assert main(["validate", str(mlp_file), str(tmp_path / "zero.onnx")]) == EXIT_THRESHOLD
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "FAILED (cosine >= 0.99 (default))"
+    assert any(line.startswith("note: top-1 agreement not checked") for line in lines)
+    np.savez(tmp_path / "in.npz", x=gb.inputs_for(gb.mlp(), batch=32)["x"])
+    argv = ["validate", str(mlp_file), str(tmp_path / "zero.onnx"), "--inputs", str(tmp_path / "in.npz")]
+    assert main([*argv, "--min-cosine", "none"]) == EXIT_THRESHOLD
+    assert capsys.readouterr().out.splitlines()[-1] == "FAILED (top-1 agreement >= 95% (default))"
+    assert main([*argv, "--min-cosine", "none", "--min-top1-agreement", "none"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "PASSED (no thresholds: outputs finite and shaped alike)"
+
+
+def test_help_shows_the_defaults_and_describes_every_argument(capsys):
+    from onnx_dc.api.cli import build_parser
+
+    for command in ("compress", "decompress", "inspect", "validate", "sensitivity"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        parser = build_parser()._subparsers._group_actions[0].choices[command]
+        for action in parser._actions:
+            assert action.help, (command, action.dest)  # every positional and option is described
+        if command == "compress":
+            assert "(default fc=0.3, conv=0.1, other=none)" in text and "(default fc=5, conv=8, other=8)" in text
+            assert "(default 256)" in text and "0 <= S < 1" in text
+        if command == "validate":
+            assert "default 0.99" in text and "default 0.95 with --inputs" in text
 
 
 def _mistakes(tmp_path: Path, mlp_file: Path) -> list[tuple[list[str], str]]:
@@ -103,7 +144,8 @@ def _mistakes(tmp_path: Path, mlp_file: Path) -> list[tuple[list[str], str]]:
         (["decompress", str(tmp_path / "missing.onnx"), "-o", out], "no such file"),
         (["inspect", str(text)], "not an ONNX model"),
         (["validate", m, m, "--inputs", str(tmp_path / "missing.npz")], "no such inputs file"),
-        (["validate", m, m, "--max-abs-diff", "abc"], "invalid float value"),
+        (["validate", m, m, "--max-abs-diff", "abc"], "invalid threshold"),
+        (["validate", m, m, "--min-top1-agreement", "95"], "fraction between 0 and 1"),
         (["frobnicate"], "invalid choice"),
         ([], "missing command"),
     ]

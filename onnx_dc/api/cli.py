@@ -113,9 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="compare a compressed model's outputs with the original's")
     p.add_argument("original", metavar="ORIGINAL", help="the ONNX model before compression (the reference)")
     p.add_argument("compressed", metavar="COMPRESSED", help="the compressed ONNX model to compare with it")
-    p.add_argument("--inputs", metavar="FILE.npz", help="inputs keyed by input name (default: generated)")
-    p.add_argument("--max-abs-diff", metavar="X", type=float, help="fail (exit 1) when an output differs by more")
-    p.add_argument("--min-cosine", metavar="Y", type=float, help="fail (exit 1) when an output's cosine is lower")
+    p.add_argument("--inputs", metavar="FILE.npz", help="inputs keyed by input name (default: generated from the "
+                   "input specs, random)")
+    p.add_argument("--max-abs-diff", metavar="X", type=_threshold, default=None,
+                   help="fail (exit 1) when an output differs by more than X (default: not checked)")
+    p.add_argument("--min-cosine", metavar="Y", type=_threshold, default="default",
+                   help="fail (exit 1) when a float output's cosine with the original's is below Y "
+                   "(default 0.99; 'none': not checked)")
+    p.add_argument("--min-top1-agreement", metavar="A", type=_threshold, default="default",
+                   help="fail (exit 1) when a classifier-shaped output (last axis >= 2, the classes) picks the "
+                   "original's class on less than this share of rows, 0..1 (default 0.95 with --inputs; on "
+                   "generated inputs only reported; 'none': not checked)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--library", dest="library", action="store_true", default=None, help="require the custom operator library")
     group.add_argument("--no-library", dest="library", action="store_false", help="run the decompressed model instead")
@@ -197,6 +205,19 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         seed=args.seed,
     )
     return replace(recipe, calibration=_calibration_recipe(args, recipe.calibration), search=search)
+
+
+def _threshold(text: str) -> float | str | None:
+    """A validate threshold: a number, ``none`` (not checked) or ``default`` (the default rule)."""
+    word = text.strip().lower()
+    if word == "none":
+        return None
+    if word == "default":
+        return "default"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid threshold {text!r} (a number or none)") from None
 
 
 def _int_flag(text: str, flag: str) -> int:
@@ -322,6 +343,7 @@ def _validate(args: argparse.Namespace) -> int:
         args.inputs,
         max_abs_diff=args.max_abs_diff,
         min_cosine=args.min_cosine,
+        min_top1_agreement=args.min_top1_agreement,
         use_library=args.library,
     )
     if args.json:

@@ -24,7 +24,7 @@ from onnx_dc.api.convert import (
 )
 from onnx_dc.api.recipe import Recipe
 from onnx_dc.api.report import ModelReport, model_report
-from onnx_dc.api.validation import ValidationReport, validate_models
+from onnx_dc.api.validation import DEFAULT, ThresholdArgument, ValidationReport, validate_models
 from onnx_dc.errors import SettingsError
 from onnx_dc.graph.model_io import ModelSource, check_output_path, load_model, save_model
 from onnx_dc.graph.restore import decompress_model
@@ -117,17 +117,25 @@ def validate(
     compressed: ModelSource,
     inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
     *,
-    max_abs_diff: float | None = None,
-    min_cosine: float | None = None,
+    max_abs_diff: ThresholdArgument = None,
+    min_cosine: ThresholdArgument = DEFAULT,
+    min_top1_agreement: ThresholdArgument = DEFAULT,
     use_library: bool | None = None,
 ) -> ValidationReport:
-    """Run both models on the same inputs and compare their outputs (see :mod:`onnx_dc.api.validation`)."""
+    """Run both models on the same inputs and compare their outputs (see :mod:`onnx_dc.api.validation`).
+
+    The same defaults as ``onnx-dc validate``: every float output's cosine >= 0.99 and, on given
+    ``inputs``, top-1 agreement >= 95 % for classifier-shaped outputs (last axis >= 2). A number
+    replaces a default; ``None`` checks nothing (``min_cosine=None, min_top1_agreement=None``: no
+    thresholds, only finite outputs of the original's shapes). ``report.passed`` is the verdict.
+    """
     return validate_models(
         load_model(original),
         load_model(compressed),
         inputs=inputs,
         max_abs_diff=max_abs_diff,
         min_cosine=min_cosine,
+        min_top1_agreement=min_top1_agreement,
         use_library=use_library,
     )
 
