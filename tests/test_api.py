@@ -154,6 +154,27 @@ def test_user_mistakes_raise_onnx_dc_errors(tmp_path):
     assert not (tmp_path / "nan.onnx").exists()
 
 
+def test_an_already_compressed_model_is_refused(tmp_path):
+    compressed = onnx_dc.compress(gb.mlp(), tmp_path / "c.onnx").model
+    calib = {"x": gb.inputs_for(gb.mlp(), batch=16)["x"]}
+    for attempt in (lambda: onnx_dc.compress(compressed), lambda: onnx_dc.compress(tmp_path / "c.onnx", tmp_path / "cc.onnx"),
+                    lambda: onnx_dc.compress(compressed, calib=calib), lambda: compress_model(compressed, Recipe()),
+                    lambda: onnx_dc.sensitivity(compressed, calib)):
+        with pytest.raises(ModelError, match="already compressed by onnx-dc.*onnx-dc decompress"):
+            attempt()
+    assert not (tmp_path / "cc.onnx").exists()
+    # A container left without its operators still counts; the decompressed model compresses again.
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(compressed)
+    del stripped.graph.node[:]
+    kept = [opset for opset in stripped.opset_import if opset.domain != "ai.onnx_dc"]
+    del stripped.opset_import[:]
+    stripped.opset_import.extend(kept)
+    with pytest.raises(ModelError, match="already compressed"):
+        onnx_dc.compress(stripped)
+    assert onnx_dc.compress(onnx_dc.decompress(compressed)).report.tensors
+
+
 # ----------------------------------------------------------------------------- the zoo pipeline
 
 

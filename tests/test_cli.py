@@ -172,6 +172,17 @@ def test_user_mistakes_through_the_real_command(tmp_path, mlp_file):
     assert not (tmp_path / "out.onnx").exists()
 
 
+def test_compressing_a_compressed_model_is_refused(tmp_path, mlp_file, capsys):
+    out = tmp_path / "c.onnx"
+    assert main(["compress", str(mlp_file), "-o", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    size = out.stat().st_size
+    assert main(["compress", str(out), "-o", str(tmp_path / "again.onnx")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already compressed by onnx-dc" in err and "onnx-dc decompress" in err
+    assert not (tmp_path / "again.onnx").exists() and out.stat().st_size == size
+
+
 def test_corrupted_compressed_model_is_one_line(tmp_path, mlp_file, capsys):
     out = tmp_path / "c.onnx"
     assert main(["compress", str(mlp_file), "-o", str(out)]) == 0

@@ -30,6 +30,7 @@ from onnx_dc.graph.model_io import (
     save_model,
     tensor_bytes,
 )
+from onnx_dc.graph.restore import is_compressed
 from onnx_dc.graph.rewrite import RewriteSummary, apply_compression
 from onnx_dc.graph.settings import ResolvedSettings, TensorPlan
 from onnx_dc.graph.weights import Weight, find_weights
@@ -40,6 +41,7 @@ __all__ = [
     "TensorCompressor",
     "compress_model",
     "record_recipe",
+    "refuse_compressed_input",
 ]
 
 
@@ -82,6 +84,7 @@ def compress_model(
     if output is not None:
         check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [])
     proto = load_model(model)
+    refuse_compressed_input(proto, model)
     original_file_bytes = _source_size_bytes(model)
     weights = find_weights(proto, min_elements=0)
     plans = recipe.settings().plan(weights)
@@ -118,6 +121,20 @@ def compress_model(
     else:
         report.notes.append("compressed size: serialized size (the model was not written to a file)")
     return CompressionResult(proto, report, plans, recipe, compressed, summary, saved, warnings)
+
+
+def refuse_compressed_input(proto: onnx.ModelProto, source: ModelSource) -> None:
+    """Raise :class:`ModelError` when the model to compress was already compressed by onnx-dc.
+
+    Compressing it again would re-quantize what it left dense (biases) and grow the file;
+    the user wants the original model, or ``onnx-dc decompress`` first.
+    """
+    if is_compressed(proto):
+        what = "the model" if isinstance(source, onnx.ModelProto) else str(source)
+        raise ModelError(
+            f"{what} is already compressed by onnx-dc (it holds ai.onnx_dc operators or containers): compress the "
+            "original model, or turn this one back into standard ONNX first with onnx-dc decompress"
+        )
 
 
 def record_recipe(model: onnx.ModelProto, recipe: Recipe) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "decompress_model",
     "find_containers",
     "has_custom_ops",
+    "is_compressed",
 ]
 
 
@@ -162,6 +163,19 @@ def decompress_model(model: onnx.ModelProto) -> int:
 def has_custom_ops(model: onnx.ModelProto) -> bool:
     """True when some node of the model (any graph) is in the ``ai.onnx_dc`` domain."""
     return any(node.domain == DOMAIN for scope in iter_scopes(model) for node in scope.graph.node)
+
+
+def is_compressed(model: onnx.ModelProto) -> bool:
+    """True when the model holds anything onnx-dc writes: ``ai.onnx_dc`` nodes or opset, or container tensors."""
+    if has_custom_ops(model) or any(opset.domain == DOMAIN for opset in model.opset_import):
+        return True
+    for scope in iter_scopes(model):
+        tensors = list(scope.graph.initializer) + [
+            attr.t for node in scope.graph.node if node.op_type == "Constant" for attr in node.attribute if attr.name == "value"
+        ]
+        if any(entry.key == META_NAME for tensor in tensors for entry in tensor.metadata_props):
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------- decompression helpers
