@@ -5,9 +5,11 @@ Python API (each function takes a model path or an ``onnx.ModelProto``)::
     onnx_dc.compress(model, output=None, recipe=None, *, calib=None, eval_data=None, ...)
     onnx_dc.decompress(model, output=None)
     onnx_dc.inspect(model)
-    onnx_dc.validate(original, compressed, inputs=None, *, max_abs_diff=None, min_cosine=None)
+    onnx_dc.validate(original, compressed, inputs=None, *, max_abs_diff=None, min_cosine=..., min_top1_agreement=...)
     onnx_dc.sensitivity(model, calib, ...)
     onnx_dc.ops_library_path()   # the custom operator library for onnxruntime
+    onnx_dc.session_options()    # onnxruntime SessionOptions with it registered
+    onnx_dc.inference_session(path)   # a ready onnxruntime InferenceSession for a compressed model
 
 The package is layered, each layer a subpackage importing only the ones below:
 :mod:`onnx_dc.api` (this API, the command line, reports) -> :mod:`onnx_dc.calibration`
@@ -45,6 +47,8 @@ _LAZY: dict[str, str] = {
     "sensitivity": "onnx_dc.api.functions",
     "CompressionResult": "onnx_dc.api.convert",
     "ops_library_path": "onnx_dc.graph.library",
+    "session_options": "onnx_dc.graph.library",
+    "inference_session": "onnx_dc.graph.library",
 }
 
 if TYPE_CHECKING:
@@ -56,7 +60,7 @@ if TYPE_CHECKING:
         sensitivity,
         validate,
     )
-    from onnx_dc.graph.library import ops_library_path
+    from onnx_dc.graph.library import inference_session, ops_library_path, session_options
 
 
 def lazy_exports(package: str, names: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
@@ -96,8 +100,10 @@ __all__ = [
     "__version__",
     "compress",
     "decompress",
+    "inference_session",
     "inspect",
     "ops_library_path",
     "sensitivity",
+    "session_options",
     "validate",
 ]

@@ -16,7 +16,7 @@ import onnx_dc
 from onnx_dc.api.convert import compress_model
 from onnx_dc.api.recipe import Recipe
 from graph_builders import ops_library  # noqa: F401  (fixture)
-from onnx_dc.errors import InvalidTensorError, ModelError, SettingsError
+from onnx_dc.errors import InvalidTensorError, LibraryNotFoundError, ModelError, SettingsError
 from onnx_dc.graph.model_io import iter_graphs
 
 
@@ -33,7 +33,8 @@ def _run(model, feeds, library=None):
 
 
 def test_public_api_is_exported():
-    for name in ("compress", "decompress", "inspect", "validate", "ops_library_path", "OnnxDcError", "SettingsError"):
+    for name in ("compress", "decompress", "inspect", "validate", "ops_library_path", "session_options",
+                 "inference_session", "OnnxDcError", "SettingsError"):
         assert name in onnx_dc.__all__ and hasattr(onnx_dc, name)
 
 
@@ -173,6 +174,50 @@ def test_an_already_compressed_model_is_refused(tmp_path):
     with pytest.raises(ModelError, match="already compressed"):
         onnx_dc.compress(stripped)
     assert onnx_dc.compress(onnx_dc.decompress(compressed)).report.tensors
+
+
+def test_the_compressed_model_says_how_to_run_it_and_decompress_drops_the_hint():
+    model = gb.mlp()  # producer graph_builders 1.2, metadata labels=...
+    compressed = onnx_dc.compress(model).model
+    meta = {e.key: e.value for e in compressed.metadata_props}
+    assert meta["labels"] == "t-shirt,trouser,pullover" and "onnx_dc.recipe" in meta
+    assert meta["onnx_dc.version"] == onnx_dc.__version__
+    hint = meta["onnx_dc.runtime"]
+    assert "\n" not in hint and "onnx_dc.ops_library_path()" in hint and "pip install onnx-dc" in hint
+    assert "onnx_dc.inference_session" in hint and "onnx-dc decompress" in hint
+    assert (compressed.producer_name, compressed.producer_version) == ("graph_builders", "1.2")
+    # Without the library onnxruntime names only the operator; the hint is in the model it refuses.
+    with pytest.raises(Exception, match=r"ai.onnx_dc:DC\w+\(-1\) is not a registered"):
+        ort.InferenceSession(compressed.SerializeToString(), providers=["CPUExecutionProvider"])
+    restored = onnx_dc.decompress(compressed)
+    restored_meta = [(e.key, e.value) for e in restored.metadata_props]
+    assert restored_meta == [(e.key, e.value) for e in compressed.metadata_props if e.key != "onnx_dc.runtime"]
+    assert (restored.producer_name, restored.doc_string) == (model.producer_name, model.doc_string)
+    # Compressing the decompressed model again replaces the entries instead of repeating them.
+    again = onnx_dc.compress(restored).model
+    assert sorted(e.key for e in again.metadata_props) == sorted(meta)
+
+
+def test_inference_session_and_session_options_register_the_library(tmp_path, ops_library, monkeypatch):
+    model = gb.mlp()
+    result = onnx_dc.compress(model, tmp_path / "c.onnx")
+    feeds = gb.inputs_for(model, batch=4)
+    expected = _run(result.model, feeds, ops_library)[0]
+    for source in (tmp_path / "c.onnx", str(tmp_path / "c.onnx"), result.model, result.model.SerializeToString()):
+        session = onnx_dc.inference_session(source)
+        np.testing.assert_array_equal(session.run(None, feeds)[0], expected)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    assert onnx_dc.session_options(options) is options
+    session = ort.InferenceSession(str(tmp_path / "c.onnx"), onnx_dc.session_options(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, feeds)[0], expected)
+    with pytest.raises(ModelError, match="no such file"):
+        onnx_dc.inference_session(tmp_path / "missing.onnx")
+    with pytest.raises(ModelError, match="onnxruntime cannot load the model"):
+        onnx_dc.inference_session(b"not a model")
+    monkeypatch.setenv("ONNX_DC_OPS_LIBRARY", str(tmp_path / "missing.so"))
+    with pytest.raises(LibraryNotFoundError):
+        onnx_dc.session_options()
 
 
 # ----------------------------------------------------------------------------- the zoo pipeline

@@ -30,6 +30,7 @@ from onnx_dc.graph.model_io import (
     save_model,
     tensor_bytes,
 )
+from onnx_dc.graph.operators import MODEL_META_RUNTIME, MODEL_META_VERSION, RUNTIME_HINT
 from onnx_dc.graph.restore import is_compressed
 from onnx_dc.graph.rewrite import RewriteSummary, apply_compression
 from onnx_dc.graph.settings import ResolvedSettings, TensorPlan
@@ -41,6 +42,7 @@ __all__ = [
     "TensorCompressor",
     "compress_model",
     "record_recipe",
+    "record_runtime_metadata",
     "refuse_compressed_input",
 ]
 
@@ -78,8 +80,9 @@ def compress_model(
 
     ``recipe``'s per-tensor settings plan every weight; the compressor (default:
     the plain pipeline, :func:`onnx_dc.codec.tensor.compress_tensor`) turns each
-    planned weight into a container. The recipe is recorded in the model's
-    metadata. Written atomically to ``output`` when given.
+    planned weight into a container. The recipe, the onnx-dc version and how to run the
+    model are recorded in its metadata (:func:`record_recipe`, :func:`record_runtime_metadata`).
+    Written atomically to ``output`` when given.
     """
     if output is not None:
         check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [])
@@ -106,6 +109,7 @@ def compress_model(
         tick(len(todo), "")
     summary = apply_compression(proto, pairs)
     record_recipe(proto, recipe)
+    record_runtime_metadata(proto)
     warnings = _check_written_model(proto, model)
     reasons = {p.weight.name: p.skip_reason for p in plans if p.skip_reason}
     report = model_report(
@@ -144,6 +148,23 @@ def record_recipe(model: onnx.ModelProto, recipe: Recipe) -> None:
             del model.metadata_props[index]
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, recipe.to_json()
+
+
+def record_runtime_metadata(model: onnx.ModelProto) -> None:
+    """Write ``onnx_dc.version`` and ``onnx_dc.runtime`` (how to run the model) into its ``metadata_props``.
+
+    The producer fields stay the original's; onnxruntime's own error for an unregistered
+    ``ai.onnx_dc`` operator does not say where the operators come from, the metadata does.
+    """
+    from onnx_dc import __version__
+
+    values = {MODEL_META_VERSION: __version__, MODEL_META_RUNTIME: RUNTIME_HINT}
+    kept = [entry for entry in model.metadata_props if entry.key not in values]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in values.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 def _compress_with_core(weight: Weight, values: np.ndarray, settings: ResolvedSettings):

@@ -21,7 +21,10 @@ __all__ = [
     "META_NAME",
     "META_OP",
     "META_SOURCE",
+    "MODEL_META_RUNTIME",
+    "MODEL_META_VERSION",
     "OPSET_VERSION",
+    "RUNTIME_HINT",
 ]
 
 
@@ -48,6 +51,15 @@ META_OP = "onnx_dc.op"  # on a DCMatMul node: MatMul or Gemm; on a DCConv node: 
 META_ATTRS = "onnx_dc.attrs"  # on a DCMatMul node: attributes the original Gemm set explicitly
 META_ADDED = "onnx_dc.added"  # on value_info entries the converter added
 META_SOURCE = "onnx_dc.source"  # on a container: initializer / constant
+
+# Model-level metadata_props written by the converter (the recipe is onnx_dc.api.recipe.METADATA_KEY).
+MODEL_META_VERSION = "onnx_dc.version"  # the onnx-dc version that compressed the model
+MODEL_META_RUNTIME = "onnx_dc.runtime"  # how to run it: removed by decompression, which no longer needs it
+RUNTIME_HINT = (
+    "needs the onnx-dc operator library for its ai.onnx_dc operators: pip install onnx-dc, then "
+    "onnx_dc.inference_session(path), or SessionOptions.register_custom_ops_library(onnx_dc.ops_library_path()); "
+    "onnx-dc decompress writes a standard ONNX model instead"
+)
 
 # Gemm's defaults, written explicitly on DCMatMul nodes.
 DEFAULT_ALPHA = 1.0

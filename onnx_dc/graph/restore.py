@@ -32,6 +32,7 @@ from onnx_dc.graph.operators import (
     META_KIND,
     META_NAME,
     META_OP,
+    MODEL_META_RUNTIME,
 )
 from onnx_dc.graph.rewrite import _copy_doc_string, _index_of, _value_names
 from onnx_dc.graph.weights import GraphScope, iter_scopes
@@ -108,7 +109,8 @@ def decompress_model(model: onnx.ModelProto) -> int:
     ``Conv`` (with the same attributes), ``DCDecompress``
     outputs become dense initializers (or ``Constant`` nodes, where the weight
     was one) holding the quantized weights, and the ``ai.onnx_dc`` opset is
-    dropped. Raises :class:`ContainerError` naming the tensor when a container
+    dropped, and with it the model's ``onnx_dc.runtime`` hint (``onnx_dc.version`` and
+    the recipe stay). Raises :class:`ContainerError` naming the tensor when a container
     is corrupted.
     """
     from onnx_dc.codec.container_reader import decode_container
@@ -157,6 +159,10 @@ def decompress_model(model: onnx.ModelProto) -> int:
         keep = [o for o in model.opset_import if o.domain != DOMAIN]
         del model.opset_import[:]
         model.opset_import.extend(keep)
+        # The run-time hint is no longer true; the version and the recipe stay as provenance.
+        kept = [entry for entry in model.metadata_props if entry.key != MODEL_META_RUNTIME]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
     return len(refs)
 
 
