@@ -155,6 +155,15 @@ def test_user_mistakes_raise_onnx_dc_errors(tmp_path):
     assert not (tmp_path / "nan.onnx").exists()
 
 
+def test_a_tensor_that_keeps_no_weights_is_in_the_warnings_and_the_report():
+    result = onnx_dc.compress(gb.mlp(), recipe=Recipe(quality={"w2": 50.0}))
+    assert result.warnings == ["tensor 'w2' keeps no weights (--quality w2=50.0): it is all zeros now"]
+    assert result.warnings[0] in result.report.notes
+    assert next(r for r in result.report.tensors if r.name == "w2").n_kept == 0
+    with pytest.raises(SettingsError, match="below 1"):
+        onnx_dc.compress(gb.mlp(), sparsity=1)
+
+
 def test_an_already_compressed_model_is_refused(tmp_path):
     compressed = onnx_dc.compress(gb.mlp(), tmp_path / "c.onnx").model
     calib = {"x": gb.inputs_for(gb.mlp(), batch=16)["x"]}

@@ -138,6 +138,7 @@ def _mistakes(tmp_path: Path, mlp_file: Path) -> list[tuple[list[str], str]]:
         (["compress", m, "-o", out, "--exclude", "enc*"], "matches no floating-point weight"),
         (["compress", m, "-o", out, "--bits", "9"], "out of range"),
         (["compress", m, "-o", out, "--sparsity", "fc=abc"], "not a number"),
+        (["compress", m, "-o", out, "--sparsity", "1"], "sparsity 1 removes every weight"),
         (["compress", m, "-o", out, "--min-elements", "-1"], "out of range"),
         (["compress", m], "required"),
         (["compress", m, "-o", str(tmp_path / "nodir" / "out.onnx")], "does not exist"),
@@ -170,6 +171,17 @@ def test_user_mistakes_through_the_real_command(tmp_path, mlp_file):
         assert result.returncode == EXIT_USAGE
         assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_tensor_that_keeps_no_weights_is_a_warning(tmp_path, mlp_file, capsys):
+    out = tmp_path / "c.onnx"
+    assert main(["compress", str(mlp_file), "-o", str(out), "--quality", "w3=100", "--json"]) == 0
+    captured = capsys.readouterr()
+    expected = "tensor 'w3' keeps no weights (--quality w3=100.0): it is all zeros now"
+    assert f"onnx-dc: warning: {expected}" in captured.err.splitlines()
+    assert expected in json.loads(captured.out)["notes"]
+    assert main(["compress", str(mlp_file), "-o", str(out), "--quality", "w3=0.5"]) == 0
+    assert "keeps no weights" not in capsys.readouterr().err
 
 
 def test_compressing_a_compressed_model_is_refused(tmp_path, mlp_file, capsys):

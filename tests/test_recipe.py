@@ -37,6 +37,7 @@ def test_settings_take_the_command_lines_text_numbers_and_dicts():
     "changes, message",
     [
         ({"sparsity": "fc=1.5"}, "--sparsity"),
+        ({"sparsity": {"fc": 1.0}}, "--sparsity: 1.0 is out of range"),
         ({"bits": 9}, "--bits"),
         ({"init": "nope"}, "--init"),
         ({"seed": "3"}, "--seed"),

@@ -95,6 +95,7 @@ def compress_model(
     compressor = tensor_compressor or _compress_with_core
     compressed: dict[str, object] = {}
     pairs: list[tuple[Weight, bytes]] = []
+    emptied: list[str] = []
     with _progress(progress, len(todo)) as tick:
         for index, plan in enumerate(todo):
             weight = plan.weight
@@ -106,11 +107,14 @@ def compress_model(
                 raise InvalidTensorError(f"tensor {weight.name!r}: {exc}") from None
             compressed[weight.name] = result
             pairs.append((weight, bytes(result.container)))
+            if keeps_no_weights(result):
+                emptied.append(f"tensor {weight.name!r} keeps no weights ({_pruning_source(plan.settings)}): "
+                               "it is all zeros now")
         tick(len(todo), "")
     summary = apply_compression(proto, pairs)
     record_recipe(proto, recipe)
     record_runtime_metadata(proto)
-    warnings = _check_written_model(proto, model)
+    warnings = emptied + _check_written_model(proto, model)
     reasons = {p.weight.name: p.skip_reason for p in plans if p.skip_reason}
     report = model_report(
         proto,
@@ -118,6 +122,7 @@ def compress_model(
         compressed_file_bytes=_serialized_size(proto),
         skip_reasons=reasons,
     )
+    report.notes.extend(emptied)
     saved = None
     if output is not None:  # the last step: nothing can fail after the output is in place
         saved = save_model(proto, output, external_data=external_data)
@@ -165,6 +170,18 @@ def record_runtime_metadata(model: onnx.ModelProto) -> None:
     for key, value in values.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
+
+
+def keeps_no_weights(tensor: object) -> bool:
+    """True when a compressed tensor (:class:`onnx_dc.codec.tensor.CompressedTensor`) kept none of its weights."""
+    mask = getattr(tensor, "mask", None)
+    return mask is not None and np.size(mask) > 0 and not np.any(mask)
+
+
+def _pruning_source(settings: ResolvedSettings) -> str:
+    """The rule that chose a tensor's pruning, e.g. ``--quality fc3.weight=100.0``."""
+    setting = "quality" if settings.quality is not None else "sparsity"
+    return settings.sources.get(setting, f"{setting} {getattr(settings, setting)}")
 
 
 def _compress_with_core(weight: Weight, values: np.ndarray, settings: ResolvedSettings):

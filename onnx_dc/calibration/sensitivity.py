@@ -347,8 +347,8 @@ def _check_sparsity(value: object) -> float:
         s = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise SettingsError(f"sparsity {value!r} is not a number") from None
-    if not 0.0 <= s <= 1.0:
-        raise SettingsError(f"sparsity must be in [0, 1], got {value!r}")
+    if not 0.0 <= s < 1.0:
+        raise SettingsError(f"sparsities must be in [0, 1) (sparsity 1 removes every weight), got {value!r}")
     return s
 
 

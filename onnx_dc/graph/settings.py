@@ -357,7 +357,12 @@ def _parse_value(setting: str, raw: Any) -> Any:
     if setting == "sparsity":
         if isinstance(raw, str) and raw.strip().lower() == "none":
             return None
-        return _parse_float(flag, raw, 0.0, 1.0)
+        value = _parse_float(flag, raw, 0.0, 1.0)
+        if value >= 1.0:
+            raise SettingsError(
+                f"{flag}: {raw!r} is out of range (must be at least 0 and below 1: sparsity 1 removes every weight)"
+            )
+        return value
     if setting == "quality":
         if isinstance(raw, str) and raw.strip().lower() == "none":
             return None
