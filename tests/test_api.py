@@ -58,11 +58,30 @@ def test_compress_a_path_writes_a_valid_model_and_leaves_the_input_alone(tmp_pat
     assert result.report.compressed_file_bytes == (tmp_path / "out.onnx").stat().st_size
     plans = {p.weight.name: p for p in result.plans}
     assert plans["b2"].skip_reason.startswith("bias")
-    assert set(result.compressed) == {"w1", "b1", "w2", "w3"}
+    # b1 (an Add operand, 300 floats) would take 1.3 KiB as an 8-bit container (a 256-entry codebook): left dense.
+    assert set(result.compressed) == {"w1", "w2", "w3"}
+    assert plans["b1"].settings is None and "would not be smaller" in plans["b1"].skip_reason
+    dense = {d.name: d for d in result.report.dense}
+    assert dense["b1"].reason == plans["b1"].skip_reason
+    assert f"b1 left dense: {plans['b1'].skip_reason}" in result.report.notes
     # inspect reads the same table back from the file.
     again = onnx_dc.inspect(tmp_path / "out.onnx")
     assert again.to_dict()["tensors"] == result.report.to_dict()["tensors"]
     assert again.ratio == result.report.ratio
+
+
+def test_no_container_is_larger_than_the_tensor_it_replaces():
+    reasons = []
+    for name, build in sorted(gb.ALL_BUILDERS.items()):
+        result = onnx_dc.compress(build(), recipe=Recipe(min_elements=0, bits=8))
+        for row in result.report.tensors:
+            assert row.compressed_bytes < row.original_bytes, (name, row.name)
+        for plan in result.plans:
+            if plan.skip_reason and "would not be smaller" in plan.skip_reason:
+                reasons.append((name, plan.weight.name))
+                assert plan.weight.name not in result.compressed
+                assert any(d.name == plan.weight.name and d.reason == plan.skip_reason for d in result.report.dense)
+    assert reasons  # 8-bit codebooks of 256 values do not pay off on the small tensors of these graphs
 
 
 def test_compress_a_proto_does_not_modify_it():

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from onnx_dc.api.recipe import METADATA_KEY, Recipe
-from onnx_dc.api.report import ModelReport, model_report
+from onnx_dc.api.report import ModelReport, format_bytes, model_report
 from onnx_dc.errors import InvalidTensorError, ModelError
 from onnx_dc.graph import model_io
 from onnx_dc.graph.model_io import (
@@ -41,6 +41,7 @@ __all__ = [
     "CompressionResult",
     "TensorCompressor",
     "compress_model",
+    "not_smaller_reason",
     "record_recipe",
     "record_runtime_metadata",
     "refuse_compressed_input",
@@ -96,6 +97,7 @@ def compress_model(
     compressed: dict[str, object] = {}
     pairs: list[tuple[Weight, bytes]] = []
     emptied: list[str] = []
+    left_dense: dict[str, str] = {}  # weight name -> why its container was not used
     with _progress(progress, len(todo)) as tick:
         for index, plan in enumerate(todo):
             weight = plan.weight
@@ -105,12 +107,17 @@ def compress_model(
                 result = compressor(weight, values, plan.settings)
             except InvalidTensorError as exc:
                 raise InvalidTensorError(f"tensor {weight.name!r}: {exc}") from None
+            reason = not_smaller_reason(values, result.container)
+            if reason is not None:  # the tensor stays as it is
+                left_dense[weight.name] = reason
+                continue
             compressed[weight.name] = result
             pairs.append((weight, bytes(result.container)))
             if keeps_no_weights(result):
                 emptied.append(f"tensor {weight.name!r} keeps no weights ({_pruning_source(plan.settings)}): "
                                "it is all zeros now")
         tick(len(todo), "")
+    plans = [TensorPlan(p.weight, None, left_dense[p.weight.name]) if p.weight.name in left_dense else p for p in plans]
     summary = apply_compression(proto, pairs)
     record_recipe(proto, recipe)
     record_runtime_metadata(proto)
@@ -123,6 +130,7 @@ def compress_model(
         skip_reasons=reasons,
     )
     report.notes.extend(emptied)
+    report.notes.extend(f"{name} left dense: {reason}" for name, reason in left_dense.items())
     saved = None
     if output is not None:  # the last step: nothing can fail after the output is in place
         saved = save_model(proto, output, external_data=external_data)
@@ -170,6 +178,14 @@ def record_runtime_metadata(model: onnx.ModelProto) -> None:
     for key, value in values.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
+
+
+def not_smaller_reason(values: np.ndarray, container: bytes) -> str | None:
+    """Why a tensor is better left dense (its container would not be smaller than its values), or None."""
+    if len(container) < values.nbytes:
+        return None
+    return (f"its container ({format_bytes(len(container))}) would not be smaller than the dense tensor "
+            f"({format_bytes(values.nbytes)})")
 
 
 def keeps_no_weights(tensor: object) -> bool:
