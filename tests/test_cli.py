@@ -128,6 +128,8 @@ def _mistakes(tmp_path: Path, mlp_file: Path) -> list[tuple[list[str], str]]:
     text.write_text("not a model\n")
     out = str(tmp_path / "out.onnx")
     m = str(mlp_file)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=gb.inputs_for(gb.mlp(), batch=16)["x"])
     return [
         (["compress", str(tmp_path / "missing.onnx"), "-o", out], "no such file"),
         (["compress", str(text), "-o", out], "not an ONNX model"),
@@ -145,6 +147,10 @@ def _mistakes(tmp_path: Path, mlp_file: Path) -> list[tuple[list[str], str]]:
         (["decompress", str(tmp_path / "missing.onnx"), "-o", out], "no such file"),
         (["inspect", str(text)], "not an ONNX model"),
         (["validate", m, m, "--inputs", str(tmp_path / "missing.npz")], "no such inputs file"),
+        (["validate", m, m, "--inputs", str(text)], "notes.onnx: not an .npz file of arrays"),
+        (["compress", m, "-o", out, "--calib", str(text)], "notes.onnx: not an .npz file of arrays"),
+        (["compress", m, "-o", out, "--calib", str(calib), "--eval", str(text), "--max-drop", "1"],
+         "notes.onnx: not an .npz file of arrays"),
         (["validate", m, m, "--max-abs-diff", "abc"], "invalid threshold"),
         (["validate", m, m, "--min-top1-agreement", "95"], "fraction between 0 and 1"),
         (["frobnicate"], "invalid choice"),

@@ -171,7 +171,7 @@ def test_bad_inputs_file(tmp_path):
     with pytest.raises(CalibrationError, match="no such inputs file"):
         load_inputs(tmp_path / "missing.npz")
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(CalibrationError, match="not a readable .npz"):
+    with pytest.raises(CalibrationError, match="not an .npz file of arrays"):
         load_inputs(tmp_path / "bad.npz")
 
 

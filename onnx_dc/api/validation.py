@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_dc.calibration.data import input_specs
+from onnx_dc.calibration.data import input_specs, read_npz
 from onnx_dc.errors import CalibrationError, LibraryNotFoundError, ModelError, OnnxDcError, first_line
 from onnx_dc.graph import model_io
 from onnx_dc.graph.model_io import save_model, tensor_bytes
@@ -233,11 +233,7 @@ def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
     p = Path(path)
     if not p.is_file():
         raise CalibrationError(f"{p}: no such inputs file")
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            return {key: np.asarray(data[key]) for key in data.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise CalibrationError(f"{p}: not a readable .npz file ({exc})") from None
+    return read_npz(p)
 
 
 def generate_inputs(model: onnx.ModelProto, *, seed: int = GENERATED_SEED) -> dict[str, np.ndarray]:
