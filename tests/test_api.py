@@ -183,6 +183,19 @@ def test_a_tensor_that_keeps_no_weights_is_in_the_warnings_and_the_report():
         onnx_dc.compress(gb.mlp(), sparsity=1)
 
 
+def test_inspect_refuses_a_model_without_containers_and_says_why():
+    plain = gb.mlp()
+    with pytest.raises(ModelError, match="holds no onnx-dc containers: it is not a compressed model"):
+        onnx_dc.inspect(plain)
+    compressed = onnx_dc.compress(plain).model
+    assert onnx_dc.inspect(compressed).tensors
+    with pytest.raises(ModelError, match="it was decompressed"):
+        onnx_dc.inspect(onnx_dc.decompress(compressed))
+    all_dense = onnx_dc.compress(plain, recipe=Recipe(exclude=("*",))).model
+    with pytest.raises(ModelError, match="onnx-dc left every weight of it dense"):
+        onnx_dc.inspect(all_dense)
+
+
 def test_an_already_compressed_model_is_refused(tmp_path):
     compressed = onnx_dc.compress(gb.mlp(), tmp_path / "c.onnx").model
     calib = {"x": gb.inputs_for(gb.mlp(), batch=16)["x"]}

@@ -146,6 +146,7 @@ def _mistakes(tmp_path: Path, mlp_file: Path) -> list[tuple[list[str], str]]:
         (["compress", m, "-o", str(tmp_path / "nodir" / "out.onnx")], "does not exist"),
         (["decompress", str(tmp_path / "missing.onnx"), "-o", out], "no such file"),
         (["inspect", str(text)], "not an ONNX model"),
+        (["inspect", m], "mlp.onnx holds no onnx-dc containers: it is not a compressed model"),
         (["validate", m, m, "--inputs", str(tmp_path / "missing.npz")], "no such inputs file"),
         (["validate", m, m, "--inputs", str(text)], "notes.onnx: not an .npz file of arrays"),
         (["compress", m, "-o", out, "--calib", str(text)], "notes.onnx: not an .npz file of arrays"),

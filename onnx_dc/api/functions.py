@@ -25,8 +25,9 @@ from onnx_dc.api.convert import (
 from onnx_dc.api.recipe import Recipe
 from onnx_dc.api.report import ModelReport, model_report
 from onnx_dc.api.validation import DEFAULT, ThresholdArgument, ValidationReport, validate_models
-from onnx_dc.errors import SettingsError
+from onnx_dc.errors import ModelError, SettingsError
 from onnx_dc.graph.model_io import ModelSource, check_output_path, load_model, save_model
+from onnx_dc.graph.operators import MODEL_META_RUNTIME, MODEL_META_VERSION
 from onnx_dc.graph.restore import decompress_model
 from onnx_dc.graph.settings import SettingValue
 
@@ -105,11 +106,28 @@ def decompress(
 
 
 def inspect(model: ModelSource) -> ModelReport:
-    """The per-layer report of a compressed model (the table ``compress`` prints)."""
+    """The per-layer report of a compressed model (the table ``compress`` prints).
+
+    Raises:
+        ModelError: the model holds no onnx-dc containers (not compressed, decompressed, or
+            compressed with every weight left dense): there is nothing to inspect.
+    """
     proto = load_model(model)
     size = _source_size_bytes(model)
     report = model_report(proto, compressed_file_bytes=size)
+    if not report.tensors:
+        what = "the model" if isinstance(model, onnx.ModelProto) else str(model)
+        raise ModelError(f"{what} holds no onnx-dc containers: {_why_no_containers(proto)}")
     return report
+
+
+def _why_no_containers(model: onnx.ModelProto) -> str:
+    metadata = {entry.key for entry in model.metadata_props}
+    if MODEL_META_RUNTIME in metadata:
+        return "onnx-dc left every weight of it dense, so there is no per-layer table"
+    if MODEL_META_VERSION in metadata:
+        return "it was decompressed (onnx-dc decompress) and is standard ONNX again"
+    return "it is not a compressed model (onnx-dc compress MODEL -o OUT makes one)"
 
 
 def validate(
