@@ -180,6 +180,49 @@ def test_user_mistakes_through_the_real_command(tmp_path, mlp_file):
     assert not (tmp_path / "out.onnx").exists()
 
 
+def test_progress_off_a_terminal_is_one_line_per_stage(tmp_path, mlp_file):
+    out = tmp_path / "c.onnx"
+    result = _run("compress", str(mlp_file), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["onnx-dc: compressing 4 tensors"]  # w1, b1, w2, w3: not one line each
+    assert _run("compress", str(mlp_file), "-o", str(out), "--no-progress").stderr == ""
+    np.savez(tmp_path / "calib.npz", x=gb.inputs_for(gb.mlp(), batch=64)["x"])
+    result = _run("compress", str(mlp_file), "-o", str(out), "--calib", str(tmp_path / "calib.npz"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["onnx-dc: fitting 3 layer(s) to 64 calibration samples, one after the other",
+                                          "onnx-dc: compressing 4 tensors"]
+
+
+def test_progress_on_a_terminal_is_a_bar_per_tensor(tmp_path, mlp_file):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "onnx_dc", "compress", str(mlp_file), "-o", str(tmp_path / "c.onnx")],
+                                   stdout=subprocess.PIPE, stderr=terminal, env=_env())
+        os.close(terminal)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the terminal's other end is closed: the command has finished
+                break
+            if not chunk:
+                break
+            shown += chunk
+        assert process.wait(timeout=300) == 0
+    finally:
+        os.close(master)
+    text = shown.decode("utf-8", "replace")
+    assert "compressing:" in text and "onnx-dc: compressing" not in text
+    for name in ("w1", "b1", "w2", "w3"):  # the bar names each tensor as it gets to it
+        assert f", {name}]" in text, text
+
+
 def test_a_tensor_that_keeps_no_weights_is_a_warning(tmp_path, mlp_file, capsys):
     out = tmp_path / "c.onnx"
     assert main(["compress", str(mlp_file), "-o", str(out), "--quality", "w3=100", "--json"]) == 0
