@@ -112,6 +112,16 @@ def test_the_compressed_model_records_its_recipe_and_inspect_prints_it(tmp_path)
     assert report.to_dict()["recipe"] == recipe.to_dict()
 
 
+def test_sparsity_none_quantizes_only(tmp_path, capsys):
+    """``--sparsity none`` (documented) reaches the settings as a rule whose value is None."""
+    assert Recipe(sparsity="none").settings().resolve("w", "fc").sparsity is None
+    assert Recipe.build(sparsity="fc=none").settings().resolve("w", "fc").sparsity is None
+    onnx.save(gb.mlp(), tmp_path / "m.onnx")
+    assert main(["compress", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--sparsity", "none", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["tensors"]
+    assert rows and all(row["kept_fraction"] == 1.0 for row in rows)
+
+
 def test_the_short_keywords_override_the_recipe():
     base = Recipe(sparsity=0.5, bits=3, index_bits=6)
     result = onnx_dc.compress(gb.mlp(), recipe=base, bits=6)

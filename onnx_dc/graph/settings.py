@@ -355,7 +355,7 @@ def _unquote(text: str) -> str:
 def _parse_value(setting: str, raw: Any) -> Any:
     flag = _flag(setting)
     if setting == "sparsity":
-        if isinstance(raw, str) and raw.strip().lower() == "none":
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() == "none"):  # None: a recipe's "none"
             return None
         value = _parse_float(flag, raw, 0.0, 1.0)
         if value >= 1.0:
@@ -364,7 +364,7 @@ def _parse_value(setting: str, raw: Any) -> Any:
             )
         return value
     if setting == "quality":
-        if isinstance(raw, str) and raw.strip().lower() == "none":
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() == "none"):
             return None
         return _parse_float(flag, raw, 0.0, None)
     if setting == "bits":
