@@ -365,7 +365,9 @@ def _sensitivity(args: argparse.Namespace) -> int:
         try:
             import matplotlib  # noqa: F401  (fail before the work, not after)
         except ImportError:
-            raise SettingsError("--plot needs matplotlib, an optional dependency: pip install matplotlib") from None
+            raise SettingsError(
+                "--plot needs matplotlib, an optional dependency: pip install matplotlib (or onnx-dc[plot])"
+            ) from None
     report = sensitivity(
         args.model,
         args.calib,

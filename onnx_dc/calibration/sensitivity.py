@@ -291,7 +291,7 @@ def plot_sensitivity(report: SensitivityReport, path: str | os.PathLike) -> None
         import matplotlib.pyplot as plt
     except ImportError:
         raise SettingsError(
-            "--plot needs matplotlib, an optional dependency: pip install matplotlib (or onnx-dc[bench])"
+            "--plot needs matplotlib, an optional dependency: pip install matplotlib (or onnx-dc[plot])"
         ) from None
     path = Path(path)
     with_accuracy = report.baseline_accuracy is not None
