@@ -277,6 +277,7 @@ def _big_model(path: Path) -> None:
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
 
 
+@pytest.mark.slow  # the full suite only: three runs of a 24 MiB compression, signalled at set times
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_leaves_no_partial_output(tmp_path, signum):
     """Whenever the signal lands, the output is either complete or absent, and no temporary file remains."""
@@ -307,6 +308,7 @@ def test_interrupt_leaves_no_partial_output(tmp_path, signum):
             out.unlink()
 
 
+@pytest.mark.slow  # the full suite only: both zoo models through every command and the evaluation
 @pytest.mark.parametrize("name", ["lenet_300_100", "lenet5"])
 def test_zoo_models_from_the_command_line(name, tmp_path):
     """compress -> validate -> decompress -> evaluate, each as a command, on the committed zoo model."""

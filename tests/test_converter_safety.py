@@ -125,6 +125,7 @@ def test_api_leaves_the_model_proto_unchanged() -> None:
 
 
 # ---------------------------------------------------------------------------- atomic output
+@pytest.mark.slow  # the full suite only: a 32 MiB compression watched by a reader
 def test_readers_see_the_old_or_the_complete_new_output(big_model: Path, tmp_path: Path) -> None:
     output = tmp_path / "out.onnx"
     output.write_bytes(LENET.read_bytes())
@@ -204,6 +205,7 @@ def test_signal_while_compressing_leaves_nothing(big_model: Path, tmp_path: Path
     assert _sha256(big_model) == stamp
 
 
+@pytest.mark.slow  # the full suite only: up to five 32 MiB decompressions
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_while_writing_leaves_old_or_complete_output(big_model: Path, tmp_path: Path, sig: int) -> None:
     compressed = tmp_path / "in.dc.onnx"
@@ -257,6 +259,7 @@ def small_tmpfs(tmp_path: Path):
         subprocess.run(["umount", str(mount_point)], check=False)
 
 
+@pytest.mark.slow  # the full suite only: 32 MiB compressions onto a full tmpfs
 @pytest.mark.parametrize("command", ["compress", "decompress"])
 def test_full_disk_gives_one_line_and_no_partial_file(small_tmpfs: Path, big_model: Path, tmp_path: Path,
                                                       command: str) -> None:
@@ -275,6 +278,7 @@ def test_full_disk_gives_one_line_and_no_partial_file(small_tmpfs: Path, big_mod
     assert existing.read_bytes() == b"x" * 1000
 
 
+@pytest.mark.slow  # the full suite only: LeNet through two commands
 def test_file_size_limit_gives_one_line_and_no_partial_file(tmp_path: Path) -> None:
     # LeNet decompressed is about 1 MiB; a 200 KiB file size limit makes the write fail with EFBIG.
     compressed = tmp_path / "lenet.dc.onnx"

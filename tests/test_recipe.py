@@ -159,6 +159,7 @@ def test_bad_recipe_files_are_one_line_errors(tmp_path, capsys):
         assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.slow  # the full suite only: an automatic search
 def test_a_searched_model_is_reproduced_by_its_recipe_without_searching():
     model = gb.mlp()
     rng = np.random.default_rng(0)
