@@ -26,10 +26,11 @@ def _raise_interrupt(signum, frame):  # noqa: ARG001
 
 
 def install_signal_handlers() -> None:
-    """Make SIGINT and SIGTERM raise ``KeyboardInterrupt`` (also when the parent ignored SIGINT)."""
+    """Make SIGINT and SIGTERM raise ``KeyboardInterrupt``; a signal the parent ignores stays ignored."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
-            signal.signal(signum, _raise_interrupt)
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. a shell's background job ignores SIGINT
+                signal.signal(signum, _raise_interrupt)
         except ValueError:  # not the main thread: leave the handlers alone
             return
 

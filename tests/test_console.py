@@ -72,3 +72,19 @@ def test_python_m_onnx_dc_is_the_same_command():
     via_console = _python("-c", "import sys; from onnx_dc.console import main; sys.exit(main())", "--version")
     assert via_module.returncode == via_console.returncode == 0
     assert via_module.stdout == via_console.stdout and via_module.stdout.startswith("onnx-dc ")
+
+
+def test_a_signal_the_parent_ignores_stays_ignored():
+    from onnx_dc.console import install_signal_handlers
+
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a shell gives a background job
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        install_signal_handlers()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        with pytest.raises(KeyboardInterrupt):
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
