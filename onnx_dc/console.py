@@ -20,8 +20,7 @@ EXIT_INTERRUPTED = 130
 INTERRUPTED_MESSAGE = "onnx-dc: error: interrupted; no output was written"
 
 
-
-def _raise_interrupt(signum, frame):  # noqa: ARG001
+def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 

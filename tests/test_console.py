@@ -31,7 +31,8 @@ sys.exit(main())
 
 
 def _python(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=300, **kwargs)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
+                          **kwargs)
 
 
 def _default_signal_handlers() -> None:

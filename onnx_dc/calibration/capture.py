@@ -26,8 +26,8 @@ from onnx_dc.calibration.data import DEFAULT_BATCH_SIZE, CalibrationData
 from onnx_dc.calibration.layer_problem import single_threaded_blas
 from onnx_dc.calibration.layers import _IM2COL_CHUNK_ELEMENTS, LayerSpec, _conv_geometry, _outer_names
 from onnx_dc.errors import CalibrationError, ModelError, first_line
-from onnx_dc.progress import progress_bar
 from onnx_dc.graph.model_io import attribute_subgraphs
+from onnx_dc.progress import progress_bar
 
 __all__ = [
     "DEFAULT_MAX_MEMORY_BYTES",
