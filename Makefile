@@ -12,7 +12,7 @@ setup:
 demo: setup
 	$(PYTHON) -m model_zoo.demo
 
-# The default suite (tests not marked slow): about 6 minutes on a 2-core machine.
+# The default suite (tests not marked slow): about 5-6 minutes on a 2-core machine.
 test: setup
 	$(PYTHON) -m pytest -q
 
