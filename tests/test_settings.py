@@ -71,6 +71,7 @@ def test_sparsity_and_quality_pick_the_more_specific():
     assert settings.resolve("w", "fc").quality == 0.7 and settings.resolve("w", "fc").sparsity is None
     settings = parse_settings(sparsity="none")
     assert settings.resolve("w", "fc").sparsity is None
+    assert parse_settings(sparsity={"fc": None}).resolve("w", "fc").sparsity is None  # a recipe's "none"
     with pytest.raises(SettingsError, match="both"):
         parse_settings(sparsity="fc=0.5", quality="fc=1.0").resolve("w", "fc")
 
@@ -84,6 +85,9 @@ def test_sparsity_and_quality_pick_the_more_specific():
         ({"bits": "fc=5.5"}, "not an integer"),
         ({"index_bits": "17"}, "out of range"),
         ({"sparsity": "1.5"}, "out of range"),
+        ({"sparsity": "1"}, "below 1: sparsity 1 removes every weight"),
+        ({"sparsity": 1.0}, "below 1"),
+        ({"sparsity": {"fc": 1}}, "below 1"),
         ({"sparsity": "-0.1"}, "out of range"),
         ({"sparsity": "nan"}, "out of range"),
         ({"sparsity": "fc=half"}, "not a number"),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnx_dc.api.convert import CompressionResult, compress_model, prepare_model, record_recipe
+from onnx_dc.api.convert import CompressionResult, compress_model, prepare_model, record_recipe, refuse_compressed_input
 from onnx_dc.api.recipe import Recipe
 from onnx_dc.calibration.data import (
     DEFAULT_MAX_SAMPLES,
@@ -98,8 +98,10 @@ def compress_calibrated(
     """
     if output is not None:
         check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [])
+    loaded = load_model(model)
+    refuse_compressed_input(loaded, model)
     # Weights held in main-graph Constant nodes (PaddlePaddle exports) become initializers, so they get statistics.
-    proto = constants_to_initializers(load_model(model))
+    proto = constants_to_initializers(loaded)
     prepared = prepare_model(proto)  # folded and shared first: the layers are fitted as they will run
     data = load_calibration(calib, proto, max_samples=recipe.calibration.samples)
     layer_settings = _layer_settings(proto, recipe)
@@ -225,7 +227,9 @@ def sensitivity(
     progress: bool | Callable[..., None] = False,
 ) -> SensitivityReport:
     """Per-layer sensitivity to pruning and weight sharing (see :mod:`onnx_dc.calibration.sensitivity`)."""
-    proto = constants_to_initializers(load_model(model))
+    loaded = load_model(model)
+    refuse_compressed_input(loaded, model)
+    proto = constants_to_initializers(loaded)
     data = load_calibration(calib, proto, max_samples=calib_samples)
     evaluation, labels = (None, None)
     if eval_data is not None:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from onnx_dc.api.recipe import METADATA_KEY, Recipe
-from onnx_dc.api.report import ModelReport, model_report
+from onnx_dc.api.report import ModelReport, format_bytes, model_report
 from onnx_dc.errors import InvalidTensorError, ModelError
 from onnx_dc.graph import model_io
 from onnx_dc.graph.folding import fold_normalizations
@@ -31,17 +31,23 @@ from onnx_dc.graph.model_io import (
     save_model,
     tensor_bytes,
 )
+from onnx_dc.graph.operators import MODEL_META_RUNTIME, MODEL_META_VERSION, RUNTIME_HINT
+from onnx_dc.graph.restore import is_compressed
 from onnx_dc.graph.rewrite import RewriteSummary, apply_compression
 from onnx_dc.graph.settings import ResolvedSettings, TensorPlan
 from onnx_dc.graph.shared import share_duplicate_weights
 from onnx_dc.graph.weights import Weight, describe_use, find_weights
+from onnx_dc.progress import progress_bar, stage_line
 
 __all__ = [
     "CompressionResult",
     "TensorCompressor",
     "compress_model",
+    "not_smaller_reason",
     "prepare_model",
     "record_recipe",
+    "record_runtime_metadata",
+    "refuse_compressed_input",
 ]
 
 
@@ -80,15 +86,18 @@ def compress_model(
     First :func:`prepare_model` folds normalisations into the layers before
     them and stores duplicated weights once (``prepared``: the notes of a
     :func:`prepare_model` the caller already ran on ``model``, which then is
-    not prepared again). ``recipe``'s per-tensor settings plan every
-    weight; the compressor (default: the plain pipeline,
+    not prepared again). ``recipe``'s per-tensor settings plan every weight;
+    the compressor (default: the plain pipeline,
     :func:`onnx_dc.codec.tensor.compress_tensor`) turns each planned weight into
-    a container. The recipe is recorded in the model's metadata. Written
-    atomically to ``output`` when given.
+    a container; a tensor whose container would not be smaller stays dense
+    (:func:`not_smaller_reason`). The recipe, the onnx-dc version and how to
+    run the model are recorded in its metadata (:func:`record_recipe`,
+    :func:`record_runtime_metadata`). Written atomically to ``output`` when given.
     """
     if output is not None:
         check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [])
     proto = load_model(model)
+    refuse_compressed_input(proto, model)
     original_file_bytes = _source_size_bytes(model)
     notes = prepare_model(proto) if prepared is None else list(prepared)
     weights = find_weights(proto, min_elements=0)
@@ -97,6 +106,8 @@ def compress_model(
     compressor = tensor_compressor or _compress_with_core
     compressed: dict[str, object] = {}
     pairs: list[tuple[Weight, bytes]] = []
+    emptied: list[str] = []
+    left_dense: dict[str, str] = {}  # weight name -> why its container was not used
     with _progress(progress, len(todo)) as tick:
         for index, plan in enumerate(todo):
             weight = plan.weight
@@ -106,12 +117,21 @@ def compress_model(
                 result = compressor(weight, values, plan.settings)
             except InvalidTensorError as exc:
                 raise InvalidTensorError(f"tensor {weight.name!r}: {exc}") from None
+            reason = not_smaller_reason(values, result.container)
+            if reason is not None:  # the tensor stays as it is
+                left_dense[weight.name] = reason
+                continue
             compressed[weight.name] = result
             pairs.append((weight, bytes(result.container)))
+            if keeps_no_weights(result):
+                emptied.append(f"tensor {weight.name!r} keeps no weights ({_pruning_source(plan.settings)}): "
+                               "it is all zeros now")
         tick(len(todo), "")
+    plans = [TensorPlan(p.weight, None, left_dense[p.weight.name]) if p.weight.name in left_dense else p for p in plans]
     summary = apply_compression(proto, pairs)
     record_recipe(proto, recipe)
-    warnings = _check_written_model(proto, model)
+    record_runtime_metadata(proto)
+    warnings = emptied + _check_written_model(proto, model)
     reasons = {p.weight.name: f"{_uses(p.weight)}: {p.skip_reason}" for p in plans if p.skip_reason}
     report = model_report(
         proto,
@@ -120,6 +140,8 @@ def compress_model(
         skip_reasons=reasons,
     )
     report.notes.extend(notes)
+    report.notes.extend(emptied)
+    report.notes.extend(f"{name} left dense: {reason}" for name, reason in left_dense.items())
     saved = None
     if output is not None:  # the last step: nothing can fail after the output is in place
         saved = save_model(proto, output, external_data=external_data)
@@ -143,6 +165,20 @@ def prepare_model(model: onnx.ModelProto) -> list[str]:
     return notes
 
 
+def refuse_compressed_input(proto: onnx.ModelProto, source: ModelSource) -> None:
+    """Raise :class:`ModelError` when the model to compress was already compressed by onnx-dc.
+
+    Compressing it again would re-quantize what it left dense (biases) and grow the file;
+    the user wants the original model, or ``onnx-dc decompress`` first.
+    """
+    if is_compressed(proto):
+        what = "the model" if isinstance(source, onnx.ModelProto) else str(source)
+        raise ModelError(
+            f"{what} is already compressed by onnx-dc (it holds ai.onnx_dc operators or containers): compress the "
+            "original model, or turn this one back into standard ONNX first with onnx-dc decompress"
+        )
+
+
 def record_recipe(model: onnx.ModelProto, recipe: Recipe) -> None:
     """Write ``recipe`` into the model's ``metadata_props`` (replacing a recorded one)."""
     for index in reversed(range(len(model.metadata_props))):
@@ -156,6 +192,43 @@ def _uses(weight: Weight) -> str:
     """What the weight is to its readers, e.g. ``LayerNormalization input 'Scale'`` (at most two, then "...")."""
     uses = list(dict.fromkeys(describe_use(c) for c in weight.consumers))
     return ", ".join(uses[:2]) + (f" and {len(uses) - 2} more" if len(uses) > 2 else "")
+
+
+def record_runtime_metadata(model: onnx.ModelProto) -> None:
+    """Write ``onnx_dc.version`` and ``onnx_dc.runtime`` (how to run the model) into its ``metadata_props``.
+
+    The producer fields stay the original's; onnxruntime's own error for an unregistered
+    ``ai.onnx_dc`` operator does not say where the operators come from, the metadata does.
+    """
+    from onnx_dc import __version__
+
+    values = {MODEL_META_VERSION: __version__, MODEL_META_RUNTIME: RUNTIME_HINT}
+    kept = [entry for entry in model.metadata_props if entry.key not in values]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in values.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def not_smaller_reason(values: np.ndarray, container: bytes) -> str | None:
+    """Why a tensor is better left dense (its container would not be smaller than its values), or None."""
+    if len(container) < values.nbytes:
+        return None
+    return (f"its container ({format_bytes(len(container))}) would not be smaller than the dense tensor "
+            f"({format_bytes(values.nbytes)})")
+
+
+def keeps_no_weights(tensor: object) -> bool:
+    """True when a compressed tensor (:class:`onnx_dc.codec.tensor.CompressedTensor`) kept none of its weights."""
+    mask = getattr(tensor, "mask", None)
+    return mask is not None and np.size(mask) > 0 and not np.any(mask)
+
+
+def _pruning_source(settings: ResolvedSettings) -> str:
+    """The rule that chose a tensor's pruning, e.g. ``--quality fc3.weight=100.0``."""
+    setting = "quality" if settings.quality is not None else "sparsity"
+    return settings.sources.get(setting, f"{setting} {getattr(settings, setting)}")
 
 
 def _compress_with_core(weight: Weight, values: np.ndarray, settings: ResolvedSettings):
@@ -201,7 +274,7 @@ def _check_written_model(model: onnx.ModelProto, source: ModelSource) -> list[st
 
 
 class _progress:
-    """A tqdm bar on a terminal (``progress=True``), a user callback, or nothing."""
+    """``progress=True``: a bar per tensor on a terminal, one stage line elsewhere; a callable; or nothing."""
 
     def __init__(self, progress: bool | ProgressCallback, total: int) -> None:
         self.progress = progress
@@ -209,10 +282,8 @@ class _progress:
         self.bar = None
 
     def __enter__(self) -> Callable[[int, str], None]:
-        if self.progress is True:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, unit="tensor", desc="compressing", leave=False)
+        stage_line(self.progress, f"compressing {self.total} tensor{'' if self.total == 1 else 's'}")
+        self.bar = progress_bar(self.progress, self.total, unit="tensor", description="compressing")
         return self.tick
 
     def tick(self, done: int, name: str) -> None:

@@ -13,7 +13,6 @@ exceed ``max_memory_bytes``. :func:`run_model` runs a model over the data and
 from __future__ import annotations
 
 import contextlib
-import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from onnx_dc.calibration.layer_problem import single_threaded_blas
 from onnx_dc.calibration.layers import _IM2COL_CHUNK_ELEMENTS, LayerSpec, _conv_geometry, _outer_names
 from onnx_dc.errors import CalibrationError, ModelError, first_line
 from onnx_dc.graph.model_io import attribute_subgraphs
+from onnx_dc.progress import progress_bar
 
 __all__ = [
     "DEFAULT_MAX_MEMORY_BYTES",
@@ -393,10 +393,7 @@ class _Progress:
         self.total = total
         self.done = 0
         self.bar = None
-        if progress is True and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total or None, unit="sample", desc=description, leave=False)
+        self.bar = progress_bar(progress, total or None, unit="sample", description=description)
 
     def advance(self, count: int) -> None:
         self.done += count

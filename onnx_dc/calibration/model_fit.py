@@ -43,7 +43,6 @@ compressed.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -60,6 +59,7 @@ from onnx_dc.calibration.targets import LayerTarget, layer_target
 from onnx_dc.codec.container import encode_container
 from onnx_dc.codec.tensor import CompressedTensor, codebook_in_dtype, compress_tensor, compressed_tensor_from_codes
 from onnx_dc.graph.model_io import initializer_array, set_initializer
+from onnx_dc.progress import on_terminal, progress_bar, stage_line
 
 __all__ = [
     "CalibratedCompression",
@@ -213,15 +213,14 @@ def compress_with_calibration(
     layers = [layer for layer in all_layers if layer.weight in settings]
     layer_names = {layer.weight for layer in layers}
     result = CalibratedCompression(working)
-    show = progress is True and sys.stderr.isatty()
+    show = progress is True and on_terminal()
     callback = progress if callable(progress) else None
     names_in_order = [n for n in settings if n not in layer_names] + [layer.weight for layer in layers]
     total = len(names_in_order)
-    bar = None
-    if show:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="tensor", desc="fitting", leave=False)
+    samples = f"{data.n_samples} calibration samples" if data.n_samples >= 0 else "the calibration samples"
+    stage_line(progress, f"fitting {len(layers)} layer(s) to {samples}"
+               f"{', one after the other' if options.sequential else ''}")
+    bar = progress_bar(progress, total, unit="tensor", description="fitting")
 
     def tick(name: str) -> None:
         if bar is not None:

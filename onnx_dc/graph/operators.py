@@ -23,10 +23,13 @@ __all__ = [
     "META_NAME",
     "META_OP",
     "META_SOURCE",
+    "MODEL_META_RUNTIME",
+    "MODEL_META_VERSION",
     "OPSET_VERSION",
     "ACTIVATION_ATTRIBUTE",
     "RUNTIME_ACTIVATIONS",
     "RUNTIME_HAS_GATHER",
+    "RUNTIME_HINT",
 ]
 
 
@@ -71,6 +74,15 @@ ACTIVATION_ATTRIBUTE: dict[str, str] = {
 }
 """The ``activation`` attribute value of each kind :mod:`onnx_dc.graph.activations` recognises."""
 RUNTIME_HAS_GATHER = True  # Gather(W, indices) on a compressed W runs as DCGather
+
+# Model-level metadata_props written by the converter (the recipe is onnx_dc.api.recipe.METADATA_KEY).
+MODEL_META_VERSION = "onnx_dc.version"  # the onnx-dc version that compressed the model
+MODEL_META_RUNTIME = "onnx_dc.runtime"  # how to run it: removed by decompression, which no longer needs it
+RUNTIME_HINT = (
+    "needs the onnx-dc operator library for its ai.onnx_dc operators: pip install onnx-dc, then "
+    "onnx_dc.inference_session(path), or SessionOptions.register_custom_ops_library(onnx_dc.ops_library_path()); "
+    "onnx-dc decompress writes a standard ONNX model instead"
+)
 
 # Gemm's defaults, written explicitly on DCMatMul nodes.
 DEFAULT_ALPHA = 1.0

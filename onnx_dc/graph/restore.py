@@ -36,6 +36,7 @@ from onnx_dc.graph.operators import (
     META_NAME,
     META_OP,
     META_TRANSPOSE,
+    MODEL_META_RUNTIME,
 )
 from onnx_dc.graph.rewrite import _copy_doc_string, _index_of
 from onnx_dc.graph.weights import GraphScope, iter_scopes
@@ -47,6 +48,7 @@ __all__ = [
     "decompress_model",
     "find_containers",
     "has_custom_ops",
+    "is_compressed",
 ]
 
 
@@ -113,7 +115,8 @@ def decompress_model(model: onnx.ModelProto) -> int:
     ``Conv`` (with the same attributes), ``DCDecompress``
     outputs become dense initializers (or ``Constant`` nodes, where the weight
     was one) holding the quantized weights, and the ``ai.onnx_dc`` opset is
-    dropped. Raises :class:`ContainerError` naming the tensor when a container
+    dropped, and with it the model's ``onnx_dc.runtime`` hint (``onnx_dc.version`` and
+    the recipe stay). Raises :class:`ContainerError` naming the tensor when a container
     is corrupted.
     """
     from onnx_dc.codec.container_reader import decode_container
@@ -166,12 +169,29 @@ def decompress_model(model: onnx.ModelProto) -> int:
         keep = [o for o in model.opset_import if o.domain != DOMAIN]
         del model.opset_import[:]
         model.opset_import.extend(keep)
+        # The run-time hint is no longer true; the version and the recipe stay as provenance.
+        kept = [entry for entry in model.metadata_props if entry.key != MODEL_META_RUNTIME]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
     return len(refs)
 
 
 def has_custom_ops(model: onnx.ModelProto) -> bool:
     """True when some node of the model (any graph) is in the ``ai.onnx_dc`` domain."""
     return any(node.domain == DOMAIN for scope in iter_scopes(model) for node in scope.graph.node)
+
+
+def is_compressed(model: onnx.ModelProto) -> bool:
+    """True when the model holds anything onnx-dc writes: ``ai.onnx_dc`` nodes or opset, or container tensors."""
+    if has_custom_ops(model) or any(opset.domain == DOMAIN for opset in model.opset_import):
+        return True
+    for scope in iter_scopes(model):
+        tensors = list(scope.graph.initializer) + [
+            attr.t for node in scope.graph.node if node.op_type == "Constant" for attr in node.attribute if attr.name == "value"
+        ]
+        if any(entry.key == META_NAME for tensor in tensors for entry in tensor.metadata_props):
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------- decompression helpers
