@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-elements", metavar="N",
                    help=f"leave tensors with fewer elements dense (default {DEFAULT_MIN_ELEMENTS})")
     p.add_argument("--seed", metavar="N", type=int, help="random seed (random/kmeans++ init, held-out splits; default 0)")
+    p.add_argument("--precision", choices=("bf16x3", "float"),
+                   help="arithmetic of the compressed MatMuls: bf16x3 (default) uses AMX bfloat16 passes where the CPU "
+                   "has them, within 1e-5 of the largest output; float keeps float32 throughout")
     p.add_argument("--external-data", action="store_true", help="always write tensors to OUT.data beside the model")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
@@ -203,6 +206,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         exclude=tuple(args.exclude) if args.exclude else None,
         min_elements=None if args.min_elements is None else _int_flag(args.min_elements, "--min-elements"),
         seed=args.seed,
+        precision=args.precision,
     )
     return replace(recipe, calibration=_calibration_recipe(args, recipe.calibration), search=search)
 

@@ -22,6 +22,7 @@ from onnx_dc.api.report import ModelReport, format_bytes, model_report
 from onnx_dc.errors import InvalidTensorError, ModelError
 from onnx_dc.graph import model_io
 from onnx_dc.graph.folding import fold_normalizations
+from onnx_dc.graph.fusion import set_matmul_precision
 from onnx_dc.graph.model_io import (
     ModelSource,
     SavedModel,
@@ -128,11 +129,13 @@ def compress_model(
                                "it is all zeros now")
         tick(len(todo), "")
     plans = [TensorPlan(p.weight, None, left_dense[p.weight.name]) if p.weight.name in left_dense else p for p in plans]
+    # what each dense tensor is to its readers, said of the graph as the user wrote it (before the rewrite)
+    reasons = {p.weight.name: f"{_uses(p.weight)}: {p.skip_reason}" for p in plans if p.skip_reason}
     summary = apply_compression(proto, pairs)
+    set_matmul_precision(proto, recipe.precision)
     record_recipe(proto, recipe)
     record_runtime_metadata(proto)
     warnings = emptied + _check_written_model(proto, model)
-    reasons = {p.weight.name: f"{_uses(p.weight)}: {p.skip_reason}" for p in plans if p.skip_reason}
     report = model_report(
         proto,
         original_file_bytes=original_file_bytes,

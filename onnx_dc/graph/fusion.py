@@ -59,6 +59,7 @@ from onnx_dc.graph.operators import (
 )
 
 __all__ = [
+    "set_matmul_precision",
     "fuse_activations",
     "fuse_bias",
     "fuse_relu",
@@ -356,3 +357,22 @@ def _decompressed_bias(index: GraphIndex, node: onnx.NodeProto, columns: int | N
     if info is None or str(info.dtype) != "float32" or tuple(info.shape) != (columns,):
         return None
     return BiasMatch(node, add, bias, 1 - slot)
+
+
+def set_matmul_precision(model: onnx.ModelProto, precision: str) -> int:
+    """Write ``precision`` on every ``DCMatMul`` of the model (``"float"``: nothing written, the default); returns how many.
+
+    The attribute changes arithmetic only, within about 1e-5 of the largest output
+    (docs/OPERATORS.md, "DCMatMul"); :func:`onnx_dc.graph.restore.decompress_model` drops it with the node.
+    """
+    if precision not in operators.MATMUL_PRECISIONS:
+        raise ValueError(f"unknown DCMatMul precision {precision!r}")
+    if precision == "float":
+        return 0
+    count = 0
+    for graph in _graphs(model):
+        for node in graph.node:
+            if node.op_type == MATMUL_OP and node.domain == DOMAIN and not _has_attribute(node, "precision"):
+                node.attribute.append(helper.make_attribute("precision", precision))
+                count += 1
+    return count
