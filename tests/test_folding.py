@@ -309,7 +309,8 @@ def test_constant_node_weights_fold():
 
 def test_compress_folds_first_and_reports_it(ops_library):
     model = conv_bn(epsilon=1e-3)
-    result = compress_model(model, Recipe.build(None, sparsity=0.0, bits=8))
+    # 6-bit codes: an 8-bit container (a 256-entry codebook) would not be smaller than these 288 weights
+    result = compress_model(model, Recipe.build(None, sparsity=0.0, bits=6))
     compressed = result.model
     assert [n.op_type for n in compressed.graph.node] == ["DCConv", "Relu"]
     assert any(note.startswith("folded BatchNormalization 'bn' into Conv 'conv'") for note in result.report.notes)
@@ -324,4 +325,4 @@ def test_compress_folds_first_and_reports_it(ops_library):
     (again,) = run(plain, feeds)
     np.testing.assert_allclose(got, again, rtol=1e-4, atol=1e-4)
     cosine = float(np.dot(got.ravel(), want.ravel()) / np.linalg.norm(got) / np.linalg.norm(want))
-    assert cosine >= 0.999
+    assert cosine >= 0.998  # 6-bit shared weights
