@@ -59,6 +59,16 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         quick_args=("--rounds", "5", "--runs-per-block", "2", "--sparsities", "0.9", "--models", "lenet_300_100"),
     ),
     Benchmark(
+        "bench_transformer_matmul",
+        "DCMatMul on transformer layer shapes against MatMul, quantize_dynamic int8 and MatMulNBits",
+        quick_args=("--rows", "64", "--shapes", "384x384", "--threads", "1", "--rounds", "2", "--min-block-ms", "2"),
+    ),
+    Benchmark(
+        "bench_gather",
+        "DCGather (compressed embedding table) against onnxruntime's Gather",
+        quick_args=("--vocab", "2000", "--tokens", "64", "--rounds", "2"),
+    ),
+    Benchmark(
         "bench_conv_policy",
         "batch-1 latency of compressed conv models: DCConv against DCDecompress + Conv",
         quick_args=("--rounds", "3", "--runs-per-block", "1", "--models", "lenet5"),
