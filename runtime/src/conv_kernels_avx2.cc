@@ -1,0 +1,61 @@
+// DCConv kernels for AVX2 + FMA: 4 output channels x 24
+// positions in 12 ymm accumulators. Built with -mavx2 -mfma and only
+// called when the CPU reports them (DetectGemmIsa).
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "conv_kernels.h"
+
+#define ONNX_DC_CONV_MAX_ROWS 4
+
+namespace onnx_dc {
+namespace avx2 {
+
+namespace {
+
+struct V {
+  using T = __m256;
+  static constexpr unsigned kLanes = 8;
+  static T Zero() { return _mm256_setzero_ps(); }
+  static T Load(const float* p) { return _mm256_loadu_ps(p); }
+  static void Store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static T Set1(float f) { return _mm256_set1_ps(f); }
+  static T Fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  // dst[i] = src[i] for i < n < kLanes.
+  static void CopyN(float* dst, const float* src, unsigned n) {
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_maskstore_ps(dst, m, _mm256_maskload_ps(src, m));
+  }
+};
+constexpr unsigned kTileVectors = 3;
+constexpr unsigned kMaxRows = 4;
+
+void DecodeCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t, float* out) {
+  for (uint64_t i = 0; i < count; ++i) out[i] = codebook[codes[i]];
+}
+
+}  // namespace
+
+#include "conv_kernels_impl.h"
+
+}  // namespace avx2
+}  // namespace onnx_dc
+#else  // not x86: never selected (DetectGemmIsa), forwards to the baseline kernels
+#include "conv_kernels.h"
+
+namespace onnx_dc {
+namespace avx2 {
+unsigned ConvPanelWidth() { return generic::ConvPanelWidth(); }
+void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) { generic::RunConvGemm(job, first, end); }
+void RunDepthwise(const DepthwiseJob& job, uint64_t task) { generic::RunDepthwise(job, task); }
+void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation) {
+  generic::ConvEpilogue(y, count, bias, activation);
+}
+}  // namespace avx2
+}  // namespace onnx_dc
+#endif

@@ -1,0 +1,61 @@
+// DCConv kernels for AVX-512 (F, BW, DQ, VL) + FMA: 8 output channels x 48
+// positions in 24 zmm accumulators. Built with the AVX-512 flags and only
+// called when the CPU reports them (DetectGemmIsa).
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "conv_kernels.h"
+
+#define ONNX_DC_CONV_MAX_ROWS 8
+
+namespace onnx_dc {
+namespace avx512 {
+
+namespace {
+
+struct V {
+  using T = __m512;
+  static constexpr unsigned kLanes = 16;
+  static T Zero() { return _mm512_setzero_ps(); }
+  static T Load(const float* p) { return _mm512_loadu_ps(p); }
+  static void Store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static T Set1(float f) { return _mm512_set1_ps(f); }
+  static T Fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  // dst[i] = src[i] for i < n < kLanes.
+  static void CopyN(float* dst, const float* src, unsigned n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    _mm512_mask_storeu_ps(dst, m, _mm512_maskz_loadu_ps(m, src));
+  }
+};
+constexpr unsigned kTileVectors = 3;
+constexpr unsigned kMaxRows = 8;
+
+void DecodeCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit, float* out) {
+  ExpandCodes32(codes, count, reinterpret_cast<const uint32_t*>(codebook), limit, reinterpret_cast<uint32_t*>(out));
+}
+
+}  // namespace
+
+#include "conv_kernels_impl.h"
+
+}  // namespace avx512
+}  // namespace onnx_dc
+#else  // not x86: never selected (DetectGemmIsa), forwards to the baseline kernels
+#include "conv_kernels.h"
+
+namespace onnx_dc {
+namespace avx512 {
+unsigned ConvPanelWidth() { return generic::ConvPanelWidth(); }
+void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) { generic::RunConvGemm(job, first, end); }
+void RunDepthwise(const DepthwiseJob& job, uint64_t task) { generic::RunDepthwise(job, task); }
+void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation) {
+  generic::ConvEpilogue(y, count, bias, activation);
+}
+}  // namespace avx512
+}  // namespace onnx_dc
+#endif
