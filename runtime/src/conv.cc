@@ -316,7 +316,7 @@ bool ParseAutoPad(const std::string& text, AutoPad* out, std::string* error) {
 
 size_t ConvWeights::memory_bytes() const {
   return sizeof(*this) + codebook.capacity() * sizeof(float) + channel_offsets.capacity() * sizeof(uint64_t) +
-         entries.capacity() * sizeof(uint32_t) + codes.capacity();
+         entries.capacity() * sizeof(uint32_t) + codes.capacity() + pruned_mask.capacity();
 }
 
 const char* ConvLayoutName(ConvLayout layout) {
@@ -419,13 +419,16 @@ bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& att
       }
     }
   }
-  const bool codes_possible = kept == info.numel || zero_found;
-  if (kept < info.numel) limit = std::max<uint32_t>(limit, zero_code + 1);
+  // Without such an index (a full 256-value codebook without 0, e.g. 8-bit
+  // codes of pruned weights), pruned weights keep index 0 and a bit mask
+  // (1 bit per weight, the codes' order) zeroes them when they are decoded.
+  const bool masked = kept < info.numel && !zero_found;
+  if (!masked && kept < info.numel) limit = std::max<uint32_t>(limit, zero_code + 1);
+  if (masked) zero_code = 0;
   const uint64_t per_group = w.out_channels / w.group;
-  if (codes_possible && w.in_channels_per_group == 1 && w.group > 1) {
+  if (w.in_channels_per_group == 1 && w.group > 1) {
     w.layout = ConvLayout::kDepthwise;
-  } else if (codes_possible &&
-             static_cast<double>(kept) >= kConvIndexKeptFraction * static_cast<double>(info.numel)) {
+  } else if (static_cast<double>(kept) >= kConvIndexKeptFraction * static_cast<double>(info.numel)) {
     w.layout = ConvLayout::kCodeTiles;
   } else {
     w.layout = ConvLayout::kIndex;
@@ -440,6 +443,7 @@ bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& att
   } else {
     w.code_limit = limit;
     w.codes.assign(static_cast<size_t>(info.numel), static_cast<uint8_t>(kept < info.numel ? zero_code : 0));
+    if (masked) w.pruned_mask.assign(static_cast<size_t>((info.numel + 7) / 8), 0xFF);  // cleared where kept
   }
   const bool sparse = info.layout == Layout::kSparse;
   uint64_t position = 0;  // flat index of the current entry
@@ -454,13 +458,15 @@ bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& att
       w.entries.push_back(static_cast<uint32_t>((k << 8) | code));
     } else if (w.layout == ConvLayout::kDepthwise) {
       w.codes[static_cast<size_t>(position)] = static_cast<uint8_t>(code);
+      if (masked) w.pruned_mask[position / 8] &= static_cast<uint8_t>(~(1u << (position % 8)));
     } else {
       // Tile of kConvTileRows channels of the group starting at `first`: [K][rows].
       const uint64_t in_group = m % per_group;
       const uint64_t first = in_group / kConvTileRows * kConvTileRows;
       const uint64_t rows = std::min<uint64_t>(kConvTileRows, per_group - first);
-      w.codes[static_cast<size_t>((m - in_group + first) * w.patch_size + k * rows + (in_group - first))] =
-          static_cast<uint8_t>(code);
+      const uint64_t at = (m - in_group + first) * w.patch_size + k * rows + (in_group - first);
+      w.codes[static_cast<size_t>(at)] = static_cast<uint8_t>(code);
+      if (masked) w.pruned_mask[at / 8] &= static_cast<uint8_t>(~(1u << (at % 8)));
     }
   }
   if (index) {
@@ -620,6 +626,7 @@ std::string RunDepthwiseConv(const ConvWeights& w, const ConvGeometry& g, const 
   const uint64_t taps = w.kernel_h * w.kernel_w;
   std::vector<float> weights(static_cast<size_t>(w.out_channels * taps));  // decoded once per call (tiny)
   for (size_t i = 0; i < weights.size(); ++i) weights[i] = w.codebook[w.codes[i]];
+  if (!w.pruned_mask.empty()) ZeroPruned(w.pruned_mask.data(), 0, weights.size(), weights.data());
   job.x = x;
   job.weights = weights.data();
   job.bias = bias;
@@ -732,6 +739,7 @@ void DecodeTask(void* context, size_t index) {
   const uint64_t count = std::min<uint64_t>(kDecodeChunk, run.decoded.size() - first);
   run.expand(run.w->codes.data() + first, count, run.w->codebook.data(), run.w->code_limit,
              run.decoded.data() + first);
+  if (!run.w->pruned_mask.empty()) ZeroPruned(run.w->pruned_mask.data(), first, count, run.decoded.data() + first);
 }
 
 void CodeTilesTask(void* context, size_t index) {
@@ -867,6 +875,8 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
     job.decoded = run.decoded.empty() ? nullptr : run.decoded.data() + group * per_group * k_count;
     job.codebook = w.codebook.data();
     job.code_limit = w.code_limit;
+    job.pruned_mask = w.pruned_mask.empty() ? nullptr : w.pruned_mask.data();
+    job.mask_first = group * per_group * k_count;
     job.channels = per_group;
     job.k_count = k_count;
     job.offsets = offsets.data();

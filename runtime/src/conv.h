@@ -9,8 +9,9 @@
 //   register-blocked GEMM over the input read in place (conv_kernels.h);
 // * depthwise (C / group = 1, group > 1): one uint8 index per weight,
 //   [M][kh * kw], decoded to floats once per call;
-// * index layout (fewer than kConvIndexKeptFraction kept, or pruned weights
-//   and a full 256-value codebook without 0): per output channel the run of
+//   (Pruned weights take the zero index, or, with a full 256-value codebook
+//   without 0, index 0 and a bit in a mask of 1 bit per weight.)
+// * index layout (fewer than kConvIndexKeptFraction kept): per output channel the run of
 //   its kept weights, each one 32-bit entry (k << 8) | codebook index,
 //   k = (c * kh + i) * kw + j ascending (k < 2^24), plus M + 1 run offsets:
 //   4 bytes per kept weight, run by the direct kernels below.
@@ -87,6 +88,9 @@ struct ConvWeights {
   // Code tiles / depthwise: one index per weight (see the layouts above).
   std::vector<uint8_t> codes;
   uint32_t code_limit = 256;  // 1 + the largest index in `codes`
+  // Pruned weights whose codebook has no 0 (256 values): bit i set = weight i
+  // of `codes` is pruned (its index is 0 and decodes to 0 through the mask).
+  std::vector<uint8_t> pruned_mask;
 
   // Bytes held for the weight.
   size_t memory_bytes() const;

@@ -66,6 +66,8 @@ struct ConvGemmJob {
   // codes' order), or null: each task decodes the tiles it needs.
   const float* decoded = nullptr;
   const float* codebook = nullptr;  // 256 values
+  const uint8_t* pruned_mask = nullptr;  // ConvWeights::pruned_mask or null
+  uint64_t mask_first = 0;               // the bit of the group's first code
   uint32_t code_limit = 256;        // 1 + the largest index
   uint64_t channels = 0;            // output channels of the group (M / group)
   uint64_t k_count = 0;             // C / group * kh * kw
@@ -103,6 +105,19 @@ struct DepthwiseJob {
   uint64_t channels_per_task = 1;  // tasks: (image, block of channels, block of rows)
   ActivationSpec activation;
 };
+
+// out[i] = 0 where bit first + i of mask is set, i < count.
+inline void ZeroPruned(const uint8_t* mask, uint64_t first, uint64_t count, float* out) {
+  for (uint64_t i = 0; i < count;) {
+    const uint64_t bit = first + i;
+    if (bit % 8 == 0 && count - i >= 8 && mask[bit / 8] == 0) {
+      i += 8;
+      continue;
+    }
+    if ((mask[bit / 8] >> (bit % 8)) & 1u) out[i] = 0.0f;
+    ++i;
+  }
+}
 
 namespace generic {
 unsigned ConvPanelWidth();

@@ -197,6 +197,8 @@ void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) {
       const float* tile = job.decoded + first_channel * k_count;
       if (job.decoded == nullptr) {
         DecodeCodes(job.codes + first_channel * k_count, k_count * rows, job.codebook, job.code_limit, a.data());
+        if (job.pruned_mask != nullptr)
+          ZeroPruned(job.pruned_mask, job.mask_first + first_channel * k_count, k_count * rows, a.data());
         tile = a.data();
       }
       FewPositions(job, first, end, tile, rows, first_channel);
@@ -249,6 +251,9 @@ void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) {
         } else {
           DecodeCodes(job.codes + first_channel * k_count + k0 * rows, depth * rows, job.codebook, job.code_limit,
                       a_block.data());
+          if (job.pruned_mask != nullptr)
+            ZeroPruned(job.pruned_mask, job.mask_first + first_channel * k_count + k0 * rows, depth * rows,
+                       a_block.data());
           a = a_block.data();
         }
         for (unsigned r0 = 0; r0 < rows; r0 += kMaxRows) {
