@@ -625,8 +625,10 @@ std::string RunDepthwiseConv(const ConvWeights& w, const ConvGeometry& g, const 
   DepthwiseJob job;
   const uint64_t taps = w.kernel_h * w.kernel_w;
   std::vector<float> weights(static_cast<size_t>(w.out_channels * taps));  // decoded once per call (tiny)
-  for (size_t i = 0; i < weights.size(); ++i) weights[i] = w.codebook[w.codes[i]];
-  if (!w.pruned_mask.empty()) ZeroPruned(w.pruned_mask.data(), 0, weights.size(), weights.data());
+  (isa >= GemmIsa::kAvx512 ? &avx512::ExpandConvCodes : isa == GemmIsa::kAvx2 ? &avx2::ExpandConvCodes
+                                                                              : &generic::ExpandConvCodes)(
+      w.codes.data(), weights.size(), w.codebook.data(), w.code_limit,
+      w.pruned_mask.empty() ? nullptr : w.pruned_mask.data(), 0, weights.data());
   job.x = x;
   job.weights = weights.data();
   job.bias = bias;
@@ -680,7 +682,7 @@ constexpr uint64_t kDecodeChunk = uint64_t{1} << 14;
 struct CodeTilesRun {
   const ConvWeights* w;
   std::vector<float> decoded;
-  void (*expand)(const uint8_t*, uint64_t, const float*, uint32_t, float*);
+  void (*expand)(const uint8_t*, uint64_t, const float*, uint32_t, const uint8_t*, uint64_t, float*);
   const ConvGeometry* g;
   const float* x;
   uint64_t image;
@@ -738,8 +740,7 @@ void DecodeTask(void* context, size_t index) {
   const uint64_t first = uint64_t{index} * kDecodeChunk;
   const uint64_t count = std::min<uint64_t>(kDecodeChunk, run.decoded.size() - first);
   run.expand(run.w->codes.data() + first, count, run.w->codebook.data(), run.w->code_limit,
-             run.decoded.data() + first);
-  if (!run.w->pruned_mask.empty()) ZeroPruned(run.w->pruned_mask.data(), first, count, run.decoded.data() + first);
+             run.w->pruned_mask.empty() ? nullptr : run.w->pruned_mask.data(), first, run.decoded.data() + first);
 }
 
 void CodeTilesTask(void* context, size_t index) {

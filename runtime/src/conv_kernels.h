@@ -106,36 +106,29 @@ struct DepthwiseJob {
   ActivationSpec activation;
 };
 
-// out[i] = 0 where bit first + i of mask is set, i < count.
-inline void ZeroPruned(const uint8_t* mask, uint64_t first, uint64_t count, float* out) {
-  for (uint64_t i = 0; i < count;) {
-    const uint64_t bit = first + i;
-    if (bit % 8 == 0 && count - i >= 8 && mask[bit / 8] == 0) {
-      i += 8;
-      continue;
-    }
-    if ((mask[bit / 8] >> (bit % 8)) & 1u) out[i] = 0.0f;
-    ++i;
-  }
-}
-
 namespace generic {
 unsigned ConvPanelWidth();
-void ExpandConvCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit, float* out);
+// out[i] = codebook[codes[i]], and 0 where bit mask_first + i of mask is set (mask may be null).
+void ExpandConvCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit,
+                     const uint8_t* mask, uint64_t mask_first, float* out);
 void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end);  // panels (or positions) [first, end)
 void RunDepthwise(const DepthwiseJob& job, uint64_t task);
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation);
 }  // namespace generic
 namespace avx2 {
 unsigned ConvPanelWidth();
-void ExpandConvCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit, float* out);
+// out[i] = codebook[codes[i]], and 0 where bit mask_first + i of mask is set (mask may be null).
+void ExpandConvCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit,
+                     const uint8_t* mask, uint64_t mask_first, float* out);
 void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end);
 void RunDepthwise(const DepthwiseJob& job, uint64_t task);
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation);
 }  // namespace avx2
 namespace avx512 {
 unsigned ConvPanelWidth();
-void ExpandConvCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit, float* out);
+// out[i] = codebook[codes[i]], and 0 where bit mask_first + i of mask is set (mask may be null).
+void ExpandConvCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit,
+                     const uint8_t* mask, uint64_t mask_first, float* out);
 void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end);
 void RunDepthwise(const DepthwiseJob& job, uint64_t task);
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation);

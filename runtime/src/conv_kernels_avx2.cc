@@ -27,6 +27,12 @@ struct V {
   static T Set1(float f) { return _mm256_set1_ps(f); }
   static T Fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   // dst[i] = src[i] for i < n < kLanes.
+  // Zeroes the lanes whose bit is set.
+  static void StoreZeros(float* p, unsigned bits) {
+    const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), lane_bits), lane_bits);
+    _mm256_maskstore_ps(p, m, _mm256_setzero_ps());
+  }
   static void CopyN(float* dst, const float* src, unsigned n) {
     const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     _mm256_maskstore_ps(dst, m, _mm256_maskload_ps(src, m));

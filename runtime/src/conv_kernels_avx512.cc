@@ -27,6 +27,10 @@ struct V {
   static T Set1(float f) { return _mm512_set1_ps(f); }
   static T Fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   // dst[i] = src[i] for i < n < kLanes.
+  // Zeroes the lanes whose bit is set.
+  static void StoreZeros(float* p, unsigned bits) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>(bits), _mm512_setzero_ps());
+  }
   static void CopyN(float* dst, const float* src, unsigned n) {
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
     _mm512_mask_storeu_ps(dst, m, _mm512_maskz_loadu_ps(m, src));

@@ -32,6 +32,11 @@ struct V {
     for (unsigned i = 0; i < 4; ++i) c.v[i] += a.v[i] * b.v[i];
     return c;
   }
+  static void StoreZeros(float* p, unsigned bits) {
+    for (unsigned i = 0; i < kLanes; ++i) {
+      if ((bits >> i) & 1u) p[i] = 0.0f;
+    }
+  }
   static void CopyN(float* dst, const float* src, unsigned n) {
     for (unsigned i = 0; i < n; ++i) dst[i] = src[i];
   }

@@ -143,6 +143,25 @@ inline void FewPositions(const ConvGemmJob& job, uint64_t first, uint64_t end, c
   }
 }
 
+// out[i] = 0 where bit first + i of mask is set, i < count: kLanes weights
+// per masked store once the bits are byte-aligned.
+inline void MaskPruned(const uint8_t* mask, uint64_t first, uint64_t count, float* out) {
+  uint64_t i = 0;
+  for (; i < count && (first + i) % 8 != 0; ++i) {
+    if ((mask[(first + i) / 8] >> ((first + i) % 8)) & 1u) out[i] = 0.0f;
+  }
+  for (; i + V::kLanes <= count; i += V::kLanes) {
+    const uint64_t bit = first + i;
+    unsigned bits = 0;
+    for (unsigned b = 0; b < (V::kLanes + 7) / 8; ++b) bits |= unsigned{mask[bit / 8 + b]} << (8 * b);
+    bits = (bits >> (bit % 8)) & ((1u << V::kLanes) - 1);
+    if (bits != 0) V::StoreZeros(out + i, bits);
+  }
+  for (; i < count; ++i) {
+    if ((mask[(first + i) / 8] >> ((first + i) % 8)) & 1u) out[i] = 0.0f;
+  }
+}
+
 inline float* AlignTo64(float* p) {
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
 }
@@ -179,8 +198,10 @@ inline void PackGathered(const ConvGemmJob& job, const ConvPanel& panel, uint64_
 
 unsigned ConvPanelWidth() { return conv_detail::kPanel; }
 
-void ExpandConvCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit, float* out) {
+void ExpandConvCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit,
+                     const uint8_t* mask, uint64_t mask_first, float* out) {
   DecodeCodes(codes, count, codebook, limit, out);
+  if (mask != nullptr) conv_detail::MaskPruned(mask, mask_first, count, out);
 }
 
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation) {
@@ -198,7 +219,7 @@ void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) {
       if (job.decoded == nullptr) {
         DecodeCodes(job.codes + first_channel * k_count, k_count * rows, job.codebook, job.code_limit, a.data());
         if (job.pruned_mask != nullptr)
-          ZeroPruned(job.pruned_mask, job.mask_first + first_channel * k_count, k_count * rows, a.data());
+          MaskPruned(job.pruned_mask, job.mask_first + first_channel * k_count, k_count * rows, a.data());
         tile = a.data();
       }
       FewPositions(job, first, end, tile, rows, first_channel);
@@ -252,7 +273,7 @@ void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) {
           DecodeCodes(job.codes + first_channel * k_count + k0 * rows, depth * rows, job.codebook, job.code_limit,
                       a_block.data());
           if (job.pruned_mask != nullptr)
-            ZeroPruned(job.pruned_mask, job.mask_first + first_channel * k_count + k0 * rows, depth * rows,
+            MaskPruned(job.pruned_mask, job.mask_first + first_channel * k_count + k0 * rows, depth * rows,
                        a_block.data());
           a = a_block.data();
         }
