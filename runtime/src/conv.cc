@@ -743,6 +743,25 @@ void DecodeTask(void* context, size_t index) {
              run.w->pruned_mask.empty() ? nullptr : run.w->pruned_mask.data(), first, run.decoded.data() + first);
 }
 
+// A gathered panel whose runs are consecutive output positions filling all
+// its lanes (e.g. whole output rows narrower than a panel) is stored in place.
+ConvPanel FinishGathered(ConvPanel panel, const std::vector<ConvSegment>& segments) {
+  panel.output = 0;
+  panel.width = 0;
+  const ConvSegment* runs = segments.data() + panel.first_segment;
+  uint64_t lanes = 0;
+  bool contiguous = true;
+  for (uint64_t s = 0; s < panel.segments; ++s) {
+    contiguous = contiguous && runs[s].output == runs[0].output + lanes && runs[s].lane == lanes;
+    lanes += runs[s].width;
+  }
+  if (contiguous) {
+    panel.output = runs[0].output;
+    panel.width = static_cast<uint32_t>(lanes);
+  }
+  return panel;
+}
+
 void CodeTilesTask(void* context, size_t index) {
   const CodeTilesRun& run = *static_cast<const CodeTilesRun*>(context);
   const CodeTilesRun::Task& task = run.tasks[index];
@@ -851,12 +870,12 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
           lanes += width;
           ow += width;
           if (lanes == nr) {
-            panels.push_back(gather);
+            panels.push_back(FinishGathered(gather, segments));
             lanes = 0;
           }
         }
       }
-      if (lanes > 0) panels.push_back(gather);
+      if (lanes > 0) panels.push_back(FinishGathered(gather, segments));
     }
     if (pointwise && positions % nr != 0) {
       tails.assign(static_cast<size_t>(w.group * k_count * nr), 0.0f);

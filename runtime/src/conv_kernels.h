@@ -51,8 +51,8 @@ enum class PanelSource : uint32_t {
   kGather = 2,   // gathered from `segments` runs (parts of output rows), packed
 };
 struct ConvPanel {
-  uint64_t output;
-  uint32_t width;
+  uint64_t output;  // gathered panels: set when their runs are one contiguous run of output positions
+  uint32_t width;   // gathered panels: kPanel when `output` is set, else 0
   PanelSource kind;
   uint64_t source;         // kInPlace
   uint64_t first_segment;  // kGather: into ConvGemmJob::segments

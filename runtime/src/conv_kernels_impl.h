@@ -12,6 +12,9 @@
 
 #include "activation_impl.h"
 
+#ifndef ONNX_DC_CONV_DEPTH_FLOATS
+#define ONNX_DC_CONV_DEPTH_FLOATS 6144
+#endif
 #ifndef ONNX_DC_CONV_PACK_IN_PLACE
 #define ONNX_DC_CONV_PACK_IN_PLACE 1
 #endif
@@ -20,7 +23,7 @@ namespace conv_detail {
 
 constexpr unsigned kPanel = kTileVectors * V::kLanes;
 // Rows of K per block: a packed block of kDepth x kPanel floats is 24 KiB.
-constexpr unsigned kDepth = 6144 / kPanel;
+constexpr unsigned kDepth = ONNX_DC_CONV_DEPTH_FLOATS / kPanel;
 // Vectors of output positions the depthwise kernel keeps in registers.
 constexpr unsigned kDepthwiseVectors = 4;
 constexpr unsigned kDepthwiseSpan = kDepthwiseVectors * V::kLanes;
@@ -263,7 +266,8 @@ void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) {
       // The last block of an in-place panel goes straight to Y; the bias is
       // the first block's initial value.
       const bool last = k0 + depth == k_count;
-      const bool direct = last && panel.kind == PanelSource::kInPlace;
+      const bool direct = last && (panel.kind == PanelSource::kInPlace ||
+                                   (panel.kind == PanelSource::kGather && panel.width == kPanel));
       for (uint64_t first_channel = 0; first_channel < job.channels; first_channel += kConvTileRows) {
         const unsigned rows = static_cast<unsigned>(std::min<uint64_t>(kConvTileRows, job.channels - first_channel));
         const float* a;
@@ -288,7 +292,7 @@ void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) {
       }
     }
     const bool activate = job.activation.kind != Activation::kNone;
-    if (panel.kind == PanelSource::kInPlace) {
+    if (panel.kind == PanelSource::kInPlace || (panel.kind == PanelSource::kGather && panel.width == kPanel)) {
       if (activate) {
         for (uint64_t m = 0; m < job.channels; ++m)
           gemm_detail::Activate(job.y + m * job.positions + panel.output, panel.width, job.activation);
