@@ -20,6 +20,14 @@ and node), built in one process as
 * ``old <variant>`` (with ``--baseline-library``): the same DCConv model
   through another build of the library (for before / after tables).
 
+``memory``: per real conv model, the resident memory a session adds when it
+is created (in a fresh process, onnxruntime warmed up by a one-convolution
+model), original against compressed, next to the dense weights' bytes, the
+containers' bytes (initializers, which onnxruntime keeps) and the bytes the
+DCConv layouts hold (code tiles / depthwise: 1 byte per weight, plus 1 bit per
+weight for pruned weights of a full 256-value codebook; index layout: 4 bytes
+per kept weight).
+
 ``models``: each real conv model, original against the model compressed by
 ``onnx_dc.compress`` with the data-free defaults and with
 ``Recipe(sparsity=0, bits=8)``, every session with default options
@@ -96,7 +104,8 @@ LAYERS: dict[str, tuple[int, int, int, int, tuple[int, int], dict]] = {
     "nude.model22 3x3 256->64": (256, 64, 10, 10, (3, 3), {"pads": [1, 1, 1, 1]}),
 }
 #: variant -> (sparsity, bits)
-VARIANTS = {"u8": (0.0, 8), "u6": (0.0, 6), "u4": (0.0, 4), "p50": (0.5, 6), "p90": (0.9, 6)}
+VARIANTS = {"u8": (0.0, 8), "u6": (0.0, 6), "u4": (0.0, 4), "p50": (0.5, 6), "p90": (0.9, 6),
+            "p10": (0.1, 8), "p60": (0.6, 6), "p70": (0.7, 6), "p80": (0.8, 6), "p95": (0.95, 6)}
 ALL_VARIANTS = {f"s{int(s * 100)}b{b}": (s, b) for s in (0.0, 0.5, 0.9) for b in (4, 6, 8)}
 REAL_CONV_MODELS = ("ppocr-mobile-v2-cls", "ppocrv4-det", "ppocrv4-rec", "nudenet-320n")
 
@@ -229,27 +238,35 @@ def run_layers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile_table(path: str, top: int) -> str:
-    """Time per operator type and the slowest nodes of an onnxruntime profile (kernel time, all runs)."""
+def profile_node_times(path: str) -> tuple[dict[str, tuple[str, float]], int]:
+    """Per node of an onnxruntime profile: (operator, median kernel microseconds over the runs), and the run count.
+
+    Medians rather than sums: on a shared machine a run that was preempted inflates one sample, not the table.
+    """
     events = json.loads(Path(path).read_text())
-    per_type: dict[str, float] = defaultdict(float)
-    per_node: dict[str, list] = {}
-    runs = sum(1 for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    samples: dict[str, list] = {}
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
-        op = e.get("args", {}).get("op_name", "?")
-        per_type[op] += e["dur"]
         node = e["name"][: -len("_kernel_time")]
-        per_node.setdefault(node, [op, 0.0])[1] += e["dur"]
-    runs = max(runs, 1)
+        samples.setdefault(node, [e.get("args", {}).get("op_name", "?"), []])[1].append(e["dur"])
+    runs = max((len(v[1]) for v in samples.values()), default=0)
+    return {node: (op, statistics.median(times)) for node, (op, times) in samples.items()}, runs
+
+
+def _profile_table(path: str, top: int) -> str:
+    """Time per operator type and the slowest nodes of an onnxruntime profile (median kernel time per run)."""
+    nodes, runs = profile_node_times(path)
+    per_type: dict[str, float] = defaultdict(float)
+    for op, us in nodes.values():
+        per_type[op] += us
     total = sum(per_type.values())
-    lines = [f"    {runs} runs, {total / runs / 1e3:.2f} ms of kernel time per run"]
+    lines = [f"    {runs} runs, {total / 1e3:.2f} ms of kernel time per run (sum of per-node medians)"]
     for op, us in sorted(per_type.items(), key=lambda kv: -kv[1]):
-        lines.append(f"    {op:28s} {us / runs / 1e3:8.3f} ms  {us / total:6.1%}")
+        lines.append(f"    {op:28s} {us / 1e3:8.3f} ms  {us / total:6.1%}")
     lines.append("    slowest nodes:")
-    for node, (op, us) in sorted(per_node.items(), key=lambda kv: -kv[1][1])[:top]:
-        lines.append(f"      {node:40s} {op:14s} {us / runs / 1e3:8.3f} ms")
+    for node, (op, us) in sorted(nodes.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"      {node[:60]:60s} {op:14s} {us / 1e3:8.3f} ms")
     return "\n".join(lines)
 
 
@@ -297,12 +314,85 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def resident_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmRSS not found in /proc/self/status")
+
+
+def _measure_memory(model_path: str, library: str | None) -> int:
+    """Resident bytes creating a session of the model adds (run in a fresh process)."""
+    import gc
+
+    warm_weight = np.ones((1, 1, 1, 1), np.float32)
+    warm = session(conv_model(warm_weight, np.zeros(1, np.float32), {}, (1, 1, 2, 2)), 1, library)
+    warm.run(None, {"x": np.ones((1, 1, 2, 2), np.float32)})
+    gc.collect()
+    before = resident_bytes()
+    s = session(Path(model_path).read_bytes(), 1, library)
+    gc.collect()
+    after = resident_bytes()
+    del s
+    return after - before
+
+
+def session_memory_bytes(model: bytes, library: str | None) -> int:
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        path.write_bytes(model)
+        command = [sys.executable, __file__, "memory", "--measure", str(path)] + (["--library", library] if library else [])
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[-1])
+
+
+def layout_bytes(tensor) -> int:
+    """Bytes the DCConv layout of one compressed conv weight holds (runtime/src/conv.cc BuildConvWeights)."""
+    n, kept = tensor.n_weights, tensor.n_kept
+    if kept < 0.25 * n:
+        return 4 * kept + 8 * tensor.shape[0] + 1024
+    masked = kept < n and tensor.codebook_size >= 256
+    return n + (n + 7) // 8 * masked + 1024
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    import onnx_dc
+    from model_zoo import real
+    from onnx_dc.api.recipe import Recipe
+
+    if args.measure:
+        print(_measure_memory(args.measure, args.library))
+        return 0
+    library = ops_library_path()
+    print("resident memory a session adds (fresh process), MB; weights: dense float32, containers, DCConv layouts")
+    recipes = (("defaults", None), ("s0 b8", Recipe(sparsity=0, bits=8)), ("s50 b4", Recipe(sparsity=0.5, bits=4)))
+    for name in args.models:
+        path = str(real.get(name).path())
+        original = Path(path).read_bytes()
+        base = session_memory_bytes(original, None)
+        print(f"{name:20s} original: session +{base / 1e6:7.2f} MB")
+        for label, recipe in recipes:
+            result = onnx_dc.compress(path) if recipe is None else onnx_dc.compress(path, recipe=recipe)
+            convs = [t for t in result.report.tensors if len(t.shape) == 4]
+            dense = sum(4 * t.n_weights for t in convs)
+            containers = sum(t.compressed_bytes for t in convs)
+            layouts = sum(layout_bytes(t) for t in convs)
+            rss = session_memory_bytes(result.model.SerializeToString(), library)
+            print(f"{'':20s} {label:9s}: session +{rss / 1e6:7.2f} MB ({rss / base:4.2f}x the original's); conv weights "
+                  f"dense {dense / 1e6:6.2f} MB, containers {containers / 1e6:5.2f} MB ({containers / dense:4.1%}), "
+                  f"layouts {layouts / 1e6:5.2f} MB ({layouts / dense:4.1%}), both {(containers + layouts) / dense:4.1%}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     layers = sub.add_parser("layers")
     layers.add_argument("--layers", nargs="+", choices=list(LAYERS))
-    layers.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS) + ["all"])
+    layers.add_argument("--variants", nargs="+", default=["u8", "u6", "u4", "p50", "p90"],
+                        choices=list(VARIANTS) + ["all"])
     layers.add_argument("--min-block-ms", type=float, default=20.0)
     models = sub.add_parser("models")
     models.add_argument("--models", nargs="+", default=list(REAL_CONV_MODELS))
@@ -310,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("--profile", metavar="DIR")
     models.add_argument("--profile-runs", type=int, default=10)
     models.add_argument("--top", type=int, default=12)
+    memory = sub.add_parser("memory")
+    memory.add_argument("--models", nargs="+", default=list(REAL_CONV_MODELS))
+    memory.add_argument("--measure", help=argparse.SUPPRESS)
+    memory.add_argument("--library", help=argparse.SUPPRESS)
     for p in (layers, models):
         p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
         p.add_argument("--rounds", type=int, default=15)
@@ -318,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                        help="cpu: process CPU time instead of wall time (1 thread on a loaded machine)")
     args = parser.parse_args(argv)
+    if args.command == "memory":
+        return run_memory(args)
     return run_layers(args) if args.command == "layers" else run_models(args)
 
 

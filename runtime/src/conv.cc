@@ -681,6 +681,7 @@ constexpr uint64_t kDecodeChunk = uint64_t{1} << 14;
 
 struct CodeTilesRun {
   const ConvWeights* w;
+  void (*split2)(const float*, uint64_t, float*, float*);
   std::vector<float> decoded;
   void (*expand)(const uint8_t*, uint64_t, const float*, uint32_t, const uint8_t*, uint64_t, float*);
   const ConvGeometry* g;
@@ -696,6 +697,21 @@ struct CodeTilesRun {
   std::vector<Task> tasks;
   void (*fn)(const ConvGemmJob&, uint64_t, uint64_t);
 };
+
+// Padded columns [q_begin, q_end) of a row (src indexed by padded column)
+// into its two stride-2 phases: column q to phase q % 2, element q / 2.
+void SplitRowPhases2(void (*split2)(const float*, uint64_t, float*, float*), const float* src, int64_t q_begin,
+                     int64_t q_end, float* even, float* odd) {
+  int64_t q = q_begin;
+  if (q < q_end && q % 2 != 0) {
+    odd[q / 2] = src[q];
+    ++q;
+  }
+  const uint64_t pairs = static_cast<uint64_t>(q_end - q) / 2;
+  split2(src + q, pairs, even + q / 2, odd + q / 2);
+  q += static_cast<int64_t>(2 * pairs);
+  if (q < q_end) even[q / 2] = src[q];
+}
 
 // Task c: input channel c of the current image into the padded buffer (rows
 // of row_floats; with stride_w > 1 split into phases of phase_floats).
@@ -725,6 +741,10 @@ void PadChannel(void* context, size_t c) {
       continue;
     }
     std::memset(out, 0, static_cast<size_t>(run.row_floats) * sizeof(float));
+    if (sw == 2) {
+      SplitRowPhases2(run.split2, src, q_begin, q_end, out, out + run.phase_floats);
+      continue;
+    }
     for (uint64_t phase = 0; phase < sw; ++phase) {
       // Columns phase, phase + sw, ... from q_begin on.
       const uint64_t ub = static_cast<uint64_t>(q_begin);
@@ -780,6 +800,8 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
   run.x = x;
   run.fn = isa >= GemmIsa::kAvx512 ? &avx512::RunConvGemm : isa == GemmIsa::kAvx2 ? &avx2::RunConvGemm
                                                                                   : &generic::RunConvGemm;
+  run.split2 = isa >= GemmIsa::kAvx512 ? &avx512::SplitPhases2 : isa == GemmIsa::kAvx2 ? &avx2::SplitPhases2
+                                                                                    : &generic::SplitPhases2;
   run.expand = isa >= GemmIsa::kAvx512 ? &avx512::ExpandConvCodes
                : isa == GemmIsa::kAvx2 ? &avx2::ExpandConvCodes
                                        : &generic::ExpandConvCodes;

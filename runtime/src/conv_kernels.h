@@ -108,6 +108,8 @@ struct DepthwiseJob {
 
 namespace generic {
 unsigned ConvPanelWidth();
+// even[i] = src[2 i], odd[i] = src[2 i + 1] for i < pairs (stride-2 phases).
+void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd);
 // out[i] = codebook[codes[i]], and 0 where bit mask_first + i of mask is set (mask may be null).
 void ExpandConvCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit,
                      const uint8_t* mask, uint64_t mask_first, float* out);
@@ -117,6 +119,8 @@ void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationS
 }  // namespace generic
 namespace avx2 {
 unsigned ConvPanelWidth();
+// even[i] = src[2 i], odd[i] = src[2 i + 1] for i < pairs (stride-2 phases).
+void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd);
 // out[i] = codebook[codes[i]], and 0 where bit mask_first + i of mask is set (mask may be null).
 void ExpandConvCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit,
                      const uint8_t* mask, uint64_t mask_first, float* out);
@@ -126,6 +130,8 @@ void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationS
 }  // namespace avx2
 namespace avx512 {
 unsigned ConvPanelWidth();
+// even[i] = src[2 i], odd[i] = src[2 i + 1] for i < pairs (stride-2 phases).
+void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd);
 // out[i] = codebook[codes[i]], and 0 where bit mask_first + i of mask is set (mask may be null).
 void ExpandConvCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit,
                      const uint8_t* mask, uint64_t mask_first, float* out);

@@ -47,6 +47,22 @@ void DecodeCodes(const uint8_t* codes, uint64_t count, const float* codebook, ui
 
 }  // namespace
 
+void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
+  uint64_t i = 0;
+  for (; i + 8 <= pairs; i += 8) {
+    const __m256 a = _mm256_loadu_ps(src + 2 * i), b = _mm256_loadu_ps(src + 2 * i + 8);
+    // Per 128-bit lane: a0 a2 b0 b2 | a4 a6 b4 b6, then the 64-bit pairs in order.
+    const __m256 e = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m256 o = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+    _mm256_storeu_ps(even + i, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0))));
+    _mm256_storeu_ps(odd + i, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0))));
+  }
+  for (; i < pairs; ++i) {
+    even[i] = src[2 * i];
+    odd[i] = src[2 * i + 1];
+  }
+}
+
 #include "conv_kernels_impl.h"
 
 }  // namespace avx2
@@ -57,6 +73,9 @@ void DecodeCodes(const uint8_t* codes, uint64_t count, const float* codebook, ui
 namespace onnx_dc {
 namespace avx2 {
 unsigned ConvPanelWidth() { return generic::ConvPanelWidth(); }
+void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
+  generic::SplitPhases2(src, pairs, even, odd);
+}
 void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) { generic::RunConvGemm(job, first, end); }
 void RunDepthwise(const DepthwiseJob& job, uint64_t task) { generic::RunDepthwise(job, task); }
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation) {

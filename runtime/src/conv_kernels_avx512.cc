@@ -45,6 +45,21 @@ void DecodeCodes(const uint8_t* codes, uint64_t count, const float* codebook, ui
 
 }  // namespace
 
+void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
+  const __m512i even_index = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd_index = _mm512_add_epi32(even_index, _mm512_set1_epi32(1));
+  uint64_t i = 0;
+  for (; i + 16 <= pairs; i += 16) {
+    const __m512 a = _mm512_loadu_ps(src + 2 * i), b = _mm512_loadu_ps(src + 2 * i + 16);
+    _mm512_storeu_ps(even + i, _mm512_permutex2var_ps(a, even_index, b));
+    _mm512_storeu_ps(odd + i, _mm512_permutex2var_ps(a, odd_index, b));
+  }
+  for (; i < pairs; ++i) {
+    even[i] = src[2 * i];
+    odd[i] = src[2 * i + 1];
+  }
+}
+
 #include "conv_kernels_impl.h"
 
 }  // namespace avx512
@@ -55,6 +70,9 @@ void DecodeCodes(const uint8_t* codes, uint64_t count, const float* codebook, ui
 namespace onnx_dc {
 namespace avx512 {
 unsigned ConvPanelWidth() { return generic::ConvPanelWidth(); }
+void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
+  generic::SplitPhases2(src, pairs, even, odd);
+}
 void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) { generic::RunConvGemm(job, first, end); }
 void RunDepthwise(const DepthwiseJob& job, uint64_t task) { generic::RunDepthwise(job, task); }
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation) {

@@ -50,6 +50,13 @@ void DecodeCodes(const uint8_t* codes, uint64_t count, const float* codebook, ui
 
 }  // namespace
 
+void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
+  for (uint64_t i = 0; i < pairs; ++i) {
+    even[i] = src[2 * i];
+    odd[i] = src[2 * i + 1];
+  }
+}
+
 #include "conv_kernels_impl.h"
 
 }  // namespace generic

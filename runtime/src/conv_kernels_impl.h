@@ -364,6 +364,20 @@ void RunDepthwise(const DepthwiseJob& job, uint64_t task) {
           std::memcpy(dst + q_begin, src + q_begin, static_cast<size_t>(q_end - q_begin) * sizeof(float));
           continue;
         }
+        if (sw == 2) {
+          int64_t q = q_begin;
+          float* even = dst;
+          float* odd = dst + phase_floats;
+          if (q % 2 != 0) {
+            odd[q / 2] = src[q];
+            ++q;
+          }
+          const uint64_t pairs = static_cast<uint64_t>(q_end - q) / 2;
+          SplitPhases2(src + q, pairs, even + q / 2, odd + q / 2);
+          q += static_cast<int64_t>(2 * pairs);
+          if (q < q_end) even[q / 2] = src[q];
+          continue;
+        }
         for (uint64_t phase = 0; phase < sw; ++phase) {
           // Columns phase, phase + sw, ... from q_begin on.
           const uint64_t ub = static_cast<uint64_t>(q_begin);
