@@ -84,7 +84,7 @@ KERNEL_CASES = [
 CASES = CASES + KERNEL_CASES
 # 0, 0.3 and 0.5 pruned: code tiles (at least 25 % kept); 0.9 and 1.0: the index layout (depthwise: always its kernel)
 SPARSITIES = (0.0, 0.3, 0.5, 0.9, 1.0)
-ISAS = ("generic", "avx2", "avx512")
+ISAS = ("generic", "avx2", "avx512", "vbmi")  # "vbmi": 8-bit codes in byte-plane order, the VBMI decoder
 ACTIVATIONS = {
     "relu": [],
     "clip": [0.0, 6.0],

@@ -31,6 +31,10 @@ constexpr uint64_t kMaxPatch = uint64_t{1} << 24;
 // real models need; it stops a model with enormous pads and strides (a small
 // output from a huge padded plane) from exhausting memory.
 constexpr uint64_t kMaxPaddedFloats = uint64_t{1} << 28;
+// Up to this many weights (all groups) a call decodes the whole weight once,
+// into a float buffer the tasks share (4 MiB at most); above, each task decodes
+// the tiles it needs.
+constexpr uint64_t kConvWholeDecode = uint64_t{1} << 20;
 
 std::string VectorString(const std::vector<int64_t>& values) {
   std::string s = "[";
@@ -331,8 +335,8 @@ const char* ConvLayoutName(ConvLayout layout) {
   return "?";
 }
 
-bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& attributes, ConvWeights* out,
-                      std::string* error) {
+bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& attributes, GemmIsa isa,
+                      ConvWeights* out, std::string* error) {
   const ContainerInfo& info = decoded.info;
   if (info.dtype != DType::kFloat32) {
     *error = std::string("the weight must be float32, the container holds ") + DTypeName(info.dtype);
@@ -471,6 +475,20 @@ bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& att
   }
   if (index) {
     for (uint64_t m = 0; m < w.out_channels; ++m) w.channel_offsets[m + 1] += w.channel_offsets[m];
+  }
+  w.plane_order = !index && isa >= GemmIsa::kAvx512Vbmi && w.code_limit > 64 &&
+                  (w.layout == ConvLayout::kDepthwise || w.codes.size() <= kConvWholeDecode);
+  if (w.plane_order) {
+    w.codes.resize((w.codes.size() + 63) / 64 * 64, 0);
+    if (!w.pruned_mask.empty()) w.pruned_mask.resize(w.codes.size() / 8, 0);
+    uint8_t chunk[64];
+    for (size_t c = 0; c < w.codes.size(); c += 64) {
+      for (unsigned j = 0; j < 64; ++j) {
+        const unsigned q = j / 16, l = (j / 4) % 4, e = j % 4;
+        chunk[16 * l + 4 * q + e] = w.codes[c + j];
+      }
+      std::memcpy(w.codes.data() + c, chunk, 64);
+    }
   }
   return true;
 }
@@ -624,11 +642,15 @@ std::string RunDepthwiseConv(const ConvWeights& w, const ConvGeometry& g, const 
                              void* runner) {
   DepthwiseJob job;
   const uint64_t taps = w.kernel_h * w.kernel_w;
-  std::vector<float> weights(static_cast<size_t>(w.out_channels * taps));  // decoded once per call (tiny)
-  (isa >= GemmIsa::kAvx512 ? &avx512::ExpandConvCodes : isa == GemmIsa::kAvx2 ? &avx2::ExpandConvCodes
-                                                                              : &generic::ExpandConvCodes)(
-      w.codes.data(), weights.size(), w.codebook.data(), w.code_limit,
-      w.pruned_mask.empty() ? nullptr : w.pruned_mask.data(), 0, weights.data());
+  // Decoded once per call (tiny); plane order: whole chunks of 64.
+  std::vector<float> weights(w.plane_order ? w.codes.size() : static_cast<size_t>(w.out_channels * taps));
+  (w.plane_order            ? &avx512::ExpandConvCodesVbmi
+   : isa >= GemmIsa::kAvx512 ? &avx512::ExpandConvCodes
+   : isa == GemmIsa::kAvx2   ? &avx2::ExpandConvCodes
+                             : &generic::ExpandConvCodes)(w.codes.data(), weights.size(), w.codebook.data(),
+                                                          w.code_limit,
+                                                          w.pruned_mask.empty() ? nullptr : w.pruned_mask.data(), 0,
+                                                          weights.data());
   job.x = x;
   job.weights = weights.data();
   job.bias = bias;
@@ -672,10 +694,6 @@ std::string RunDepthwiseConv(const ConvWeights& w, const ConvGeometry& g, const 
 
 // ---------------------------------------------------------------- code tiles
 
-// Up to this many weights (all groups) a call decodes the whole weight once,
-// into a float buffer the tasks share (4 MiB at most); above, each task decodes
-// the tiles it needs.
-constexpr uint64_t kConvWholeDecode = uint64_t{1} << 20;
 // Weights per decoding task.
 constexpr uint64_t kDecodeChunk = uint64_t{1} << 14;
 
@@ -802,7 +820,8 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
                                                                                   : &generic::RunConvGemm;
   run.split2 = isa >= GemmIsa::kAvx512 ? &avx512::SplitPhases2 : isa == GemmIsa::kAvx2 ? &avx2::SplitPhases2
                                                                                     : &generic::SplitPhases2;
-  run.expand = isa >= GemmIsa::kAvx512 ? &avx512::ExpandConvCodes
+  run.expand = w.plane_order ? &avx512::ExpandConvCodesVbmi
+               : isa >= GemmIsa::kAvx512 ? &avx512::ExpandConvCodes
                : isa == GemmIsa::kAvx2 ? &avx2::ExpandConvCodes
                                        : &generic::ExpandConvCodes;
   if (w.codes.size() <= kConvWholeDecode) {

@@ -91,6 +91,12 @@ struct ConvWeights {
   // Pruned weights whose codebook has no 0 (256 values): bit i set = weight i
   // of `codes` is pruned (its index is 0 and decodes to 0 through the mask).
   std::vector<uint8_t> pruned_mask;
+  // Byte-plane order (AVX-512 VBMI, more than 64 codebook values, weights
+  // decoded whole per call): inside every chunk of 64 indices, position
+  // 16 L + 4 q + e holds the index of weight 16 q + 4 L + e (L, q, e < 4), the
+  // order the VBMI decoder's byte interleaving writes; `codes` is padded to
+  // a multiple of 64.
+  bool plane_order = false;
 
   // Bytes held for the weight.
   size_t memory_bytes() const;
@@ -98,8 +104,10 @@ struct ConvWeights {
 
 // Validates the attributes against the decoded 4-D float32 weight and builds
 // the layout. Returns false with a one-line *error.
-bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& attributes, ConvWeights* out,
-                      std::string* error);
+// isa: the kernels' (with AVX-512 VBMI, 8-bit codes are stored in byte-plane
+// order for the VBMI decoder).
+bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& attributes, GemmIsa isa,
+                      ConvWeights* out, std::string* error);
 
 // Shapes of one call.
 struct ConvGeometry {

@@ -129,6 +129,10 @@ void RunDepthwise(const DepthwiseJob& job, uint64_t task);
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation);
 }  // namespace avx2
 namespace avx512 {
+// ExpandConvCodes for codes in byte-plane order (ConvWeights::plane_order;
+// count a multiple of 64; built for AVX-512 VBMI, called only on such CPUs).
+void ExpandConvCodesVbmi(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit,
+                         const uint8_t* mask, uint64_t mask_first, float* out);
 unsigned ConvPanelWidth();
 // even[i] = src[2 i], odd[i] = src[2 i + 1] for i < pairs (stride-2 phases).
 void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd);

@@ -62,6 +62,42 @@ void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
 
 #include "conv_kernels_impl.h"
 
+// 64 indices at a time: each of the four bytes of the 256 codebook values is
+// a 256-byte plane in 4 zmm; two byte permutes and a blend on bit 7 look up
+// one plane, and two rounds of byte / word interleaving assemble the floats
+// (the panel GEMM's VBMI decoder, gemm_kernels_avx512.cc).
+__attribute__((target("avx512vbmi"))) void ExpandConvCodesVbmi(const uint8_t* codes, uint64_t count,
+                                                                const float* codebook, uint32_t,
+                                                                const uint8_t* mask, uint64_t mask_first,
+                                                                float* out) {
+  alignas(64) uint8_t planes[4][256];
+  for (unsigned i = 0; i < 256; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, codebook + i, sizeof(bits));
+    for (unsigned p = 0; p < 4; ++p) planes[p][i] = static_cast<uint8_t>(bits >> (8 * p));
+  }
+  __m512i t[4][4];
+  for (unsigned p = 0; p < 4; ++p) {
+    for (unsigned j = 0; j < 4; ++j) t[p][j] = _mm512_load_si512(planes[p] + 64 * j);
+  }
+  for (uint64_t i = 0; i + 64 <= count; i += 64) {
+    const __m512i idx = _mm512_loadu_si512(codes + i);
+    const __mmask64 high = _mm512_movepi8_mask(idx);
+    __m512i plane[4];
+    for (unsigned p = 0; p < 4; ++p) {
+      plane[p] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(t[p][0], idx, t[p][1]),
+                                        _mm512_permutex2var_epi8(t[p][2], idx, t[p][3]));
+    }
+    const __m512i lo01 = _mm512_unpacklo_epi8(plane[0], plane[1]), hi01 = _mm512_unpackhi_epi8(plane[0], plane[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(plane[2], plane[3]), hi23 = _mm512_unpackhi_epi8(plane[2], plane[3]);
+    _mm512_storeu_si512(out + i, _mm512_unpacklo_epi16(lo01, lo23));
+    _mm512_storeu_si512(out + i + 16, _mm512_unpackhi_epi16(lo01, lo23));
+    _mm512_storeu_si512(out + i + 32, _mm512_unpacklo_epi16(hi01, hi23));
+    _mm512_storeu_si512(out + i + 48, _mm512_unpackhi_epi16(hi01, hi23));
+  }
+  if (mask != nullptr) conv_detail::MaskPruned(mask, mask_first, count, out);
+}
+
 }  // namespace avx512
 }  // namespace onnx_dc
 #else  // not x86: never selected (DetectGemmIsa), forwards to the baseline kernels
@@ -72,6 +108,10 @@ namespace avx512 {
 unsigned ConvPanelWidth() { return generic::ConvPanelWidth(); }
 void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
   generic::SplitPhases2(src, pairs, even, odd);
+}
+void ExpandConvCodesVbmi(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit,
+                         const uint8_t* mask, uint64_t mask_first, float* out) {
+  generic::ExpandConvCodes(codes, count, codebook, limit, mask, mask_first, out);
 }
 void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) { generic::RunConvGemm(job, first, end); }
 void RunDepthwise(const DepthwiseJob& job, uint64_t task) { generic::RunDepthwise(job, task); }

@@ -663,7 +663,7 @@ class ConvKernel {
     DecodedContainer decoded;
     std::string error;
     if (!DecodeContainer(data, size, DecodeOptions(), &decoded, &error)) return error;
-    if (!BuildConvWeights(decoded, attributes_, weights, &error)) return error;
+    if (!BuildConvWeights(decoded, attributes_, gemm_isa_, weights, &error)) return error;
     return std::string();
   }
 
