@@ -28,6 +28,12 @@ DCConv layouts hold (code tiles / depthwise: 1 byte per weight, plus 1 bit per
 weight for pruned weights of a full 256-value codebook; index layout: 4 bytes
 per kept weight).
 
+``levels``: per real conv model compressed with the defaults, sessions at
+every graph optimisation level (ORT_DISABLE_ALL, _BASIC, _EXTENDED, _ALL):
+the largest output difference to ORT_DISABLE_ALL, the operators of the
+optimised graph that onnxruntime added or removed around the custom operators
+(``optimized_model_filepath``), and the median latency per level.
+
 ``models``: each real conv model, original against the model compressed by
 ``onnx_dc.compress`` with the data-free defaults and with
 ``Recipe(sparsity=0, bits=8)``, every session with default options
@@ -386,6 +392,53 @@ def run_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+LEVELS = {
+    "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def run_levels(args: argparse.Namespace) -> int:
+    import onnx_dc
+    from model_zoo import real
+
+    library = ops_library_path()
+    for name in args.models:
+        entry = real.get(name)
+        feed = entry.make_inputs("eval", 1, seed=0)[0]
+        data = onnx_dc.compress(str(entry.path())).model.SerializeToString()
+        sessions, outputs, ops = {}, {}, {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for level, value in LEVELS.items():
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = args.threads[0]
+                options.graph_optimization_level = value
+                options.log_severity_level = 3
+                options.optimized_model_filepath = str(Path(tmp) / f"{level}.onnx")
+                options.register_custom_ops_library(library)
+                sessions[level] = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+                outputs[level] = sessions[level].run(None, feed)
+                graph = onnx.load(options.optimized_model_filepath).graph
+                ops[level] = defaultdict(int)
+                for node in graph.node:
+                    ops[level][node.op_type] += 1
+        block = _block(sessions, feed, args.min_block_ms)
+        medians = timed_medians({k: (s, feed) for k, s in sessions.items()}, rounds=args.rounds, runs_per_block=block,
+                                warmup=2, seed=args.seed, clock=args.clock)
+        print(f"{name}:")
+        for level in LEVELS:
+            diff = max(float(np.abs(a - b).max()) if a.size else 0.0
+                       for a, b in zip(outputs[level], outputs["disable_all"]))
+            custom = {op: n for op, n in ops[level].items() if op.startswith("DC")}
+            added = {op: n - ops["disable_all"].get(op, 0) for op, n in ops[level].items()
+                     if n != ops["disable_all"].get(op, 0) and not op.startswith("DC")}
+            print(f"  {level:12s} {medians[level] * 1e3:8.2f} ms  max |diff| {diff:.1e}  custom ops {dict(custom)}  "
+                  f"other ops changed vs disable_all {dict(added)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -400,11 +453,14 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("--profile", metavar="DIR")
     models.add_argument("--profile-runs", type=int, default=10)
     models.add_argument("--top", type=int, default=12)
+    levels = sub.add_parser("levels")
+    levels.add_argument("--models", nargs="+", default=list(REAL_CONV_MODELS))
+    levels.add_argument("--min-block-ms", type=float, default=50.0)
     memory = sub.add_parser("memory")
     memory.add_argument("--models", nargs="+", default=list(REAL_CONV_MODELS))
     memory.add_argument("--measure", help=argparse.SUPPRESS)
     memory.add_argument("--library", help=argparse.SUPPRESS)
-    for p in (layers, models):
+    for p in (layers, models, levels):
         p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
         p.add_argument("--rounds", type=int, default=15)
         p.add_argument("--baseline-library", help="another build of the library, measured beside this one")
@@ -414,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "memory":
         return run_memory(args)
+    if args.command == "levels":
+        return run_levels(args)
     return run_layers(args) if args.command == "layers" else run_models(args)
 
 

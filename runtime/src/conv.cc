@@ -5,6 +5,7 @@
 #include "conv_kernels.h"
 
 #include <algorithm>
+#include <memory>
 #include <cstring>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -700,13 +701,15 @@ constexpr uint64_t kDecodeChunk = uint64_t{1} << 14;
 struct CodeTilesRun {
   const ConvWeights* w;
   void (*split2)(const float*, uint64_t, float*, float*);
-  std::vector<float> decoded;
+  // Uninitialised buffers (every float is written before it is read).
+  std::unique_ptr<float[]> decoded;
+  uint64_t decoded_size = 0;
   void (*expand)(const uint8_t*, uint64_t, const float*, uint32_t, const uint8_t*, uint64_t, float*);
   const ConvGeometry* g;
   const float* x;
   uint64_t image;
   // Padded input of the image (not pointwise): channel c at padded[c * plane].
-  std::vector<float> padded;
+  std::unique_ptr<float[]> padded;
   uint64_t rows = 0, row_floats = 0, phase_floats = 0, plane = 0;
   std::vector<ConvGemmJob> jobs;  // per group
   struct Task {
@@ -738,7 +741,7 @@ void PadChannel(void* context, size_t c) {
   const ConvWeights& w = *run.w;
   const ConvGeometry& g = *run.g;
   const float* plane = run.x + (run.image * g.in_channels + c) * g.in_h * g.in_w;
-  float* out = run.padded.data() + c * run.plane;
+  float* out = run.padded.get() + c * run.plane;
   const int64_t in_h = static_cast<int64_t>(g.in_h), in_w = static_cast<int64_t>(g.in_w);
   const uint64_t sw = static_cast<uint64_t>(w.stride_w);
   const uint64_t columns = sw == 1 ? run.row_floats : run.phase_floats * sw;
@@ -776,9 +779,9 @@ void PadChannel(void* context, size_t c) {
 void DecodeTask(void* context, size_t index) {
   CodeTilesRun& run = *static_cast<CodeTilesRun*>(context);
   const uint64_t first = uint64_t{index} * kDecodeChunk;
-  const uint64_t count = std::min<uint64_t>(kDecodeChunk, run.decoded.size() - first);
+  const uint64_t count = std::min<uint64_t>(kDecodeChunk, run.decoded_size - first);
   run.expand(run.w->codes.data() + first, count, run.w->codebook.data(), run.w->code_limit,
-             run.w->pruned_mask.empty() ? nullptr : run.w->pruned_mask.data(), first, run.decoded.data() + first);
+             run.w->pruned_mask.empty() ? nullptr : run.w->pruned_mask.data(), first, run.decoded.get() + first);
 }
 
 // A gathered panel whose runs are consecutive output positions filling all
@@ -825,7 +828,8 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
                : isa == GemmIsa::kAvx2 ? &avx2::ExpandConvCodes
                                        : &generic::ExpandConvCodes;
   if (w.codes.size() <= kConvWholeDecode) {
-    run.decoded.resize(w.codes.size());
+    run.decoded.reset(new float[w.codes.size()]);
+    run.decoded_size = w.codes.size();
     const std::string error = parallel_for(
         runner, static_cast<size_t>((w.codes.size() + kDecodeChunk - 1) / kDecodeChunk), &DecodeTask, &run);
     if (!error.empty()) return error;
@@ -860,7 +864,7 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
         }
       }
     }
-    run.padded.resize(static_cast<size_t>(g.in_channels * run.plane));  // every float written by PadChannel
+    run.padded.reset(new float[static_cast<size_t>(g.in_channels * run.plane)]);  // every float written by PadChannel
   }
   // Panels of nr consecutive output positions (the same for every image and
   // group): pointwise, X read in place (the last partial panel from a copy);
@@ -933,7 +937,7 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
   for (uint64_t group = 0; group < w.group; ++group) {
     ConvGemmJob& job = run.jobs[group];
     job.codes = w.codes.data() + group * per_group * k_count;
-    job.decoded = run.decoded.empty() ? nullptr : run.decoded.data() + group * per_group * k_count;
+    job.decoded = run.decoded ? run.decoded.get() + group * per_group * k_count : nullptr;
     job.codebook = w.codebook.data();
     job.code_limit = w.code_limit;
     job.pruned_mask = w.pruned_mask.empty() ? nullptr : w.pruned_mask.data();
@@ -960,7 +964,7 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
     if (!error.empty()) return error;
     for (uint64_t group = 0; group < w.group; ++group) {
       ConvGemmJob& job = run.jobs[group];
-      job.source = pointwise ? image_x + group * cg * positions : run.padded.data() + group * cg * run.plane;
+      job.source = pointwise ? image_x + group * cg * positions : run.padded.get() + group * cg * run.plane;
       job.y = y + (run.image * w.out_channels + group * per_group) * positions;
       if (!tails.empty()) {
         const uint64_t first = positions / nr * nr;

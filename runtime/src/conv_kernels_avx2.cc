@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "conv_kernels.h"
@@ -33,6 +34,7 @@ struct V {
     const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), lane_bits), lane_bits);
     _mm256_maskstore_ps(p, m, _mm256_setzero_ps());
   }
+  static T Add(T a, T b) { return _mm256_add_ps(a, b); }
   static void CopyN(float* dst, const float* src, unsigned n) {
     const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     _mm256_maskstore_ps(dst, m, _mm256_maskload_ps(src, m));

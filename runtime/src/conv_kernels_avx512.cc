@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "conv_kernels.h"
@@ -31,6 +32,7 @@ struct V {
   static void StoreZeros(float* p, unsigned bits) {
     _mm512_mask_storeu_ps(p, static_cast<__mmask16>(bits), _mm512_setzero_ps());
   }
+  static T Add(T a, T b) { return _mm512_add_ps(a, b); }
   static void CopyN(float* dst, const float* src, unsigned n) {
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
     _mm512_mask_storeu_ps(dst, m, _mm512_maskz_loadu_ps(m, src));

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "conv_kernels.h"
@@ -36,6 +37,10 @@ struct V {
     for (unsigned i = 0; i < kLanes; ++i) {
       if ((bits >> i) & 1u) p[i] = 0.0f;
     }
+  }
+  static T Add(T a, T b) {
+    for (unsigned i = 0; i < 4; ++i) a.v[i] += b.v[i];
+    return a;
   }
   static void CopyN(float* dst, const float* src, unsigned n) {
     for (unsigned i = 0; i < n; ++i) dst[i] = src[i];

@@ -165,6 +165,36 @@ inline void MaskPruned(const uint8_t* mask, uint64_t first, uint64_t count, floa
   }
 }
 
+// Depthwise: kVectors vectors of output positions, every tap; even and odd
+// taps in two sets of accumulators (twice the independent multiply-adds, so
+// short rows are not bound by the multiply-add latency).
+template <unsigned kVectors>
+inline void DepthwiseChunk(const float* row, const uint64_t* __restrict tap_offsets, const float* __restrict w,
+                           uint64_t taps, float bias, float* out) {
+  typename V::T even[kVectors], odd[kVectors];
+  for (unsigned v = 0; v < kVectors; ++v) {
+    even[v] = V::Set1(bias);
+    odd[v] = V::Zero();
+  }
+  uint64_t t = 0;
+  for (; t + 2 <= taps; t += 2) {
+    const typename V::T w0 = V::Set1(w[t]), w1 = V::Set1(w[t + 1]);
+    const float* s0 = row + tap_offsets[t];
+    const float* s1 = row + tap_offsets[t + 1];
+#pragma GCC unroll 4
+    for (unsigned v = 0; v < kVectors; ++v) {
+      even[v] = V::Fma(w0, V::Load(s0 + v * V::kLanes), even[v]);
+      odd[v] = V::Fma(w1, V::Load(s1 + v * V::kLanes), odd[v]);
+    }
+  }
+  if (t < taps) {
+    const typename V::T w0 = V::Set1(w[t]);
+    const float* s0 = row + tap_offsets[t];
+    for (unsigned v = 0; v < kVectors; ++v) even[v] = V::Fma(w0, V::Load(s0 + v * V::kLanes), even[v]);
+  }
+  for (unsigned v = 0; v < kVectors; ++v) V::Store(out + v * V::kLanes, V::Add(even[v], odd[v]));
+}
+
 inline float* AlignTo64(float* p) {
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
 }
@@ -236,8 +266,8 @@ void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) {
   // task's partial sums ([channels][kPanel]); the last block's sums get the
   // bias and activation on their way to Y.
   const bool pack_in_place = ONNX_DC_CONV_PACK_IN_PLACE && job.channels > kConvTileRows;
-  std::vector<float> buffer(static_cast<size_t>(kDepth * kPanel + job.channels * kPanel + 16));
-  float* packed = AlignTo64(buffer.data());
+  std::unique_ptr<float[]> buffer(new float[static_cast<size_t>(kDepth * kPanel + job.channels * kPanel + 16)]);
+  float* packed = AlignTo64(buffer.get());
   float* partial = packed + kDepth * kPanel;
   std::vector<uint64_t> packed_offsets(kDepth);
   for (uint64_t k = 0; k < kDepth; ++k) packed_offsets[k] = k * kPanel;
@@ -393,20 +423,26 @@ void RunDepthwise(const DepthwiseJob& job, uint64_t task) {
       float* out = job.y + ((image * job.channels + m) * job.out_h + oh) * job.out_w;
       const float* row = padded.data() + (oh - oh0) * sh * row_floats;
       for (uint64_t ow0 = 0; ow0 < job.out_w; ow0 += kDepthwiseSpan) {
-        typename V::T acc[kDepthwiseVectors];
-        for (unsigned v = 0; v < kDepthwiseVectors; ++v) acc[v] = V::Set1(bias);
-        for (uint64_t t = 0; t < taps; ++t) {
-          const typename V::T wv = V::Set1(w[t]);
-          const float* s = row + tap_offsets[t] + ow0;
-#pragma GCC unroll 4
-          for (unsigned v = 0; v < kDepthwiseVectors; ++v) acc[v] = V::Fma(wv, V::Load(s + v * V::kLanes), acc[v]);
+        const uint64_t left = job.out_w - ow0;
+        // A row's last chunk takes only the vectors it needs.
+        const unsigned vectors = left >= kDepthwiseSpan ? kDepthwiseVectors
+                                                        : static_cast<unsigned>((left + V::kLanes - 1) / V::kLanes);
+        float* target = left >= kDepthwiseSpan ? out + ow0 : partial;
+        switch (vectors) {
+          case 1:
+            DepthwiseChunk<1>(row + ow0, tap_offsets.data(), w, taps, bias, target);
+            break;
+          case 2:
+            DepthwiseChunk<2>(row + ow0, tap_offsets.data(), w, taps, bias, target);
+            break;
+          case 3:
+            DepthwiseChunk<3>(row + ow0, tap_offsets.data(), w, taps, bias, target);
+            break;
+          default:
+            DepthwiseChunk<kDepthwiseVectors>(row + ow0, tap_offsets.data(), w, taps, bias, target);
+            break;
         }
-        if (ow0 + kDepthwiseSpan <= job.out_w) {
-          for (unsigned v = 0; v < kDepthwiseVectors; ++v) V::Store(out + ow0 + v * V::kLanes, acc[v]);
-        } else {
-          for (unsigned v = 0; v < kDepthwiseVectors; ++v) V::Store(partial + v * V::kLanes, acc[v]);
-          std::memcpy(out + ow0, partial, static_cast<size_t>(job.out_w - ow0) * sizeof(float));
-        }
+        if (left < kDepthwiseSpan) std::memcpy(out + ow0, partial, static_cast<size_t>(left) * sizeof(float));
       }
       gemm_detail::Activate(out, job.out_w, job.activation);
     }
