@@ -203,7 +203,7 @@ def run_layers(args: argparse.Namespace) -> int:
     variants = ALL_VARIANTS if args.variants == ["all"] else {v: VARIANTS[v] for v in args.variants}
     rng = np.random.default_rng(args.seed)
     columns = ["ort"] + [f"dc {v}" for v in variants] + ([f"old {v}" for v in variants] if args.baseline_library else [])
-    print(f"onnxruntime {ort.__version__}; medians of {args.rounds} interleaved rounds; "
+    print(f"onnxruntime {ort.__version__}; {args.stat}s of {args.rounds} interleaved rounds ({args.clock} clock); "
           "ms per run and ratio to onnxruntime's Conv (below 1 = faster)")
     print(f"{'layer':30s} {'thr':>3} " + " ".join(f"{c:>15}" for c in columns))
     errors: dict[str, float] = defaultdict(float)
@@ -286,7 +286,7 @@ def run_models(args: argparse.Namespace) -> int:
 
     library = ops_library_path()
     print(f"onnxruntime {ort.__version__}; default session options (ORT_ENABLE_ALL); batch 1; "
-          f"medians of {args.rounds} interleaved rounds; ms per run and ratio to the original")
+          f"{args.stat}s of {args.rounds} interleaved rounds ({args.clock} clock); ms per run and ratio to the original")
     for name in args.models:
         entry = real.get(name)
         path = str(entry.path())

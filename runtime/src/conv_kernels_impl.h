@@ -265,7 +265,11 @@ void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) {
   // channels reads them), then every tile of channels accumulates into the
   // task's partial sums ([channels][kPanel]); the last block's sums get the
   // bias and activation on their way to Y.
-  const bool pack_in_place = ONNX_DC_CONV_PACK_IN_PLACE && job.channels > kConvTileRows;
+  // In-place panels are packed when at least three tiles of channels read them.
+  const bool pack_in_place = ONNX_DC_CONV_PACK_IN_PLACE && job.channels > 2 * kConvTileRows;
+  // K in equal blocks of at most kDepth rows (no short last block).
+  const uint64_t blocks = (k_count + kDepth - 1) / kDepth;
+  const uint64_t block_depth = (k_count + blocks - 1) / blocks;
   std::unique_ptr<float[]> buffer(new float[static_cast<size_t>(kDepth * kPanel + job.channels * kPanel + 16)]);
   float* packed = AlignTo64(buffer.get());
   float* partial = packed + kDepth * kPanel;
@@ -276,8 +280,8 @@ void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) {
   std::vector<float> a_block(job.decoded != nullptr ? 0 : static_cast<size_t>(kDepth * kConvTileRows));
   for (uint64_t i = first; i < end; ++i) {
     const ConvPanel& panel = job.panels[i];
-    for (uint64_t k0 = 0; k0 < k_count; k0 += kDepth) {
-      const uint64_t depth = std::min<uint64_t>(kDepth, k_count - k0);
+    for (uint64_t k0 = 0; k0 < k_count; k0 += block_depth) {
+      const uint64_t depth = std::min<uint64_t>(block_depth, k_count - k0);
       const float* b = packed;
       const uint64_t* b_offsets = packed_offsets.data();
       if (panel.kind == PanelSource::kGather) {
