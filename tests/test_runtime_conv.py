@@ -384,7 +384,9 @@ def assert_activation_close(y: np.ndarray, pre: np.ndarray, activation: str, par
     assert error <= 1e-5 * scale + 2e-7, f"{activation}: error {error:.3g} (scale {scale:.3g})"
 
 
-@pytest.mark.parametrize(("sparsity", "bits"), [(0.0, 5), (0.5, 5), (0.9, 5), (0.0, 8), (0.3, 8)])
+# 8-bit pruned: the bit mask; 4-bit: nibbles (pruned: nibbles and the mask); 3-bit pruned: nibbles, zero index
+@pytest.mark.parametrize(("sparsity", "bits"), [(0.0, 5), (0.5, 5), (0.9, 5), (0.0, 8), (0.3, 8), (0.0, 4), (0.3, 4),
+                                                (0.3, 3)])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", [case[0] for case in KERNEL_CASES] + ["plain", "pads_strides", "depthwise_x2", "wide"])
 def test_every_isa_matches_and_threads_agree_bit_for_bit(library: str, name: str, isa: str, sparsity: float,
@@ -465,14 +467,15 @@ def test_bad_activation_fails_session_creation(library: str, activation: str, pa
         make_session(dc_conv_model(container, {}, activation=activation, activation_params=params), library)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("isa", ISAS)
-def test_weights_above_the_whole_decode_limit(library: str, isa: str) -> None:
-    """More than 2^20 weights: each task decodes its tiles' blocks instead of the call decoding all."""
+def test_weights_above_the_whole_decode_limit(library: str, isa: str, bits: int) -> None:
+    """More than 2^20 weights: each task decodes its tiles' blocks (4-bit: nibbles from odd positions too)."""
     rng = np.random.default_rng(9)
-    container, dense = random_container(rng, (130, 1000, 3, 3), sparsity=0.3, bits=8)
+    container, dense = random_container(rng, (131, 999, 3, 3), sparsity=0.3, bits=bits)
     attributes = {"pads": [1, 1, 1, 1]}
-    bias = rng.standard_normal(130).astype(np.float32)
-    x = random_activations(rng, (1, 1000, 3, 7))
+    bias = rng.standard_normal(131).astype(np.float32)
+    x = random_activations(rng, (1, 999, 3, 7))
     model = dc_conv_model(container, attributes, bias=bias, activation="relu")
     (y,) = session_for(model, library, isa, threads=2).run(None, {"x": x})
     assert_matches_reference(y, np.maximum(reference_conv(x, dense, attributes, bias).astype(np.float64), 0))
@@ -515,7 +518,7 @@ def sanitizer_workload(library: str) -> None:
     # Every kernel variant the CPU has, with every activation on the code tiles and the depthwise kernel.
     for isa in ISAS:
         for name, *_ in KERNEL_CASES:
-            for sparsity, bits in ((0.0, 5), (0.9, 5), (0.3, 8)):
+            for sparsity, bits in ((0.0, 5), (0.9, 5), (0.3, 8), (0.0, 4), (0.3, 4), (0.3, 3)):
                 run_case(library, name, sparsity, threads=2, with_bias=True, isa=isa, bits=bits)
         for activation, params in ACTIVATIONS.items():
             for name in ("pw_tail", "strided_rows", "dw_5x5"):
@@ -527,10 +530,11 @@ def sanitizer_workload(library: str) -> None:
                     None, {"x": random_activations(np.random.default_rng(1), (1, c, height, width))})
                 assert np.isfinite(y).all()
     rng = np.random.default_rng(9)
-    container, dense = random_container(rng, (130, 1000, 3, 3), sparsity=0.3, bits=4)
-    for isa in ISAS:
-        session = session_for(dc_conv_model(container, {"pads": [1, 1, 1, 1]}), library, isa, 2)
-        session.run(None, {"x": random_activations(rng, (1, 1000, 3, 7))})
+    for bits in (8, 4):
+        container, dense = random_container(rng, (131, 999, 3, 3), sparsity=0.3, bits=bits)
+        for isa in ISAS:
+            session = session_for(dc_conv_model(container, {"pads": [1, 1, 1, 1]}), library, isa, 2)
+            session.run(None, {"x": random_activations(rng, (1, 999, 3, 7))})
     print("conv sanitizer workload: ok")
 
 

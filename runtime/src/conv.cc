@@ -410,13 +410,19 @@ bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& att
     }
   }
   w.kept = kept;
-  // The index of pruned weights in the code layouts: the zero symbol (its
-  // codebook entry is +0.0) when the codebook has fewer than 256 values, else
-  // a value that is exactly 0; none: only the index layout can hold pruned weights.
-  bool zero_found = zero_symbol < 256;
+  // Code width: 4 bits (two indices per byte) when every kept index is below
+  // 16, else a byte. The index of pruned weights in the code layouts: the zero
+  // symbol (its codebook entry is +0.0) when it fits the width, else a value
+  // that is exactly 0; without one (e.g. a full 256-value codebook without 0,
+  // or 4-bit codes of pruned weights), pruned weights keep index 0 and a bit
+  // mask (1 bit per weight, the codes' order) zeroes them when decoded.
+  const bool pruned = kept < info.numel;
+  const bool nibbles = limit <= 16;
+  const uint32_t width_limit = nibbles ? 16 : 256;
+  bool zero_found = zero_symbol < width_limit;
   uint32_t zero_code = zero_symbol;
   if (!zero_found) {
-    for (uint32_t i = 0; i < 256; ++i) {
+    for (uint32_t i = 0; i < std::min<uint32_t>(width_limit, info.codebook_size); ++i) {
       if (w.codebook[i] == 0.0f) {
         zero_code = i;
         zero_found = true;
@@ -424,11 +430,8 @@ bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& att
       }
     }
   }
-  // Without such an index (a full 256-value codebook without 0, e.g. 8-bit
-  // codes of pruned weights), pruned weights keep index 0 and a bit mask
-  // (1 bit per weight, the codes' order) zeroes them when they are decoded.
-  const bool masked = kept < info.numel && !zero_found;
-  if (!masked && kept < info.numel) limit = std::max<uint32_t>(limit, zero_code + 1);
+  const bool masked = pruned && !zero_found;
+  if (!masked && pruned) limit = std::max<uint32_t>(limit, zero_code + 1);
   if (masked) zero_code = 0;
   const uint64_t per_group = w.out_channels / w.group;
   if (w.in_channels_per_group == 1 && w.group > 1) {
@@ -442,14 +445,30 @@ bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& att
   w.channel_offsets.clear();
   w.codes.clear();
   const bool index = w.layout == ConvLayout::kIndex;
+  w.nibbles = !index && nibbles;
   if (index) {
     w.entries.reserve(static_cast<size_t>(kept));
     w.channel_offsets.assign(static_cast<size_t>(w.out_channels + 1), 0);
   } else {
     w.code_limit = limit;
-    w.codes.assign(static_cast<size_t>(info.numel), static_cast<uint8_t>(kept < info.numel ? zero_code : 0));
+    const uint8_t fill = static_cast<uint8_t>(pruned ? zero_code : 0);
+    if (w.nibbles) {
+      w.codes.assign(static_cast<size_t>((info.numel + 1) / 2), static_cast<uint8_t>(fill | (fill << 4)));
+    } else {
+      w.codes.assign(static_cast<size_t>(info.numel), fill);
+    }
     if (masked) w.pruned_mask.assign(static_cast<size_t>((info.numel + 7) / 8), 0xFF);  // cleared where kept
   }
+  // Index `code` of weight `at` (the codes' order).
+  auto put = [&w](uint64_t at, uint16_t code) {
+    if (w.nibbles) {
+      uint8_t& byte = w.codes[static_cast<size_t>(at / 2)];
+      const unsigned shift = 4 * static_cast<unsigned>(at % 2);
+      byte = static_cast<uint8_t>((byte & ~(0xFu << shift)) | (unsigned{code} << shift));
+    } else {
+      w.codes[static_cast<size_t>(at)] = static_cast<uint8_t>(code);
+    }
+  };
   const bool sparse = info.layout == Layout::kSparse;
   uint64_t position = 0;  // flat index of the current entry
   for (uint64_t e = 0; e < info.entries; ++e, ++position) {
@@ -462,7 +481,7 @@ bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& att
       w.channel_offsets[m + 1]++;
       w.entries.push_back(static_cast<uint32_t>((k << 8) | code));
     } else if (w.layout == ConvLayout::kDepthwise) {
-      w.codes[static_cast<size_t>(position)] = static_cast<uint8_t>(code);
+      put(position, code);
       if (masked) w.pruned_mask[position / 8] &= static_cast<uint8_t>(~(1u << (position % 8)));
     } else {
       // Tile of kConvTileRows channels of the group starting at `first`: [K][rows].
@@ -470,15 +489,15 @@ bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& att
       const uint64_t first = in_group / kConvTileRows * kConvTileRows;
       const uint64_t rows = std::min<uint64_t>(kConvTileRows, per_group - first);
       const uint64_t at = (m - in_group + first) * w.patch_size + k * rows + (in_group - first);
-      w.codes[static_cast<size_t>(at)] = static_cast<uint8_t>(code);
+      put(at, code);
       if (masked) w.pruned_mask[at / 8] &= static_cast<uint8_t>(~(1u << (at % 8)));
     }
   }
   if (index) {
     for (uint64_t m = 0; m < w.out_channels; ++m) w.channel_offsets[m + 1] += w.channel_offsets[m];
   }
-  w.plane_order = !index && isa >= GemmIsa::kAvx512Vbmi && w.code_limit > 64 &&
-                  (w.layout == ConvLayout::kDepthwise || w.codes.size() <= kConvWholeDecode);
+  w.plane_order = !index && !w.nibbles && isa >= GemmIsa::kAvx512Vbmi && w.code_limit > 64 &&
+                  (w.layout == ConvLayout::kDepthwise || info.numel <= kConvWholeDecode);
   if (w.plane_order) {
     w.codes.resize((w.codes.size() + 63) / 64 * 64, 0);
     if (!w.pruned_mask.empty()) w.pruned_mask.resize(w.codes.size() / 8, 0);
@@ -644,13 +663,14 @@ std::string RunDepthwiseConv(const ConvWeights& w, const ConvGeometry& g, const 
   DepthwiseJob job;
   const uint64_t taps = w.kernel_h * w.kernel_w;
   // Decoded once per call (tiny); plane order: whole chunks of 64.
-  std::vector<float> weights(w.plane_order ? w.codes.size() : static_cast<size_t>(w.out_channels * taps));
+  const uint64_t weight_count = w.out_channels * taps;
+  std::vector<float> weights(static_cast<size_t>(w.plane_order ? w.codes.size() : weight_count));
   (w.plane_order            ? &avx512::ExpandConvCodesVbmi
    : isa >= GemmIsa::kAvx512 ? &avx512::ExpandConvCodes
    : isa == GemmIsa::kAvx2   ? &avx2::ExpandConvCodes
-                             : &generic::ExpandConvCodes)(w.codes.data(), weights.size(), w.codebook.data(),
-                                                          w.code_limit,
-                                                          w.pruned_mask.empty() ? nullptr : w.pruned_mask.data(), 0,
+                             : &generic::ExpandConvCodes)(w.codes.data(), 0, weights.size(), w.nibbles,
+                                                          w.codebook.data(), w.code_limit,
+                                                          w.pruned_mask.empty() ? nullptr : w.pruned_mask.data(),
                                                           weights.data());
   job.x = x;
   job.weights = weights.data();
@@ -704,7 +724,7 @@ struct CodeTilesRun {
   // Uninitialised buffers (every float is written before it is read).
   std::unique_ptr<float[]> decoded;
   uint64_t decoded_size = 0;
-  void (*expand)(const uint8_t*, uint64_t, const float*, uint32_t, const uint8_t*, uint64_t, float*);
+  void (*expand)(const uint8_t*, uint64_t, uint64_t, bool, const float*, uint32_t, const uint8_t*, float*);
   const ConvGeometry* g;
   const float* x;
   uint64_t image;
@@ -780,8 +800,8 @@ void DecodeTask(void* context, size_t index) {
   CodeTilesRun& run = *static_cast<CodeTilesRun*>(context);
   const uint64_t first = uint64_t{index} * kDecodeChunk;
   const uint64_t count = std::min<uint64_t>(kDecodeChunk, run.decoded_size - first);
-  run.expand(run.w->codes.data() + first, count, run.w->codebook.data(), run.w->code_limit,
-             run.w->pruned_mask.empty() ? nullptr : run.w->pruned_mask.data(), first, run.decoded.get() + first);
+  run.expand(run.w->codes.data(), first, count, run.w->nibbles, run.w->codebook.data(), run.w->code_limit,
+             run.w->pruned_mask.empty() ? nullptr : run.w->pruned_mask.data(), run.decoded.get() + first);
 }
 
 // A gathered panel whose runs are consecutive output positions filling all
@@ -827,11 +847,13 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
                : isa >= GemmIsa::kAvx512 ? &avx512::ExpandConvCodes
                : isa == GemmIsa::kAvx2 ? &avx2::ExpandConvCodes
                                        : &generic::ExpandConvCodes;
-  if (w.codes.size() <= kConvWholeDecode) {
-    run.decoded.reset(new float[w.codes.size()]);
-    run.decoded_size = w.codes.size();
+  // Codes to decode: every weight (plane order: padded to 64).
+  const uint64_t code_count = w.plane_order ? w.codes.size() : w.out_channels * w.patch_size;
+  if (code_count <= kConvWholeDecode) {
+    run.decoded.reset(new float[code_count]);
+    run.decoded_size = code_count;
     const std::string error = parallel_for(
-        runner, static_cast<size_t>((w.codes.size() + kDecodeChunk - 1) / kDecodeChunk), &DecodeTask, &run);
+        runner, static_cast<size_t>((code_count + kDecodeChunk - 1) / kDecodeChunk), &DecodeTask, &run);
     if (!error.empty()) return error;
   }
   const uint64_t positions = g.out_h * g.out_w;
@@ -936,12 +958,13 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
   run.jobs.resize(static_cast<size_t>(w.group));
   for (uint64_t group = 0; group < w.group; ++group) {
     ConvGemmJob& job = run.jobs[group];
-    job.codes = w.codes.data() + group * per_group * k_count;
+    job.codes = w.codes.data();
+    job.code_first = group * per_group * k_count;
+    job.nibbles = w.nibbles;
     job.decoded = run.decoded ? run.decoded.get() + group * per_group * k_count : nullptr;
     job.codebook = w.codebook.data();
     job.code_limit = w.code_limit;
     job.pruned_mask = w.pruned_mask.empty() ? nullptr : w.pruned_mask.data();
-    job.mask_first = group * per_group * k_count;
     job.channels = per_group;
     job.k_count = k_count;
     job.offsets = offsets.data();

@@ -97,6 +97,9 @@ struct ConvWeights {
   // order the VBMI decoder's byte interleaving writes; `codes` is padded to
   // a multiple of 64.
   bool plane_order = false;
+  // 4-bit codes (every kept index below 16): two per byte, weight 2 i in the
+  // low nibble of byte i, 2 i + 1 in the high one: half a byte per weight.
+  bool nibbles = false;
 
   // Bytes held for the weight.
   size_t memory_bytes() const;

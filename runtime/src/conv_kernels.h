@@ -61,13 +61,14 @@ struct ConvPanel {
 
 // One (image, group) of a code-tile convolution.
 struct ConvGemmJob {
-  const uint8_t* codes = nullptr;  // the group's tiles
+  const uint8_t* codes = nullptr;  // every code of the weight (bytes or nibbles)
+  uint64_t code_first = 0;         // the index of the group's first code
+  bool nibbles = false;
   // The group's tiles decoded for this call ([K][rows] floats per tile, the
   // codes' order), or null: each task decodes the tiles it needs.
   const float* decoded = nullptr;
   const float* codebook = nullptr;  // 256 values
-  const uint8_t* pruned_mask = nullptr;  // ConvWeights::pruned_mask or null
-  uint64_t mask_first = 0;               // the bit of the group's first code
+  const uint8_t* pruned_mask = nullptr;  // ConvWeights::pruned_mask (bit i: code i) or null
   uint32_t code_limit = 256;        // 1 + the largest index
   uint64_t channels = 0;            // output channels of the group (M / group)
   uint64_t k_count = 0;             // C / group * kh * kw
@@ -110,9 +111,11 @@ namespace generic {
 unsigned ConvPanelWidth();
 // even[i] = src[2 i], odd[i] = src[2 i + 1] for i < pairs (stride-2 phases).
 void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd);
-// out[i] = codebook[codes[i]], and 0 where bit mask_first + i of mask is set (mask may be null).
-void ExpandConvCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit,
-                     const uint8_t* mask, uint64_t mask_first, float* out);
+// out[i] = codebook[code first + i] for i < count, code j being byte j of
+// `codes`, or its low (j even) / high (j odd) nibble of byte j / 2 with
+// `nibbles`; 0 where bit first + i of mask is set (mask may be null).
+void ExpandConvCodes(const uint8_t* codes, uint64_t first, uint64_t count, bool nibbles, const float* codebook,
+                     uint32_t limit, const uint8_t* mask, float* out);
 void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end);  // panels (or positions) [first, end)
 void RunDepthwise(const DepthwiseJob& job, uint64_t task);
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation);
@@ -121,9 +124,11 @@ namespace avx2 {
 unsigned ConvPanelWidth();
 // even[i] = src[2 i], odd[i] = src[2 i + 1] for i < pairs (stride-2 phases).
 void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd);
-// out[i] = codebook[codes[i]], and 0 where bit mask_first + i of mask is set (mask may be null).
-void ExpandConvCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit,
-                     const uint8_t* mask, uint64_t mask_first, float* out);
+// out[i] = codebook[code first + i] for i < count, code j being byte j of
+// `codes`, or its low (j even) / high (j odd) nibble of byte j / 2 with
+// `nibbles`; 0 where bit first + i of mask is set (mask may be null).
+void ExpandConvCodes(const uint8_t* codes, uint64_t first, uint64_t count, bool nibbles, const float* codebook,
+                     uint32_t limit, const uint8_t* mask, float* out);
 void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end);
 void RunDepthwise(const DepthwiseJob& job, uint64_t task);
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation);
@@ -131,14 +136,16 @@ void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationS
 namespace avx512 {
 // ExpandConvCodes for codes in byte-plane order (ConvWeights::plane_order;
 // count a multiple of 64; built for AVX-512 VBMI, called only on such CPUs).
-void ExpandConvCodesVbmi(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit,
-                         const uint8_t* mask, uint64_t mask_first, float* out);
+void ExpandConvCodesVbmi(const uint8_t* codes, uint64_t first, uint64_t count, bool nibbles, const float* codebook,
+                         uint32_t limit, const uint8_t* mask, float* out);
 unsigned ConvPanelWidth();
 // even[i] = src[2 i], odd[i] = src[2 i + 1] for i < pairs (stride-2 phases).
 void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd);
-// out[i] = codebook[codes[i]], and 0 where bit mask_first + i of mask is set (mask may be null).
-void ExpandConvCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit,
-                     const uint8_t* mask, uint64_t mask_first, float* out);
+// out[i] = codebook[code first + i] for i < count, code j being byte j of
+// `codes`, or its low (j even) / high (j odd) nibble of byte j / 2 with
+// `nibbles`; 0 where bit first + i of mask is set (mask may be null).
+void ExpandConvCodes(const uint8_t* codes, uint64_t first, uint64_t count, bool nibbles, const float* codebook,
+                     uint32_t limit, const uint8_t* mask, float* out);
 void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end);
 void RunDepthwise(const DepthwiseJob& job, uint64_t task);
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation);

@@ -47,6 +47,14 @@ void DecodeCodes(const uint8_t* codes, uint64_t count, const float* codebook, ui
   for (uint64_t i = 0; i < count; ++i) out[i] = codebook[codes[i]];
 }
 
+// Nibble codes (4-bit), scalar.
+void DecodeNibbles(const uint8_t* codes, uint64_t first, uint64_t count, const float* codebook, float* out) {
+  for (uint64_t i = 0; i < count; ++i) {
+    const uint64_t j = first + i;
+    out[i] = codebook[(codes[j / 2] >> (4 * (j % 2))) & 0xFu];
+  }
+}
+
 }  // namespace
 
 void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
@@ -75,6 +83,10 @@ void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
 namespace onnx_dc {
 namespace avx2 {
 unsigned ConvPanelWidth() { return generic::ConvPanelWidth(); }
+void ExpandConvCodes(const uint8_t* codes, uint64_t first, uint64_t count, bool nibbles, const float* codebook,
+                     uint32_t limit, const uint8_t* mask, float* out) {
+  generic::ExpandConvCodes(codes, first, count, nibbles, codebook, limit, mask, out);
+}
 void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
   generic::SplitPhases2(src, pairs, even, odd);
 }

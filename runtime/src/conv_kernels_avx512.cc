@@ -45,6 +45,32 @@ void DecodeCodes(const uint8_t* codes, uint64_t count, const float* codebook, ui
   ExpandCodes32(codes, count, reinterpret_cast<const uint32_t*>(codebook), limit, reinterpret_cast<uint32_t*>(out));
 }
 
+// Nibble codes (at most 16 values): 16 bytes give 32 indices; both nibbles
+// look up the 16 values in one register, and two permutes interleave them.
+void DecodeNibbles(const uint8_t* codes, uint64_t first, uint64_t count, const float* codebook, float* out) {
+  uint64_t i = 0;
+  if (count > 0 && first % 2 != 0) {
+    out[0] = codebook[codes[first / 2] >> 4];
+    i = 1;
+  }
+  const __m512 table = _mm512_loadu_ps(codebook);
+  const __m512i low_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i high_half = _mm512_add_epi32(low_half, _mm512_set1_epi32(8));
+  const __m512i nibble = _mm512_set1_epi32(0xF);
+  for (; i + 32 <= count; i += 32) {
+    const uint8_t* bytes = codes + (first + i) / 2;  // first + i is even here
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+    const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, nibble), table);
+    const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+    _mm512_storeu_ps(out + i, _mm512_permutex2var_ps(lo, low_half, hi));
+    _mm512_storeu_ps(out + i + 16, _mm512_permutex2var_ps(lo, high_half, hi));
+  }
+  for (; i < count; ++i) {
+    const uint64_t j = first + i;
+    out[i] = codebook[(codes[j / 2] >> (4 * (j % 2))) & 0xFu];
+  }
+}
+
 }  // namespace
 
 void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
@@ -68,10 +94,10 @@ void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
 // a 256-byte plane in 4 zmm; two byte permutes and a blend on bit 7 look up
 // one plane, and two rounds of byte / word interleaving assemble the floats
 // (the panel GEMM's VBMI decoder, gemm_kernels_avx512.cc).
-__attribute__((target("avx512vbmi"))) void ExpandConvCodesVbmi(const uint8_t* codes, uint64_t count,
-                                                                const float* codebook, uint32_t,
-                                                                const uint8_t* mask, uint64_t mask_first,
-                                                                float* out) {
+__attribute__((target("avx512vbmi"))) void ExpandConvCodesVbmi(const uint8_t* all_codes, uint64_t first,
+                                                                uint64_t count, bool, const float* codebook,
+                                                                uint32_t, const uint8_t* mask, float* out) {
+  const uint8_t* codes = all_codes + first;  // first: a multiple of 64
   alignas(64) uint8_t planes[4][256];
   for (unsigned i = 0; i < 256; ++i) {
     uint32_t bits;
@@ -97,7 +123,7 @@ __attribute__((target("avx512vbmi"))) void ExpandConvCodesVbmi(const uint8_t* co
     _mm512_storeu_si512(out + i + 32, _mm512_unpacklo_epi16(hi01, hi23));
     _mm512_storeu_si512(out + i + 48, _mm512_unpackhi_epi16(hi01, hi23));
   }
-  if (mask != nullptr) conv_detail::MaskPruned(mask, mask_first, count, out);
+  if (mask != nullptr) conv_detail::MaskPruned(mask, first, count, out);
 }
 
 }  // namespace avx512
@@ -108,12 +134,16 @@ __attribute__((target("avx512vbmi"))) void ExpandConvCodesVbmi(const uint8_t* co
 namespace onnx_dc {
 namespace avx512 {
 unsigned ConvPanelWidth() { return generic::ConvPanelWidth(); }
+void ExpandConvCodes(const uint8_t* codes, uint64_t first, uint64_t count, bool nibbles, const float* codebook,
+                     uint32_t limit, const uint8_t* mask, float* out) {
+  generic::ExpandConvCodes(codes, first, count, nibbles, codebook, limit, mask, out);
+}
 void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
   generic::SplitPhases2(src, pairs, even, odd);
 }
-void ExpandConvCodesVbmi(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit,
-                         const uint8_t* mask, uint64_t mask_first, float* out) {
-  generic::ExpandConvCodes(codes, count, codebook, limit, mask, mask_first, out);
+void ExpandConvCodesVbmi(const uint8_t* codes, uint64_t first, uint64_t count, bool nibbles, const float* codebook,
+                         uint32_t limit, const uint8_t* mask, float* out) {
+  generic::ExpandConvCodes(codes, first, count, nibbles, codebook, limit, mask, out);
 }
 void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) { generic::RunConvGemm(job, first, end); }
 void RunDepthwise(const DepthwiseJob& job, uint64_t task) { generic::RunDepthwise(job, task); }

@@ -53,6 +53,14 @@ void DecodeCodes(const uint8_t* codes, uint64_t count, const float* codebook, ui
   for (uint64_t i = 0; i < count; ++i) out[i] = codebook[codes[i]];
 }
 
+// Nibble codes (4-bit), scalar.
+void DecodeNibbles(const uint8_t* codes, uint64_t first, uint64_t count, const float* codebook, float* out) {
+  for (uint64_t i = 0; i < count; ++i) {
+    const uint64_t j = first + i;
+    out[i] = codebook[(codes[j / 2] >> (4 * (j % 2))) & 0xFu];
+  }
+}
+
 }  // namespace
 
 void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {

@@ -231,10 +231,14 @@ inline void PackGathered(const ConvGemmJob& job, const ConvPanel& panel, uint64_
 
 unsigned ConvPanelWidth() { return conv_detail::kPanel; }
 
-void ExpandConvCodes(const uint8_t* codes, uint64_t count, const float* codebook, uint32_t limit,
-                     const uint8_t* mask, uint64_t mask_first, float* out) {
-  DecodeCodes(codes, count, codebook, limit, out);
-  if (mask != nullptr) conv_detail::MaskPruned(mask, mask_first, count, out);
+void ExpandConvCodes(const uint8_t* codes, uint64_t first, uint64_t count, bool nibbles, const float* codebook,
+                     uint32_t limit, const uint8_t* mask, float* out) {
+  if (nibbles) {
+    DecodeNibbles(codes, first, count, codebook, out);
+  } else {
+    DecodeCodes(codes + first, count, codebook, limit, out);
+  }
+  if (mask != nullptr) conv_detail::MaskPruned(mask, first, count, out);
 }
 
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation) {
@@ -250,9 +254,8 @@ void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) {
       const unsigned rows = static_cast<unsigned>(std::min<uint64_t>(kConvTileRows, job.channels - first_channel));
       const float* tile = job.decoded + first_channel * k_count;
       if (job.decoded == nullptr) {
-        DecodeCodes(job.codes + first_channel * k_count, k_count * rows, job.codebook, job.code_limit, a.data());
-        if (job.pruned_mask != nullptr)
-          MaskPruned(job.pruned_mask, job.mask_first + first_channel * k_count, k_count * rows, a.data());
+        ExpandConvCodes(job.codes, job.code_first + first_channel * k_count, k_count * rows, job.nibbles,
+                        job.codebook, job.code_limit, job.pruned_mask, a.data());
         tile = a.data();
       }
       FewPositions(job, first, end, tile, rows, first_channel);
@@ -308,11 +311,8 @@ void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) {
         if (job.decoded != nullptr) {
           a = job.decoded + first_channel * k_count + k0 * rows;
         } else {
-          DecodeCodes(job.codes + first_channel * k_count + k0 * rows, depth * rows, job.codebook, job.code_limit,
-                      a_block.data());
-          if (job.pruned_mask != nullptr)
-            MaskPruned(job.pruned_mask, job.mask_first + first_channel * k_count + k0 * rows, depth * rows,
-                       a_block.data());
+          ExpandConvCodes(job.codes, job.code_first + first_channel * k_count + k0 * rows, depth * rows,
+                          job.nibbles, job.codebook, job.code_limit, job.pruned_mask, a_block.data());
           a = a_block.data();
         }
         for (unsigned r0 = 0; r0 < rows; r0 += kMaxRows) {
