@@ -279,6 +279,33 @@ def _profile_table(path: str, top: int) -> str:
     return "\n".join(lines)
 
 
+def _conv_key(node: str) -> str:
+    """The original node name behind an onnxruntime NCHWc / fused node name."""
+    for suffix in ("_output_0_nchwc", "_nchwc"):
+        if node.endswith(suffix):
+            node = node[: -len(suffix)] + ("_output_0" if suffix == "_output_0_nchwc" else "")
+    return node.replace("_output_0", "")
+
+
+def conv_comparison(nodes: dict, top: int) -> str:
+    """Per DCConv node of each compressed variant: its median time beside the original's Conv of the same name."""
+    original = {}
+    for node, (op, us) in nodes.get("original", {}).items():
+        if op in ("Conv", "FusedConv"):
+            original[_conv_key(node)] = us
+    lines = []
+    for key, table in nodes.items():
+        if key == "original":
+            continue
+        convs = sorted(((us, node) for node, (op, us) in table.items() if op == "DCConv"), reverse=True)
+        total = sum(us for us, _ in convs)
+        lines.append(f"  {key}: DCConv {total / 1e3:.2f} ms per run against the original's Conv {sum(original.values()) / 1e3:.2f} ms")
+        for us, node in convs[:top]:
+            ref = original.get(node)
+            lines.append(f"    {node[:50]:50s} {us / 1e3:7.3f} ms" + (f"  original {ref / 1e3:7.3f} ms  {us / ref:5.2f}x" if ref else ""))
+    return "\n".join(lines)
+
+
 def run_models(args: argparse.Namespace) -> int:
     import onnx_dc
     from model_zoo import real
@@ -313,6 +340,7 @@ def run_models(args: argparse.Namespace) -> int:
         print(f"{name:20s} compressed weights: {dense_bytes / 1e6:.2f} MB dense")
         if args.profile:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
+            nodes = {}
             for key in [k for k in models if k != "original"] + ["original"]:
                 data, lib = models[key]
                 prefix = str(Path(args.profile) / f"{name}.{key.replace(' ', '_')}")
@@ -320,7 +348,9 @@ def run_models(args: argparse.Namespace) -> int:
                 for _ in range(args.profile_runs):
                     s.run(None, feed)
                 profile = s.end_profiling()
+                nodes[key] = profile_node_times(profile)[0]
                 print(f"  profile {name} / {key} (1 thread):\n" + _profile_table(profile, args.top))
+            print(conv_comparison(nodes, args.top))
     return 0
 
 
@@ -359,12 +389,18 @@ def session_memory_bytes(model: bytes, library: str | None) -> int:
 
 
 def layout_bytes(tensor) -> int:
-    """Bytes the DCConv layout of one compressed conv weight holds (runtime/src/conv.cc BuildConvWeights)."""
+    """Bytes the DCConv layout of one compressed conv weight holds (runtime/src/conv.cc BuildConvWeights):
+    index layout below 25 % kept (4 per kept weight, 8 per output channel); else 1 byte per weight, half a
+    byte with at most 16 values (4-bit codes), plus 1 bit per weight when pruned weights have no zero
+    index (a 256-value codebook, or 16 values with 4-bit codes); 1 KiB of codebook."""
     n, kept = tensor.n_weights, tensor.n_kept
     if kept < 0.25 * n:
         return 4 * kept + 8 * tensor.shape[0] + 1024
-    masked = kept < n and tensor.codebook_size >= 256
-    return n + (n + 7) // 8 * masked + 1024
+    values = tensor.codebook_size
+    nibbles = values <= 16
+    pruned = kept < n
+    masked = pruned and values >= (16 if nibbles else 256)
+    return (n + 1) // 2 * nibbles + n * (not nibbles) + (n + 7) // 8 * masked + 1024
 
 
 def run_memory(args: argparse.Namespace) -> int:
