@@ -19,8 +19,9 @@ This is the measurement behind the converter's DCConv policy
 A second table times single layers the shape of LeNet-5's conv1 and conv2
 with random 8-bit codes at 10 %, 30 %, 50 % and 90 % pruning: ``DCConv`` against
 onnxruntime's ``Conv`` with the same (decoded) weight. The kept fraction
-decides the layout DCConv uses (dense shared values from 60 % kept, codebook
-indices below; docs/OPERATORS.md, "DCConv: layout and kernel").
+decides the layout DCConv uses (code tiles from 25 % kept, the index layout
+below; docs/OPERATORS.md, "DCConv: layouts and kernels"; the real shapes are
+``benchmarks/bench_conv.py``'s).
 """
 
 from __future__ import annotations

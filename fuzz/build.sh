@@ -133,11 +133,12 @@ build_leak() {
         # The operator library exactly as runtime/CMakeLists.txt builds it, plus ASan/LSan.
         local objects=() source
         for source in ops.cc sparse_matmul.cc matmul_kernels_generic.cc matmul_kernels_avx2.cc conv.cc container.cc \
-                compact.cc gemm.cc gemm_kernels_generic.cc gemm_kernels_avx2.cc gemm_kernels_avx512.cc; do
+                compact.cc gemm.cc gemm_kernels_generic.cc gemm_kernels_avx2.cc gemm_kernels_avx512.cc \
+                conv_kernels_generic.cc conv_kernels_avx2.cc conv_kernels_avx512.cc; do
             local isa=()
             case "$source" in
-                matmul_kernels_avx2.cc | gemm_kernels_avx2.cc) isa=(-mavx2 -mfma -mbmi2) ;;
-                gemm_kernels_avx512.cc) isa=(-mavx2 -mfma -mbmi2 -mavx512f -mavx512bw -mavx512dq -mavx512vl) ;;
+                matmul_kernels_avx2.cc | gemm_kernels_avx2.cc | conv_kernels_avx2.cc) isa=(-mavx2 -mfma -mbmi2) ;;
+                gemm_kernels_avx512.cc | conv_kernels_avx512.cc) isa=(-mavx2 -mfma -mbmi2 -mavx512f -mavx512bw -mavx512dq -mavx512vl) ;;
             esac
             "$CXX" "${flags[@]}" -fvisibility=hidden -fvisibility-inlines-hidden "${isa[@]}" \
                 -c "$SRC/$source" -o "$OUT/lsan_${source%.cc}.o"

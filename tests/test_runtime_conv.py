@@ -1,5 +1,11 @@
 """DCConv in onnxruntime against onnxruntime's own Conv on the decompressed (dense) weight.
 
+Every layout and kernel (code tiles with in-place, tail and gathered panels,
+few positions, K blocks, tile remainders; depthwise; the index layout's direct
+kernels), every instruction-set variant (ONNX_DC_KERNEL_ISA), 1 and 2 threads
+bit for bit, and every fused activation (DCConv and DCMatMul) against numpy
+and onnxruntime's own activation operators.
+
 Run as a script (``python tests/test_runtime_conv.py LIBRARY``) it is the conv
 workload of the sanitizer test (tests/test_runtime_sanitizers.py).
 """
@@ -52,8 +58,45 @@ CASES = [
     # dilated and strided along both axes with asymmetric padding
     ("dilated_strided", 3, 9, 15, 16, (3, 3), {"pads": [0, 3, 2, 1], "strides": [3, 2], "dilations": [2, 2]}),
 ]
-# 0 and 0.3 pruned use the dense layout (at least 60 % kept), 0.5 and up the index layout
+# Kernel remainders of the code tiles (panels of 48 / 24 / 8 positions, tiles of 8 / 4 channels, K blocks of
+# 128 / 256 / 768 rows) and of the depthwise kernel (vectors of 64 / 32 / 16 positions).
+KERNEL_CASES = [
+    # pointwise: 100 positions (in-place panels and a tail), 9 and 17 channels (tile remainders)
+    ("pw_tail", 12, 17, 10, 10, (1, 1), {}),
+    ("pw_tiles", 7, 9, 7, 7, (1, 1), {}),
+    # few positions (at most a quarter panel): a 1x1 image, and a 3x3 kernel on a padded 2x2 image
+    ("few_1x1", 40, 13, 1, 1, (1, 1), {}),
+    ("few_3x3", 5, 11, 2, 2, (3, 3), {"pads": [1, 1, 1, 1]}),
+    # K = 300 (3 blocks of 128), rows of 100 outputs (whole in-place panels and gathered remainders)
+    ("k_blocks", 30, 10, 6, 100, (1, 10), {"pads": [0, 3, 0, 6]}),
+    # strided rows of 49 outputs: one in-place panel per row plus a 1-wide remainder, 20 channels
+    ("strided_rows", 3, 20, 9, 99, (3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    ("dilated", 4, 8, 20, 60, (3, 3), {"dilations": [3, 2], "pads": [3, 2, 3, 2]}),
+    # groups of 5 output channels from 3 input channels each
+    ("groups_small", 9, 15, 11, 13, (3, 3), {"group": 3, "pads": [1, 1, 1, 1]}),
+    ("single_channel", 6, 1, 9, 70, (2, 2), {}),
+    # depthwise: 5x5, stride 2, dilation, multiplier 2, rows of 130 outputs (two 64-vectors and a remainder)
+    ("dw_5x5", 6, 6, 12, 130, (5, 5), {"group": 6, "pads": [2, 2, 2, 2]}),
+    ("dw_strided", 5, 5, 17, 40, (3, 3), {"group": 5, "strides": [2, 2], "pads": [1, 0, 1, 1]}),
+    ("dw_dilated_x2", 3, 6, 15, 21, (3, 3), {"group": 3, "dilations": [2, 2], "pads": [2, 1, 2, 3]}),
+    ("dw_tall", 4, 4, 300, 9, (3, 1), {"group": 4, "strides": [3, 1], "pads": [1, 0, 1, 0]}),
+]
+CASES = CASES + KERNEL_CASES
+# 0, 0.3 and 0.5 pruned: code tiles (at least 25 % kept); 0.9 and 1.0: the index layout (depthwise: always its kernel)
 SPARSITIES = (0.0, 0.3, 0.5, 0.9, 1.0)
+ISAS = ("generic", "avx2", "avx512", "vbmi")  # "vbmi": 8-bit codes in byte-plane order, the VBMI decoder
+ACTIVATIONS = {
+    "relu": [],
+    "clip": [0.0, 6.0],
+    "hard_sigmoid": [],
+    "hard_swish": [],
+    "sigmoid": [],
+    "silu": [],
+    "leaky_relu": [0.1],
+    "tanh": [],
+    "gelu": [],
+    "gelu_tanh": [],
+}
 
 
 def _attributes(name: str) -> dict:
@@ -83,8 +126,15 @@ def dc_conv_model(
     bias: np.ndarray | None = None,
     node_name: str = "conv",
     container_name: str = "conv.weight__dc",
+    activation: str | None = None,
+    activation_params: list[float] | None = None,
 ) -> onnx.ModelProto:
     """``y = DCConv(x, container[, bias])``; with ``container=None`` the container is a graph input."""
+    attributes = dict(attributes)
+    if activation is not None:
+        attributes["activation"] = activation
+    if activation_params:
+        attributes["activation_params"] = list(activation_params)
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
     initializers = []
     if container is None:
@@ -112,21 +162,39 @@ def reference_conv(x: np.ndarray, weight: np.ndarray, attributes: dict, bias: np
 
 
 @functools.lru_cache(maxsize=None)
-def _case_container(name: str, sparsity: float) -> tuple[bytes, np.ndarray]:
+def _case_container(name: str, sparsity: float, bits: int = 5) -> tuple[bytes, np.ndarray]:
+    """8-bit codes: a full 256-value codebook without 0, so pruned weights need the code layouts' bit mask."""
     index = next(i for i, case in enumerate(CASES) if case[0] == name)
     _, c, m, _, _, kernel, attributes = CASES[index]
-    rng = np.random.default_rng(100 * index + int(sparsity * 100))
+    rng = np.random.default_rng(100 * index + int(sparsity * 100) + bits)
     shape = (m, c // int(attributes.get("group", 1))) + kernel
-    return random_container(rng, shape, sparsity=sparsity, layout="sparse" if sparsity >= 0.9 else "auto")
+    return random_container(rng, shape, sparsity=sparsity, layout="sparse" if sparsity >= 0.9 else "auto", bits=bits)
 
 
-def run_case(library: str, name: str, sparsity: float, *, threads: int, with_bias: bool) -> None:
+def session_for(model: onnx.ModelProto, library: str, isa: str | None, threads: int = 1) -> ort.InferenceSession:
+    """A session whose kernels are capped at ``isa`` (ONNX_DC_KERNEL_ISA, read at session creation)."""
+    import os
+
+    previous = os.environ.get("ONNX_DC_KERNEL_ISA")
+    if isa is not None:
+        os.environ["ONNX_DC_KERNEL_ISA"] = isa
+    try:
+        return make_session(model, library, threads=threads)
+    finally:
+        if previous is None:
+            os.environ.pop("ONNX_DC_KERNEL_ISA", None)
+        else:
+            os.environ["ONNX_DC_KERNEL_ISA"] = previous
+
+
+def run_case(library: str, name: str, sparsity: float, *, threads: int, with_bias: bool,
+             isa: str | None = None, bits: int = 5) -> None:
     """Check one grid case for batch 1 and 3 against onnxruntime's Conv."""
     _, c, m, height, width, _, attributes = next(case for case in CASES if case[0] == name)
-    container, dense = _case_container(name, sparsity)
+    container, dense = _case_container(name, sparsity, bits)
     rng = np.random.default_rng(7)
     bias = rng.standard_normal(m).astype(np.float32) if with_bias else None
-    session = make_session(dc_conv_model(container, attributes, bias=bias), library, threads=threads)
+    session = session_for(dc_conv_model(container, attributes, bias=bias), library, isa, threads)
     for batch in (1, 3):
         x = random_activations(rng, (batch, c, height, width))
         (y,) = session.run(None, {"x": x})
@@ -276,6 +344,160 @@ def test_lenet5_runs_its_convolutions_as_dc_conv_with_the_decompressed_accuracy(
     assert through_library.n_correct == decompressed.n_correct
 
 
+def activate(y: np.ndarray, activation: str, params: list[float]) -> np.ndarray:
+    """The ONNX activations in float64."""
+    import math
+
+    if activation == "relu":
+        return np.maximum(y, 0.0)
+    if activation == "clip":
+        low, high = params or (-np.inf, np.inf)
+        return np.clip(y, low, high)
+    if activation == "hard_sigmoid":
+        alpha, beta = params or (0.2, 0.5)
+        return np.clip(alpha * y + beta, 0.0, 1.0)
+    if activation == "hard_swish":
+        return y * np.clip(y / 6.0 + 0.5, 0.0, 1.0)
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-y))
+    if activation == "silu":
+        return y / (1.0 + np.exp(-y))
+    if activation == "leaky_relu":
+        (alpha,) = params or (0.01,)
+        return np.where(y < 0, alpha * y, y)
+    if activation == "tanh":
+        return np.tanh(y)
+    if activation == "gelu":
+        return 0.5 * y * (1.0 + np.vectorize(math.erf)(y / math.sqrt(2.0)))
+    if activation == "gelu_tanh":
+        return 0.5 * y * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * y**3)))
+    return y
+
+
+def assert_activation_close(y: np.ndarray, pre: np.ndarray, activation: str, params: list[float]) -> None:
+    """y against act(pre): the activation's own error (2e-7 absolute for the smooth ones, exact for the
+    piecewise-linear ones) plus the product's rounding (1e-5 of the largest pre-activation value), which the
+    activation passes on with a slope of at most about 1.1."""
+    expected = activate(pre, activation, params)
+    scale = max(float(np.abs(pre).max()), 1.0)
+    error = float(np.abs(y.astype(np.float64) - expected).max())
+    assert error <= 1e-5 * scale + 2e-7, f"{activation}: error {error:.3g} (scale {scale:.3g})"
+
+
+# 8-bit pruned: the bit mask; 4-bit: nibbles (pruned: nibbles and the mask); 3-bit pruned: nibbles, zero index
+@pytest.mark.parametrize(("sparsity", "bits"), [(0.0, 5), (0.5, 5), (0.9, 5), (0.0, 8), (0.3, 8), (0.0, 4), (0.3, 4),
+                                                (0.3, 3)])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", [case[0] for case in KERNEL_CASES] + ["plain", "pads_strides", "depthwise_x2", "wide"])
+def test_every_isa_matches_and_threads_agree_bit_for_bit(library: str, name: str, isa: str, sparsity: float,
+                                                         bits: int) -> None:
+    """Every kernel variant against onnxruntime's Conv (8-bit pruned: the bit mask); 1 and 2 threads, same bits."""
+    run_case(library, name, sparsity, threads=2, with_bias=True, isa=isa, bits=bits)
+    _, c, m, height, width, _, attributes = next(case for case in CASES if case[0] == name)
+    container, _ = _case_container(name, sparsity, bits)
+    model = dc_conv_model(container, attributes, bias=np.linspace(-1, 1, m).astype(np.float32), activation="silu")
+    x = random_activations(np.random.default_rng(11), (2, c, height, width))
+    results = [session_for(model, library, isa, threads).run(None, {"x": x})[0] for threads in (1, 2, 3)]
+    assert all(np.array_equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("name", ["pw_tail", "k_blocks", "strided_rows", "few_3x3", "dw_5x5"])
+def test_fused_activations_match_numpy(library: str, name: str, activation: str, isa: str) -> None:
+    """DCConv's fused activation (after the bias) on every kernel against float64 numpy on the decoded weight."""
+    params = ACTIVATIONS[activation]
+    _, c, m, height, width, _, attributes = next(case for case in CASES if case[0] == name)
+    for sparsity in (0.0, 0.9):
+        container, dense = _case_container(name, sparsity)
+        bias = np.linspace(-2, 2, m).astype(np.float32)
+        model = dc_conv_model(container, attributes, bias=bias, activation=activation, activation_params=params)
+        x = random_activations(np.random.default_rng(5), (1, c, height, width)) * 3
+        (y,) = session_for(model, library, isa).run(None, {"x": x})
+        conv = reference_conv(x, dense, attributes, bias).astype(np.float64)
+        assert_activation_close(y, conv, activation, params)
+
+
+def test_activation_defaults_and_onnxruntime_ops(library: str) -> None:
+    """Default parameters are ONNX's; results match onnxruntime's own Conv + activation nodes."""
+    c, m, size = 6, 10, 9
+    rng = np.random.default_rng(21)
+    container, dense = random_container(rng, (m, c, 3, 3), sparsity=0.2, bits=6)
+    bias = rng.standard_normal(m).astype(np.float32)
+    x = random_activations(rng, (1, c, size, size)) * 2
+    ops = {
+        "relu": ("Relu", {}), "sigmoid": ("Sigmoid", {}), "tanh": ("Tanh", {}), "hard_swish": ("HardSwish", {}),
+        "hard_sigmoid": ("HardSigmoid", {}), "leaky_relu": ("LeakyRelu", {}),
+    }
+    for activation, (op, attrs) in ops.items():
+        (y,) = make_session(dc_conv_model(container, {"pads": [1, 1, 1, 1]}, bias=bias, activation=activation),
+                            library).run(None, {"x": x})
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+                 helper.make_node(op, ["c"], ["y"], **attrs)]
+        model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                       [numpy_helper.from_array(dense, "w"), numpy_helper.from_array(bias, "b")])
+        reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x})[0]
+        assert_matches_reference(y, reference.astype(np.float64), rtol=1e-5)
+    # Clip [0, 6] is Relu6; SiLU is x * Sigmoid(x).
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c", "lo", "hi"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                   [numpy_helper.from_array(dense, "w"), numpy_helper.from_array(bias, "b"),
+                    numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(6.0), "hi")])
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    (y,) = make_session(dc_conv_model(container, {"pads": [1, 1, 1, 1]}, bias=bias, activation="clip",
+                                      activation_params=[0.0, 6.0]), library).run(None, {"x": x})
+    assert_matches_reference(y, reference.astype(np.float64))
+
+
+@pytest.mark.parametrize(
+    ("activation", "params", "message"),
+    [
+        ("swish", [], 'activation must be "none", .*got "swish"'),
+        ("clip", [1.0], 'activation_params of activation "clip" must have 2 values, got 1'),
+        ("clip", [2.0, 1.0], "min <= max"),
+        ("relu", [1.0], 'activation_params of activation "relu" must have 0 values'),
+        ("leaky_relu", [float("nan")], "NaN"),
+    ],
+)
+def test_bad_activation_fails_session_creation(library: str, activation: str, params: list, message: str) -> None:
+    container, _ = random_container(np.random.default_rng(0), (4, 3, 3, 3), sparsity=0.0)
+    with pytest.raises(Exception, match="DCConv node 'conv'.*" + message):
+        make_session(dc_conv_model(container, {}, activation=activation, activation_params=params), library)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("isa", ISAS)
+def test_weights_above_the_whole_decode_limit(library: str, isa: str, bits: int) -> None:
+    """More than 2^20 weights: each task decodes its tiles' blocks (4-bit: nibbles from odd positions too)."""
+    rng = np.random.default_rng(9)
+    container, dense = random_container(rng, (131, 999, 3, 3), sparsity=0.3, bits=bits)
+    attributes = {"pads": [1, 1, 1, 1]}
+    bias = rng.standard_normal(131).astype(np.float32)
+    x = random_activations(rng, (1, 999, 3, 7))
+    model = dc_conv_model(container, attributes, bias=bias, activation="relu")
+    (y,) = session_for(model, library, isa, threads=2).run(None, {"x": x})
+    assert_matches_reference(y, np.maximum(reference_conv(x, dense, attributes, bias).astype(np.float64), 0))
+
+
+def test_dc_matmul_takes_the_new_activations(library: str) -> None:
+    from test_runtime_support import matmul_model, reference_matmul
+
+    rng = np.random.default_rng(4)
+    for sparsity, rows in ((0.0, 40), (0.9, 3)):  # code panels, index layout
+        container, dense = random_container(rng, (50, 37), sparsity=sparsity, bits=6)
+        b = rng.standard_normal(37).astype(np.float32)
+        for activation, params in ACTIVATIONS.items():
+            model = matmul_model(container, bias=b)
+            model.graph.node[0].attribute.append(helper.make_attribute("activation", activation))
+            if params:
+                model.graph.node[0].attribute.append(helper.make_attribute("activation_params", params))
+            x = random_activations(rng, (rows, 50)) * 2
+            (y,) = make_session(model, library).run(None, {"x": x})
+            assert_activation_close(y, reference_matmul(x, dense, bias=b), activation, params)
+
+
 def sanitizer_workload(library: str) -> None:
     """Every grid case (threads 1 and 2), the per-call path and corrupted containers: for the ASan/UBSan build."""
     for name, *_ in CASES:
@@ -293,6 +515,26 @@ def sanitizer_workload(library: str) -> None:
     session = make_session(dc_conv_model(None, {"pads": [2, 0, 1, 3], "strides": [2, 1]}), library)
     weight, _ = random_container(np.random.default_rng(6), (3, 5, 2, 4), sparsity=0.7)
     session.run(None, {"x": x, "conv.weight__dc": np.frombuffer(weight, dtype=np.uint8)})
+    # Every kernel variant the CPU has, with every activation on the code tiles and the depthwise kernel.
+    for isa in ISAS:
+        for name, *_ in KERNEL_CASES:
+            for sparsity, bits in ((0.0, 5), (0.9, 5), (0.3, 8), (0.0, 4), (0.3, 4), (0.3, 3)):
+                run_case(library, name, sparsity, threads=2, with_bias=True, isa=isa, bits=bits)
+        for activation, params in ACTIVATIONS.items():
+            for name in ("pw_tail", "strided_rows", "dw_5x5"):
+                _, c, m, height, width, _, attributes = next(case for case in CASES if case[0] == name)
+                container, _ = _case_container(name, 0.3)
+                model = dc_conv_model(container, attributes, bias=np.ones(m, np.float32), activation=activation,
+                                      activation_params=params)
+                (y,) = session_for(model, library, isa, 2).run(
+                    None, {"x": random_activations(np.random.default_rng(1), (1, c, height, width))})
+                assert np.isfinite(y).all()
+    rng = np.random.default_rng(9)
+    for bits in (8, 4):
+        container, dense = random_container(rng, (131, 999, 3, 3), sparsity=0.3, bits=bits)
+        for isa in ISAS:
+            session = session_for(dc_conv_model(container, {"pads": [1, 1, 1, 1]}), library, isa, 2)
+            session.run(None, {"x": random_activations(rng, (1, 999, 3, 7))})
     print("conv sanitizer workload: ok")
 
 

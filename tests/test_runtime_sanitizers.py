@@ -64,8 +64,10 @@ def test_library_is_clean_under_asan_and_ubsan(asan_build: Path) -> None:
 
 
 def test_conv_is_clean_under_asan_and_ubsan(asan_build: Path) -> None:
-    """DCConv's grid (every padding rule, strides, dilations, groups, 1x1 in place, both layouts, 1 and 2 threads),
-    the per-call path and corrupted containers, with the baseline and the AVX2 kernels."""
+    """DCConv's grid (every padding rule, strides, dilations, groups, 1x1 in place, every layout: code tiles with
+    in-place / tail / gathered panels and few positions, 8-bit masked and 4-bit nibble codes, depthwise, index;
+    1 and 2 threads), every activation, the per-task decode of large weights, the per-call path and corrupted
+    containers; inside, every kernel variant (generic, AVX2, AVX-512, VBMI) in turn."""
     library = asan_build / "libonnx_dc_ops.so"
     for isa in ("generic", None):
         env = _sanitizer_env()

@@ -65,9 +65,12 @@ META_TRANSPOSE = "onnx_dc.transpose"  # on a DCMatMul: the Transpose node it abs
 # "Fused activations"): the converter writes ``activation`` (the runtime's name
 # of the kind, ACTIVATION_ATTRIBUTE) and ``activation_params`` only for the
 # kinds listed here. Relu after DCMatMul is fused as ``relu = 1``.
+_ALL_ACTIVATIONS = frozenset(
+    {"Relu", "Clip", "HardSigmoid", "HardSwish", "Sigmoid", "SiLU", "LeakyRelu", "Tanh", "Gelu", "FastGelu"}
+)
 RUNTIME_ACTIVATIONS: dict[str, frozenset[str]] = {
-    MATMUL_OP: frozenset({"Gelu", "FastGelu"}),
-    CONV_OP: frozenset(),
+    MATMUL_OP: _ALL_ACTIVATIONS - {"Relu"},
+    CONV_OP: _ALL_ACTIVATIONS,
 }
 ACTIVATION_ATTRIBUTE: dict[str, str] = {
     "Relu": "relu", "Clip": "clip", "HardSigmoid": "hard_sigmoid", "HardSwish": "hard_swish", "Sigmoid": "sigmoid",

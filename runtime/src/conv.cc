@@ -2,7 +2,10 @@
 // (see conv.h for the layout and the reasons).
 #include "conv.h"
 
+#include "conv_kernels.h"
+
 #include <algorithm>
+#include <memory>
 #include <cstring>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -29,6 +32,10 @@ constexpr uint64_t kMaxPatch = uint64_t{1} << 24;
 // real models need; it stops a model with enormous pads and strides (a small
 // output from a huge padded plane) from exhausting memory.
 constexpr uint64_t kMaxPaddedFloats = uint64_t{1} << 28;
+// Up to this many weights (all groups) a call decodes the whole weight once,
+// into a float buffer the tasks share (4 MiB at most); above, each task decodes
+// the tiles it needs.
+constexpr uint64_t kConvWholeDecode = uint64_t{1} << 20;
 
 std::string VectorString(const std::vector<int64_t>& values) {
   std::string s = "[";
@@ -178,53 +185,7 @@ void PadTask(void* context, size_t task) {
   }
 }
 
-// Output pointers and initial values of the kConvBlockChannels lanes of
-// block `block` of the current group (null for padding lanes).
-void BlockLanes(const ConvRun& run, uint64_t block, float* init, float** out) {
-  const ConvWeights& w = *run.w;
-  const uint64_t per_group = w.out_channels / w.group;
-  for (uint64_t r = 0; r < kConvBlockChannels; ++r) {
-    const uint64_t in_group = block * kConvBlockChannels + r;
-    const uint64_t m = run.group * per_group + in_group;
-    const bool real = in_group < per_group;
-    init[r] = real && run.bias != nullptr ? run.bias[m] : 0.0f;
-    out[r] = real ? run.y + (run.image * w.out_channels + m) * run.positions : nullptr;
-  }
-}
-
-// ---------------------------------------------------------------- dense kernels
-
-// Dense layout: for each vector (three at a time in the AVX2 kernel), every
-// block of kConvBlockChannels output channels of the group in turn, so the
-// vector's input stays in L1 while the (small) weights stream:
-// out[r][position] = init[r] + sum over k of values[k][r] * input(k, position).
-void DenseGeneric(const ConvRun& run, Source source, const OutputVector* vectors, uint64_t count) {
-  constexpr unsigned kLanes = kConvBlockChannels;
-  const ConvWeights& w = *run.w;
-  for (uint64_t v = 0; v < count; ++v) {
-    const float* base = source.data + vectors[v].input_offset;
-    for (uint64_t block = 0; block < w.blocks_per_group; ++block) {
-      float init[kLanes];
-      float* out[kLanes];
-      BlockLanes(run, block, init, out);
-      const float* values = w.blocks.data() + (run.group * w.blocks_per_group + block) * w.patch_size * kLanes;
-      float acc[kLanes][kVector];
-      for (unsigned r = 0; r < kLanes; ++r)
-        for (unsigned q = 0; q < kVector; ++q) acc[r][q] = init[r];
-      for (uint64_t k = 0; k < w.patch_size; ++k) {
-        const float* column = base + source.offsets[k];
-        for (unsigned r = 0; r < kLanes; ++r) {
-          const float weight = values[k * kLanes + r];
-          for (unsigned q = 0; q < kVector; ++q) acc[r][q] += weight * column[q];
-        }
-      }
-      for (unsigned r = 0; r < kLanes; ++r) {
-        if (out[r] != nullptr)
-          std::memcpy(out[r] + vectors[v].output_offset, acc[r], static_cast<size_t>(vectors[v].width) * sizeof(float));
-      }
-    }
-  }
-}
+// ---------------------------------------------------------------- index-layout kernels
 
 #ifdef ONNX_DC_CONV_AVX2
 __attribute__((target("avx2,fma"))) inline void StoreVector(float* out, const OutputVector& vector, __m256 value) {
@@ -236,53 +197,7 @@ __attribute__((target("avx2,fma"))) inline void StoreVector(float* out, const Ou
     std::memcpy(out + vector.output_offset, tile, static_cast<size_t>(vector.width) * sizeof(float));
   }
 }
-
-// kV vectors (1 to 3) against every block of 4 output channels: 4 x kV
-// accumulators (12 of the 16 registers for three vectors, enough independent
-// multiply-adds to cover their latency), the vectors' inputs loaded once per
-// kernel element and each weight broadcast once.
-template <int kV>
-__attribute__((target("avx2,fma"))) inline void DenseAvx2Vectors(const ConvRun& run, Source source,
-                                                                  const OutputVector* vectors) {
-  static_assert(kConvBlockChannels == 4 && kVector == 8, "the AVX2 dense kernel holds 4 channels x kV vectors");
-  const ConvWeights& w = *run.w;
-  const uint64_t k_count = w.patch_size;
-  const uint64_t* offsets = source.offsets;
-  const float* base[kV];
-  for (int i = 0; i < kV; ++i) base[i] = source.data + vectors[i].input_offset;
-  for (uint64_t block = 0; block < w.blocks_per_group; ++block) {
-    float init[4];
-    float* out[4];
-    BlockLanes(run, block, init, out);
-    __m256 acc[4][kV];
-    for (int r = 0; r < 4; ++r)
-      for (int i = 0; i < kV; ++i) acc[r][i] = _mm256_set1_ps(init[r]);
-    const float* weights = w.blocks.data() + (run.group * w.blocks_per_group + block) * k_count * 4;
-    for (uint64_t k = 0; k < k_count; ++k, weights += 4) {
-      __m256 column[kV];
-      for (int i = 0; i < kV; ++i) column[i] = _mm256_loadu_ps(base[i] + offsets[k]);
-      for (int r = 0; r < 4; ++r) {
-        const __m256 weight = _mm256_broadcast_ss(weights + r);
-        for (int i = 0; i < kV; ++i) acc[r][i] = _mm256_fmadd_ps(weight, column[i], acc[r][i]);
-      }
-    }
-    for (int r = 0; r < 4; ++r) {
-      if (out[r] == nullptr) continue;
-      for (int i = 0; i < kV; ++i) StoreVector(out[r], vectors[i], acc[r][i]);
-    }
-  }
-}
-
-__attribute__((target("avx2,fma"))) void DenseAvx2(const ConvRun& run, Source source, const OutputVector* vectors,
-                                                   uint64_t count) {
-  uint64_t v = 0;
-  for (; v + 3 <= count; v += 3) DenseAvx2Vectors<3>(run, source, vectors + v);
-  if (count - v == 2) DenseAvx2Vectors<2>(run, source, vectors + v);
-  if (count - v == 1) DenseAvx2Vectors<1>(run, source, vectors + v);
-}
 #endif
-
-// ---------------------------------------------------------------- index-layout kernels
 
 // Index layout: for kVectors vectors, every output channel of the group in
 // turn: out = init + sum over the channel's run of codebook[code] * input(k, position).
@@ -370,16 +285,6 @@ ChannelsFn ChannelsKernel(KernelIsa isa, uint64_t vectors) {
 // Runs the kernels of the weight's layout on `count` vectors (at most
 // vectors_per_task) from one source.
 void RunVectors(const ConvRun& run, Source source, const OutputVector* vectors, uint64_t count) {
-  if (!run.w->blocks.empty()) {
-#ifdef ONNX_DC_CONV_AVX2
-    if (run.isa == KernelIsa::kAvx2) {
-      DenseAvx2(run, source, vectors, count);
-      return;
-    }
-#endif
-    DenseGeneric(run, source, vectors, count);
-    return;
-  }
   ChannelsKernel(run.isa, count)(run, source, vectors);
 }
 
@@ -416,11 +321,23 @@ bool ParseAutoPad(const std::string& text, AutoPad* out, std::string* error) {
 
 size_t ConvWeights::memory_bytes() const {
   return sizeof(*this) + codebook.capacity() * sizeof(float) + channel_offsets.capacity() * sizeof(uint64_t) +
-         entries.capacity() * sizeof(uint32_t) + blocks.capacity() * sizeof(float);
+         entries.capacity() * sizeof(uint32_t) + codes.capacity() + pruned_mask.capacity();
 }
 
-bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& attributes, ConvWeights* out,
-                      std::string* error) {
+const char* ConvLayoutName(ConvLayout layout) {
+  switch (layout) {
+    case ConvLayout::kIndex:
+      return "index";
+    case ConvLayout::kCodeTiles:
+      return "code tiles";
+    case ConvLayout::kDepthwise:
+      return "depthwise";
+  }
+  return "?";
+}
+
+bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& attributes, GemmIsa isa,
+                      ConvWeights* out, std::string* error) {
   const ContainerInfo& info = decoded.info;
   if (info.dtype != DType::kFloat32) {
     *error = std::string("the weight must be float32, the container holds ") + DTypeName(info.dtype);
@@ -484,25 +401,74 @@ bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& att
   }
   w.codebook.assign(256, 0.0f);
   if (info.codebook_size > 0) std::memcpy(w.codebook.data(), decoded.codebook.data(), info.codebook_size * sizeof(float));
-  // Entries in flat (row-major [M, patch]) order are already channel by
-  // channel, k ascending.
   uint64_t kept = 0;
-  for (uint16_t code : decoded.codes) kept += (code != zero_symbol);
+  uint32_t limit = 1;
+  for (uint16_t code : decoded.codes) {
+    if (code != zero_symbol) {
+      ++kept;
+      limit = std::max<uint32_t>(limit, uint32_t{code} + 1);
+    }
+  }
+  w.kept = kept;
+  // Code width: 4 bits (two indices per byte) when every kept index is below
+  // 16, else a byte. The index of pruned weights in the code layouts: the zero
+  // symbol (its codebook entry is +0.0) when it fits the width, else a value
+  // that is exactly 0; without one (e.g. a full 256-value codebook without 0,
+  // or 4-bit codes of pruned weights), pruned weights keep index 0 and a bit
+  // mask (1 bit per weight, the codes' order) zeroes them when decoded.
+  const bool pruned = kept < info.numel;
+  const bool nibbles = limit <= 16;
+  const uint32_t width_limit = nibbles ? 16 : 256;
+  bool zero_found = zero_symbol < width_limit;
+  uint32_t zero_code = zero_symbol;
+  if (!zero_found) {
+    for (uint32_t i = 0; i < std::min<uint32_t>(width_limit, info.codebook_size); ++i) {
+      if (w.codebook[i] == 0.0f) {
+        zero_code = i;
+        zero_found = true;
+        break;
+      }
+    }
+  }
+  const bool masked = pruned && !zero_found;
+  if (!masked && pruned) limit = std::max<uint32_t>(limit, zero_code + 1);
+  if (masked) zero_code = 0;
   const uint64_t per_group = w.out_channels / w.group;
-  // Groups of fewer channels than a block (depthwise) would leave most of the
-  // dense kernel's lanes idle: they keep the index layout.
-  const bool dense = per_group >= kConvBlockChannels &&
-                     static_cast<double>(kept) >= kConvDenseKeptFraction * static_cast<double>(info.numel);
+  if (w.in_channels_per_group == 1 && w.group > 1) {
+    w.layout = ConvLayout::kDepthwise;
+  } else if (static_cast<double>(kept) >= kConvIndexKeptFraction * static_cast<double>(info.numel)) {
+    w.layout = ConvLayout::kCodeTiles;
+  } else {
+    w.layout = ConvLayout::kIndex;
+  }
   w.entries.clear();
   w.channel_offsets.clear();
-  w.blocks.clear();
-  if (dense) {
-    w.blocks_per_group = (per_group + kConvBlockChannels - 1) / kConvBlockChannels;
-    w.blocks.assign(static_cast<size_t>(w.group * w.blocks_per_group * w.patch_size * kConvBlockChannels), 0.0f);
-  } else {
+  w.codes.clear();
+  const bool index = w.layout == ConvLayout::kIndex;
+  w.nibbles = !index && nibbles;
+  if (index) {
     w.entries.reserve(static_cast<size_t>(kept));
     w.channel_offsets.assign(static_cast<size_t>(w.out_channels + 1), 0);
+  } else {
+    w.code_limit = limit;
+    const uint8_t fill = static_cast<uint8_t>(pruned ? zero_code : 0);
+    if (w.nibbles) {
+      w.codes.assign(static_cast<size_t>((info.numel + 1) / 2), static_cast<uint8_t>(fill | (fill << 4)));
+    } else {
+      w.codes.assign(static_cast<size_t>(info.numel), fill);
+    }
+    if (masked) w.pruned_mask.assign(static_cast<size_t>((info.numel + 7) / 8), 0xFF);  // cleared where kept
   }
+  // Index `code` of weight `at` (the codes' order).
+  auto put = [&w](uint64_t at, uint16_t code) {
+    if (w.nibbles) {
+      uint8_t& byte = w.codes[static_cast<size_t>(at / 2)];
+      const unsigned shift = 4 * static_cast<unsigned>(at % 2);
+      byte = static_cast<uint8_t>((byte & ~(0xFu << shift)) | (unsigned{code} << shift));
+    } else {
+      w.codes[static_cast<size_t>(at)] = static_cast<uint8_t>(code);
+    }
+  };
   const bool sparse = info.layout == Layout::kSparse;
   uint64_t position = 0;  // flat index of the current entry
   for (uint64_t e = 0; e < info.entries; ++e, ++position) {
@@ -510,18 +476,39 @@ bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& att
     const uint16_t code = decoded.codes[e];
     if (code == zero_symbol) continue;
     const uint64_t m = position / w.patch_size, k = position % w.patch_size;
-    if (dense) {
-      const uint64_t group = m / per_group, in_group = m % per_group;
-      const uint64_t block = group * w.blocks_per_group + in_group / kConvBlockChannels;
-      w.blocks[static_cast<size_t>((block * w.patch_size + k) * kConvBlockChannels + in_group % kConvBlockChannels)] =
-          w.codebook[code];
-    } else {
+    if (index) {
+      // Entries in flat (row-major [M, patch]) order are already channel by channel, k ascending.
       w.channel_offsets[m + 1]++;
       w.entries.push_back(static_cast<uint32_t>((k << 8) | code));
+    } else if (w.layout == ConvLayout::kDepthwise) {
+      put(position, code);
+      if (masked) w.pruned_mask[position / 8] &= static_cast<uint8_t>(~(1u << (position % 8)));
+    } else {
+      // Tile of kConvTileRows channels of the group starting at `first`: [K][rows].
+      const uint64_t in_group = m % per_group;
+      const uint64_t first = in_group / kConvTileRows * kConvTileRows;
+      const uint64_t rows = std::min<uint64_t>(kConvTileRows, per_group - first);
+      const uint64_t at = (m - in_group + first) * w.patch_size + k * rows + (in_group - first);
+      put(at, code);
+      if (masked) w.pruned_mask[at / 8] &= static_cast<uint8_t>(~(1u << (at % 8)));
     }
   }
-  if (!dense) {
+  if (index) {
     for (uint64_t m = 0; m < w.out_channels; ++m) w.channel_offsets[m + 1] += w.channel_offsets[m];
+  }
+  w.plane_order = !index && !w.nibbles && isa >= GemmIsa::kAvx512Vbmi && w.code_limit > 64 &&
+                  (w.layout == ConvLayout::kDepthwise || info.numel <= kConvWholeDecode);
+  if (w.plane_order) {
+    w.codes.resize((w.codes.size() + 63) / 64 * 64, 0);
+    if (!w.pruned_mask.empty()) w.pruned_mask.resize(w.codes.size() / 8, 0);
+    uint8_t chunk[64];
+    for (size_t c = 0; c < w.codes.size(); c += 64) {
+      for (unsigned j = 0; j < 64; ++j) {
+        const unsigned q = j / 16, l = (j / 4) % 4, e = j % 4;
+        chunk[16 * l + 4 * q + e] = w.codes[c + j];
+      }
+      std::memcpy(w.codes.data() + c, chunk, 64);
+    }
   }
   return true;
 }
@@ -566,8 +553,11 @@ bool ComputeConvGeometry(const ConvWeights& w, const std::vector<int64_t>& x_dim
   return true;
 }
 
-std::string RunConv(const ConvWeights& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
-                    KernelIsa isa, ParallelForFn parallel_for, void* runner) {
+namespace {
+
+// The index layout: the direct kernels above.
+std::string RunIndexConv(const ConvWeights& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
+                         KernelIsa isa, ParallelForFn parallel_for, void* runner) {
   const uint64_t per_group = w.out_channels / w.group;
   if (g.batch == 0 || g.out_h == 0 || g.out_w == 0 || per_group == 0) return std::string();
   ConvRun run;
@@ -630,9 +620,8 @@ std::string RunConv(const ConvWeights& w, const ConvGeometry& g, const float* x,
     }
     run.source = run.padded.data();
   }
-  // Dense: two vectors per kernel step, two steps per task; index layout: one
-  // register set of vectors per task.
-  run.vectors_per_task = w.blocks.empty() ? kMaxChannelVectors : 6;
+  // One register set of vectors per task.
+  run.vectors_per_task = kMaxChannelVectors;
   run.main_tasks = (run.vectors.size() + run.vectors_per_task - 1) / run.vectors_per_task;
   const size_t tasks = static_cast<size_t>(run.main_tasks + (run.tail_vector.width > 0 ? 1 : 0));
   for (run.image = 0; run.image < g.batch; ++run.image) {
@@ -654,6 +643,384 @@ std::string RunConv(const ConvWeights& w, const ConvGeometry& g, const float* x,
     }
   }
   return std::string();
+}
+
+// ---------------------------------------------------------------- depthwise
+
+struct DepthwiseRun {
+  const DepthwiseJob* job;
+  void (*fn)(const DepthwiseJob&, uint64_t);
+};
+
+void DepthwiseTask(void* context, size_t task) {
+  const DepthwiseRun& run = *static_cast<const DepthwiseRun*>(context);
+  run.fn(*run.job, task);
+}
+
+std::string RunDepthwiseConv(const ConvWeights& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
+                             const ActivationSpec& activation, GemmIsa isa, ParallelForFn parallel_for,
+                             void* runner) {
+  DepthwiseJob job;
+  const uint64_t taps = w.kernel_h * w.kernel_w;
+  // Decoded once per call (tiny); plane order: whole chunks of 64.
+  const uint64_t weight_count = w.out_channels * taps;
+  std::vector<float> weights(static_cast<size_t>(w.plane_order ? w.codes.size() : weight_count));
+  (w.plane_order            ? &avx512::ExpandConvCodesVbmi
+   : isa >= GemmIsa::kAvx512 ? &avx512::ExpandConvCodes
+   : isa == GemmIsa::kAvx2   ? &avx2::ExpandConvCodes
+                             : &generic::ExpandConvCodes)(w.codes.data(), 0, weights.size(), w.nibbles,
+                                                          w.codebook.data(), w.code_limit,
+                                                          w.pruned_mask.empty() ? nullptr : w.pruned_mask.data(),
+                                                          weights.data());
+  job.x = x;
+  job.weights = weights.data();
+  job.bias = bias;
+  job.y = y;
+  job.channels = w.out_channels;
+  job.multiplier = w.out_channels / w.group;
+  job.in_channels = g.in_channels;
+  job.in_h = g.in_h;
+  job.in_w = g.in_w;
+  job.out_h = g.out_h;
+  job.out_w = g.out_w;
+  job.kernel_h = w.kernel_h;
+  job.kernel_w = w.kernel_w;
+  job.stride_h = w.stride_h;
+  job.stride_w = w.stride_w;
+  job.dilation_h = w.dilation_h;
+  job.dilation_w = w.dilation_w;
+  job.pad_top = g.pad_top;
+  job.pad_left = g.pad_left;
+  job.activation = activation;
+  // A task's padded rows: about 32K floats (in L1 / L2), at least one output row.
+  const uint64_t sh = static_cast<uint64_t>(w.stride_h), sw = static_cast<uint64_t>(w.stride_w);
+  const uint64_t columns = (g.out_w - 1) * sw + (w.kernel_w - 1) * static_cast<uint64_t>(w.dilation_w) + 1;
+  const uint64_t row_floats = sw * ((columns + sw - 1) / sw + 64);
+  const uint64_t halo = (w.kernel_h - 1) * static_cast<uint64_t>(w.dilation_h) + 1;
+  if (row_floats > kMaxPaddedFloats || halo > kMaxPaddedFloats || halo + sh > kMaxPaddedFloats / row_floats)
+    return "the padded input rows of a depthwise task (" + std::to_string(halo) + " x " + std::to_string(columns) +
+           ") are larger than 2^28 values; check the pads, strides and dilations";
+  job.rows_per_task = std::max<uint64_t>(1, std::min<uint64_t>(g.out_h, 32768 / (row_floats * sh)));
+  job.tasks_per_plane = (g.out_h + job.rows_per_task - 1) / job.rows_per_task;
+  // Channels per task: about 8K outputs of work per task (small planes share a task).
+  job.channels_per_task =
+      std::max<uint64_t>(1, std::min<uint64_t>(w.out_channels, 8192 / (job.rows_per_task * g.out_w)));
+  DepthwiseRun run{&job, isa >= GemmIsa::kAvx512 ? &avx512::RunDepthwise
+                         : isa == GemmIsa::kAvx2 ? &avx2::RunDepthwise
+                                                 : &generic::RunDepthwise};
+  const uint64_t channel_blocks = (w.out_channels + job.channels_per_task - 1) / job.channels_per_task;
+  const uint64_t tasks = g.batch * channel_blocks * job.tasks_per_plane;
+  return parallel_for(runner, static_cast<size_t>(tasks), &DepthwiseTask, &run);
+}
+
+// ---------------------------------------------------------------- code tiles
+
+// Weights per decoding task.
+constexpr uint64_t kDecodeChunk = uint64_t{1} << 14;
+
+struct CodeTilesRun {
+  const ConvWeights* w;
+  void (*split2)(const float*, uint64_t, float*, float*);
+  // Uninitialised buffers (every float is written before it is read).
+  std::unique_ptr<float[]> decoded;
+  uint64_t decoded_size = 0;
+  void (*expand)(const uint8_t*, uint64_t, uint64_t, bool, const float*, uint32_t, const uint8_t*, float*);
+  const ConvGeometry* g;
+  const float* x;
+  uint64_t image;
+  // Padded input of the image (not pointwise): channel c at padded[c * plane].
+  std::unique_ptr<float[]> padded;
+  uint64_t rows = 0, row_floats = 0, phase_floats = 0, plane = 0;
+  std::vector<ConvGemmJob> jobs;  // per group
+  struct Task {
+    uint64_t job, first, end;
+  };
+  std::vector<Task> tasks;
+  void (*fn)(const ConvGemmJob&, uint64_t, uint64_t);
+};
+
+// Padded columns [q_begin, q_end) of a row (src indexed by padded column)
+// into its two stride-2 phases: column q to phase q % 2, element q / 2.
+void SplitRowPhases2(void (*split2)(const float*, uint64_t, float*, float*), const float* src, int64_t q_begin,
+                     int64_t q_end, float* even, float* odd) {
+  int64_t q = q_begin;
+  if (q < q_end && q % 2 != 0) {
+    odd[q / 2] = src[q];
+    ++q;
+  }
+  const uint64_t pairs = static_cast<uint64_t>(q_end - q) / 2;
+  split2(src + q, pairs, even + q / 2, odd + q / 2);
+  q += static_cast<int64_t>(2 * pairs);
+  if (q < q_end) even[q / 2] = src[q];
+}
+
+// Task c: input channel c of the current image into the padded buffer (rows
+// of row_floats; with stride_w > 1 split into phases of phase_floats).
+void PadChannel(void* context, size_t c) {
+  CodeTilesRun& run = *static_cast<CodeTilesRun*>(context);
+  const ConvWeights& w = *run.w;
+  const ConvGeometry& g = *run.g;
+  const float* plane = run.x + (run.image * g.in_channels + c) * g.in_h * g.in_w;
+  float* out = run.padded.get() + c * run.plane;
+  const int64_t in_h = static_cast<int64_t>(g.in_h), in_w = static_cast<int64_t>(g.in_w);
+  const uint64_t sw = static_cast<uint64_t>(w.stride_w);
+  const uint64_t columns = sw == 1 ? run.row_floats : run.phase_floats * sw;
+  const int64_t q_begin = std::max<int64_t>(0, g.pad_left);
+  const int64_t q_end = std::min<int64_t>(static_cast<int64_t>(columns), in_w + g.pad_left);
+  for (uint64_t r = 0; r < run.rows; ++r, out += run.row_floats) {
+    const int64_t ih = static_cast<int64_t>(r) - g.pad_top;
+    if (ih < 0 || ih >= in_h || q_end <= q_begin) {
+      std::memset(out, 0, static_cast<size_t>(run.row_floats) * sizeof(float));
+      continue;
+    }
+    const float* src = plane + ih * in_w - g.pad_left;
+    if (sw == 1) {
+      // Zero the pads left and right of the copied columns only.
+      std::memset(out, 0, static_cast<size_t>(q_begin) * sizeof(float));
+      std::memcpy(out + q_begin, src + q_begin, static_cast<size_t>(q_end - q_begin) * sizeof(float));
+      std::memset(out + q_end, 0, static_cast<size_t>(static_cast<int64_t>(run.row_floats) - q_end) * sizeof(float));
+      continue;
+    }
+    std::memset(out, 0, static_cast<size_t>(run.row_floats) * sizeof(float));
+    if (sw == 2) {
+      SplitRowPhases2(run.split2, src, q_begin, q_end, out, out + run.phase_floats);
+      continue;
+    }
+    for (uint64_t phase = 0; phase < sw; ++phase) {
+      // Columns phase, phase + sw, ... from q_begin on.
+      const uint64_t ub = static_cast<uint64_t>(q_begin);
+      const uint64_t q0 = ub <= phase ? phase : phase + (ub - phase + sw - 1) / sw * sw;
+      float* dst = out + phase * run.phase_floats + q0 / sw;
+      for (int64_t q = static_cast<int64_t>(q0); q < q_end; q += static_cast<int64_t>(sw)) *dst++ = src[q];
+    }
+  }
+}
+
+void DecodeTask(void* context, size_t index) {
+  CodeTilesRun& run = *static_cast<CodeTilesRun*>(context);
+  const uint64_t first = uint64_t{index} * kDecodeChunk;
+  const uint64_t count = std::min<uint64_t>(kDecodeChunk, run.decoded_size - first);
+  run.expand(run.w->codes.data(), first, count, run.w->nibbles, run.w->codebook.data(), run.w->code_limit,
+             run.w->pruned_mask.empty() ? nullptr : run.w->pruned_mask.data(), run.decoded.get() + first);
+}
+
+// A gathered panel whose runs are consecutive output positions filling all
+// its lanes (e.g. whole output rows narrower than a panel) is stored in place.
+ConvPanel FinishGathered(ConvPanel panel, const std::vector<ConvSegment>& segments) {
+  panel.output = 0;
+  panel.width = 0;
+  const ConvSegment* runs = segments.data() + panel.first_segment;
+  uint64_t lanes = 0;
+  bool contiguous = true;
+  for (uint64_t s = 0; s < panel.segments; ++s) {
+    contiguous = contiguous && runs[s].output == runs[0].output + lanes && runs[s].lane == lanes;
+    lanes += runs[s].width;
+  }
+  if (contiguous) {
+    panel.output = runs[0].output;
+    panel.width = static_cast<uint32_t>(lanes);
+  }
+  return panel;
+}
+
+void CodeTilesTask(void* context, size_t index) {
+  const CodeTilesRun& run = *static_cast<const CodeTilesRun*>(context);
+  const CodeTilesRun::Task& task = run.tasks[index];
+  run.fn(run.jobs[task.job], task.first, task.end);
+}
+
+std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
+                             const ActivationSpec& activation, GemmIsa isa, ParallelForFn parallel_for,
+                             void* runner) {
+  const uint64_t nr = isa >= GemmIsa::kAvx512 ? avx512::ConvPanelWidth()
+                      : isa == GemmIsa::kAvx2 ? avx2::ConvPanelWidth()
+                                              : generic::ConvPanelWidth();
+  CodeTilesRun run;
+  run.w = &w;
+  run.g = &g;
+  run.x = x;
+  run.fn = isa >= GemmIsa::kAvx512 ? &avx512::RunConvGemm : isa == GemmIsa::kAvx2 ? &avx2::RunConvGemm
+                                                                                  : &generic::RunConvGemm;
+  run.split2 = isa >= GemmIsa::kAvx512 ? &avx512::SplitPhases2 : isa == GemmIsa::kAvx2 ? &avx2::SplitPhases2
+                                                                                    : &generic::SplitPhases2;
+  run.expand = w.plane_order ? &avx512::ExpandConvCodesVbmi
+               : isa >= GemmIsa::kAvx512 ? &avx512::ExpandConvCodes
+               : isa == GemmIsa::kAvx2 ? &avx2::ExpandConvCodes
+                                       : &generic::ExpandConvCodes;
+  // Codes to decode: every weight (plane order: padded to 64).
+  const uint64_t code_count = w.plane_order ? w.codes.size() : w.out_channels * w.patch_size;
+  if (code_count <= kConvWholeDecode) {
+    run.decoded.reset(new float[code_count]);
+    run.decoded_size = code_count;
+    const std::string error = parallel_for(
+        runner, static_cast<size_t>((code_count + kDecodeChunk - 1) / kDecodeChunk), &DecodeTask, &run);
+    if (!error.empty()) return error;
+  }
+  const uint64_t positions = g.out_h * g.out_w;
+  const uint64_t per_group = w.out_channels / w.group, cg = w.in_channels_per_group, k_count = w.patch_size;
+  const bool pointwise = w.kernel_h == 1 && w.kernel_w == 1 && w.stride_h == 1 && w.stride_w == 1 &&
+                         g.pad_top == 0 && g.pad_left == 0 && g.out_h == g.in_h && g.out_w == g.in_w;
+  const bool few = positions * 4 <= nr;
+  const uint64_t sh = static_cast<uint64_t>(w.stride_h), sw = static_cast<uint64_t>(w.stride_w);
+  const uint64_t dh = static_cast<uint64_t>(w.dilation_h), dw = static_cast<uint64_t>(w.dilation_w);
+  std::vector<uint64_t> offsets(static_cast<size_t>(k_count));
+  if (pointwise) {
+    for (uint64_t c = 0; c < cg; ++c) offsets[c] = c * positions;
+  } else {
+    // The rows and columns the output reads (< 2^42 each, see ComputeConvGeometry).
+    run.rows = (g.out_h - 1) * sh + (w.kernel_h - 1) * dh + 1;
+    const uint64_t columns = (g.out_w - 1) * sw + (w.kernel_w - 1) * dw + 1;
+    run.phase_floats = (columns + sw - 1) / sw;
+    run.row_floats = sw * run.phase_floats;
+    run.plane = run.rows * run.row_floats;
+    if (run.row_floats / sw != run.phase_floats || run.plane / run.rows != run.row_floats ||
+        run.plane > kMaxPaddedFloats / g.in_channels)
+      return "the padded input (" + std::to_string(g.in_channels) + " channels of " + std::to_string(run.rows) +
+             " x " + std::to_string(columns) + ") is larger than 2^28 values; check the pads and strides";
+    uint64_t k = 0;
+    for (uint64_t c = 0; c < cg; ++c) {
+      for (uint64_t i = 0; i < w.kernel_h; ++i) {
+        for (uint64_t j = 0; j < w.kernel_w; ++j) {
+          const uint64_t column = j * dw;
+          offsets[k++] = c * run.plane + i * dh * run.row_floats + (column % sw) * run.phase_floats + column / sw;
+        }
+      }
+    }
+    run.padded.reset(new float[static_cast<size_t>(g.in_channels * run.plane)]);  // every float written by PadChannel
+  }
+  // Panels of nr consecutive output positions (the same for every image and
+  // group): pointwise, X read in place (the last partial panel from a copy);
+  // otherwise gathered from the padded input, one run per output row the
+  // panel touches (output position (oh, ow) reads from oh * sh * row_floats + ow).
+  std::vector<ConvPanel> panels;
+  std::vector<ConvSegment> segments;
+  std::vector<uint64_t> position_sources;
+  std::vector<float> tails;  // pointwise: per group [K][nr], the last partial panel
+  std::vector<uint64_t> tail_offsets;
+  if (few) {
+    position_sources.resize(static_cast<size_t>(positions));
+    for (uint64_t oh = 0, p = 0; oh < g.out_h; ++oh) {
+      for (uint64_t ow = 0; ow < g.out_w; ++ow, ++p)
+        position_sources[p] = pointwise ? p : oh * sh * run.row_floats + ow;
+    }
+  } else {
+    if (pointwise) {
+      for (uint64_t q = 0; q < positions; q += nr) {
+        ConvPanel panel;
+        panel.output = q;
+        panel.width = static_cast<uint32_t>(std::min(nr, positions - q));
+        panel.kind = panel.width < nr ? PanelSource::kTail : PanelSource::kInPlace;
+        panel.source = q;
+        panel.first_segment = 0;
+        panel.segments = 0;
+        panels.push_back(panel);
+      }
+    } else {
+      // Whole panels of each output row read in place (oh * sh * row_floats
+      // + ow); the rows' remainders are gathered into panels of nr lanes.
+      ConvPanel gather{0, 0, PanelSource::kGather, 0, 0, 0};
+      uint32_t lanes = 0;
+      for (uint64_t oh = 0; oh < g.out_h; ++oh) {
+        const uint64_t row_source = oh * sh * run.row_floats;
+        uint64_t ow = 0;
+        for (; ow + nr <= g.out_w; ow += nr)
+          panels.push_back(ConvPanel{oh * g.out_w + ow, static_cast<uint32_t>(nr), PanelSource::kInPlace,
+                                     row_source + ow, 0, 0});
+        while (ow < g.out_w) {
+          if (lanes == 0) {
+            gather.first_segment = segments.size();
+            gather.segments = 0;
+          }
+          const uint32_t width = static_cast<uint32_t>(std::min<uint64_t>(nr - lanes, g.out_w - ow));
+          segments.push_back(ConvSegment{row_source + ow, oh * g.out_w + ow, lanes, width});
+          ++gather.segments;
+          lanes += width;
+          ow += width;
+          if (lanes == nr) {
+            panels.push_back(FinishGathered(gather, segments));
+            lanes = 0;
+          }
+        }
+      }
+      if (lanes > 0) panels.push_back(FinishGathered(gather, segments));
+    }
+    if (pointwise && positions % nr != 0) {
+      tails.assign(static_cast<size_t>(w.group * k_count * nr), 0.0f);
+      tail_offsets.resize(static_cast<size_t>(k_count));
+      for (uint64_t k = 0; k < k_count; ++k) tail_offsets[k] = k * nr;
+    }
+  }
+  // Tasks: a few panels of one group, so that their inputs (K x NR floats a
+  // panel) stay in L2 while every tile of channels passes over them.
+  const uint64_t count = few ? positions : panels.size();
+  uint64_t per_task = few ? count : std::max<uint64_t>(1, std::min<uint64_t>(16, 65536 / (k_count * nr)));
+  if (!few) per_task = std::min(per_task, std::max<uint64_t>(1, count / 8));
+  run.jobs.resize(static_cast<size_t>(w.group));
+  for (uint64_t group = 0; group < w.group; ++group) {
+    ConvGemmJob& job = run.jobs[group];
+    job.codes = w.codes.data();
+    job.code_first = group * per_group * k_count;
+    job.nibbles = w.nibbles;
+    job.decoded = run.decoded ? run.decoded.get() + group * per_group * k_count : nullptr;
+    job.codebook = w.codebook.data();
+    job.code_limit = w.code_limit;
+    job.pruned_mask = w.pruned_mask.empty() ? nullptr : w.pruned_mask.data();
+    job.channels = per_group;
+    job.k_count = k_count;
+    job.offsets = offsets.data();
+    job.tail_source = tails.empty() ? nullptr : tails.data() + group * k_count * nr;
+    job.tail_offsets = tail_offsets.data();
+    job.panels = panels.data();
+    job.segments = segments.data();
+    job.few_positions = few;
+    job.position_sources = position_sources.data();
+    job.positions = positions;
+    job.bias = bias != nullptr ? bias + group * per_group : nullptr;
+    job.activation = activation;
+    for (uint64_t first = 0; first < count; first += per_task)
+      run.tasks.push_back(CodeTilesRun::Task{group, first, std::min(count, first + per_task)});
+  }
+  for (run.image = 0; run.image < g.batch; ++run.image) {
+    std::string error;
+    const float* image_x = x + run.image * g.in_channels * g.in_h * g.in_w;
+    if (!pointwise) error = parallel_for(runner, static_cast<size_t>(g.in_channels), &PadChannel, &run);
+    if (!error.empty()) return error;
+    for (uint64_t group = 0; group < w.group; ++group) {
+      ConvGemmJob& job = run.jobs[group];
+      job.source = pointwise ? image_x + group * cg * positions : run.padded.get() + group * cg * run.plane;
+      job.y = y + (run.image * w.out_channels + group * per_group) * positions;
+      if (!tails.empty()) {
+        const uint64_t first = positions / nr * nr;
+        float* tail = tails.data() + group * k_count * nr;
+        for (uint64_t k = 0; k < k_count; ++k)
+          std::memcpy(tail + k * nr, job.source + k * positions + first,
+                      static_cast<size_t>(positions - first) * sizeof(float));
+      }
+    }
+    error = parallel_for(runner, run.tasks.size(), &CodeTilesTask, &run);
+    if (!error.empty()) return error;
+  }
+  return std::string();
+}
+
+}  // namespace
+
+std::string RunConv(const ConvWeights& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
+                    const ActivationSpec& activation, KernelIsa isa, GemmIsa gemm_isa, ParallelForFn parallel_for,
+                    void* runner) {
+  if (g.batch == 0 || g.out_h == 0 || g.out_w == 0 || w.out_channels == 0) return std::string();
+  switch (w.layout) {
+    case ConvLayout::kDepthwise:
+      return RunDepthwiseConv(w, g, x, bias, y, activation, gemm_isa, parallel_for, runner);
+    case ConvLayout::kCodeTiles:
+      return RunCodeTilesConv(w, g, x, bias, y, activation, gemm_isa, parallel_for, runner);
+    case ConvLayout::kIndex:
+      break;
+  }
+  std::string error = RunIndexConv(w, g, x, bias, y, isa, parallel_for, runner);
+  // The direct kernels add the bias; other activations are a pass over Y.
+  if (error.empty()) ApplyActivation(y, g.batch * w.out_channels * g.out_h * g.out_w, activation, gemm_isa);
+  return error;
 }
 
 }  // namespace onnx_dc

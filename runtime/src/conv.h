@@ -1,30 +1,28 @@
 // 2-D convolution (ONNX Conv semantics, NCHW, float32) on a compressed weight.
 //
-// Layouts (chosen at session creation from the kept fraction):
-// * index layout: per output channel m the run of its kept weights, each one
-//   32-bit entry (k << 8) | codebook index, k = (c * kh + i) * kw + j
-//   ascending (k < 2^24), plus M + 1 run offsets and a float32 codebook of 256
-//   values: 4 bytes per kept weight, pruned weights take no space;
-// * dense layout (at least kConvDenseKeptFraction kept, at least
-//   kConvBlockChannels channels per group): the shared values as float32,
-//   kConvBlockChannels output channels of a group interleaved per k.
+// Layouts (chosen at session creation from the shape and the kept fraction,
+// docs/OPERATORS.md "DCConv: layouts and kernels"):
+// * code tiles (group with C / group > 1 and at least kConvIndexKeptFraction
+//   of the weights kept): one uint8 codebook index per weight, pruned weights
+//   with the zero index, in tiles of kConvTileRows output channels ([K][rows]
+//   per tile), decoded a tile at a time into the A operand of a
+//   register-blocked GEMM over the input read in place (conv_kernels.h);
+// * depthwise (C / group = 1, group > 1): one uint8 index per weight,
+//   [M][kh * kw], decoded to floats once per call;
+//   (Pruned weights take the zero index, or, with a full 256-value codebook
+//   without 0, index 0 and a bit in a mask of 1 bit per weight.)
+// * index layout (fewer than kConvIndexKeptFraction kept): per output channel the run of
+//   its kept weights, each one 32-bit entry (k << 8) | codebook index,
+//   k = (c * kh + i) * kw + j ascending (k < 2^24), plus M + 1 run offsets:
+//   4 bytes per kept weight, run by the direct kernels below.
 //
-// Kernel: per image and group the input channels are copied into a
-// zero-padded buffer whose rows are split into their stride_w phases, so for
-// every kernel element k the inputs of 8 consecutive output positions of a row
-// are 8 consecutive floats at a fixed offset (a 1x1 stride-1 unpadded
-// convolution reads X in place). Vectors of 8 output positions accumulate in
-// AVX registers: 4 channels x 3 vectors per step for the dense layout, one
-// channel x up to 8 vectors per kept weight for the index layout. Tasks of the
-// caller's parallel-for (onnxruntime's intra-op pool) are chunks of output
-// vectors computing every channel of the group, so each output is computed by
-// one task in a fixed order: results do not depend on the thread count.
-//
-// Why not SparseMatMul (sparse_matmul.h) on im2col rows: its batch tile
-// accumulates every output channel of a tile of positions in memory, not
-// registers, and each patch is copied twice (im2col, then the tile
-// transpose); on LeNet-5's convolutions that measured 3-4x slower than
-// onnxruntime's Conv (docs/OPERATORS.md, "DCConv: layout and kernel").
+// Direct (index-layout) kernel: per image and group the input channels are
+// copied into a zero-padded buffer whose rows are split into their stride_w
+// phases, so for every kernel element k the inputs of 8 consecutive output
+// positions of a row are 8 consecutive floats at a fixed offset (a 1x1
+// stride-1 unpadded convolution reads X in place); one channel x up to 8
+// vectors per kept weight. Every kernel computes each output in one task in a
+// fixed order: results do not depend on the thread count.
 #ifndef ONNX_DC_RUNTIME_CONV_H_
 #define ONNX_DC_RUNTIME_CONV_H_
 
@@ -34,15 +32,23 @@
 #include <vector>
 
 #include "container.h"
+#include "gemm.h"  // ActivationSpec, GemmIsa
 #include "sparse_matmul.h"  // KernelIsa, DetectKernelIsa, ParallelForFn
 
 namespace onnx_dc {
 
-// Weights with at least this fraction of their values kept use the dense
-// layout (measured crossover: docs/OPERATORS.md, "DCConv: layout and kernel").
-constexpr double kConvDenseKeptFraction = 0.6;
-// Output channels computed together by the dense kernel.
-constexpr uint64_t kConvBlockChannels = 4;
+// Weights with fewer than this fraction of their values kept use the index
+// layout (measured crossover: docs/OPERATORS.md, "DCConv: layouts and
+// kernels"). A build can move it (-DONNX_DC_CONV_INDEX_KEPT_FRACTION=2 forces
+// the index layout, 0 the code tiles) to measure the crossover.
+#ifdef ONNX_DC_CONV_INDEX_KEPT_FRACTION
+constexpr double kConvIndexKeptFraction = ONNX_DC_CONV_INDEX_KEPT_FRACTION;
+#else
+constexpr double kConvIndexKeptFraction = 0.25;
+#endif
+
+enum class ConvLayout { kIndex, kCodeTiles, kDepthwise };
+const char* ConvLayoutName(ConvLayout layout);
 
 enum class AutoPad { kNotSet, kValid, kSameUpper, kSameLower };
 
@@ -73,15 +79,27 @@ struct ConvWeights {
   int64_t dilation_h = 1, dilation_w = 1;
   int64_t pads[4] = {0, 0, 0, 0};  // top, left, bottom, right (NOTSET only)
   AutoPad auto_pad = AutoPad::kNotSet;
+  ConvLayout layout = ConvLayout::kIndex;
+  uint64_t kept = 0;                     // weights that are not pruned
   std::vector<float> codebook;           // 256 values (zero-padded)
+  // Index layout:
   std::vector<uint64_t> channel_offsets;  // M + 1: channel m's run is [offsets[m], offsets[m + 1])
   std::vector<uint32_t> entries;          // (k << 8) | codebook index
-  // Dense layout (lightly pruned weights, kConvDenseKeptFraction): the shared
-  // values of each block of kConvBlockChannels output channels of a group,
-  // [group][block][k][lane] float32 (0 where pruned and in the padding lanes
-  // of a group's last block); channel_offsets and entries are then empty.
-  std::vector<float> blocks;
-  uint64_t blocks_per_group = 0;
+  // Code tiles / depthwise: one index per weight (see the layouts above).
+  std::vector<uint8_t> codes;
+  uint32_t code_limit = 256;  // 1 + the largest index in `codes`
+  // Pruned weights whose codebook has no 0 (256 values): bit i set = weight i
+  // of `codes` is pruned (its index is 0 and decodes to 0 through the mask).
+  std::vector<uint8_t> pruned_mask;
+  // Byte-plane order (AVX-512 VBMI, more than 64 codebook values, weights
+  // decoded whole per call): inside every chunk of 64 indices, position
+  // 16 L + 4 q + e holds the index of weight 16 q + 4 L + e (L, q, e < 4), the
+  // order the VBMI decoder's byte interleaving writes; `codes` is padded to
+  // a multiple of 64.
+  bool plane_order = false;
+  // 4-bit codes (every kept index below 16): two per byte, weight 2 i in the
+  // low nibble of byte i, 2 i + 1 in the high one: half a byte per weight.
+  bool nibbles = false;
 
   // Bytes held for the weight.
   size_t memory_bytes() const;
@@ -89,8 +107,10 @@ struct ConvWeights {
 
 // Validates the attributes against the decoded 4-D float32 weight and builds
 // the layout. Returns false with a one-line *error.
-bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& attributes, ConvWeights* out,
-                      std::string* error);
+// isa: the kernels' (with AVX-512 VBMI, 8-bit codes are stored in byte-plane
+// order for the VBMI decoder).
+bool BuildConvWeights(const DecodedContainer& decoded, const ConvAttributes& attributes, GemmIsa isa,
+                      ConvWeights* out, std::string* error);
 
 // Shapes of one call.
 struct ConvGeometry {
@@ -105,10 +125,12 @@ struct ConvGeometry {
 bool ComputeConvGeometry(const ConvWeights& weights, const std::vector<int64_t>& x_dims, ConvGeometry* out,
                          std::string* error);
 
-// y[N, M, OH, OW] = conv(x[N, C, H, W], W) + bias[M] (bias may be null).
-// Returns an empty string on success or an error message.
+// y[N, M, OH, OW] = act(conv(x[N, C, H, W], W) + bias[M]) (bias may be
+// null). isa: the direct kernels'; gemm_isa: the code-tile and depthwise
+// kernels'. Returns an empty string on success or an error message.
 std::string RunConv(const ConvWeights& weights, const ConvGeometry& geometry, const float* x, const float* bias,
-                    float* y, KernelIsa isa, ParallelForFn parallel_for, void* runner);
+                    float* y, const ActivationSpec& activation, KernelIsa isa, GemmIsa gemm_isa,
+                    ParallelForFn parallel_for, void* runner);
 
 }  // namespace onnx_dc
 

@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
+#include <limits>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -122,19 +124,56 @@ bool RequestAmxPermission() {
 #endif
 }
 
-bool ParseActivation(const std::string& name, Activation* out) {
-  if (name.empty() || name == "none") {
-    *out = Activation::kNone;
-  } else if (name == "relu") {
-    *out = Activation::kRelu;
-  } else if (name == "gelu") {
-    *out = Activation::kGelu;
-  } else if (name == "gelu_tanh") {
-    *out = Activation::kGeluTanh;
-  } else {
-    return false;
+bool ParseActivation(const std::string& name, const std::vector<float>& params, ActivationSpec* out,
+                     std::string* error) {
+  struct Entry {
+    const char* name;
+    Activation kind;
+    unsigned count;  // activation_params it takes
+    float p0, p1;    // defaults
+  };
+  const float inf = std::numeric_limits<float>::infinity();
+  const Entry entries[] = {
+      {"none", Activation::kNone, 0, 0.0f, 0.0f},
+      {"relu", Activation::kRelu, 0, 0.0f, 0.0f},
+      {"gelu", Activation::kGelu, 0, 0.0f, 0.0f},
+      {"gelu_tanh", Activation::kGeluTanh, 0, 0.0f, 0.0f},
+      {"clip", Activation::kClip, 2, -inf, inf},
+      {"hard_sigmoid", Activation::kHardSigmoid, 2, 0.2f, 0.5f},
+      {"hard_swish", Activation::kHardSwish, 0, 0.0f, 0.0f},
+      {"sigmoid", Activation::kSigmoid, 0, 0.0f, 0.0f},
+      {"silu", Activation::kSilu, 0, 0.0f, 0.0f},
+      {"leaky_relu", Activation::kLeakyRelu, 1, 0.01f, 0.0f},
+      {"tanh", Activation::kTanh, 0, 0.0f, 0.0f},
+  };
+  const std::string key = name.empty() ? std::string("none") : name;
+  for (const Entry& e : entries) {
+    if (key != e.name) continue;
+    if (!params.empty() && params.size() != e.count) {
+      *error = "attribute activation_params of activation \"" + key + "\" must have " + std::to_string(e.count) +
+               " values, got " + std::to_string(params.size());
+      return false;
+    }
+    for (float p : params) {
+      if (std::isnan(p)) {
+        *error = "attribute activation_params has a NaN";
+        return false;
+      }
+    }
+    ActivationSpec spec;
+    spec.kind = e.kind;
+    spec.p0 = params.size() > 0 ? params[0] : e.p0;
+    spec.p1 = params.size() > 1 ? params[1] : e.p1;
+    if (spec.kind == Activation::kClip && spec.p0 > spec.p1) {
+      *error = "attribute activation_params of \"clip\" must be [min, max] with min <= max";
+      return false;
+    }
+    *out = spec;
+    return true;
   }
-  return true;
+  *error = "attribute activation must be \"none\", \"relu\", \"gelu\", \"gelu_tanh\", \"clip\", \"hard_sigmoid\", "
+           "\"hard_swish\", \"sigmoid\", \"silu\", \"leaky_relu\" or \"tanh\", got \"" + name + "\"";
+  return false;
 }
 
 const char* ActivationName(Activation activation) {
@@ -147,6 +186,20 @@ const char* ActivationName(Activation activation) {
       return "gelu";
     case Activation::kGeluTanh:
       return "gelu_tanh";
+    case Activation::kClip:
+      return "clip";
+    case Activation::kHardSigmoid:
+      return "hard_sigmoid";
+    case Activation::kHardSwish:
+      return "hard_swish";
+    case Activation::kSigmoid:
+      return "sigmoid";
+    case Activation::kSilu:
+      return "silu";
+    case Activation::kLeakyRelu:
+      return "leaky_relu";
+    case Activation::kTanh:
+      return "tanh";
   }
   return "?";
 }
@@ -308,8 +361,8 @@ const char* GemmIsaName(GemmIsa isa) {
   return "?";
 }
 
-void ApplyActivation(float* y, uint64_t count, Activation activation, GemmIsa isa) {
-  if (activation == Activation::kNone || count == 0) return;
+void ApplyActivation(float* y, uint64_t count, const ActivationSpec& activation, GemmIsa isa) {
+  if (activation.kind == Activation::kNone || count == 0) return;
   if (isa >= GemmIsa::kAvx512) {
     avx512::ApplyActivationTo(y, count, activation);
   } else if (isa == GemmIsa::kAvx2) {

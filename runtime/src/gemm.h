@@ -34,15 +34,34 @@ namespace onnx_dc {
 constexpr unsigned kPanelColumns = 32;
 constexpr unsigned kPanelDepth = 128;
 
-// Activation applied after alpha * acc + beta * bias.
+// Activation applied after alpha * acc + beta * bias (DCMatMul) or after the
+// bias (DCConv): the `activation` string attribute with its float list
+// `activation_params` (docs/OPERATORS.md, "Fused activations").
 enum class Activation : uint8_t {
   kNone = 0,
   kRelu = 1,
-  kGelu = 2,      // 0.5 x (1 + erf(x / sqrt(2))): ONNX Gelu, approximate = "none"
-  kGeluTanh = 3,  // 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))): Gelu "tanh", FastGelu
+  kGelu = 2,         // 0.5 x (1 + erf(x / sqrt(2))): ONNX Gelu, approximate = "none"
+  kGeluTanh = 3,     // 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))): Gelu "tanh", FastGelu
+  kClip = 4,         // min(max(x, p0), p1): ONNX Clip (Relu6: [0, 6]); default no bound
+  kHardSigmoid = 5,  // max(0, min(1, p0 x + p1)): ONNX HardSigmoid, default [0.2, 0.5]
+  kHardSwish = 6,    // x max(0, min(1, x / 6 + 0.5)): ONNX HardSwish
+  kSigmoid = 7,      // 1 / (1 + exp(-x))
+  kSilu = 8,         // x / (1 + exp(-x)): x * Sigmoid(x)
+  kLeakyRelu = 9,    // x < 0 ? p0 x : x: ONNX LeakyRelu, default [0.01]
+  kTanh = 10,
 };
-// Parses the DCMatMul attribute value ("", "none", "relu", "gelu", "gelu_tanh"); false if unknown.
-bool ParseActivation(const std::string& name, Activation* out);
+
+// An activation and its parameters (p0, p1 as listed above).
+struct ActivationSpec {
+  Activation kind = Activation::kNone;
+  float p0 = 0.0f;
+  float p1 = 0.0f;
+};
+
+// Parses the attribute values ("" is "none"): the name and its
+// activation_params (empty: the defaults). Returns false with a one-line *error.
+bool ParseActivation(const std::string& name, const std::vector<float>& params, ActivationSpec* out,
+                     std::string* error);
 const char* ActivationName(Activation activation);
 
 struct PanelWeights {
@@ -106,7 +125,7 @@ struct GemmArgs {
   uint64_t rows = 0;
   float alpha = 1.0f;
   float beta = 1.0f;
-  Activation activation = Activation::kNone;
+  ActivationSpec activation;
   const float* bias = nullptr;  // nullptr, or 1 or N values
   uint64_t bias_size = 0;
 };
@@ -116,7 +135,7 @@ std::string PanelGemm(const PanelWeights& weights, const GemmArgs& args, GemmIsa
                       void* runner);
 
 // y[i] = act(y[i]) for i < count (the pass after kernels that do not fuse it).
-void ApplyActivation(float* y, uint64_t count, Activation activation, GemmIsa isa);
+void ApplyActivation(float* y, uint64_t count, const ActivationSpec& activation, GemmIsa isa);
 
 // ------------------------------------------------------------ internal
 
@@ -139,11 +158,11 @@ struct PanelTask {
 
 namespace generic {
 void RunPanelTask(const PanelTask& task);
-void ApplyActivationTo(float* y, uint64_t count, Activation activation);
+void ApplyActivationTo(float* y, uint64_t count, const ActivationSpec& activation);
 }  // namespace generic
 namespace avx2 {
 void RunPanelTask(const PanelTask& task);
-void ApplyActivationTo(float* y, uint64_t count, Activation activation);
+void ApplyActivationTo(float* y, uint64_t count, const ActivationSpec& activation);
 }  // namespace avx2
 namespace avx512 {
 void RunPanelTask(const PanelTask& task);
@@ -155,7 +174,7 @@ void ExpandCodes32(const uint8_t* codes, uint64_t count, const uint32_t* table, 
 // X packed for the AMX tasks: tile t of 16 rows, K step s of 32: hi then lo
 // bfloat16 [16][32] at packed[((t * ksteps + s) * 2 + part) * 512].
 void PackTileAmx(const float* x, uint64_t rows, uint64_t k_count, uint64_t tile, uint16_t* packed);
-void ApplyActivationTo(float* y, uint64_t count, Activation activation);
+void ApplyActivationTo(float* y, uint64_t count, const ActivationSpec& activation);
 }  // namespace avx512
 
 }  // namespace onnx_dc

@@ -127,7 +127,7 @@ void MultiplyTile(const float* a, const float* b, unsigned kc, unsigned rows, fl
 namespace onnx_dc {
 namespace avx2 {
 void RunPanelTask(const PanelTask& task) { generic::RunPanelTask(task); }
-void ApplyActivationTo(float* y, uint64_t count, Activation activation) {
+void ApplyActivationTo(float* y, uint64_t count, const ActivationSpec& activation) {
   generic::ApplyActivationTo(y, count, activation);
 }
 }  // namespace avx2

@@ -604,7 +604,7 @@ void ExpandCodes32(const uint8_t* codes, uint64_t count, const uint32_t* table, 
   for (uint64_t i = 0; i < count; ++i) out[i] = table[codes[i]];
 }
 void PackTileAmx(const float*, uint64_t, uint64_t, uint64_t, uint16_t*) {}
-void ApplyActivationTo(float* y, uint64_t count, Activation activation) {
+void ApplyActivationTo(float* y, uint64_t count, const ActivationSpec& activation) {
   generic::ApplyActivationTo(y, count, activation);
 }
 }  // namespace avx512

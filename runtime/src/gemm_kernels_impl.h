@@ -11,60 +11,9 @@
 //
 // NOLINT(build/header_guard): deliberately included more than once.
 
+#include "activation_impl.h"
+
 namespace gemm_detail {
-
-inline float BitsToFloat(uint32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-inline uint32_t FloatToBits(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  return bits;
-}
-
-// exp(x) for x in [-87, 88] (clamped; NaN stays NaN), about 1 ulp: Cephes'
-// polynomial on x - n ln 2, scaled by 2^n through the exponent bits. Plain
-// arithmetic, so the epilogue loops vectorise; no float-to-int conversion
-// (n is read from the bits of x * log2(e) + 1.5 * 2^23).
-inline float ExpApprox(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float shifted = x * 1.44269504088896341f + 12582912.0f;  // round(x log2 e) in the low mantissa bits
-  const float n = shifted - 12582912.0f;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = (p * r) * r + r + 1.0f;
-  const uint32_t biased = FloatToBits(shifted) - 0x4B400000u + 127u;  // n + 127, in 1..254 after the clamp
-  return e * BitsToFloat((biased & 0xFFu) << 23);
-}
-
-// erf(x): Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7).
-inline float ErfApprox(float x) {
-  const float a = x < 0.0f ? -x : x;
-  const float t = 1.0f / (1.0f + 0.3275911f * a);
-  float p = 1.061405429f;
-  p = p * t - 1.453152027f;
-  p = p * t + 1.421413741f;
-  p = p * t - 0.284496736f;
-  p = p * t + 0.254829592f;
-  const float y = 1.0f - p * t * ExpApprox(-a * a);
-  return x < 0.0f ? -y : y;
-}
-
-inline float Gelu(float x) { return 0.5f * x * (1.0f + ErfApprox(x * 0.70710678118654752f)); }
-
-// 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2 / pi) (x + 0.044715 x^3).
-inline float GeluTanh(float x) {
-  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-  return x / (1.0f + ExpApprox(-2.0f * u));
-}
 
 // y[j] = act(alpha * y[j] + beta * bias[first_column + j]) for j < columns.
 inline void ApplyEpilogue(float* __restrict y, uint64_t first_column, unsigned columns, const GemmArgs& args) {
@@ -81,33 +30,17 @@ inline void ApplyEpilogue(float* __restrict y, uint64_t first_column, unsigned c
       for (unsigned j = 0; j < columns; ++j) y[j] += beta * bias[j];
     }
   }
-  switch (args.activation) {
-    case Activation::kNone:
-      break;
-    case Activation::kRelu:
-      for (unsigned j = 0; j < columns; ++j) y[j] = y[j] < 0.0f ? 0.0f : y[j];  // NaN stays NaN
-      break;
-    case Activation::kGelu:
-      for (unsigned j = 0; j < columns; ++j) y[j] = Gelu(y[j]);
-      break;
-    case Activation::kGeluTanh:
-      for (unsigned j = 0; j < columns; ++j) y[j] = GeluTanh(y[j]);
-      break;
-  }
+  Activate(y, columns, args.activation);
 }
 
 inline bool NeedsEpilogue(const GemmArgs& args) {
-  return args.alpha != 1.0f || args.bias != nullptr || args.activation != Activation::kNone;
+  return args.alpha != 1.0f || args.bias != nullptr || args.activation.kind != Activation::kNone;
 }
 
 }  // namespace gemm_detail
 
-void ApplyActivationTo(float* y, uint64_t count, Activation activation) {
-  GemmArgs args;
-  args.activation = activation;
-  for (uint64_t i = 0; i < count; i += 4096) {
-    gemm_detail::ApplyEpilogue(y + i, 0, static_cast<unsigned>(std::min<uint64_t>(4096, count - i)), args);
-  }
+void ApplyActivationTo(float* y, uint64_t count, const ActivationSpec& activation) {
+  gemm_detail::Activate(y, count, activation);
 }
 
 namespace gemm_detail {

@@ -215,6 +215,26 @@ OrtStatus* ReadFlagAttribute(const OrtApi* api, const OrtKernelInfo* info, const
   return nullptr;
 }
 
+// A float list attribute; empty when absent.
+std::vector<float> ReadFloats(const OrtApi* api, const OrtKernelInfo* info, const char* name) {
+  size_t size = 0;
+  if (!TakeStatusMessage(api, api->KernelInfoGetAttributeArray_float(info, name, nullptr, &size)).empty()) return {};
+  std::vector<float> values(size);
+  if (size == 0) return values;
+  if (!TakeStatusMessage(api, api->KernelInfoGetAttributeArray_float(info, name, values.data(), &size)).empty())
+    return {};
+  values.resize(std::min(size, values.size()));
+  return values;
+}
+
+// The fused activation: attributes `activation` (string) and
+// `activation_params` (floats). Returns false with a one-line *error.
+bool ReadActivation(const OrtApi* api, const OrtKernelInfo* info, ActivationSpec* out, std::string* error) {
+  const std::string name = ReadName(
+      api, [&](char* text, size_t* size) { return api->KernelInfoGetAttribute_string(info, "activation", text, size); });
+  return ParseActivation(name, ReadFloats(api, info, "activation_params"), out, error);
+}
+
 // Hands the heap's free pages back to the system. Decoding a container
 // allocates and frees arrays of the weight's size (the decoded streams, the
 // staging of the layout); glibc keeps such freed memory in the process unless
@@ -328,16 +348,12 @@ class MatMulKernel {
     order_ = sparse_input ? SparseOrder::kRows : SparseOrder::kColumns;
     ReadFloatAttribute(info, "alpha", &alpha_);
     ReadFloatAttribute(info, "beta", &beta_);
-    const std::string activation = ReadName(
-        api_, [&](char* out, size_t* size) { return api_->KernelInfoGetAttribute_string(info, "activation", out, size); });
-    if (!ParseActivation(activation, &activation_))
+    std::string error;
+    if (!ReadActivation(api_, info, &activation_, &error)) return MakeStatus(api_, ORT_INVALID_ARGUMENT, label_.Prefix() + error);
+    if (relu_ && activation_.kind != Activation::kNone && activation_.kind != Activation::kRelu)
       return MakeStatus(api_, ORT_INVALID_ARGUMENT,
-                        label_.Prefix() + "attribute activation must be \"none\", \"relu\", \"gelu\" or \"gelu_tanh\", got \"" +
-                            activation + "\"");
-    if (relu_ && activation_ != Activation::kNone && activation_ != Activation::kRelu)
-      return MakeStatus(api_, ORT_INVALID_ARGUMENT,
-                        label_.Prefix() + "relu = 1 contradicts activation \"" + activation + "\"");
-    if (relu_) activation_ = Activation::kRelu;
+                        label_.Prefix() + "relu = 1 contradicts activation \"" + ActivationName(activation_.kind) + "\"");
+    if (relu_) activation_.kind = Activation::kRelu;
     const std::string precision = ReadName(
         api_, [&](char* out, size_t* size) { return api_->KernelInfoGetAttribute_string(info, "precision", out, size); });
     if (!precision.empty() && precision != "float" && precision != "bf16x3")
@@ -416,10 +432,10 @@ class MatMulKernel {
       gemm.bias_size = args.bias_size;
       error = PanelGemm(*weights->panels, gemm, gemm_isa_, &OrtParallelFor, &runner);
     } else {
-      args.relu = activation_ == Activation::kRelu;
+      args.relu = activation_.kind == Activation::kRelu;
       error = SparseMatMul(*weights->sparse, args, isa_, &OrtParallelFor, &runner);
-      // The index-layout kernels fuse only Relu; GELU is a pass over Y.
-      if (error.empty() && activation_ != Activation::kNone && activation_ != Activation::kRelu)
+      // The index-layout kernels fuse only Relu; the others are a pass over Y.
+      if (error.empty() && activation_.kind != Activation::kNone && activation_.kind != Activation::kRelu)
         ApplyActivation(args.y, args.rows * weights->out_features, activation_, gemm_isa_);
     }
     if (!error.empty()) return Fail(error);
@@ -541,7 +557,7 @@ class MatMulKernel {
   float alpha_ = 1.0f;
   float beta_ = 1.0f;
   bool relu_ = false;
-  Activation activation_ = Activation::kNone;
+  ActivationSpec activation_;
   GemmIsa gemm_isa_ = GemmIsa::kGeneric;
   SparseOrder order_ = SparseOrder::kColumns;
   bool bias_cached_ = false;  // cached_bias_ holds the bias (or none): Compute does not read input 2
@@ -573,7 +589,10 @@ class ConvKernel {
     std::string error;
     if (!ParseAutoPad(auto_pad, &attributes_.auto_pad, &error))
       return MakeStatus(api_, ORT_INVALID_ARGUMENT, label_.Prefix() + error);
+    if (!ReadActivation(api_, info, &activation_, &error))
+      return MakeStatus(api_, ORT_INVALID_ARGUMENT, label_.Prefix() + error);
     isa_ = DetectKernelIsa();
+    gemm_isa_ = DetectGemmIsa();
 
     auto decode = [this](const uint8_t* d, size_t n, ConvWeights* w) { return Decode(d, n, w); };
     return DecodeConstantContainer(api_, info, label_, 1, decode, &weights_);
@@ -621,7 +640,7 @@ class ConvKernel {
     if (status != nullptr) return status;
 
     OrtRunner runner{api_, context};
-    error = RunConv(*weights, geometry, x, bias, y, isa_, &OrtParallelFor, &runner);
+    error = RunConv(*weights, geometry, x, bias, y, activation_, isa_, gemm_isa_, &OrtParallelFor, &runner);
     if (!error.empty()) return Fail(error);
     return nullptr;
   }
@@ -644,7 +663,7 @@ class ConvKernel {
     DecodedContainer decoded;
     std::string error;
     if (!DecodeContainer(data, size, DecodeOptions(), &decoded, &error)) return error;
-    if (!BuildConvWeights(decoded, attributes_, weights, &error)) return error;
+    if (!BuildConvWeights(decoded, attributes_, gemm_isa_, weights, &error)) return error;
     return std::string();
   }
 
@@ -655,7 +674,9 @@ class ConvKernel {
   const OrtApi* api_;
   InputLabel label_;
   ConvAttributes attributes_;
+  ActivationSpec activation_;
   KernelIsa isa_ = KernelIsa::kGeneric;
+  GemmIsa gemm_isa_ = GemmIsa::kGeneric;
   std::unique_ptr<ConvWeights> weights_;  // null: the container is not constant
 };
 

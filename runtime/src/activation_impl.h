@@ -1,0 +1,135 @@
+// Fused activations, shared by the panel GEMM (gemm_kernels_impl.h) and the
+// convolution kernels (conv_kernels_impl.h). Included inside the namespace of
+// each instruction-set variant (onnx_dc::generic / avx2 / avx512), so the plain
+// loops below are vectorised for that file's instruction set.
+//
+// NOLINT(build/header_guard): deliberately included once per variant namespace.
+
+namespace gemm_detail {
+
+inline float BitsToFloat(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline uint32_t FloatToBits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return bits;
+}
+
+// exp(x) for x in [-87, 88] (clamped; NaN stays NaN), about 1 ulp: Cephes'
+// polynomial on x - n ln 2, scaled by 2^n through the exponent bits. Plain
+// arithmetic, so the epilogue loops vectorise; no float-to-int conversion
+// (n is read from the bits of x * log2(e) + 1.5 * 2^23).
+inline float ExpApprox(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;  // round(x log2 e) in the low mantissa bits
+  const float n = shifted - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = (p * r) * r + r + 1.0f;
+  const uint32_t biased = FloatToBits(shifted) - 0x4B400000u + 127u;  // n + 127, in 1..254 after the clamp
+  return e * BitsToFloat((biased & 0xFFu) << 23);
+}
+
+// erf(x): Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7).
+inline float ErfApprox(float x) {
+  const float a = x < 0.0f ? -x : x;
+  const float t = 1.0f / (1.0f + 0.3275911f * a);
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const float y = 1.0f - p * t * ExpApprox(-a * a);
+  return x < 0.0f ? -y : y;
+}
+
+inline float Gelu(float x) { return 0.5f * x * (1.0f + ErfApprox(x * 0.70710678118654752f)); }
+
+// 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2 / pi) (x + 0.044715 x^3).
+inline float GeluTanh(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return x / (1.0f + ExpApprox(-2.0f * u));
+}
+
+// 1 / (1 + exp(-x)); exp clamped as in ExpApprox, so the result is within
+// 2e-7 of float64 everywhere (0 and 1 at the ends are approached, not reached
+// below |x| = 87).
+inline float Sigmoid(float x) { return 1.0f / (1.0f + ExpApprox(-x)); }
+
+// tanh(x): Cephes' odd polynomial below |x| = 0.625 (no cancellation near 0),
+// 1 - 2 / (1 + exp(2|x|)) with the sign of x above.
+inline float Tanh(float x) {
+  const float a = x < 0.0f ? -x : x;
+  const float z = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const float small = p * z * x + x;
+  const float large = 1.0f - 2.0f / (1.0f + ExpApprox(2.0f * a));
+  const float signed_large = x < 0.0f ? -large : large;
+  return a < 0.625f ? small : signed_large;
+}
+
+// y[j] = act(y[j]) for j < count: one plain loop per activation, which the
+// compiler vectorises for the file's instruction set.
+inline void Activate(float* __restrict y, uint64_t count, const ActivationSpec& act) {
+  const float p0 = act.p0, p1 = act.p1;
+  switch (act.kind) {
+    case Activation::kNone:
+      break;
+    case Activation::kRelu:
+      for (uint64_t j = 0; j < count; ++j) y[j] = y[j] < 0.0f ? 0.0f : y[j];  // NaN stays NaN
+      break;
+    case Activation::kGelu:
+      for (uint64_t j = 0; j < count; ++j) y[j] = Gelu(y[j]);
+      break;
+    case Activation::kGeluTanh:
+      for (uint64_t j = 0; j < count; ++j) y[j] = GeluTanh(y[j]);
+      break;
+    case Activation::kClip:
+      for (uint64_t j = 0; j < count; ++j) {
+        const float v = y[j] < p0 ? p0 : y[j];  // NaN stays NaN (both comparisons false)
+        y[j] = v > p1 ? p1 : v;
+      }
+      break;
+    case Activation::kHardSigmoid:
+      for (uint64_t j = 0; j < count; ++j) {
+        const float v = p0 * y[j] + p1;
+        const float lo = v < 0.0f ? 0.0f : v;
+        y[j] = lo > 1.0f ? 1.0f : lo;
+      }
+      break;
+    case Activation::kHardSwish:
+      for (uint64_t j = 0; j < count; ++j) {
+        const float v = y[j] * (1.0f / 6.0f) + 0.5f;
+        const float lo = v < 0.0f ? 0.0f : v;
+        y[j] = y[j] * (lo > 1.0f ? 1.0f : lo);
+      }
+      break;
+    case Activation::kSigmoid:
+      for (uint64_t j = 0; j < count; ++j) y[j] = Sigmoid(y[j]);
+      break;
+    case Activation::kSilu:
+      for (uint64_t j = 0; j < count; ++j) y[j] = y[j] * Sigmoid(y[j]);
+      break;
+    case Activation::kLeakyRelu:
+      for (uint64_t j = 0; j < count; ++j) y[j] = y[j] < 0.0f ? p0 * y[j] : y[j];
+      break;
+    case Activation::kTanh:
+      for (uint64_t j = 0; j < count; ++j) y[j] = Tanh(y[j]);
+      break;
+  }
+}
+
+}  // namespace gemm_detail
