@@ -6,20 +6,15 @@ import hashlib
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
+from onnx_dc.errors import CalibrationError
 from model_zoo import real
 from model_zoo.real import speech_models
 from model_zoo.real.check import add_weight_noise
+from model_zoo.real.check import make_session as _session
 from model_zoo.real.exporters import manifest_of
 
-
-def _session(model) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    source = str(model) if not isinstance(model, onnx.ModelProto) else model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def _digests(feeds):
@@ -110,3 +105,9 @@ def test_silero_metric_is_perfect_against_itself_and_drops_with_noise(silero):
     assert itself["decision_agreement"] == 1.0 and itself["probability_mean_abs_diff"] == 0.0
     noisy = model.task_metric(session, _session(add_weight_noise(model.load(), 0.5, seed=0)), inputs)
     assert noisy["decision_agreement"] < 0.95 and noisy["probability_mean_abs_diff"] > 0.01
+
+
+def test_silero_feeds_do_not_stack_into_one_batch(silero):
+    model, _ = silero
+    with pytest.raises(CalibrationError, match="'sr' is a scalar"):
+        real.stack_feeds(model.make_inputs("calib", 2, seed=0))

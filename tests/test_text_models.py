@@ -10,7 +10,6 @@ import hashlib
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -18,15 +17,9 @@ from onnx_dc.errors import CalibrationError, ModelError
 from model_zoo import real
 from model_zoo.real import text_corpus
 from model_zoo.real.check import add_weight_noise
+from model_zoo.real.check import make_session as _session
 from model_zoo.real.exporters import manifest_of
 from model_zoo.real.text_models import SEQUENCE_LENGTH, minilm_tokenizer, smollm2_tokenizer
-
-
-def _session(model) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    source = str(model) if not isinstance(model, onnx.ModelProto) else model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")

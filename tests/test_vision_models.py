@@ -5,20 +5,13 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 
 from model_zoo import real
 from model_zoo.real import vision_models
 from model_zoo.real.check import add_weight_noise
+from model_zoo.real.check import make_session as _session
 
-
-def _session(model) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    source = str(model) if not isinstance(model, onnx.ModelProto) else model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")

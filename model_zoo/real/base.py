@@ -117,7 +117,8 @@ class RealModel(ABC):
 def stack_feeds(feeds: Sequence[Feed]) -> dict[str, np.ndarray]:
     """Concatenate batch-1 feeds along axis 0 into one feed (e.g. to save as ``.npz``).
 
-    Every model here generates inputs of one fixed shape, so its feeds always stack.
+    The models' inputs have their batch on axis 0 and one fixed shape, so their feeds
+    stack; Silero VAD's do not (a scalar ``sr``, the state's batch on axis 1).
     """
     if not feeds:
         raise CalibrationError("no feeds to stack")
@@ -127,6 +128,8 @@ def stack_feeds(feeds: Sequence[Feed]) -> dict[str, np.ndarray]:
             raise CalibrationError(f"feeds have different input names: {sorted(names)} vs {sorted(feed)}")
     stacked = {}
     for name in sorted(names):
+        if any(np.ndim(feed[name]) == 0 for feed in feeds):
+            raise CalibrationError(f"input {name!r} is a scalar; feeds with scalar inputs cannot be stacked into one batch")
         shapes = {feed[name].shape[1:] for feed in feeds}
         if len(shapes) != 1:
             raise CalibrationError(f"input {name!r} has feeds of different shapes {sorted(shapes)}; they cannot be stacked")

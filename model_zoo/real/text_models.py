@@ -160,8 +160,12 @@ def smollm2_tokenizer():
 class _TextModel(RealModel):
     """A text model: samples come from the corpus in a seeded order, not from per-sample random streams."""
 
-    export: ExportSpec
     input_names: tuple[str, ...]
+    primary_metric: str
+
+    def __init__(self, name: str, description: str, source: WheelFile, export: ExportSpec) -> None:
+        super().__init__(name, description, source, "input_ids", self.primary_metric)
+        self.export = export
 
     def path(self) -> Path:
         """The exported ONNX file (built from the checkpoint on first use, then cached and checksummed)."""
@@ -190,10 +194,7 @@ class SentenceEncoderModel(_TextModel):
     """
 
     input_names = ("input_ids", "attention_mask")
-
-    def __init__(self, name: str, description: str, source: WheelFile, export: ExportSpec) -> None:
-        super().__init__(name, description, source, "input_ids", "neighbour_agreement")
-        self.export = export
+    primary_metric = "neighbour_agreement"
 
     def _samples(self, split: str, n: int, rng: np.random.Generator) -> list[Sample]:
         pairs = text_corpus.load_corpus().pairs[split]
@@ -245,10 +246,7 @@ class CausalLMModel(_TextModel):
     """Next-token prediction on 64-token windows of prose: metric = top-1 agreement, perplexity of both models."""
 
     input_names = ("input_ids",)
-
-    def __init__(self, name: str, description: str, source: WheelFile, export: ExportSpec) -> None:
-        super().__init__(name, description, source, "input_ids", "top1_agreement")
-        self.export = export
+    primary_metric = "top1_agreement"
 
     def _samples(self, split: str, n: int, rng: np.random.Generator) -> list[Sample]:
         paragraphs = text_corpus.load_corpus().paragraphs[split]

