@@ -121,3 +121,16 @@ def test_minilm_export_is_reproducible(tmp_path, monkeypatch):
     assert digests[0] == digests[1]
     if torch.__version__.split("+")[0] == exporters.PINNED_TORCH:
         assert digests[0] == MINILM_EXPORT.expected_sha256
+
+
+@pytest.mark.parametrize("spec_name", ["smollm2-135m", "whisper-tiny-encoder", "whisper-tiny-decoder"])
+def test_other_exports_give_the_recorded_bytes(spec_name):
+    """With the pinned torch every export reproduces the SHA-256 recorded in its spec (they use the shared cache)."""
+    from model_zoo.real.speech_models import WHISPER_DECODER_EXPORT, WHISPER_ENCODER_EXPORT
+    from model_zoo.real.text_models import SMOLLM2_EXPORT
+
+    spec = {s.name: s for s in (SMOLLM2_EXPORT, WHISPER_ENCODER_EXPORT, WHISPER_DECODER_EXPORT)}[spec_name]
+    path = exporters.exported_path(spec)
+    if torch.__version__.split("+")[0] != exporters.PINNED_TORCH:
+        pytest.skip(f"torch {torch.__version__} is not the pinned {exporters.PINNED_TORCH}")
+    assert exporters.manifest_of(path)["sha256"] == spec.expected_sha256

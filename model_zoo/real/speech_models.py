@@ -92,9 +92,11 @@ def build_whisper_decoder_export(paths: Sequence[Path]) -> ExportJob:
 
 WHISPER_ENCODER_EXPORT = ExportSpec(
     "whisper-tiny-encoder", (WHISPER_WEIGHTS,), build_whisper_encoder_export, tolerance=1e-4,
+    expected_sha256="6ae431ff7b060f0f25c18e015ea937c7fa466229026d150f6f42fb38d17db59f",
 )
 WHISPER_DECODER_EXPORT = ExportSpec(
     "whisper-tiny-decoder", (WHISPER_WEIGHTS,), build_whisper_decoder_export, tolerance=1e-4,
+    expected_sha256="e2d26d0c865b01653afb2a95944cf51cd8df184ccd97d5f4cdbc7da8766bee70",
 )
 
 

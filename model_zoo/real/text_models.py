@@ -98,7 +98,7 @@ MINILM_EXPORT = ExportSpec(
 )
 SMOLLM2_EXPORT = ExportSpec(
     "smollm2-135m", (SMOLLM2_GGUF,), build_smollm2_export, tolerance=1e-4,
-    expected_sha256="",
+    expected_sha256="8ef8eaa49775965547b5f1627848a222c42a6ffc4ddcc7c3090d797d4ecc1618",
 )
 
 
