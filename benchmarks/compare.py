@@ -54,18 +54,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import compare_methods as methods  # noqa: E402
 from benchmarks.compare_cases import LENET_MODELS, REAL_MODELS, BenchCase, load_case  # noqa: E402
+from benchmarks.compare_report import (  # noqa: E402,F401 - check_targets and the targets are part of this script's API
+    LATENCY_TARGET, PRESERVED_METRIC, PRESERVED_RATIO_TARGET, RATIO_VS_QDYN_TARGET, check_targets, write_outputs,
+)
 from benchmarks.dc_settings import ModelSettings, settings_for  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # --quick runs write here unless --out is given, so a smoke run never replaces the measured results.
 QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
-
-# Targets of issue 6, checked on the real models.
-RATIO_VS_QDYN_TARGET = 2.0
-PRESERVED_RATIO_TARGET = 8.0
-LATENCY_TARGET = 1.1
-# "Task preserved": at most 2 % of the task answers (boxes, strings, orientations) differ from the original's.
-PRESERVED_METRIC = 0.98
 
 FULL_LATENCY_SECONDS = 40.0
 QUICK_LATENCY_SECONDS = 4.0
@@ -89,6 +85,10 @@ def make_session(model_bytes: bytes, *, library: bool, threads: int = 1, optimiz
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     }[optimization]
     options.log_severity_level = 3
+    if threads > 1:
+        # Idle sessions must not spin: the timing rounds interleave sessions, and a spinning
+        # worker of the previous one would take the CPU the timed one needs (2-core machine).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if library:
         import onnx_dc
 
@@ -147,17 +147,28 @@ def measure_latency(sessions: dict[str, object], feed: dict, *, budget_seconds: 
 
 
 def output_fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> tuple[float, float]:
-    """Cosine similarity and max absolute difference over all outputs of all evaluation inputs."""
-    a = np.concatenate(reference)
-    b = np.concatenate(candidate)
-    if a.shape != b.shape:
+    """Cosine similarity and max absolute difference over all outputs of all evaluation inputs.
+
+    Sums in float64 one evaluation input at a time (outputs are stored as float32; a
+    language model's are hundreds of MB).
+    """
+    if len(reference) != len(candidate) or any(a.shape != b.shape for a, b in zip(reference, candidate)):
         return float("nan"), float("nan")
-    denominator = float(np.linalg.norm(a) * np.linalg.norm(b))
-    cosine = float(np.dot(a, b) / denominator) if denominator > 0 else (1.0 if np.array_equal(a, b) else 0.0)
-    if np.array_equal(a, b):
+    dot = norm_a = norm_b = largest = 0.0
+    identical = True
+    for a32, b32 in zip(reference, candidate):
+        a, b = np.asarray(a32, dtype=np.float64), np.asarray(b32, dtype=np.float64)
+        dot += float(np.dot(a, b))
+        norm_a += float(np.dot(a, a))
+        norm_b += float(np.dot(b, b))
+        if a.size:
+            largest = max(largest, float(np.max(np.abs(a - b))))
+        identical = identical and np.array_equal(a, b)
+    denominator = float(np.sqrt(norm_a) * np.sqrt(norm_b))
+    cosine = dot / denominator if denominator > 0 else (1.0 if identical else 0.0)
+    if identical:
         cosine = 1.0  # rounding can put identical outputs at 1 +- 2e-16
-    cosine = min(1.0, max(-1.0, cosine))
-    return cosine, float(np.max(np.abs(a - b))) if a.size else 0.0
+    return min(1.0, max(-1.0, cosine)), largest
 
 
 # --------------------------------------------------------------------------- candidates
@@ -168,24 +179,43 @@ def build_candidates(
 ) -> list[methods.Candidate]:
     """Every method's candidate for one model, in table order (``quick``: without the automatic mode)."""
     import onnx_dc
+    from onnx_dc.api.recipe import Recipe
 
     original = case.original_bytes
     model = onnx.load_from_string(original)
+    log(f"  zstd -{methods.ZSTD_LEVEL} ...")
     candidates = [methods.original_candidate(original), methods.zstd_candidate(original)]
     log("  quantize_dynamic ...")
     candidates.append(methods.quantize_dynamic_candidate(model, workdir, pre_step=False))
     if methods.has_constant_weights(model):
         candidates.append(methods.quantize_dynamic_candidate(model, workdir, pre_step=True))
-    log("  MatMulNBits ...")
-    candidates.append(methods.matmul_nbits_candidate(model))
+    for bits in (4, 8):
+        log(f"  MatMulNBits {bits}-bit ...")
+        candidates.append(methods.matmul_nbits_candidate(model, bits=bits))
 
+    # The model's exclusions (e.g. a fixed positional table) are part of every onnx-dc row's recipe.
+    exclude = list(settings.exclude) or None
+    excluded = f"; --exclude {' '.join(repr(glob) for glob in settings.exclude)} ({settings.exclude_why})" if exclude else ""
     log("  onnx-dc defaults ...")
     candidates.append(
         methods.onnx_dc_candidate(
-            "onnx-dc defaults", model, lambda m: onnx_dc.compress(m), notes=["data-free, built-in defaults"]
+            "onnx-dc defaults", model, lambda m: onnx_dc.compress(m, recipe=Recipe.build(exclude=exclude)),
+            notes=["data-free, built-in defaults" + excluded],
+        )
+    )
+    log("  onnx-dc --sparsity 0 --bits 8 ...")
+    candidates.append(
+        methods.onnx_dc_candidate(
+            "onnx-dc --sparsity 0 --bits 8", model,
+            lambda m: onnx_dc.compress(m, recipe=Recipe.build(sparsity=0, bits=8, exclude=exclude)),
+            notes=["data-free, no pruning, 8-bit weight sharing" + excluded],
         )
     )
     calibrated = settings.calibrated
+    if settings.skip_calibrated:
+        candidates.append(methods.Candidate("onnx-dc calibrated", "onnx-dc", failure=settings.skip_calibrated))
+        candidates.append(methods.Candidate("onnx-dc automatic", "onnx-dc", failure=settings.skip_calibrated))
+        return candidates
     log("  onnx-dc calibrated ...")
     candidates.append(
         methods.onnx_dc_candidate(
@@ -221,8 +251,15 @@ def build_candidates(
 # --------------------------------------------------------------------------- one model
 
 
-def run_case(case: BenchCase, settings: ModelSettings, *, latency_seconds: float, min_rounds: int, quick: bool, log) -> dict:
-    """Build every candidate of one model, measure it, and return the model's result dict."""
+def run_case(
+    case: BenchCase, settings: ModelSettings, *, latency_seconds: float, min_rounds: int, quick: bool, log,
+    extra_threads: tuple[int, ...] = (),
+) -> dict:
+    """Build every candidate of one model, measure it, and return the model's result dict.
+
+    ``extra_threads``: further intra-op thread counts at which every row (through the
+    operator library, not the decompressed models) is timed again, in a round of its own.
+    """
     with tempfile.TemporaryDirectory(prefix="onnx-dc-compare-") as tmp:
         candidates = build_candidates(case, settings, Path(tmp), log, quick=quick)
 
@@ -289,6 +326,16 @@ def run_case(case: BenchCase, settings: ModelSettings, *, latency_seconds: float
         if plain_timing is not None:
             row["latency_decompressed_ms"] = plain_timing.median_ms
             row["latency_decompressed_rel"] = plain_timing.median_ms / base
+    for threads in extra_threads:
+        timed = [c for c in candidates if c.method in timings]
+        log(f"  latency with {threads} threads ({len(timed)} sessions) ...")
+        threaded = {c.method: make_session(c.model_bytes, library=c.needs_library, threads=threads) for c in timed}
+        timings = measure_latency(threaded, case.latency_feed, budget_seconds=latency_seconds, min_rounds=min_rounds)
+        del threaded
+        for row in rows:
+            if row["method"] in timings:
+                row[f"latency_{threads}_threads_ms"] = timings[row["method"]].median_ms
+                row[f"latency_{threads}_threads_rel"] = timings[row["method"]].median_ms / timings["original"].median_ms
 
     result = {
         "model": case.name,
@@ -299,6 +346,8 @@ def run_case(case: BenchCase, settings: ModelSettings, *, latency_seconds: float
         "calib_samples": case.sizes.calib,
         "eval_samples": case.sizes.eval,
         "settings": settings.to_dict(),
+        "detail_keys": case.detail_keys,
+        "extra_threads": list(extra_threads),
         "rows": rows,
     }
     if case.name in REAL_MODELS:
@@ -408,235 +457,6 @@ def _decompress_nodes_only(model: onnx.ModelProto) -> tuple[onnx.ModelProto | No
     return only, dense_bytes
 
 
-# --------------------------------------------------------------------------- targets
-
-
-def check_targets(rows: list[dict]) -> dict:
-    """Issue 6's targets for one real model, from its measured rows."""
-    measured = [r for r in rows if r.get("metric") is not None and r.get("ratio")]
-    qdyn = [r for r in measured if r["method"].startswith("quantize_dynamic")]
-    dc = [r for r in measured if r["family"] == "onnx-dc"]
-    result: dict = {"preserved_threshold": PRESERVED_METRIC}
-    if not qdyn:
-        result["vs_quantize_dynamic"] = {"met": False, "reason": "quantize_dynamic produced no runnable model"}
-    else:
-        peer = max(qdyn, key=lambda r: r["ratio"])  # the most favourable quantize_dynamic row
-        eligible = [r for r in dc if r["metric"] >= peer["metric"]]
-        best = max(eligible, key=lambda r: r["ratio"]) if eligible else None
-        result["vs_quantize_dynamic"] = {
-            "peer": peer["method"],
-            "peer_ratio": peer["ratio"],
-            "peer_metric": peer["metric"],
-            "best_onnx_dc": best["method"] if best else None,
-            "best_ratio": best["ratio"] if best else None,
-            "best_metric": best["metric"] if best else None,
-            "ratio_multiple": best["ratio"] / peer["ratio"] if best else None,
-            "met": bool(best and best["ratio"] >= RATIO_VS_QDYN_TARGET * peer["ratio"]),
-        }
-    preserved = [r for r in dc if r["metric"] >= PRESERVED_METRIC]
-    best_preserved = max(preserved, key=lambda r: r["ratio"]) if preserved else None
-    result["preserved"] = {
-        "best_onnx_dc": best_preserved["method"] if best_preserved else None,
-        "ratio": best_preserved["ratio"] if best_preserved else None,
-        "metric": best_preserved["metric"] if best_preserved else None,
-        "met": bool(best_preserved and best_preserved["ratio"] >= PRESERVED_RATIO_TARGET),
-    }
-    result["latency"] = {
-        r["method"]: {
-            "library_rel": r.get("latency_rel"),
-            "decompressed_rel": r.get("latency_decompressed_rel"),
-            "met": bool(r.get("latency_rel") is not None and r["latency_rel"] <= LATENCY_TARGET),
-        }
-        for r in dc
-    }
-    return result
-
-
-# --------------------------------------------------------------------------- output
-
-
-def format_markdown(results: list[dict], machine: dict) -> str:
-    """The whole table as markdown (one section per model, then the target checks)."""
-    lines = [
-        "# onnx-dc side by side (benchmarks/compare.py)",
-        "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores; onnxruntime {machine['onnxruntime']}, "
-        f"onnx {machine['onnx']}, Python {machine['python']}; {'quick run' if machine['quick'] else 'full run'}, "
-        f"{machine['seconds']:.0f} s{_runs_text(machine)}. Latency: batch 1, 1 intra-op thread, median of interleaved timed blocks.",
-        "",
-    ]
-    for result in results:
-        lines += [f"## {result['model']}", "", result["description"] + ".", ""]
-        lines += _model_table(result)
-        lines.append("")
-        notes = [(r["method"], n) for r in result["rows"] for n in r["notes"]]
-        for method, note in notes:
-            lines.append(f"- {method}: {note}")
-        if notes:
-            lines.append("")
-        breakdown = result.get("latency_breakdown")
-        if breakdown:
-            parts = ", ".join(f"{k} {v:.2f} ms" for k, v in breakdown["median_ms"].items())
-            lines += [
-                f"Latency breakdown (onnx-dc calibrated): {parts}; the DCDecompress nodes produce "
-                f"{breakdown['dense_bytes_produced_per_run']:,} bytes of dense weights per run "
-                f"({breakdown['decompress_nodes']} DCDecompress, {breakdown['dcmatmul_nodes']} DCMatMul, "
-                f"{breakdown['conv_nodes']} Conv/ConvTranspose nodes).",
-                "",
-            ]
-    lines += ["## validate and the task metric through both paths", "", *format_paths(results), ""]
-    targets = [r for r in results if "targets" in r]
-    if targets:
-        lines += ["## Targets (real models)", "", *format_targets(targets), ""]
-    return "\n".join(lines)
-
-
-def format_paths(results: list[dict]) -> list[str]:
-    """One line per onnx-dc row: ``validate`` (operator library) and the task metric via the library and decompressed."""
-    lines = [
-        "Each onnx-dc model is run through the operator library and, after `onnx_dc.decompress`, as a standard "
-        "ONNX model without it; `validate` = `onnx_dc.api.validate(original, compressed, min_cosine=None, min_top1_agreement=None, "
-        "use_library=True)` on the first evaluation input, without thresholds (passes when the model runs and its outputs are finite and shaped like the original's).",
-        "",
-        "| model | onnx-dc row | validate (library) | task metric, library | task metric, decompressed | max abs diff library vs decompressed |",
-        "|---|---|---|---:|---:|---:|",
-    ]
-    for result in results:
-        for row in result["rows"]:
-            if row["family"] != "onnx-dc" or row.get("metric") is None:
-                continue
-            validate = row.get("validate") or {}
-            verdict = "passed" if validate.get("passed") else f"FAILED {validate.get('error', '')}".strip()
-            lines.append(
-                f"| {result['model']} | {row['method']} | {verdict} | {row['metric']:.4f} | "
-                f"{row.get('metric_decompressed', float('nan')):.4f} | {row.get('library_vs_decompressed_max_abs_diff', float('nan')):.3g} |"
-            )
-    return lines
-
-
-def _runs_text(machine: dict) -> str:
-    runs = machine.get("runs", 1)
-    return f" in {runs} invocations (models split, merged with --merge)" if runs > 1 else ""
-
-
-def _model_table(result: dict) -> list[str]:
-    header = (
-        "| method | stored bytes | ratio | "
-        + result["metric_name"]
-        + " | cosine | max abs diff | latency ms | vs original | decompressed: metric, latency vs original | build s |"
-    )
-    lines = [header, "|" + "---|" * 10]
-    for row in result["rows"]:
-        if row["status"] != "ok" and row.get("metric") is None:
-            lines.append(f"| {row['method']} | {row['status']} |  |  |  |  |  |  |  |  |")
-            continue
-        plain = ""
-        if "metric_decompressed" in row:
-            plain = f"{row['metric_decompressed']:.4f}, {row.get('latency_decompressed_rel', float('nan')):.2f}x"
-        validate = row.get("validate")
-        if validate is not None and not validate.get("passed"):
-            plain += " (validate FAILED)"
-        lines.append(
-            "| {method} | {size:,} | {ratio:.2f}x | {metric:.4f} | {cos:.6f} | {mad:.3g} | {lat:.2f} | {rel:.2f}x | {plain} | {build:.1f} |".format(
-                method=row["method"],
-                size=row["stored_bytes"],
-                ratio=row["ratio"],
-                metric=row["metric"],
-                cos=row["cosine"],
-                mad=row["max_abs_diff"],
-                lat=row.get("latency_ms", float("nan")),
-                rel=row.get("latency_rel", float("nan")),
-                plain=plain,
-                build=row["build_seconds"],
-            )
-        )
-    return lines
-
-
-def format_targets(results: list[dict]) -> list[str]:
-    """One line per real model and target."""
-    lines = [
-        f"Task preserved = metric >= {PRESERVED_METRIC}. Targets: onnx-dc >= {RATIO_VS_QDYN_TARGET:g}x the ratio of "
-        f"quantize_dynamic at equal or better task metric; >= {PRESERVED_RATIO_TARGET:g}x where the task is "
-        f"preserved; batch-1 latency through the operator library <= {LATENCY_TARGET:g}x the original.",
-        "",
-        "| model | vs quantize_dynamic | preserved at >= 8x | latency (library / decompressed) of that row |",
-        "|---|---|---|---|",
-    ]
-    for result in results:
-        t = result["targets"]
-        vs = t["vs_quantize_dynamic"]
-        if vs.get("best_onnx_dc"):
-            vs_text = (
-                f"{'MET' if vs['met'] else 'NOT MET'}: {vs['best_onnx_dc']} {vs['best_ratio']:.2f}x at {vs['best_metric']:.4f} "
-                f"vs {vs['peer']} {vs['peer_ratio']:.2f}x at {vs['peer_metric']:.4f} ({vs['ratio_multiple']:.2f}x)"
-            )
-        elif "peer" in vs:
-            vs_text = f"NOT MET: no onnx-dc row reaches {vs['peer']}'s metric {vs['peer_metric']:.4f}"
-        else:
-            vs_text = f"NOT MET: {vs['reason']}"
-        kept = t["preserved"]
-        kept_text = (
-            f"{'MET' if kept['met'] else 'NOT MET'}: {kept['best_onnx_dc']} {kept['ratio']:.2f}x at {kept['metric']:.4f}"
-            if kept["best_onnx_dc"]
-            else "NOT MET: no onnx-dc row preserves the task"
-        )
-        chosen = vs.get("best_onnx_dc") or kept["best_onnx_dc"]
-        latency = t["latency"].get(chosen) if chosen else None
-        latency_text = (
-            f"{'MET' if latency['met'] else 'NOT MET'}: {latency['library_rel']:.2f}x / {latency['decompressed_rel']:.2f}x"
-            if latency and latency["library_rel"] is not None
-            else "n/a"
-        )
-        lines.append(f"| {result['model']} | {vs_text} | {kept_text} | {latency_text} |")
-    return lines
-
-
-def plot(result: dict, path: Path) -> None:
-    """Ratio (log x) against the task metric (y), one labelled point per measured method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = {"original": "black", "peer": "tab:blue", "onnx-dc": "tab:red"}
-    figure, axes = plt.subplots(figsize=(7.5, 4.8), dpi=110)
-    measured = [r for r in result["rows"] if r.get("metric") is not None and r.get("ratio")]
-    for index, row in enumerate(measured):
-        marker = "o" if row["family"] != "onnx-dc" else "D"
-        axes.scatter(row["ratio"], row["metric"], color=colours[row["family"]], marker=marker, s=40, zorder=3)
-        axes.annotate(
-            row["method"], (row["ratio"], row["metric"]), textcoords="offset points",
-            xytext=(6, 4 + 9 * (index % 3) - 9), fontsize=7,
-        )
-    original = next((r for r in measured if r["family"] == "original"), None)
-    if original is not None:
-        axes.axhline(original["metric"], color="grey", linestyle="--", linewidth=0.8, zorder=1)
-    axes.set_xscale("log")
-    ratios = [r["ratio"] for r in measured] or [1.0]
-    axes.set_xlim(0.7, max(ratios) * 2.0)
-    axes.set_xlabel("compression ratio (original file / stored bytes, log scale)")
-    axes.set_ylabel(result["metric_name"])
-    axes.set_title(f"{result['model']}: size vs task metric", fontsize=10)
-    axes.grid(True, which="both", linewidth=0.3)
-    figure.tight_layout()
-    _atomic_write(path, lambda f: figure.savefig(f, format="png"), binary=True)
-    plt.close(figure)
-
-
-def _atomic_write(path: Path, write, *, binary: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as handle:
-            write(handle)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _machine(quick: bool, seconds: float) -> dict:
     import onnxruntime
 
@@ -665,12 +485,6 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -692,6 +506,14 @@ def main(argv: list[str] | None = None) -> int:
         "--skip-automatic", default="", metavar="MODELS",
         help="comma-separated models whose automatic row is not run (the table says so), to bound a run's time",
     )
+    parser.add_argument(
+        "--skip-calibrated", default="", metavar="MODELS",
+        help="comma-separated models whose calibrated and automatic rows are not run (the table says so)",
+    )
+    parser.add_argument(
+        "--latency-threads", default="", metavar="N,...",
+        help="further intra-op thread counts to time every row at (e.g. 2), besides the 1-thread column",
+    )
     parser.add_argument("--render-only", action="store_true", help="rewrite compare.md and the PNGs from --out's compare.json")
     parser.add_argument(
         "--merge", nargs="+", type=Path, metavar="DIR",
@@ -704,9 +526,17 @@ def main(argv: list[str] | None = None) -> int:
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     skip_automatic = {n.strip() for n in args.skip_automatic.split(",") if n.strip()}
-    unknown = [n for n in names + sorted(skip_automatic) if n not in all_models]
+    skip_calibrated = {n.strip() for n in args.skip_calibrated.split(",") if n.strip()}
+    unknown = [n for n in names + sorted(skip_automatic | skip_calibrated) if n not in all_models]
     if unknown or not names:
         print(f"compare.py: error: unknown model(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(all_models)}", file=sys.stderr)
+        return 2
+    try:
+        extra_threads = tuple(int(t) for t in args.latency_threads.split(",") if t.strip())
+    except ValueError:
+        extra_threads = (0,)
+    if any(t < 1 for t in extra_threads):
+        print(f"compare.py: error: --latency-threads takes positive integers, got {args.latency_threads!r}", file=sys.stderr)
         return 2
     latency_seconds = args.latency_seconds or (QUICK_LATENCY_SECONDS if args.quick else FULL_LATENCY_SECONDS)
 
@@ -743,9 +573,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_for(name)
         if name in skip_automatic and settings.automatic is not None:
             settings = replace(settings, automatic=None, automatic_skipped="not run in this run of the benchmark (--skip-automatic)")
+        if name in skip_calibrated:
+            settings = replace(settings, skip_calibrated="not run in this run of the benchmark (--skip-calibrated)")
         result = run_case(
             case, settings, latency_seconds=latency_seconds, min_rounds=3 if args.quick else 7,
-            quick=args.quick, log=log,
+            quick=args.quick, log=log, extra_threads=extra_threads,
         )
         result["seconds"] = round(time.perf_counter() - model_started, 1)
         results.append(result)
@@ -754,19 +586,6 @@ def main(argv: list[str] | None = None) -> int:
         markdown = write_outputs(results, _machine(args.quick, time.perf_counter() - started), args.out)
     print(markdown)
     return 0
-
-
-def write_outputs(results: list[dict], machine: dict, out: Path) -> str:
-    """Write compare.md, compare.json and one PNG per model to ``out``; returns the markdown."""
-    markdown = format_markdown(results, machine)
-    _atomic_write(out / "compare.md", lambda f: f.write(markdown + "\n"))
-    _atomic_write(
-        out / "compare.json",
-        lambda f: json.dump({"machine": machine, "models": results}, f, indent=1, default=_json_default),
-    )
-    for result in results:
-        plot(result, out / f"{result['model']}.png")
-    return markdown
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ metric on the held-out rest (for the LeNets: on held-out TRAINING images). The
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 __all__ = ["AutoSettings", "DcSettings", "ModelSettings", "SETTINGS", "settings_for"]
@@ -171,11 +171,20 @@ class ModelSettings:
         calibrated: settings of the "onnx-dc calibrated" row.
         automatic: settings of the "onnx-dc automatic" row; None when the row is not run.
         automatic_skipped: why there is no automatic row (shown in the table).
+        exclude: globs of tensors every onnx-dc row of this model leaves dense (the
+            benchmark's recipe, e.g. a fixed positional table that is not a trained
+            weight); the calibrated and automatic settings repeat them.
+        exclude_why: one sentence on the exclusions.
+        skip_calibrated: when set, why the calibrated and automatic rows are not run
+            (``--skip-calibrated``); both rows then show it.
     """
 
     calibrated: DcSettings
     automatic: AutoSettings | None = None
     automatic_skipped: str = ""
+    exclude: tuple[str, ...] = ()
+    exclude_why: str = ""
+    skip_calibrated: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -183,6 +192,9 @@ class ModelSettings:
             "calibrated": self.calibrated.to_dict(),
             "automatic": self.automatic.to_dict() if self.automatic else None,
             "automatic_skipped": self.automatic_skipped or None,
+            "exclude": list(self.exclude),
+            "exclude_why": self.exclude_why or None,
+            "skip_calibrated": self.skip_calibrated or None,
         }
 
 
@@ -272,6 +284,46 @@ SETTINGS: dict[str, ModelSettings] = {
         ),
     ),
 }
+
+
+# The transformers (issue 16). Calibrated fits of every MatMul of a transformer take minutes per
+# setting for MiniLM and hours for SmolLM2 on the shared 2-core machine today (the calibration is
+# being sped up elsewhere), so only MiniLM's were checked; the others' rows are left out of the
+# measured runs with --skip-calibrated, and their settings say what they are and that they are unchecked.
+_UNCHECKED = (
+    "not checked on calibration material yet: one calibrated fit of this model takes too long on the shared "
+    "2-core machine today; the measured run leaves the row out (--skip-calibrated)"
+)
+_TRANSFORMER_AUTOMATIC = AutoSettings(
+    min_cosine=0.999, sequential=False, refit_rounds=2,
+    why="label-free budget on a held-out 20 % of the calibration inputs; not run yet on the transformers "
+    "(the search fits every layer at every grid point: hours on this machine; --skip-automatic)",
+)
+SETTINGS.update({
+    "minilm-l6": ModelSettings(
+        DcSettings(sparsity="none", bits=8, sequential=False, refit_rounds=2, why="MINILM_WHY"),
+        _TRANSFORMER_AUTOMATIC,
+    ),
+    "smollm2-135m": ModelSettings(
+        DcSettings(sparsity="none", bits=6, sequential=False, refit_rounds=2, why=_UNCHECKED),
+        _TRANSFORMER_AUTOMATIC,
+    ),
+    "whisper-tiny-encoder": ModelSettings(
+        DcSettings(sparsity="none", bits=6, exclude=("positional_table",), sequential=False, refit_rounds=2,
+                   why=_UNCHECKED),
+        replace(_TRANSFORMER_AUTOMATIC, exclude=("positional_table",)),
+        exclude=("positional_table",),
+        exclude_why="Whisper's fixed sinusoidal position table is stored as a weight but is not one; it stays exact",
+    ),
+    "vit-s-focus": ModelSettings(
+        DcSettings(sparsity="none", bits=6, sequential=False, refit_rounds=2, why=_UNCHECKED),
+        _TRANSFORMER_AUTOMATIC,
+    ),
+    "silero-vad": ModelSettings(
+        DcSettings(sparsity="none", bits=6, sequential=False, refit_rounds=2, why=_UNCHECKED),
+        _TRANSFORMER_AUTOMATIC,
+    ),
+})
 
 
 def settings_for(name: str) -> ModelSettings:

@@ -123,6 +123,33 @@ def test_matmul_nbits_reports_not_applicable_without_matmul_weights():
     assert candidate.failure.startswith("n/a")
 
 
+def _matmul_model() -> onnx.ModelProto:
+    w = np.random.default_rng(3).normal(size=(64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("bits, tolerance", [(4, 0.2), (8, 0.02)])
+def test_matmul_nbits_runs_at_4_and_8_bits(bits, tolerance):
+    model = _matmul_model()
+    candidate = compare_methods.matmul_nbits_candidate(model, bits=bits)
+    assert candidate.ok and candidate.method == f"MatMulNBits {bits}-bit"
+    quantized = onnx.load_from_string(candidate.model_bytes)
+    assert [n.op_type for n in quantized.graph.node] == ["MatMulNBits"]
+    assert helper.get_attribute_value(next(a for a in quantized.graph.node[0].attribute if a.name == "bits")) == bits
+    x = {"x": np.random.default_rng(4).normal(size=(5, 64)).astype(np.float32)}
+    expected = _session(model).run(None, x)[0]
+    got = _session(candidate.model_bytes).run(None, x)[0]
+    assert np.abs(got - expected).max() < tolerance * np.abs(expected).max()
+
+
 def test_zstd_candidate_round_trips():
     data = _constant_model().SerializeToString() * 4
     candidate = compare_methods.zstd_candidate(data)
@@ -220,6 +247,49 @@ def test_settings_registry_covers_every_benchmark_model():
     assert "*dfl*" in settings_for("nudenet-320n").calibrated.exclude
 
 
+def test_case_caches_only_its_own_feeds():
+    """A metric may run feeds of its own (a recurrent model's carried state): they are never cached by id."""
+    from benchmarks.compare_cases import BenchCase, SplitSizes
+
+    feeds = [{"x": np.array([[float(i)]], np.float32)} for i in range(3)]
+    calls = []
+
+    def reference(feed):
+        calls.append(float(feed["x"][0, 0]))
+        return [feed["x"] * 2]
+
+    def metric(ref, cand):
+        # Temporary dicts: Python reuses their ids, so an id-keyed cache would mix them up.
+        temporary = [float(ref({"x": feed["x"] + 10})[0][0, 0]) for feed in feeds for _ in range(2)]
+        own = [float(ref(feed)[0][0, 0]) for feed in feeds]
+        same = [float(cand(feed)[0][0, 0]) for feed in feeds]
+        return {"metric": float(own == same), "temporary": float(temporary == [20, 20, 22, 22, 24, 24])}
+
+    case = BenchCase("t", "t", "m", True, b"", [], feeds, feeds[0], SplitSizes(0, 3), _metric=metric)
+    evaluation = case.evaluate(reference, reference)
+    assert evaluation.details == {"metric": 1.0, "temporary": 1.0}
+    assert [o.tolist() for o in evaluation.outputs] == [[0.0], [2.0], [4.0]]
+    case.evaluate(reference, reference)
+    assert calls.count(0.0) == 3  # as the reference once (then cached), as the candidate in both evaluations
+
+
+def test_table_shows_task_details_and_extra_thread_columns():
+    from benchmarks.compare_report import _model_table
+
+    row = {"method": "original", "family": "original", "status": "ok", "stored_bytes": 1000, "ratio": 1.0,
+           "metric": 1.0, "metric_details": {"embedding_cosine": 1.0, "recall_at_1": 0.875}, "cosine": 1.0,
+           "max_abs_diff": 0.0, "latency_ms": 2.5, "latency_rel": 1.0, "latency_2_threads_rel": 1.0,
+           "build_seconds": 0.0, "notes": []}
+    failed = {"method": "onnx-dc calibrated", "family": "onnx-dc", "status": "not run (--skip-calibrated)", "notes": []}
+    result = {"metric_name": "neighbour_agreement vs original", "rows": [row, failed],
+              "detail_keys": {"embedding_cosine": "cosine", "recall_at_1": "recall@1"}, "extra_threads": [2]}
+    header, rule, line, skipped = _model_table(result)
+    assert "task details" in header and "vs original, 2 threads" in header
+    assert rule.count("---") == header.count("|") - 1
+    assert "cosine 1, recall@1 0.875" in line and line.count("|") == header.count("|")
+    assert skipped.count("|") == header.count("|") and "--skip-calibrated" in skipped
+
+
 def test_unknown_model_is_a_one_line_error(capsys):
     assert compare.main(["--models", "no-such-model", "--quick"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -227,6 +297,12 @@ def test_unknown_model_is_a_one_line_error(capsys):
     assert compare.main(["--models", "lenet5", "--skip-automatic", "no-such-model", "--quick"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no-such-model" in err[0]
+    assert compare.main(["--models", "lenet5", "--skip-calibrated", "no-such-model", "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-model" in err[0]
+    assert compare.main(["--models", "lenet5", "--latency-threads", "two", "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--latency-threads" in err[0]
 
 
 # --------------------------------------------------------------------------- end to end
@@ -331,3 +407,28 @@ def test_quick_mode_never_writes_the_measured_results(quick_run, tmp_path, monke
     assert compare.main(["--render-only", "--quick"]) == 0
     assert (quick_dir / "compare.md").is_file()
     assert (measured.read_bytes() if measured.exists() else None) == before
+
+
+def test_quick_run_of_a_transformer_case(tmp_path):
+    """Silero VAD (2.3 MB; weights in If branches, a scalar input, a recurrent state): the transformers' path."""
+    out = tmp_path / "silero"
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--models", "silero-vad", "--skip-calibrated", "silero-vad",
+         "--latency-threads", "2", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=1200,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (model,) = json.loads((out / "compare.json").read_text())["models"]
+    rows = {row["method"]: row for row in model["rows"]}
+    assert set(rows) >= {"original", "zstd -19", "MatMulNBits 4-bit", "MatMulNBits 8-bit", "onnx-dc defaults",
+                         "onnx-dc --sparsity 0 --bits 8", "onnx-dc calibrated", "onnx-dc automatic"}
+    assert rows["original"]["metric"] == 1.0 and rows["original"]["latency_2_threads_rel"] == 1.0
+    assert rows["MatMulNBits 8-bit"]["status"].startswith("n/a")  # Conv and LSTM only
+    assert rows["onnx-dc calibrated"]["status"].endswith("(--skip-calibrated)")
+    for method in ("onnx-dc defaults", "onnx-dc --sparsity 0 --bits 8"):
+        row = rows[method]
+        assert row["status"] == "ok" and row["ratio"] > 1.0 and row["validate"]["passed"]
+        assert {"probability_mean_abs_diff", "teacher_forced_agreement"} <= set(row["metric_details"])
+        assert row["latency_2_threads_ms"] > 0
+    markdown = (out / "compare.md").read_text()
+    assert "| task details |" in markdown and "vs original, 2 threads" in markdown

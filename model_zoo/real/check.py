@@ -13,6 +13,7 @@ model it fetches the file, generates evaluation inputs, and prints:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -78,12 +79,13 @@ def _graphs(graph: onnx.GraphProto):
                     yield from _graphs(subgraph)
 
 
-def _session(model: onnx.ModelProto | str, threads: int):
+def make_session(model: onnx.ModelProto | str | os.PathLike, threads: int = 1):
+    """A CPU onnxruntime session of a model (proto or path) with ``threads`` intra-op threads."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    source = model if isinstance(model, str) else model.SerializeToString()
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
@@ -100,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         model = get(name)
         started = time.perf_counter()
-        reference = _session(str(model.path()), args.threads)
+        reference = make_session(model.path(), args.threads)
         samples = model.make_samples("eval", args.n, args.seed)
         inputs = [sample.feed for sample in samples]
         print(f"== {name} ({model.source.requirement}, {model.source.member}); primary metric: {model.primary}")
         itself = model.task_metric(reference, reference, inputs)
         print(f"  vs itself        : {_format(itself, model.primary)}")
         for level in noise_levels:
-            candidate = _session(add_weight_noise(model.load(), level, seed=args.seed), args.threads)
+            candidate = make_session(add_weight_noise(model.load(), level, seed=args.seed), args.threads)
             print(f"  vs noise {level:<8g}: {_format(model.task_metric(reference, candidate, inputs), model.primary)}")
         try:
             truth = model.truth_metric(reference, samples)

