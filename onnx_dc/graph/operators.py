@@ -17,6 +17,7 @@ __all__ = [
     "MATMUL_OP",
     "META_ADDED",
     "META_ATTRS",
+    "META_KEPT",
     "META_KIND",
     "META_NAME",
     "META_OP",
@@ -48,6 +49,7 @@ META_OP = "onnx_dc.op"  # on a DCMatMul node: MatMul or Gemm; on a DCConv node: 
 META_ATTRS = "onnx_dc.attrs"  # on a DCMatMul node: attributes the original Gemm set explicitly
 META_ADDED = "onnx_dc.added"  # on value_info entries the converter added
 META_SOURCE = "onnx_dc.source"  # on a container: initializer / constant
+META_KEPT = "onnx_dc.kept"  # on a container: the number of weights it keeps (read by the report)
 
 # Gemm's defaults, written explicitly on DCMatMul nodes.
 DEFAULT_ALPHA = 1.0

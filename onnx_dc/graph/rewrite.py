@@ -29,8 +29,7 @@ plain onnxruntime.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +39,7 @@ from onnx import helper, numpy_helper
 from onnx_dc.errors import ModelError
 from onnx_dc.graph.fusion import fuse_relu, mark_sparse_inputs
 from onnx_dc.graph.model_io import unique_name
+from onnx_dc.graph.tensor_store import structure_of
 from onnx_dc.graph.operators import (
     _DECOMPRESS_NAMES,
     CONTAINER_SUFFIX,
@@ -51,6 +51,7 @@ from onnx_dc.graph.operators import (
     MATMUL_OP,
     META_ADDED,
     META_ATTRS,
+    META_KEPT,
     META_KIND,
     META_NAME,
     META_OP,
@@ -72,14 +73,18 @@ class RewriteSummary:
     sparse_inputs: int = 0  # DCMatMul nodes marked sparse_input (their X is a ReLU output)
 
 
-def apply_compression(model: onnx.ModelProto, compressed: Sequence[tuple[Weight, bytes]]) -> RewriteSummary:
+def apply_compression(
+    model: onnx.ModelProto, compressed: Iterable[tuple[Weight, bytes]], *, kept: Mapping[str, int] | None = None
+) -> RewriteSummary:
     """Replace each weight by its container and rewire its consumers, editing ``model`` in place.
 
     ``compressed`` pairs weights found by :func:`onnx_dc.graph.weights.find_weights`
-    on this same ``model`` with their container bytes.
+    on this same ``model`` with their container bytes (a sequence, or an iterator
+    that lets each container go once it is in the model). ``kept`` (weight name ->
+    weights kept) is recorded on the containers for the per-layer report.
     """
     summary = RewriteSummary()
-    if not compressed:
+    if isinstance(compressed, Sequence) and not compressed:
         return summary
     value_types = _inferred_value_types(model)
     taken = _value_names(model)
@@ -89,6 +94,9 @@ def apply_compression(model: onnx.ModelProto, compressed: Sequence[tuple[Weight,
         cname = unique_name(weight.name + CONTAINER_SUFFIX, taken)
         summary.containers[weight.name] = cname
         ctensor = _container_tensor(weight, cname, container)
+        if kept is not None and kept.get(weight.name, -1) >= 0:
+            entry = ctensor.metadata_props.add()
+            entry.key, entry.value = META_KEPT, str(kept[weight.name])
         fused = [
             c
             for c in weight.consumers
@@ -381,12 +389,11 @@ def _constant_types(model: onnx.ModelProto) -> dict[str, tuple[list[int], int]]:
 def _inferred_value_types(model: onnx.ModelProto) -> dict[tuple[tuple[str, ...], str], onnx.TypeProto]:
     """Types of every value ONNX shape inference can infer, keyed by (graph path, name).
 
-    Inference runs on the model with its large tensors' bytes temporarily
-    detached (marked external), so it costs little memory even for big models.
+    Inference runs on a copy of the model without its large tensors' bytes
+    (:func:`onnx_dc.graph.tensor_store.structure_of`), so it costs little memory even for big models.
     """
     try:
-        with _detached_tensor_data(model):
-            inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(structure_of(model), check_type=False, strict_mode=False)
     except Exception:  # inference is a best effort: value_info then carries only the element type
         return {}
     types: dict[tuple[tuple[str, ...], str], onnx.TypeProto] = {}
@@ -395,30 +402,3 @@ def _inferred_value_types(model: onnx.ModelProto) -> dict[tuple[tuple[str, ...],
             if vi.HasField("type"):
                 types[(scope.path, vi.name)] = vi.type
     return types
-
-
-@contextlib.contextmanager
-def _detached_tensor_data(model: onnx.ModelProto, min_bytes: int = 4096) -> Iterator[None]:
-    detached: list[tuple[onnx.TensorProto, bytes]] = []
-    try:
-        for scope in iter_scopes(model):
-            tensors = list(scope.graph.initializer)
-            for node in scope.graph.node:
-                for attr in node.attribute:
-                    if attr.type == onnx.AttributeProto.TENSOR:
-                        tensors.append(attr.t)
-            for t in tensors:
-                if t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data") and len(t.raw_data) >= min_bytes:
-                    raw = t.raw_data
-                    detached.append((t, raw))
-                    t.ClearField("raw_data")
-                    t.data_location = onnx.TensorProto.EXTERNAL
-                    for key, value in (("location", "onnx_dc_detached.bin"), ("offset", "0"), ("length", str(len(raw)))):
-                        entry = t.external_data.add()
-                        entry.key, entry.value = key, value
-        yield
-    finally:
-        for t, raw in detached:
-            t.ClearField("external_data")
-            t.data_location = onnx.TensorProto.DEFAULT
-            t.raw_data = raw
