@@ -87,6 +87,7 @@ def compress_calibrated(
     output: str | os.PathLike | None = None,
     progress: bool | Callable[..., None] = False,
     external_data: bool | None = None,
+    jobs: int | None = None,
 ) -> CompressionResult:
     """Compress with calibration data as ``recipe`` says: fitted settings, or a search within its budget.
 
@@ -105,7 +106,7 @@ def compress_calibrated(
     if recipe.search is None:
         if eval_data is not None:
             raise SettingsError("--eval is used with a budget (--max-drop or --min-cosine)")
-        return _compress_fitted(proto, recipe, data, layer_settings, output, progress, external_data)
+        return _compress_fitted(proto, recipe, data, layer_settings, output, progress, external_data, jobs)
     return _compress_searched(proto, recipe, data, eval_data, layer_settings, output, progress, external_data)
 
 
@@ -124,14 +125,16 @@ def _layer_settings(proto: onnx.ModelProto, recipe: Recipe) -> dict[str, LayerSe
     return layer_settings
 
 
-def _compress_fitted(proto, recipe, data, layer_settings, output, progress, external_data) -> CompressionResult:
+def _compress_fitted(
+    proto, recipe, data, layer_settings, output, progress, external_data, jobs=None
+) -> CompressionResult:
     """Every layer fitted with its settings as given (``recipe.calibration.holdout`` samples left out)."""
     if recipe.calibration.holdout:
         data, _ = data.materialised().split(recipe.calibration.holdout, seed=recipe.seed)
     compression = compress_with_calibration(proto, data, layer_settings, recipe.calibration.options, progress=progress)
     result = compress_model(
         compression.model, recipe, output=output, progress=progress,
-        external_data=external_data, tensor_compressor=compression.tensor_compressor(),
+        external_data=external_data, tensor_compressor=compression.tensor_compressor(), jobs=jobs,
     )
     result.calibration = compression
     return result

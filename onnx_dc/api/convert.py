@@ -9,7 +9,9 @@ checks the result with ``onnx.checker``, reports it and writes it atomically.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnx_dc.api.parallel import compress_plans
 from onnx_dc.api.recipe import METADATA_KEY, Recipe
 from onnx_dc.api.report import ModelReport, model_report
-from onnx_dc.errors import InvalidTensorError, ModelError
+from onnx_dc.codec.tensor import EncodedTensor
+from onnx_dc.errors import ModelError
 from onnx_dc.graph import model_io
 from onnx_dc.graph.model_io import (
     ModelSource,
@@ -32,7 +36,16 @@ from onnx_dc.graph.model_io import (
 )
 from onnx_dc.graph.rewrite import RewriteSummary, apply_compression
 from onnx_dc.graph.settings import ResolvedSettings, TensorPlan
+from onnx_dc.graph.tensor_store import (
+    PLACEHOLDER,
+    all_tensors,
+    has_references,
+    materialize,
+    open_model,
+    structure_of,
+)
 from onnx_dc.graph.weights import Weight, find_weights
+from onnx_dc.progress import Progress, as_progress
 
 __all__ = [
     "CompressionResult",
@@ -67,41 +80,46 @@ def compress_model(
     recipe: Recipe,
     *,
     output: str | os.PathLike | None = None,
-    progress: bool | ProgressCallback = False,
+    progress: bool | ProgressCallback | Progress = False,
     external_data: bool | None = None,
     tensor_compressor: TensorCompressor | None = None,
+    jobs: int | None = None,
 ) -> CompressionResult:
     """Compress every weight the recipe selects with ``tensor_compressor`` and convert the graph around them.
 
     ``recipe``'s per-tensor settings plan every weight; the compressor (default:
-    the plain pipeline, :func:`onnx_dc.codec.tensor.compress_tensor`) turns each
-    planned weight into a container. The recipe is recorded in the model's
-    metadata. Written atomically to ``output`` when given.
+    the plain pipeline, :func:`onnx_dc.codec.tensor.encode_tensor`, run on
+    ``jobs`` worker processes, default every core; the result does not depend on
+    ``jobs``) turns each planned weight into a container. A model given as a path
+    is read one tensor at a time from its file (:func:`onnx_dc.graph.tensor_store.open_model`).
+    The recipe is recorded in the model's metadata. Written atomically to ``output`` when given.
     """
     if output is not None:
         check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [])
-    proto = load_model(model)
+    reporter = as_progress(progress)
+    with reporter.stage("loading"):
+        proto, source_dir = _open(model)
     original_file_bytes = _source_size_bytes(model)
     weights = find_weights(proto, min_elements=0)
     plans = recipe.settings().plan(weights)
     todo = [p for p in plans if p.settings is not None]
-    compressor = tensor_compressor or _compress_with_core
     compressed: dict[str, object] = {}
     pairs: list[tuple[Weight, bytes]] = []
-    with _progress(progress, len(todo)) as tick:
-        for index, plan in enumerate(todo):
-            weight = plan.weight
-            tick(index, weight.name)
-            values = weight.to_array()
-            try:
-                result = compressor(weight, values, plan.settings)
-            except InvalidTensorError as exc:
-                raise InvalidTensorError(f"tensor {weight.name!r}: {exc}") from None
-            compressed[weight.name] = result
-            pairs.append((weight, bytes(result.container)))
+    with _progress(progress, todo, reporter) as tick, contextlib.closing(
+        compress_plans(todo, source_dir, tensor_compressor, jobs, on_wait=lambda i, p: tick(i, p.weight.name))
+    ) as results:  # closing: the workers stop at once when anything goes wrong
+        for plan, result in results:
+            compressed[plan.weight.name] = result
+            pairs.append((plan.weight, bytes(result.container)))
+            tick.finished(plan.weight)
         tick(len(todo), "")
-    summary = apply_compression(proto, pairs)
+    kept = {name: int(getattr(result, "n_kept", -1)) for name, result in compressed.items()}
+    summary = apply_compression(proto, _drain(pairs) if pairs else [], kept=kept)
+    _point_at_containers(proto, summary, compressed)
     record_recipe(proto, recipe)
+    single_file = output is None or (not external_data and tensor_bytes(proto) <= model_io.PROTOBUF_LIMIT_BYTES)
+    if source_dir is not None and single_file:
+        materialize(proto, source_dir)  # the output holds everything: read the dense weights left on disk
     warnings = _check_written_model(proto, model)
     reasons = {p.weight.name: p.skip_reason for p in plans if p.skip_reason}
     report = model_report(
@@ -112,7 +130,9 @@ def compress_model(
     )
     saved = None
     if output is not None:  # the last step: nothing can fail after the output is in place
-        saved = save_model(proto, output, external_data=external_data)
+        with reporter.stage("writing", total_bytes=tensor_bytes(proto)) as stage:
+            saved = save_model(proto, output, external_data=external_data, source_dir=source_dir)
+            stage.advance(nbytes=saved.size_bytes)
         report.compressed_file_bytes = saved.size_bytes
     else:
         report.notes.append("compressed size: serialized size (the model was not written to a file)")
@@ -128,10 +148,30 @@ def record_recipe(model: onnx.ModelProto, recipe: Recipe) -> None:
     entry.key, entry.value = METADATA_KEY, recipe.to_json()
 
 
-def _compress_with_core(weight: Weight, values: np.ndarray, settings: ResolvedSettings):
-    from onnx_dc.codec.tensor import compress_tensor
+def _open(model: ModelSource) -> tuple[onnx.ModelProto, Path | None]:
+    """(the model, the directory its data references are relative to); a path is opened lazily."""
+    if isinstance(model, onnx.ModelProto):
+        return load_model(model), None
+    if not isinstance(model, (str, os.PathLike)):
+        return load_model(model), None  # load_model reports the wrong type
+    proto = open_model(model)
+    return proto, Path(model).resolve().parent
 
-    return compress_tensor(values, settings.to_tensor_settings())
+
+def _drain(pairs: list):
+    """Yield the pairs, dropping each from the list once used (one container held twice at a time)."""
+    pairs.reverse()
+    while pairs:
+        yield pairs.pop()
+
+
+def _point_at_containers(model: onnx.ModelProto, summary: RewriteSummary, compressed: dict[str, object]) -> None:
+    """Light results read their container from the model instead of holding a second copy."""
+    tensors = {t.name: t for t in model.graph.initializer}
+    for name, result in compressed.items():
+        tensor = tensors.get(summary.containers.get(name, ""))
+        if isinstance(result, EncodedTensor) and tensor is not None:
+            result.container_source = lambda tensor=tensor: tensor.raw_data
 
 
 def _source_size_bytes(model: ModelSource) -> int:
@@ -155,10 +195,8 @@ def _serialized_size(model: onnx.ModelProto) -> int:
 
 def _check_written_model(model: onnx.ModelProto, source: ModelSource) -> list[str]:
     """Run onnx.checker (full check) on a converted model; a failure the input did not have is a bug."""
-    if tensor_bytes(model) > model_io.PROTOBUF_LIMIT_BYTES:
-        return ["onnx.checker skipped: model over 2 GB"]
     try:
-        onnx.checker.check_model(model, full_check=True)
+        _run_checker(model)
         return []
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -170,28 +208,54 @@ def _check_written_model(model: onnx.ModelProto, source: ModelSource) -> list[st
     raise ModelError(f"internal error: the converted model fails onnx.checker: {message}")
 
 
+_CHECK_IN_MEMORY_BYTES = 256 << 20
+
+
+def _run_checker(model: onnx.ModelProto) -> None:
+    """``onnx.checker`` (full check) without a second copy of a large model's weights.
+
+    A large model is checked as a file holding only its structure, whose tensors refer to a
+    sparse placeholder file of the right size (no disk space, no data in memory).
+    """
+    if tensor_bytes(model) <= _CHECK_IN_MEMORY_BYTES and not has_references(model):
+        onnx.checker.check_model(model, full_check=True)
+        return
+    structure = structure_of(model)
+    with tempfile.TemporaryDirectory(prefix="onnx-dc-check-") as directory:
+        placeholder_size = max(
+            (int(e.value) for t in all_tensors(structure) for e in t.external_data if e.key == "length"), default=0
+        )
+        with open(Path(directory) / PLACEHOLDER, "wb") as f:
+            f.truncate(placeholder_size)
+        path = Path(directory) / "model.onnx"
+        path.write_bytes(structure.SerializeToString())
+        del structure
+        onnx.checker.check_model(str(path), full_check=True)
+
+
 class _progress:
-    """A tqdm bar on a terminal (``progress=True``), a user callback, or nothing."""
+    """Per-tensor progress: a stage of the :class:`~onnx_dc.progress.Progress` reporter, or a user callback."""
 
-    def __init__(self, progress: bool | ProgressCallback, total: int) -> None:
-        self.progress = progress
-        self.total = total
-        self.bar = None
+    def __init__(self, progress: bool | ProgressCallback | Progress, todo: list[TensorPlan], reporter: Progress) -> None:
+        self.callback = progress if callable(progress) and not isinstance(progress, Progress) else None
+        self.total = len(todo)
+        self.stage = reporter.stage(
+            "compressing", total=self.total, unit="tensors",
+            total_weights=sum(p.weight.n_elements for p in todo), total_bytes=sum(p.weight.size_bytes for p in todo),
+        )
 
-    def __enter__(self) -> Callable[[int, str], None]:
-        if self.progress is True:
-            from tqdm import tqdm
+    def __enter__(self) -> _progress:
+        self.stage.__enter__()
+        return self
 
-            self.bar = tqdm(total=self.total, unit="tensor", desc="compressing", leave=False)
-        return self.tick
+    def __call__(self, done: int, name: str) -> None:
+        if self.callback is not None:
+            self.callback(done, self.total, name)
+        if name:
+            self.stage.set_label(name)
 
-    def tick(self, done: int, name: str) -> None:
-        if callable(self.progress):
-            self.progress(done, self.total, name)
-        elif self.bar is not None:
-            self.bar.n = done
-            self.bar.set_postfix_str(name, refresh=True)
+    def finished(self, weight: Weight) -> None:
+        self.stage.advance(weights=weight.n_elements, nbytes=weight.size_bytes)
 
     def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.stage.__exit__(*exc)

@@ -45,6 +45,7 @@ def compress(
     bits: SettingValue = None,
     progress: bool | ProgressCallback = False,
     external_data: bool | None = None,
+    jobs: int | None = None,
 ) -> CompressionResult:
     """Compress the weights of an ONNX model with Deep Compression, as ``recipe`` says.
 
@@ -61,8 +62,11 @@ def compress(
         sparsity, bits: shorthand for ``Recipe.build(recipe, sparsity=..., bits=...)``: one
             value, ``KEY=VALUE,...`` text or a dict by kind, name or glob
             (:mod:`onnx_dc.graph.settings`).
-        progress: ``True`` shows progress on a terminal; a callable gets ``(done, total, name)``.
+        progress: ``True`` reports progress on stderr (a live line on a terminal, else one line per
+            long step); a callable gets ``(done, total, name)`` per tensor.
         external_data: force (True) or forbid (False) external data for the output.
+        jobs: worker processes compressing tensors at once (default: every core). An execution
+            option, not part of the recipe: the output is the same for every value.
 
     Returns:
         The :class:`~onnx_dc.api.convert.CompressionResult`: model, per-layer report, and
@@ -75,11 +79,12 @@ def compress(
         from onnx_dc.api.calibrated import compress_calibrated
 
         return compress_calibrated(
-            model, recipe, calib, eval_data=eval_data, output=output, progress=progress, external_data=external_data
+            model, recipe, calib, eval_data=eval_data, output=output, progress=progress, external_data=external_data,
+            jobs=jobs,
         )
     if recipe.search is not None or eval_data is not None:
         raise SettingsError("a budget search (--min-cosine, --max-drop) and --eval need calibration data (--calib)")
-    return compress_model(model, recipe, output=output, progress=progress, external_data=external_data)
+    return compress_model(model, recipe, output=output, progress=progress, external_data=external_data, jobs=jobs)
 
 
 def decompress(

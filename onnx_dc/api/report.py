@@ -23,7 +23,7 @@ from onnx import helper
 
 from onnx_dc.api.recipe import METADATA_KEY, Recipe
 from onnx_dc.errors import ContainerError, OnnxDcError, first_line
-from onnx_dc.graph.operators import MATMUL_OP
+from onnx_dc.graph.operators import MATMUL_OP, META_KEPT
 from onnx_dc.graph.restore import ContainerRef, find_containers
 from onnx_dc.graph.weights import FLOAT_TYPES, iter_scopes
 
@@ -310,15 +310,20 @@ def format_bytes(n: int | None) -> str:
 
 
 def _row(ref: ContainerRef) -> TensorRow:
-    from onnx_dc.codec.container_reader import decode_container_symbols
+    from onnx_dc.codec.container_reader import decode_container_symbols, read_container_info
 
+    data = ref.data
+    recorded = _recorded_kept(ref.tensor)
     try:
-        info, code_symbols, gap_symbols = decode_container_symbols(ref.data)
+        if recorded is not None:  # the converter's count: the header (checksum included) is enough
+            info = read_container_info(data)
+            n_kept = recorded if recorded <= min(info.entries, info.numel) else None
+        if recorded is None or n_kept is None:
+            info, code_symbols, gap_symbols = decode_container_symbols(data)
+            n_kept = int(np.count_nonzero(code_symbols != info.codebook_size))
     except ContainerError as exc:
         raise ContainerError(f"container {ref.name!r} (tensor {ref.original_name!r}): {exc}") from None
-    zero = info.codebook_size
-    n_kept = int(np.count_nonzero(code_symbols != zero))
-    n_fillers = int(np.count_nonzero(code_symbols == zero)) if gap_symbols is not None else 0
+    n_fillers = info.entries - n_kept if info.layout == "sparse" else 0
     ops = sorted({node.op_type for _, node in ref.readers})
     kind = ref.kind or ("fc" if ops == [MATMUL_OP] else "other")
     dtype = str(info.dtype) if info.dtype != np.dtype("float32") else "float32"
@@ -335,7 +340,7 @@ def _row(ref: ContainerRef) -> TensorRow:
         layout=info.layout,
         codebook_size=info.codebook_size,
         original_bytes=info.numel * info.dtype.itemsize,
-        compressed_bytes=len(ref.data),
+        compressed_bytes=len(data),
         op="+".join(ops),
     )
 
@@ -378,6 +383,17 @@ def _tensor_size_bytes(tensor: onnx.TensorProto) -> int:
     ):
         return (numel + 1) // 2
     return numel * itemsize
+
+
+def _recorded_kept(tensor: onnx.TensorProto) -> int | None:
+    """The kept count the converter recorded on a container (``onnx_dc.kept``), if any."""
+    for entry in tensor.metadata_props:
+        if entry.key == META_KEPT:
+            try:
+                return int(entry.value)
+            except ValueError:
+                return None
+    return None
 
 
 def _ratio(before: int | None, after: int | None) -> float:

@@ -47,6 +47,7 @@ __all__ = [
     "codebook_in_dtype",
     "compress_tensor",
     "compressed_tensor_from_codes",
+    "encode_memory_bytes",
     "encode_tensor",
 ]
 
@@ -240,6 +241,15 @@ def encode_tensor(weights: np.ndarray, settings: TensorSettings) -> EncodedTenso
         counts=counts,
     )
     return EncodedTensor(container, tuple(weights.shape), weights.dtype, n_kept, codebook, settings)
+
+
+def encode_memory_bytes(n_weights: int, itemsize: int) -> int:
+    """About how much memory :func:`encode_tensor` needs for a tensor (its pages included).
+
+    Per weight: the values (``itemsize``; a float32 copy more for float16 and bfloat16),
+    the keep-mask (1), the sorted kept values (at most 4), a symbol (at most 2) and the container (about 1).
+    """
+    return n_weights * (itemsize + (4 if itemsize != 4 else 0) + 8)
 
 
 @dataclass
