@@ -132,7 +132,7 @@ build_leak() {
         asan_dir="$(dirname "$("$CXX" -print-file-name=libclang_rt.asan-x86_64.so)")"
         # The operator library exactly as runtime/CMakeLists.txt builds it, plus ASan/LSan.
         local objects=() source
-        for source in ops.cc sparse_matmul.cc matmul_kernels_generic.cc matmul_kernels_avx2.cc conv.cc container.cc; do
+        for source in ops.cc sparse_matmul.cc resident_matmul.cc matmul_kernels_generic.cc matmul_kernels_avx2.cc conv.cc container.cc; do
             local isa=()
             [ "$source" = matmul_kernels_avx2.cc ] && isa=(-mavx2 -mfma -mbmi2)
             "$CXX" "${flags[@]}" -fvisibility=hidden -fvisibility-inlines-hidden "${isa[@]}" \

@@ -20,6 +20,7 @@
 #include "container.h"
 #include "conv.h"
 #include "onnxruntime_c_api.h"
+#include "resident_matmul.h"
 #include "sparse_matmul.h"
 
 #define ONNX_DC_EXPORT __attribute__((visibility("default")))
@@ -305,6 +306,16 @@ std::string OrtParallelFor(void* runner, size_t total, void (*fn)(void*, size_t)
 
 // ------------------------------------------------------------ DCMatMul
 
+// A DCMatMul weight: an in-memory layout (sparse_matmul.h), or, for a large
+// weight, the container itself decoded during each run (resident_matmul.h).
+struct MatMulWeights {
+  SparseWeights layout;
+  std::unique_ptr<ResidentWeights> resident;
+
+  uint64_t in_features() const { return resident ? resident->in_features : layout.in_features; }
+  uint64_t out_features() const { return resident ? resident->out_features : layout.out_features; }
+};
+
 class MatMulKernel {
  public:
   MatMulKernel(const OrtApi* api, InputLabel label) : api_(api), label_(std::move(label)) {}
@@ -316,11 +327,13 @@ class MatMulKernel {
     if (status == nullptr) status = ReadFlagAttribute(api_, info, label_, "sparse_input", &sparse_input);
     if (status != nullptr) return status;
     order_ = sparse_input ? SparseOrder::kRows : SparseOrder::kColumns;
+    if (status == nullptr) status = ReadResidentAttribute(info);
+    if (status != nullptr) return status;
     ReadFloatAttribute(info, "alpha", &alpha_);
     ReadFloatAttribute(info, "beta", &beta_);
     isa_ = DetectKernelIsa();
 
-    auto decode = [this](const uint8_t* d, size_t n, SparseWeights* w) { return Decode(d, n, w); };
+    auto decode = [this](const uint8_t* d, size_t n, MatMulWeights* w) { return Decode(d, n, w); };
     status = DecodeConstantContainer(api_, info, label_, 1, decode, &weights_);
     if (status != nullptr || weights_ == nullptr) return status;
     CacheConstantBias(info);
@@ -337,16 +350,16 @@ class MatMulKernel {
     uint64_t x_count = 0;
     if (x_dims.empty() || !ElementCount(x_dims, &x_count)) return Fail("input X must have rank >= 1, got shape " + ShapeString(x_dims));
 
-    const SparseWeights* weights = nullptr;
-    SparseWeights per_call;
-    auto decode = [this](const uint8_t* d, size_t n, SparseWeights* w) { return Decode(d, n, w); };
+    const MatMulWeights* weights = nullptr;
+    MatMulWeights per_call;
+    auto decode = [this](const uint8_t* d, size_t n, MatMulWeights* w) { return Decode(d, n, w); };
     error = WeightsForRun(api_, context, weights_.get(), decode, &per_call, &weights);
     if (!error.empty()) return Fail(error);
 
     const uint64_t k_count = static_cast<uint64_t>(x_dims.back());
-    if (k_count != weights->in_features)
+    if (k_count != weights->in_features())
       return Fail("input X has shape " + ShapeString(x_dims) + ", its last dimension must be the weight's K = " +
-                  std::to_string(weights->in_features));
+                  std::to_string(weights->in_features()));
     uint64_t rows = 0;
     if (k_count != 0) {
       rows = x_count / k_count;
@@ -367,18 +380,19 @@ class MatMulKernel {
       status = OptionalInput(api_, context, 2, &bias);
       if (status != nullptr) return status;
       if (bias != nullptr) {
-        error = ReadBias(bias, weights->out_features, &args);
+        error = ReadBias(bias, weights->out_features(), &args);
         if (!error.empty()) return Fail(error);
       }
     }
 
     std::vector<int64_t> y_dims(x_dims);
-    y_dims.back() = static_cast<int64_t>(weights->out_features);
+    y_dims.back() = static_cast<int64_t>(weights->out_features());
     status = OutputAndInputData(api_, context, x_value, y_dims, &args.x, &args.y);
     if (status != nullptr) return status;
 
     OrtRunner runner{api_, context};
-    error = SparseMatMul(*weights, args, isa_, &OrtParallelFor, &runner);
+    error = weights->resident ? ResidentMatMul(*weights->resident, args, &OrtParallelFor, &runner)
+                              : SparseMatMul(weights->layout, args, isa_, &OrtParallelFor, &runner);
     if (!error.empty()) return Fail(error);
     return nullptr;
   }
@@ -401,6 +415,21 @@ class MatMulKernel {
     return true;
   }
 
+  // "resident": 1 keeps the weight compressed, 0 builds the layout, absent lets its size decide.
+  OrtStatus* ReadResidentAttribute(const OrtKernelInfo* info) {
+    int64_t v = -1;
+    OrtStatus* status = api_->KernelInfoGetAttribute_int64(info, "resident", &v);
+    if (status != nullptr) {
+      api_->ReleaseStatus(status);
+      return nullptr;
+    }
+    if (v != 0 && v != 1)
+      return MakeStatus(api_, ORT_INVALID_ARGUMENT, label_.Prefix() + "attribute resident must be 0 or 1, got " +
+                                                        std::to_string(v));
+    resident_ = static_cast<int>(v);
+    return nullptr;
+  }
+
   void ReadFloatAttribute(const OrtKernelInfo* info, const char* name, float* value) {
     float v = 0.0f;
     OrtStatus* status = api_->KernelInfoGetAttribute_float(info, name, &v);
@@ -411,11 +440,20 @@ class MatMulKernel {
     *value = v;
   }
 
-  std::string Decode(const uint8_t* data, size_t size, SparseWeights* weights) const {
+  // A large weight stays compressed (resident_matmul.h): (data, size) is the
+  // initializer's bytes, which onnxruntime keeps for the session's life, or
+  // the input of the current run.
+  std::string Decode(const uint8_t* data, size_t size, MatMulWeights* weights) const {
     DecodedContainer decoded;
     std::string error;
     if (!DecodeContainer(data, size, DecodeOptions(), &decoded, &error)) return error;
-    if (!BuildSparseWeights(decoded, trans_b_, order_, weights, &error)) return error;
+    const bool resident = resident_ == 1 || (resident_ == -1 && PreferResident(decoded, size));
+    if (decoded.info.dtype == DType::kFloat32 && decoded.info.dims.size() == 2 && resident) {
+      weights->resident.reset(new ResidentWeights);
+      if (!BuildResidentWeights(data, size, decoded, trans_b_, weights->resident.get(), &error)) return error;
+      return std::string();
+    }
+    if (!BuildSparseWeights(decoded, trans_b_, order_, &weights->layout, &error)) return error;
     return std::string();
   }
 
@@ -443,7 +481,7 @@ class MatMulKernel {
     }
     if (constant == 0 || bias == nullptr) return;
     MatMulArgs args;
-    if (!ReadBias(bias, weights_->out_features, &args).empty()) return;
+    if (!ReadBias(bias, weights_->out_features(), &args).empty()) return;
     cached_bias_ = args;
     bias_cached_ = true;
   }
@@ -478,10 +516,11 @@ class MatMulKernel {
   float beta_ = 1.0f;
   bool relu_ = false;
   SparseOrder order_ = SparseOrder::kColumns;
+  int resident_ = -1;  // the "resident" attribute: -1 absent (size decides), 0 or 1
   bool bias_cached_ = false;  // cached_bias_ holds the bias (or none): Compute does not read input 2
   MatMulArgs cached_bias_;    // only bias and bias_size are used
   KernelIsa isa_ = KernelIsa::kGeneric;
-  std::unique_ptr<SparseWeights> weights_;  // null: the container is not constant
+  std::unique_ptr<MatMulWeights> weights_;  // null: the container is not constant
 };
 
 // ------------------------------------------------------------ DCConv
