@@ -9,6 +9,7 @@ model, writes it atomically. User mistakes raise
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,7 @@ from onnx_dc.errors import SettingsError
 from onnx_dc.graph.model_io import ModelSource, check_output_path, load_model, save_model
 from onnx_dc.graph.restore import decompress_model
 from onnx_dc.graph.settings import SettingValue
+from onnx_dc.graph.tensor_store import read_structure
 
 if TYPE_CHECKING:
     from onnx_dc.calibration.data import CalibrationSource, EvaluationSource
@@ -109,11 +111,14 @@ def decompress(
 
 
 def inspect(model: ModelSource) -> ModelReport:
-    """The per-layer report of a compressed model (the table ``compress`` prints)."""
-    proto = load_model(model)
-    size = _source_size_bytes(model)
-    report = model_report(proto, compressed_file_bytes=size)
-    return report
+    """The per-layer report of a compressed model (the table ``compress`` prints).
+
+    A model file is read without its weights: only the containers' bytes, one at a time.
+    """
+    if isinstance(model, onnx.ModelProto):
+        return model_report(load_model(model), compressed_file_bytes=_source_size_bytes(model))
+    proto = read_structure(model)
+    return model_report(proto, compressed_file_bytes=_source_size_bytes(model), base_dir=Path(model).resolve().parent)
 
 
 def validate(
@@ -125,10 +130,13 @@ def validate(
     min_cosine: float | None = None,
     use_library: bool | None = None,
 ) -> ValidationReport:
-    """Run both models on the same inputs and compare their outputs (see :mod:`onnx_dc.api.validation`)."""
+    """Run both models on the same inputs and compare their outputs (see :mod:`onnx_dc.api.validation`).
+
+    Model files are run from their paths (onnxruntime reads their external data itself).
+    """
     return validate_models(
-        load_model(original),
-        load_model(compressed),
+        original if isinstance(original, onnx.ModelProto) else Path(original),
+        compressed if isinstance(compressed, onnx.ModelProto) else Path(compressed),
         inputs=inputs,
         max_abs_diff=max_abs_diff,
         min_cosine=min_cosine,

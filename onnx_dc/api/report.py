@@ -14,6 +14,7 @@ uncompressed (biases, small tensors, integer tensors...). The graph structure
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,13 +248,15 @@ def model_report(
     original_file_bytes: int | None = None,
     compressed_file_bytes: int | None = None,
     skip_reasons: dict[str, str] | None = None,
+    base_dir: str | os.PathLike | None = None,
 ) -> ModelReport:
     """Build the report of a compressed (or plain) model from its containers and other tensors.
 
     ``skip_reasons`` (weight name -> why it was left dense) annotates dense tensors.
+    Containers in external data are read one at a time from ``base_dir``; dense tensors are never read.
     Raises :class:`ContainerError` naming the tensor when a container is corrupted.
     """
-    refs = find_containers(model)
+    refs = find_containers(model, base_dir)
     container_keys = {(id(ref.scope.graph), ref.name) for ref in refs}
     rows = [_row(ref) for ref in refs]
     reasons = skip_reasons or {}

@@ -11,6 +11,7 @@ worker process starts light (``onnx_dc.api.parallel`` runs the workers).
 
 from __future__ import annotations
 
+import errno
 import signal
 from dataclasses import dataclass
 
@@ -63,7 +64,9 @@ def run_task(task: TensorTask, jobs: int = 1) -> EncodedTensor:
             return encode_tensor(values, task.settings)
         finally:
             del values
-    except MemoryError as exc:
+    except (MemoryError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno != errno.ENOMEM:  # mapping the tensor's file failed otherwise
+            raise OnnxDcError(f"tensor {task.name!r}: cannot read {task.path}: {exc.strerror or exc}") from None
         need = encode_memory_bytes(task.n_weights, np.dtype(task.dtype).itemsize)
         hint = (f"compressing it takes about {need / 2**20:,.0f} MiB"
                 + (f" per worker; --jobs {max(1, jobs // 2)} or --jobs 1 needs less" if jobs > 1 else

@@ -10,7 +10,9 @@ plain onnxruntime.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -34,6 +36,7 @@ from onnx_dc.graph.operators import (
     META_OP,
 )
 from onnx_dc.graph.rewrite import _copy_doc_string, _index_of, _value_names
+from onnx_dc.graph.tensor_store import tensor_bytes_of
 from onnx_dc.graph.weights import GraphScope, iter_scopes
 
 __all__ = [
@@ -57,17 +60,19 @@ class ContainerRef:
     tensor: onnx.TensorProto
     constant_node: onnx.NodeProto | None
     readers: list[tuple[GraphScope, onnx.NodeProto]] = field(default_factory=list)
+    base_dir: Path | None = None  # where external data is (a model from onnx_dc.graph.tensor_store)
 
     @property
     def data(self) -> bytes:
-        """The container's bytes."""
-        if self.tensor.HasField("raw_data"):
-            return self.tensor.raw_data
-        return numpy_helper.to_array(self.tensor).tobytes()
+        """The container's bytes (read from its file when it is external data)."""
+        return tensor_bytes_of(self.tensor, self.base_dir)
 
 
-def find_containers(model: onnx.ModelProto) -> list[ContainerRef]:
-    """Every container read by a ``DCMatMul``, ``DCConv`` or ``DCDecompress`` node of the model, in graph order."""
+def find_containers(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> list[ContainerRef]:
+    """Every container read by a ``DCMatMul``, ``DCConv`` or ``DCDecompress`` node of the model, in graph order.
+
+    ``base_dir``: the directory external data references are relative to (their bytes are read on demand).
+    """
     refs: dict[tuple[int, str], ContainerRef] = {}
     order: list[ContainerRef] = []
     for scope, node, definition in _dc_nodes_with_container(model):
@@ -84,7 +89,8 @@ def find_containers(model: onnx.ModelProto) -> list[ContainerRef]:
             original = meta.get(META_NAME) or (
                 name[: -len(CONTAINER_SUFFIX)] if name.endswith(CONTAINER_SUFFIX) else name
             )
-            ref = ContainerRef(name, original, meta.get(META_KIND, ""), def_scope, tensor, constant_node)
+            ref = ContainerRef(name, original, meta.get(META_KIND, ""), def_scope, tensor, constant_node,
+                               base_dir=None if base_dir is None else Path(base_dir))
             refs[key] = ref
             order.append(ref)
         ref.readers.append((scope, node))

@@ -52,6 +52,7 @@ __all__ = [
     "set_location",
     "stored_bytes",
     "structure_of",
+    "tensor_bytes_of",
     "tensor_nbytes",
     "tensor_values",
 ]
@@ -203,6 +204,18 @@ def tensor_values(tensor: onnx.TensorProto, base_dir: str | os.PathLike | None) 
     if location.length == 0:
         return np.zeros(shape, dtype=dtype)
     return np.memmap(location.path, dtype=dtype, mode="r", offset=location.offset, shape=shape)
+
+
+def tensor_bytes_of(tensor: onnx.TensorProto, base_dir: str | os.PathLike | None) -> bytes:
+    """A tensor's raw bytes: ``raw_data``, or read from its external data (relative to ``base_dir``)."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+    if base_dir is None:
+        raise ModelError(f"tensor {tensor.name!r} refers to external data, but the model's directory is not known")
+    location = external_location(tensor, base_dir)
+    with open(location.path, "rb") as f:
+        f.seek(location.offset)
+        return f.read(location.length)
 
 
 def copy_tensor_bytes(location: TensorLocation, out) -> None:
