@@ -247,3 +247,27 @@ def test_a_large_weight_stays_compressed_by_default(ops_library):
     layout = _dc_matmul_session(container, 4224, 4096, ops_library, resident=0).run(None, {"x": x})[0]
     np.testing.assert_array_equal(automatic, resident)  # the same kernel (fixed task split)
     np.testing.assert_allclose(automatic, layout, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_large_single_files_are_written_a_tensor_at_a_time(stacks, tmp_path, monkeypatch, external):
+    """Streamed single files (a lowered threshold here): the same model as the serialized one, and dense
+    weights left in the input's files are copied from there."""
+    from onnx_dc.graph import model_io
+
+    source = stacks["external" if external else "inline"]
+    plain = tmp_path / "plain.onnx"  # from a loaded model: small, serialized in one piece
+    onnx_dc.compress(onnx.load(str(source)), plain, recipe=onnx_dc.api.recipe.Recipe(exclude=("layers.1.weight",)))
+    monkeypatch.setattr(model_io, "STREAM_MIN_BYTES", 0)
+    streamed = tmp_path / "streamed.onnx"
+    result = onnx_dc.compress(source, streamed, recipe=onnx_dc.api.recipe.Recipe(exclude=("layers.1.weight",)))
+    assert not streamed.with_name("streamed.onnx.data").exists()
+    assert streamed.read_bytes() != plain.read_bytes()  # another field order...
+    loaded = [onnx.load(str(path)) for path in (streamed, plain)]
+    for model in loaded:  # onnx.load marks the tensors it read from external data DEFAULT explicitly
+        for tensor in model.graph.initializer:
+            tensor.ClearField("data_location")
+    assert loaded[0].SerializeToString() == loaded[1].SerializeToString()  # ...the same model
+    dense = {t.name: t for t in result.model.graph.initializer}["layers.1.weight"]
+    assert dense.data_location == onnx.TensorProto.EXTERNAL  # the result refers to the input's bytes
+    onnx.checker.check_model(str(streamed), full_check=True)

@@ -258,7 +258,7 @@ def describe_calibration(calibration: Any) -> str:
                     r.name,
                     f"{r.settings.sparsity:.2f}",
                     str(r.settings.bits),
-                    r.criterion or "plain (no statistics)",
+                    r.criterion or f"plain ({r.note or 'no statistics'})",
                     f"{r.relative_error:.2e}" if r.relative_error is not None else "-",
                     r.bias or "-",
                 ]

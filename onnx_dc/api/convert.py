@@ -114,18 +114,20 @@ def compress_model(
             tick.finished(plan.weight)
         tick(len(todo), "")
     kept = {name: int(getattr(result, "n_kept", -1)) for name, result in compressed.items()}
+    for result in compressed.values():  # the pairs hold each container until it is in the model
+        if isinstance(result, EncodedTensor):
+            result.container_source = b""
     summary = apply_compression(proto, _drain(pairs) if pairs else [], kept=kept)
     _point_at_containers(proto, summary, compressed)
     record_recipe(proto, recipe)
-    single_file = output is None or (not external_data and tensor_bytes(proto) <= model_io.PROTOBUF_LIMIT_BYTES)
-    if source_dir is not None and single_file:
-        materialize(proto, source_dir)  # the output holds everything: read the dense weights left on disk
+    if source_dir is not None and output is None:
+        materialize(proto, source_dir)  # the result holds everything: read the dense weights left on disk
     warnings = _check_written_model(proto, model)
     reasons = {p.weight.name: p.skip_reason for p in plans if p.skip_reason}
     report = model_report(
         proto,
         original_file_bytes=original_file_bytes,
-        compressed_file_bytes=_serialized_size(proto),
+        compressed_file_bytes=_serialized_size(proto) if output is None else None,  # else: the file's size
         skip_reasons=reasons,
     )
     saved = None

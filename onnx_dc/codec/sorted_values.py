@@ -178,14 +178,17 @@ def pairwise_sum(values32: np.ndarray) -> float:
     numpy then sums itself on a float64 copy of just that leaf.
     """
 
-    def node(start: int, n: int) -> float:
-        if n <= _PAIRWISE_LEAF:
-            return np.add.reduce(values32[start : start + n].astype(np.float64))
-        half = n // 2
-        half -= half % 8
-        return node(start, half) + node(start + half, n - half)
+    return float(_pairwise_node(values32, 0, int(values32.size))) if values32.size else 0.0
 
-    return float(node(0, int(values32.size))) if values32.size else 0.0
+
+def _pairwise_node(values32: np.ndarray, start: int, n: int) -> float:
+    # A module-level function, not a closure: a recursive closure is a reference cycle that
+    # would keep the values alive until the garbage collector runs.
+    if n <= _PAIRWISE_LEAF:
+        return np.add.reduce(values32[start : start + n].astype(np.float64))
+    half = n // 2
+    half -= half % 8
+    return _pairwise_node(values32, start, half) + _pairwise_node(values32, start + half, n - half)
 
 
 # ---------------------------------------------------------------------------

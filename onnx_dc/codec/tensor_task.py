@@ -68,9 +68,9 @@ def run_task(task: TensorTask, jobs: int = 1) -> EncodedTensor:
         if isinstance(exc, OSError) and exc.errno != errno.ENOMEM:  # mapping the tensor's file failed otherwise
             raise OnnxDcError(f"tensor {task.name!r}: cannot read {task.path}: {exc.strerror or exc}") from None
         need = encode_memory_bytes(task.n_weights, np.dtype(task.dtype).itemsize)
+        fewer = "--jobs 1" if jobs <= 3 else f"--jobs {jobs // 2} or --jobs 1"
         hint = (f"compressing it takes about {need / 2**20:,.0f} MiB"
-                + (f" per worker; --jobs {max(1, jobs // 2)} or --jobs 1 needs less" if jobs > 1 else
-                   "; free memory or raise the memory limit"))
+                + (f" per worker; {fewer} needs less" if jobs > 1 else "; free memory or raise the memory limit"))
         shape = "x".join(map(str, task.shape)) or "scalar"
         raise out_of_memory(f"compressing tensor {task.name!r} ({shape} {task.dtype}, {task.nbytes / 2**20:,.0f} MiB)",
                             exc, hint=hint) from None

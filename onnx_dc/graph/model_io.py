@@ -38,6 +38,7 @@ from onnx_dc.graph.tensor_store import (
     read_structure,
     set_location,
     stored_bytes,
+    tensor_nbytes,
 )
 
 ModelSource = str | os.PathLike | onnx.ModelProto
@@ -48,6 +49,11 @@ PROTOBUF_LIMIT_BYTES = 2**31 - 2**26
 
 # Tensors at least this large go to the external data file when one is written.
 EXTERNAL_DATA_MIN_BYTES = 1024
+
+# Single files of at least this much tensor data are written a tensor at a time
+# (the data of tensors of at least _STREAM_TENSOR_MIN_BYTES each straight to the file).
+STREAM_MIN_BYTES = 64 << 20
+_STREAM_TENSOR_MIN_BYTES = 64 << 10
 
 # Offsets of large tensors in the external data file are aligned for mmap.
 _EXTERNAL_ALIGN_BYTES = 4096
@@ -184,22 +190,21 @@ def save_model(
     the model is too large for protobuf's 2 GB limit, in which case tensors of at
     least :data:`EXTERNAL_DATA_MIN_BYTES` go to ``<path>.data`` beside it;
     ``True`` always writes the external data file; ``False`` never does (and
-    fails for models over the limit). ``model`` is left as it was: the data file
-    is written one tensor at a time from a copy of the graph without the data.
-    Tensors that refer to external data (a model from
-    :func:`onnx_dc.graph.tensor_store.open_model`) are copied from their files,
-    found relative to ``source_dir``; such a model is always written with external data.
+    fails for models over the limit). ``model`` is left as it was. A large model
+    is written one tensor at a time from a copy of its graph without the data (the
+    data file, or the single file's initializers after the rest of the graph),
+    never as one more serialized copy in memory. Tensors that refer to external
+    data (a model from :func:`onnx_dc.graph.tensor_store.open_model`) are copied
+    from their files, found relative to ``source_dir``.
     Raises :class:`ModelError` when the file cannot be written.
     """
     path = Path(path)
     too_large = tensor_bytes(model) > PROTOBUF_LIMIT_BYTES
     if external_data is None:
-        external_data = too_large or has_references(model)
+        external_data = too_large
     elif not external_data and too_large:
         raise ModelError(f"{path}: model is over the 2 GB protobuf limit; it needs external data")
-    elif not external_data and has_references(model):
-        raise ModelError(f"{path}: the model refers to external data; it is written with external data")
-    if external_data and source_dir is None and has_references(model):
+    if source_dir is None and has_references(model):
         raise ModelError(f"{path}: the model refers to external data, but not where it lies (source_dir)")
     directory = path.resolve().parent
     if not directory.is_dir():
@@ -213,7 +218,10 @@ def save_model(
             try:
                 if data_path is None:
                     model_tmp = _temp_file(directory, path.name, temps)
-                    _write_bytes(model_tmp, _serialize(model, path))
+                    if has_references(model) or tensor_bytes(model) >= STREAM_MIN_BYTES:
+                        _write_streamed(model, model_tmp, source_dir)
+                    else:
+                        _write_bytes(model_tmp, _serialize(model, path))
                     os.replace(model_tmp, path)  # the commit point
                 else:
                     _save_with_external_data(model, path, data_path, directory, temps, source_dir)
@@ -413,6 +421,80 @@ def _write_external(
         f.flush()
         os.fsync(f.fileno())
     return written
+
+
+def _write_streamed(model: onnx.ModelProto, path: Path, source_dir: str | os.PathLike | None) -> None:
+    """One self-contained file written a tensor at a time, without a serialized copy of the model in memory.
+
+    The message is the model's, with the main graph's initializers after the graph's other
+    fields and each one's data after its other fields (protobuf readers accept fields in any order).
+    """
+    skeleton, pairs = copy_without_data(model, _STREAM_TENSOR_MIN_BYTES)
+    originals = {id(copy): original for original, copy in pairs}
+    in_main_graph = {id(t) for t in skeleton.graph.initializer}
+    if any(id(copy) not in in_main_graph for _, copy in pairs):  # large tensors elsewhere: the plain way
+        if has_references(model):
+            raise ModelError(f"{path}: tensors outside the main graph's initializers refer to external data; "
+                             "write the model with external data")
+        _write_bytes(path, _serialize(model, path))
+        return
+    graph = onnx.GraphProto()
+    graph.CopyFrom(skeleton.graph)
+    del graph.initializer[:]
+    head = graph.SerializeToString()
+    pieces: list[tuple[bytes, onnx.TensorProto | None, int]] = []
+    graph_length = len(head)
+    for tensor in skeleton.graph.initializer:
+        original = originals.get(id(tensor))
+        if original is None:
+            piece = _length_delimited(5, tensor.SerializeToString())
+            pieces.append((piece, None, 0))
+            graph_length += len(piece)
+            continue
+        if original.data_location == onnx.TensorProto.EXTERNAL:
+            length = external_location(original, source_dir).length
+        elif original.HasField("raw_data") and tensor_nbytes(original) is not None:
+            length = tensor_nbytes(original)  # checked when written (reading raw_data copies it)
+        else:
+            length = len(_raw_bytes(original))
+        header = tensor.SerializeToString() + _varint(9 << 3 | 2) + _varint(length)  # then raw_data's bytes
+        prefix = _varint(5 << 3 | 2) + _varint(len(header) + length) + header
+        pieces.append((prefix, original, length))
+        graph_length += len(prefix) + length
+    top = onnx.ModelProto()
+    top.CopyFrom(skeleton)
+    top.ClearField("graph")
+    with open(path, "wb") as f:
+        f.write(top.SerializeToString() + _varint(7 << 3 | 2) + _varint(graph_length) + head)
+        for prefix, original, length in pieces:
+            f.write(prefix)
+            if original is None:
+                continue
+            if original.data_location == onnx.TensorProto.EXTERNAL:
+                copy_tensor_bytes(external_location(original, source_dir), f)
+                continue
+            data = original.raw_data if original.HasField("raw_data") else _raw_bytes(original)
+            if len(data) != length:
+                raise ModelError(f"{path}: tensor {original.name!r} holds {len(data)} bytes of data, "
+                                 f"its shape and type need {length}")
+            f.write(data)
+            del data
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

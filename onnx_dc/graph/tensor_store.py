@@ -280,7 +280,11 @@ def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 
 def stored_bytes(tensor: onnx.TensorProto) -> int:
-    """Bytes a tensor takes in a model: its external data's length, else its serialized size."""
+    """Bytes a tensor takes in a model, about: its external data's length, else its data's size.
+
+    Computed from the shape and type where the data is ``raw_data`` (protobuf's ``ByteSize``
+    would serialize the tensor to measure it), else by ``ByteSize``.
+    """
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         for entry in tensor.external_data:
             if entry.key == "length":
@@ -288,7 +292,11 @@ def stored_bytes(tensor: onnx.TensorProto) -> int:
                     return int(entry.value)
                 except ValueError:
                     break
-    return tensor.ByteSize()  # computed without copying raw_data out of the message
+    if tensor.HasField("raw_data"):
+        nbytes = tensor_nbytes(tensor)
+        if nbytes is not None:
+            return nbytes + len(tensor.name) + 16 + 10 * len(tensor.dims)
+    return tensor.ByteSize()
 
 
 # ----------------------------------------------------------------------------- copies without the data
@@ -326,12 +334,13 @@ def _repeated(field) -> bool:
 def _copy_message(source, target, pairs: list, min_bytes: int) -> None:
     if isinstance(source, onnx.TensorProto):
         if source.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED) or (
-            source.data_location != onnx.TensorProto.EXTERNAL and source.ByteSize() < min_bytes
+            source.data_location != onnx.TensorProto.EXTERNAL and stored_bytes(source) < min_bytes
         ):
             target.CopyFrom(source)
             return
         pairs.append((source, target))
-        skip = _DATA_FIELDS | _LOCATION_FIELDS
+        _copy_tensor_fields(source, target, _DATA_FIELDS | _LOCATION_FIELDS)
+        return
     elif isinstance(source, onnx.NodeProto) and not any(a.type in _STRUCTURE_ONLY_ATTRIBUTES for a in source.attribute):
         target.CopyFrom(source)
         return
@@ -364,8 +373,31 @@ def structure_of(model: onnx.ModelProto, min_bytes: int = 4096) -> onnx.ModelPro
     """
     copy, pairs = copy_without_data(model, min_bytes)
     for original, tensor in pairs:
-        set_location(tensor, PLACEHOLDER, 0, stored_bytes(original))
+        nbytes = tensor_nbytes(original)
+        set_location(tensor, PLACEHOLDER, 0, stored_bytes(original) if nbytes is None else nbytes)
     return copy
+
+
+def _copy_tensor_fields(source: onnx.TensorProto, target: onnx.TensorProto, skip: frozenset[str]) -> None:
+    """Copy a tensor's fields but ``skip``, field by field: the data fields are never read (reading
+    ``raw_data`` would copy it)."""
+    for field in source.DESCRIPTOR.fields:
+        name = field.name
+        if name in skip:
+            continue
+        if _repeated(field):
+            values = getattr(source, name)
+            if len(values):
+                if field.type == field.TYPE_MESSAGE:
+                    for item in values:
+                        getattr(target, name).add().CopyFrom(item)
+                else:
+                    getattr(target, name).extend(values)
+        elif source.HasField(name):
+            if field.type == field.TYPE_MESSAGE:
+                getattr(target, name).CopyFrom(getattr(source, name))
+            else:
+                setattr(target, name, getattr(source, name))
 
 
 def set_location(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
