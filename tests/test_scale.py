@@ -271,3 +271,46 @@ def test_large_single_files_are_written_a_tensor_at_a_time(stacks, tmp_path, mon
     dense = {t.name: t for t in result.model.graph.initializer}["layers.1.weight"]
     assert dense.data_location == onnx.TensorProto.EXTERNAL  # the result refers to the input's bytes
     onnx.checker.check_model(str(streamed), full_check=True)
+
+
+def test_calibration_stays_within_its_memory_budget():
+    """--max-memory: layers whose statistics exceed it are fitted without the sequential terms or take
+    the plain path (said so in the fit table); runs shrink to fit the activations."""
+    from calibration_models import classifier, inputs
+    from onnx_dc.api.calibrated import describe_calibration
+    from onnx_dc.calibration.capture import capture_statistics
+    from onnx_dc.calibration.data import load_calibration
+    from onnx_dc.calibration.layers import find_layers
+    from onnx_dc.calibration.model_fit import compress_with_calibration
+    from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
+
+    model = classifier(seed=11, sizes=(16, 64, 48, 32, 6))  # Gram statistics: 2.3, 33.8, 19.2, 8.7 kB
+    data = load_calibration({"x": inputs(200, seed=12)}, model)
+    settings = {f"fc{i}.weight": LayerSettings(sparsity=0.8, bits=3) for i in range(4)}
+    result = compress_with_calibration(model, data, settings, CalibrationOptions(max_memory_bytes=20_000))
+    fits = result.results
+    assert not fits["fc1.weight"].calibrated and "memory budget" in fits["fc1.weight"].note
+    assert all(fits[f"fc{i}.weight"].calibrated for i in (0, 2, 3))
+    assert "plain (statistics over the memory budget" in describe_calibration(result)
+    # Capture: the same statistics whatever the budget; a small budget takes one sample per run.
+    layers = find_layers(model)
+    runs = []
+    small = capture_statistics(model, data, layers, max_memory_bytes=1, progress=lambda done, total: runs.append(done))
+    large = capture_statistics(model, data, layers)
+    assert len(runs) == 4 * 200  # four passes (one layer each), a sample per run
+    for layer in layers:
+        np.testing.assert_allclose(small[layer.weight].gram[0], large[layer.weight].gram[0], rtol=1e-9, atol=1e-9)
+
+
+def test_max_memory_flag(tmp_path):
+    from onnx_dc.api.cli import main, parse_size
+    from onnx_dc.errors import SettingsError
+
+    assert parse_size("512M", "--max-memory") == 512 * 2**20 and parse_size("1.5g", "--max-memory") == 3 * 2**29
+    assert parse_size("1000", "--max-memory") == 1000
+    for bad in ("lots", "0", "-1G", "2X"):
+        with pytest.raises(SettingsError, match="--max-memory"):
+            parse_size(bad, "--max-memory")
+    model = tmp_path / "m.onnx"
+    write_matmul_stack(small_spec("m", (64, 48, 32), external=False), model)
+    assert main(["compress", str(model), "-o", str(tmp_path / "o.onnx"), "--max-memory", "1G", "--no-progress"]) == 2
