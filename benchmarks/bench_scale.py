@@ -11,7 +11,7 @@ process group, measured from outside:
 
 * wall time, and weights per second (the model's weights / wall time);
 * CPU time of every process of the group (the converter, the forkserver, the workers), read from /proc every
-  50 ms; cores used = CPU time / wall time;
+  0.25 s; cores used = CPU time / wall time;
 * converter memory: the peak, over the samples, of the group's summed resident memory (RSS; the workers' file
   pages of the memory-mapped input count as theirs), and the largest single process's peak (``VmHWM``);
 * session memory: in a fresh child process, the resident memory an onnxruntime session adds (created from the
@@ -46,7 +46,7 @@ from benchmarks.scale_models import SCALE_MODELS, StackSpec, write_matmul_stack 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
-SAMPLE_SECONDS = 0.05
+SAMPLE_SECONDS = 0.25
 
 
 @dataclass

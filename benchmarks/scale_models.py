@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from onnx_dc.graph.tensor_store import length_delimited
+
 __all__ = ["SCALE_MODELS", "StackSpec", "small_spec", "write_matmul_stack"]
 
 _ALIGN = 4096
@@ -114,7 +116,7 @@ def write_matmul_stack(spec: StackSpec, path: str | os.PathLike) -> Path:
         weight = _weight(spec, i)
         init = TensorProto(name=f"layers.{i}.weight", data_type=TensorProto.FLOAT, dims=[k, n], raw_data=weight.tobytes())
         del weight
-        graph_bytes.append(_field(5, init.SerializeToString()))
+        graph_bytes.append(length_delimited(5, init.SerializeToString()))
         del init
     model = helper.make_model(helper.make_graph([], "x", [], []), opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -123,23 +125,9 @@ def write_matmul_stack(spec: StackSpec, path: str | os.PathLike) -> Path:
     del graph_bytes
     with open(tmp, "wb") as f:
         f.write(model.SerializeToString())
-        f.write(_field(7, body))
+        f.write(length_delimited(7, body))
     os.replace(tmp, path)
     return path
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 def small_spec(name: str, widths: Sequence[int], *, external: bool, seed: int = 0) -> StackSpec:

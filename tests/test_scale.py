@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from graph_builders import ops_library  # noqa: F401  (fixture)
 from onnx import numpy_helper
 
 import onnx_dc
 from benchmarks.scale_models import small_spec, write_matmul_stack
-from graph_builders import ops_library  # noqa: F401  (fixture)
 from onnx_dc.graph.model_io import external_data_files
 from onnx_dc.graph.tensor_store import open_model, read_structure, tensor_values
 from onnx_dc.progress import Progress
@@ -277,6 +277,7 @@ def test_calibration_stays_within_its_memory_budget():
     """--max-memory: layers whose statistics exceed it are fitted without the sequential terms or take
     the plain path (said so in the fit table); runs shrink to fit the activations."""
     from calibration_models import classifier, inputs
+
     from onnx_dc.api.calibrated import describe_calibration
     from onnx_dc.calibration.capture import capture_statistics
     from onnx_dc.calibration.data import load_calibration

@@ -24,7 +24,6 @@ from onnx_dc.api.recipe import METADATA_KEY, Recipe
 from onnx_dc.api.report import ModelReport, model_report
 from onnx_dc.codec.tensor import EncodedTensor
 from onnx_dc.errors import ModelError
-from onnx_dc.graph import model_io
 from onnx_dc.graph.model_io import (
     ModelSource,
     SavedModel,

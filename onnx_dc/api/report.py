@@ -322,7 +322,7 @@ def _row(ref: ContainerRef) -> TensorRow:
             info = read_container_info(data)
             n_kept = recorded if recorded <= min(info.entries, info.numel) else None
         if recorded is None or n_kept is None:
-            info, code_symbols, gap_symbols = decode_container_symbols(data)
+            info, code_symbols, _ = decode_container_symbols(data)
             n_kept = int(np.count_nonzero(code_symbols != info.codebook_size))
     except ContainerError as exc:
         raise ContainerError(f"container {ref.name!r} (tensor {ref.original_name!r}): {exc}") from None

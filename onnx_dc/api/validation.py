@@ -27,8 +27,8 @@ from onnx_dc.calibration.data import input_specs
 from onnx_dc.errors import CalibrationError, LibraryNotFoundError, ModelError, OnnxDcError, first_line
 from onnx_dc.graph import model_io
 from onnx_dc.graph.model_io import load_model, save_model, tensor_bytes
-from onnx_dc.graph.tensor_store import read_structure
 from onnx_dc.graph.restore import decompress_model, has_custom_ops
+from onnx_dc.graph.tensor_store import read_structure
 
 # Generated inputs: the first dynamic axis (the batch) gets this size, the others the second.
 GENERATED_BATCH = 1

@@ -122,17 +122,8 @@ def encode_symbols(
             code_stream.add(symbols[start : start + BLOCK])
         streams = [code_stream.finish()]
         layout_code, header_index_bits, entries = _LAYOUT_DENSE, 0, int(symbols.size)
-    return _assemble_container(
-        dtype=codebook.dtype,
-        shape=shape,
-        layout=layout_code,
-        bits=bits,
-        index_bits=header_index_bits,
-        codebook=codebook,
-        chunk_symbols=chunk_symbols,
-        entries=entries,
-        streams=streams,
-    )
+    header = {"dtype": codebook.dtype, "shape": shape, "bits": bits, "codebook": codebook, "chunk_symbols": chunk_symbols}
+    return _assemble_container(**header, layout=layout_code, index_bits=header_index_bits, entries=entries, streams=streams)
 
 
 def _count(symbols: np.ndarray, zero: int) -> np.ndarray:

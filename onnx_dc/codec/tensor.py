@@ -195,14 +195,7 @@ def compress_tensor(
         codes[codes == codebook.size] = -1
         return compressed_tensor_from_codes(codes.reshape(weights.shape), codebook, settings)
     weights = _check_weights(weights)
-    if mask is not None:
-        keep = _check_mask(mask, weights.shape)
-    elif settings.sparsity is not None:
-        keep = prune_by_magnitude(weights, settings.sparsity)
-    elif settings.quality is not None:
-        keep = prune_by_std(weights, settings.quality)
-    else:
-        keep = np.ones(weights.shape, dtype=bool)
+    keep = _check_mask(mask, weights.shape) if mask is not None else _pruning_mask(weights, settings, prune_by_magnitude)
 
     keep_flat = keep.reshape(-1)
     kept = weights.reshape(-1)[keep_flat].astype(np.float64)
@@ -335,12 +328,7 @@ def _fast_symbols(
         flat = flat.astype(np.float32)  # float16 and bfloat16 widen exactly
     _check_finite_blocks(flat)
     if keep is None:
-        if settings.sparsity is not None:
-            keep = magnitude_keep_mask(flat, settings.sparsity)
-        elif settings.quality is not None:
-            keep = prune_by_std(flat, settings.quality)
-        else:
-            keep = np.ones(flat.size, dtype=bool)
+        keep = _pruning_mask(flat, settings, magnitude_keep_mask)
     kept_sorted = flat[keep]
     kept_sorted.sort()
     centroids = kmeans_centroids_of_sorted32(
@@ -368,6 +356,15 @@ def _fast_symbols(
             np.take(lookup, part, out=part)
         counts = np.append(counts[:zero][used], counts[zero])
     return symbols, candidates[used].astype(dtype), keep, counts
+
+
+def _pruning_mask(weights: np.ndarray, settings: TensorSettings, by_magnitude: Callable) -> np.ndarray:
+    """The keep-mask the settings ask for: ``by_magnitude(weights, sparsity)``, the std rule, or keep all."""
+    if settings.sparsity is not None:
+        return by_magnitude(weights, settings.sparsity)
+    if settings.quality is not None:
+        return prune_by_std(weights, settings.quality)
+    return np.ones(weights.shape, dtype=bool)
 
 
 def _candidates_in_dtype(centroids: np.ndarray, dtype: np.dtype) -> np.ndarray:

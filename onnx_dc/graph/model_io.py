@@ -30,11 +30,14 @@ from onnx import external_data_helper, numpy_helper
 from onnx_dc.errors import ModelError, first_line
 from onnx_dc.graph.tensor_store import (
     all_tensors,
+    check_model_file,
     copy_tensor_bytes,
     copy_without_data,
+    encode_varint,
     external_location,
     has_references,
-    iter_graphs,
+    iter_graphs,  # noqa: F401  (re-exported: onnx_dc.graph.model_io.iter_graphs)
+    length_delimited,
     read_structure,
     set_location,
     stored_bytes,
@@ -95,11 +98,7 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
         return model
     if not isinstance(source, (str, os.PathLike)):
         raise ModelError(f"expected a model path or onnx.ModelProto, got {type(source).__name__}")
-    path = Path(source)
-    if not path.exists():
-        raise ModelError(f"{path}: no such file")
-    if path.is_dir():
-        raise ModelError(f"{path}: is a directory, not an ONNX model file")
+    path = check_model_file(source)
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -447,7 +446,7 @@ def _write_streamed(model: onnx.ModelProto, path: Path, source_dir: str | os.Pat
     for tensor in skeleton.graph.initializer:
         original = originals.get(id(tensor))
         if original is None:
-            piece = _length_delimited(5, tensor.SerializeToString())
+            piece = length_delimited(5, tensor.SerializeToString())
             pieces.append((piece, None, 0))
             graph_length += len(piece)
             continue
@@ -457,15 +456,15 @@ def _write_streamed(model: onnx.ModelProto, path: Path, source_dir: str | os.Pat
             length = tensor_nbytes(original)  # checked when written (reading raw_data copies it)
         else:
             length = len(_raw_bytes(original))
-        header = tensor.SerializeToString() + _varint(9 << 3 | 2) + _varint(length)  # then raw_data's bytes
-        prefix = _varint(5 << 3 | 2) + _varint(len(header) + length) + header
+        header = tensor.SerializeToString() + encode_varint(9 << 3 | 2) + encode_varint(length)  # then raw_data's bytes
+        prefix = encode_varint(5 << 3 | 2) + encode_varint(len(header) + length) + header
         pieces.append((prefix, original, length))
         graph_length += len(prefix) + length
     top = onnx.ModelProto()
     top.CopyFrom(skeleton)
     top.ClearField("graph")
     with open(path, "wb") as f:
-        f.write(top.SerializeToString() + _varint(7 << 3 | 2) + _varint(graph_length) + head)
+        f.write(top.SerializeToString() + encode_varint(7 << 3 | 2) + encode_varint(graph_length) + head)
         for prefix, original, length in pieces:
             f.write(prefix)
             if original is None:
@@ -481,20 +480,6 @@ def _write_streamed(model: onnx.ModelProto, path: Path, source_dir: str | os.Pat
             del data
         f.flush()
         os.fsync(f.fileno())
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _length_delimited(field: int, payload: bytes) -> bytes:
-    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

@@ -29,7 +29,7 @@ plain onnxruntime.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,7 +39,6 @@ from onnx import helper, numpy_helper
 from onnx_dc.errors import ModelError
 from onnx_dc.graph.fusion import fuse_relu, mark_sparse_inputs
 from onnx_dc.graph.model_io import unique_name
-from onnx_dc.graph.tensor_store import structure_of
 from onnx_dc.graph.operators import (
     _DECOMPRESS_NAMES,
     CONTAINER_SUFFIX,
@@ -58,6 +57,7 @@ from onnx_dc.graph.operators import (
     META_SOURCE,
     OPSET_VERSION,
 )
+from onnx_dc.graph.tensor_store import structure_of
 from onnx_dc.graph.weights import Consumer, Weight, iter_scopes
 
 

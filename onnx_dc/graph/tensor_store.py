@@ -41,11 +41,14 @@ __all__ = [
     "PLACEHOLDER",
     "TensorLocation",
     "all_tensors",
+    "check_model_file",
     "copy_tensor_bytes",
     "copy_without_data",
+    "encode_varint",
     "external_location",
     "has_references",
     "iter_graphs",
+    "length_delimited",
     "materialize",
     "open_model",
     "read_structure",
@@ -113,11 +116,7 @@ def read_structure(path: str | os.PathLike) -> onnx.ModelProto:
     tensors' bytes are touched. The references are not checked (:func:`open_model` does).
     Raises :class:`ModelError` for a missing, unreadable or non-ONNX file.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ModelError(f"{path}: no such file")
-    if path.is_dir():
-        raise ModelError(f"{path}: is a directory, not an ONNX model file")
+    path = check_model_file(path)
     try:
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
@@ -134,6 +133,16 @@ def read_structure(path: str | os.PathLike) -> onnx.ModelProto:
     except (DecodeError, RuntimeError, ValueError):
         raise ModelError(f"{path}: not an ONNX model (the file is not a valid ModelProto)") from None
     return model
+
+
+def check_model_file(path: str | os.PathLike) -> Path:
+    """``path`` as a :class:`Path` if it names an existing file; :class:`ModelError` otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelError(f"{path}: is a directory, not an ONNX model file")
+    return path
 
 
 def has_references(model: onnx.ModelProto) -> bool:
@@ -429,7 +438,8 @@ def _varint(data, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _encode_varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """A non-negative integer in protobuf's varint encoding."""
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -465,26 +475,26 @@ def _fields(data, start: int, end: int) -> Iterator[tuple[int, int, int, int, in
         pos = value_end
 
 
-def _length_delimited(field: int, payload: bytes) -> bytes:
-    return _encode_varint(field << 3 | _WIRE_LEN) + _encode_varint(len(payload)) + payload
+def length_delimited(field: int, payload: bytes) -> bytes:
+    """A protobuf length-delimited field (a message, bytes or a string): tag, length, payload."""
+    return encode_varint(field << 3 | _WIRE_LEN) + encode_varint(len(payload)) + payload
 
 
 def _strip_model(data, file_name: str) -> bytes:
     """The model's bytes with large initializers' raw data replaced by references into ``file_name``."""
-    parts = []
-    for field, wire, field_start, value_start, value_end in _fields(data, 0, len(data)):
-        if field == _MODEL_GRAPH and wire == _WIRE_LEN:
-            parts.append(_length_delimited(_MODEL_GRAPH, _strip_graph(data, value_start, value_end, file_name)))
-        else:
-            parts.append(data[field_start:value_end])
-    return b"".join(parts)
+
+    def graph(start: int, end: int) -> bytes:
+        return _rewrite_field(data, start, end, _GRAPH_INITIALIZER, lambda s, e: _strip_tensor(data, s, e, file_name))
+
+    return _rewrite_field(data, 0, len(data), _MODEL_GRAPH, graph)
 
 
-def _strip_graph(data, start: int, end: int, file_name: str) -> bytes:
+def _rewrite_field(data, start: int, end: int, number: int, rewrite) -> bytes:
+    """The message ``data[start:end]`` with each length-delimited field ``number`` replaced by ``rewrite(s, e)``."""
     parts = []
     for field, wire, field_start, value_start, value_end in _fields(data, start, end):
-        if field == _GRAPH_INITIALIZER and wire == _WIRE_LEN:
-            parts.append(_length_delimited(_GRAPH_INITIALIZER, _strip_tensor(data, value_start, value_end, file_name)))
+        if field == number and wire == _WIRE_LEN:
+            parts.append(length_delimited(number, rewrite(value_start, value_end)))
         else:
             parts.append(data[field_start:value_end])
     return b"".join(parts)
@@ -499,7 +509,7 @@ def _strip_tensor(data, start: int, end: int, file_name: str) -> bytes:
     _, _, _, raw_start, raw_end = raw[0]
     parts = [data[f[2] : f[4]] for f in fields if f[0] != _TENSOR_RAW_DATA]
     for key, value in (("location", file_name), ("offset", str(raw_start)), ("length", str(raw_end - raw_start))):
-        entry = _length_delimited(1, key.encode()) + _length_delimited(2, value.encode())
-        parts.append(_length_delimited(_TENSOR_EXTERNAL_DATA, entry))
-    parts.append(_encode_varint(_TENSOR_DATA_LOCATION << 3 | _WIRE_VARINT) + _encode_varint(onnx.TensorProto.EXTERNAL))
+        entry = length_delimited(1, key.encode()) + length_delimited(2, value.encode())
+        parts.append(length_delimited(_TENSOR_EXTERNAL_DATA, entry))
+    parts.append(encode_varint(_TENSOR_DATA_LOCATION << 3 | _WIRE_VARINT) + encode_varint(onnx.TensorProto.EXTERNAL))
     return b"".join(parts)
