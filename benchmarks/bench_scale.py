@@ -11,7 +11,8 @@ process group, measured from outside:
 
 * wall time, and weights per second (the model's weights / wall time);
 * CPU time of every process of the group (the converter, the forkserver, the workers), read from /proc every
-  0.25 s; cores used = CPU time / wall time;
+  0.25 s; cores used = CPU time / wall time; weights per CPU-second = the model's weights / CPU time (what the
+  rate would be per fully available core, whatever else the machine is doing);
 * converter memory: the peak, over the samples, of the group's summed resident memory (RSS; the workers' file
   pages of the memory-mapped input count as theirs), and the largest single process's peak (``VmHWM``);
 * session memory: in a fresh child process, the resident memory an onnxruntime session adds (created from the
@@ -266,15 +267,15 @@ def _remove(path: Path) -> None:
 
 def format_table(rows: list[Row]) -> str:
     """The markdown table of the results (medians, with the range over the repeats)."""
-    header = ["model", "weights", "settings", "wall s", "M weights/s", "cores used", "converter peak (all processes)",
-              "largest process", "output", "session (compressed / float)"]
+    header = ["model", "weights", "settings", "wall s", "M weights/s", "cores used", "M weights per CPU-s",
+              "converter peak (all processes)", "largest process", "output", "session (compressed / float)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     by_model: dict[str, dict[str, Row]] = {}
     for row in rows:
         by_model.setdefault(row.model.name, {})[row.variant] = row
         runs = [r for r in row.runs if r.returncode == 0]
         if not runs:
-            lines.append(f"| {row.model.name} | {row.model.n_weights / 1e6:,.1f} M | {row.variant} | failed | | | | | | |")
+            lines.append(f"| {row.model.name} | {row.model.n_weights / 1e6:,.1f} M | {row.variant} | failed | | | | | | | |")
             continue
         walls = [r.wall for r in runs]
         rates = [row.model.n_weights / r.wall / 1e6 for r in runs]
@@ -285,7 +286,8 @@ def format_table(rows: list[Row]) -> str:
         lines.append(
             f"| {row.model.name} ({row.model.nbytes / 1e9:.2f} GB{', external data' if row.model.external else ''}) "
             f"| {row.model.n_weights / 1e6:,.1f} M | {row.variant} | {_spread(walls, '.1f')} | {_spread(rates, '.2f')} "
-            f"| {_median(cores):.2f} | {_mb(_median([r.peak_group_rss for r in runs]))} "
+            f"| {_median(cores):.2f} | {_median([row.model.n_weights / r.cpu / 1e6 for r in runs]):.1f} "
+            f"| {_mb(_median([r.peak_group_rss for r in runs]))} "
             f"| {_mb(_median([r.peak_process_hwm for r in runs]))} | {_mb(runs[0].output_bytes)} | {session} |"
         )
     notes = []
