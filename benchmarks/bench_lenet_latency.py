@@ -14,10 +14,11 @@ shows the median per run and the ratio to the original (below 1 = faster).
 the kernels to skip), ``image`` the first Fashion-MNIST test image (66 %
 of its pixels are 0, which DCMatMul skips in the first layer, as EIE skips zero
 activations); one table per input kind.
-The kept fraction decides the layout DCMatMul uses: codebook indices for
-heavily pruned weights, dense float32 shared values from 25 % kept up
-(docs/OPERATORS.md, "In-memory layout"); this benchmark is the measurement
-behind that threshold.
+The kept fraction decides the layout DCMatMul uses: the index layout (codebook
+indices and positions of the kept weights) for heavily pruned weights, code
+panels (a uint8 codebook index per weight) from 25 % kept up
+(docs/OPERATORS.md, "In-memory layout"); this benchmark measured that
+threshold (then against a dense float32 layout, which the code panels replaced).
 """
 
 from __future__ import annotations

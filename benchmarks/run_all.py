@@ -79,6 +79,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         quick_args=("--quick",),
     ),
     Benchmark(
+        "transformer_coverage",
+        "transformer test models: weights compressed vs left dense, by the op that reads them",
+        quick_args=("--models", "bert_ort_opt1"),
+    ),
+    Benchmark(
         "compare",
         "onnx-dc beside zstd, quantize_dynamic and MatMulNBits on the zoo and real models",
         quick_args=("--quick",),

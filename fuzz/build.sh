@@ -132,9 +132,13 @@ build_leak() {
         asan_dir="$(dirname "$("$CXX" -print-file-name=libclang_rt.asan-x86_64.so)")"
         # The operator library exactly as runtime/CMakeLists.txt builds it, plus ASan/LSan.
         local objects=() source
-        for source in ops.cc sparse_matmul.cc resident_matmul.cc matmul_kernels_generic.cc matmul_kernels_avx2.cc conv.cc container.cc; do
+        for source in ops.cc sparse_matmul.cc resident_matmul.cc matmul_kernels_generic.cc matmul_kernels_avx2.cc conv.cc container.cc \
+                compact.cc gemm.cc gemm_kernels_generic.cc gemm_kernels_avx2.cc gemm_kernels_avx512.cc; do
             local isa=()
-            [ "$source" = matmul_kernels_avx2.cc ] && isa=(-mavx2 -mfma -mbmi2)
+            case "$source" in
+                matmul_kernels_avx2.cc | gemm_kernels_avx2.cc) isa=(-mavx2 -mfma -mbmi2) ;;
+                gemm_kernels_avx512.cc) isa=(-mavx2 -mfma -mbmi2 -mavx512f -mavx512bw -mavx512dq -mavx512vl) ;;
+            esac
             "$CXX" "${flags[@]}" -fvisibility=hidden -fvisibility-inlines-hidden "${isa[@]}" \
                 -c "$SRC/$source" -o "$OUT/lsan_${source%.cc}.o"
             objects+=("$OUT/lsan_${source%.cc}.o")

@@ -52,3 +52,16 @@ def first_line(exc: BaseException) -> str:
     for one-line error reports that wrap errors of onnx, onnxruntime or numpy."""
     text = str(exc).strip()
     return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
+
+
+def caused_by_interrupt(exc: BaseException) -> bool:
+    """True when ``exc`` is, or was raised while handling, a ``KeyboardInterrupt``: a signal that landed
+    inside an extension module (an import, a C call) can surface as another exception."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False

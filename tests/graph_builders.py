@@ -333,11 +333,11 @@ def uniform_container(values: np.ndarray, *, sparsity: float = 0.5, bits: int = 
     return encode_container(codes.reshape(values.shape), codebook.astype(values.dtype), bits=bits, index_bits=index_bits)
 
 
-def compress_all(model: onnx.ModelProto, **kwargs) -> tuple[onnx.ModelProto, dict[str, bytes]]:
-    """A copy of ``model`` with every non-bias float weight replaced by a container."""
+def compress_all(model: onnx.ModelProto, *, min_elements: int = 0, **kwargs) -> tuple[onnx.ModelProto, dict[str, bytes]]:
+    """A copy of ``model`` with every non-bias float weight of ``min_elements`` or more replaced by a container."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    pairs = [(w, uniform_container(w.to_array(), **kwargs)) for w in find_weights(out) if not w.is_bias]
+    pairs = [(w, uniform_container(w.to_array(), **kwargs)) for w in find_weights(out, min_elements=min_elements) if not w.is_bias]
     apply_compression(out, pairs)
     return out, {w.name: c for w, c in pairs}
 

@@ -16,7 +16,7 @@ import onnx_dc
 from onnx_dc.api.convert import compress_model
 from onnx_dc.api.recipe import Recipe
 from graph_builders import ops_library  # noqa: F401  (fixture)
-from onnx_dc.errors import InvalidTensorError, ModelError, SettingsError
+from onnx_dc.errors import InvalidTensorError, LibraryNotFoundError, ModelError, SettingsError
 from onnx_dc.graph.model_io import iter_graphs
 
 
@@ -33,7 +33,8 @@ def _run(model, feeds, library=None):
 
 
 def test_public_api_is_exported():
-    for name in ("compress", "decompress", "inspect", "validate", "ops_library_path", "OnnxDcError", "SettingsError"):
+    for name in ("compress", "decompress", "inspect", "validate", "ops_library_path", "session_options",
+                 "inference_session", "OnnxDcError", "SettingsError"):
         assert name in onnx_dc.__all__ and hasattr(onnx_dc, name)
 
 
@@ -57,11 +58,33 @@ def test_compress_a_path_writes_a_valid_model_and_leaves_the_input_alone(tmp_pat
     assert result.report.compressed_file_bytes == (tmp_path / "out.onnx").stat().st_size
     plans = {p.weight.name: p for p in result.plans}
     assert plans["b2"].skip_reason.startswith("bias")
-    assert set(result.compressed) == {"w1", "b1", "w2", "w3"}
+    # b1 (the bias Add's operand, 300 floats) is a vector: dense unless named.
+    assert set(result.compressed) == {"w1", "w2", "w3"}
+    assert plans["b1"].settings is None and "vector" in plans["b1"].skip_reason
+    # named, it would take 1.3 KiB as an 8-bit container (a 256-entry codebook): still left dense, and said so
+    named = onnx_dc.compress(src, bits="b1=8,fc=4", sparsity={"fc": 0.9})
+    reason = {p.weight.name: p for p in named.plans}["b1"].skip_reason
+    assert "would not be smaller" in reason and set(named.compressed) == {"w1", "w2", "w3"}
+    assert {d.name: d for d in named.report.dense}["b1"].reason.endswith(reason)
+    assert f"b1 left dense: {reason}" in named.report.notes
     # inspect reads the same table back from the file.
     again = onnx_dc.inspect(tmp_path / "out.onnx")
     assert again.to_dict()["tensors"] == result.report.to_dict()["tensors"]
     assert again.ratio == result.report.ratio
+
+
+def test_no_container_is_larger_than_the_tensor_it_replaces():
+    reasons = []
+    for name, build in sorted(gb.ALL_BUILDERS.items()):
+        result = onnx_dc.compress(build(), recipe=Recipe(min_elements=0, bits=8))
+        for row in result.report.tensors:
+            assert row.compressed_bytes < row.original_bytes, (name, row.name)
+        for plan in result.plans:
+            if plan.skip_reason and "would not be smaller" in plan.skip_reason:
+                reasons.append((name, plan.weight.name))
+                assert plan.weight.name not in result.compressed
+                assert any(d.name == plan.weight.name and d.reason.endswith(plan.skip_reason) for d in result.report.dense)
+    assert reasons  # 8-bit codebooks of 256 values do not pay off on the small tensors of these graphs
 
 
 def test_compress_a_proto_does_not_modify_it():
@@ -92,7 +115,7 @@ def test_progress_callback_and_tensor_compressor_hook():
 
     compress_model(gb.mlp(), Recipe(), progress=lambda done, total, name: calls.append((done, total, name)),
                    tensor_compressor=compressor)
-    assert calls[0] == (0, 4, "w1") and calls[-1] == (4, 4, "")
+    assert calls[0] == (0, 3, "w1") and calls[-1] == (3, 3, "")  # w1, w2, w3 (b1 is a vector, b2 a bias)
     assert seen[0] == ("w1", "fc", (64, 300), 5)
 
 
@@ -152,6 +175,93 @@ def test_user_mistakes_raise_onnx_dc_errors(tmp_path):
     with pytest.raises(InvalidTensorError, match="'w1'"):
         onnx_dc.compress(bad, tmp_path / "nan.onnx")
     assert not (tmp_path / "nan.onnx").exists()
+
+
+def test_a_tensor_that_keeps_no_weights_is_in_the_warnings_and_the_report():
+    result = onnx_dc.compress(gb.mlp(), recipe=Recipe(quality={"w2": 50.0}))
+    assert result.warnings == ["tensor 'w2' keeps no weights (--quality w2=50.0): it is all zeros now"]
+    assert result.warnings[0] in result.report.notes
+    assert next(r for r in result.report.tensors if r.name == "w2").n_kept == 0
+    with pytest.raises(SettingsError, match="below 1"):
+        onnx_dc.compress(gb.mlp(), sparsity=1)
+
+
+def test_inspect_refuses_a_model_without_containers_and_says_why():
+    plain = gb.mlp()
+    with pytest.raises(ModelError, match="holds no onnx-dc containers: it is not a compressed model"):
+        onnx_dc.inspect(plain)
+    compressed = onnx_dc.compress(plain).model
+    assert onnx_dc.inspect(compressed).tensors
+    with pytest.raises(ModelError, match="it was decompressed"):
+        onnx_dc.inspect(onnx_dc.decompress(compressed))
+    all_dense = onnx_dc.compress(plain, recipe=Recipe(exclude=("*",))).model
+    with pytest.raises(ModelError, match="onnx-dc left every weight of it dense"):
+        onnx_dc.inspect(all_dense)
+
+
+def test_an_already_compressed_model_is_refused(tmp_path):
+    compressed = onnx_dc.compress(gb.mlp(), tmp_path / "c.onnx").model
+    calib = {"x": gb.inputs_for(gb.mlp(), batch=16)["x"]}
+    for attempt in (lambda: onnx_dc.compress(compressed), lambda: onnx_dc.compress(tmp_path / "c.onnx", tmp_path / "cc.onnx"),
+                    lambda: onnx_dc.compress(compressed, calib=calib), lambda: compress_model(compressed, Recipe()),
+                    lambda: onnx_dc.sensitivity(compressed, calib)):
+        with pytest.raises(ModelError, match="already compressed by onnx-dc.*onnx-dc decompress"):
+            attempt()
+    assert not (tmp_path / "cc.onnx").exists()
+    # A container left without its operators still counts; the decompressed model compresses again.
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(compressed)
+    del stripped.graph.node[:]
+    kept = [opset for opset in stripped.opset_import if opset.domain != "ai.onnx_dc"]
+    del stripped.opset_import[:]
+    stripped.opset_import.extend(kept)
+    with pytest.raises(ModelError, match="already compressed"):
+        onnx_dc.compress(stripped)
+    assert onnx_dc.compress(onnx_dc.decompress(compressed)).report.tensors
+
+
+def test_the_compressed_model_says_how_to_run_it_and_decompress_drops_the_hint():
+    model = gb.mlp()  # producer graph_builders 1.2, metadata labels=...
+    compressed = onnx_dc.compress(model).model
+    meta = {e.key: e.value for e in compressed.metadata_props}
+    assert meta["labels"] == "t-shirt,trouser,pullover" and "onnx_dc.recipe" in meta
+    assert meta["onnx_dc.version"] == onnx_dc.__version__
+    hint = meta["onnx_dc.runtime"]
+    assert "\n" not in hint and "onnx_dc.ops_library_path()" in hint and "pip install onnx-dc" in hint
+    assert "onnx_dc.inference_session" in hint and "onnx-dc decompress" in hint
+    assert (compressed.producer_name, compressed.producer_version) == ("graph_builders", "1.2")
+    # Without the library onnxruntime names only the operator; the hint is in the model it refuses.
+    with pytest.raises(Exception, match=r"ai.onnx_dc:DC\w+\(-1\) is not a registered"):
+        ort.InferenceSession(compressed.SerializeToString(), providers=["CPUExecutionProvider"])
+    restored = onnx_dc.decompress(compressed)
+    restored_meta = [(e.key, e.value) for e in restored.metadata_props]
+    assert restored_meta == [(e.key, e.value) for e in compressed.metadata_props if e.key != "onnx_dc.runtime"]
+    assert (restored.producer_name, restored.doc_string) == (model.producer_name, model.doc_string)
+    # Compressing the decompressed model again replaces the entries instead of repeating them.
+    again = onnx_dc.compress(restored).model
+    assert sorted(e.key for e in again.metadata_props) == sorted(meta)
+
+
+def test_inference_session_and_session_options_register_the_library(tmp_path, ops_library, monkeypatch):
+    model = gb.mlp()
+    result = onnx_dc.compress(model, tmp_path / "c.onnx")
+    feeds = gb.inputs_for(model, batch=4)
+    expected = _run(result.model, feeds, ops_library)[0]
+    for source in (tmp_path / "c.onnx", str(tmp_path / "c.onnx"), result.model, result.model.SerializeToString()):
+        session = onnx_dc.inference_session(source)
+        np.testing.assert_array_equal(session.run(None, feeds)[0], expected)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    assert onnx_dc.session_options(options) is options
+    session = ort.InferenceSession(str(tmp_path / "c.onnx"), onnx_dc.session_options(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, feeds)[0], expected)
+    with pytest.raises(ModelError, match="no such file"):
+        onnx_dc.inference_session(tmp_path / "missing.onnx")
+    with pytest.raises(ModelError, match="onnxruntime cannot load the model"):
+        onnx_dc.inference_session(b"not a model")
+    monkeypatch.setenv("ONNX_DC_OPS_LIBRARY", str(tmp_path / "missing.so"))
+    with pytest.raises(LibraryNotFoundError):
+        onnx_dc.session_options()
 
 
 # ----------------------------------------------------------------------------- the zoo pipeline

@@ -47,9 +47,7 @@ def test_a_layer_imports_only_the_layers_below_it(module):
     own = layer_of(module)
     for imported in imports(modules()[module], top_level_only=False):
         other = layer_of(imported)
-        assert imported in ("onnx_dc", "onnx_dc.errors", "onnx_dc.progress") or other is not None, (
-            f"{module} imports {imported}"
-        )
+        assert imported in ("onnx_dc", "onnx_dc.errors", "onnx_dc.progress") or other is not None, f"{module} imports {imported}"
         assert other is None or other <= own, f"{module} ({LAYERS[own]}) imports {imported} ({LAYERS[other]})"
 
 

@@ -113,7 +113,9 @@ class TestSearch:
         _, held_out = load_calibration(calib, model).split(120, seed=3)
         reference = run_model(model, held_out)["logits"]
         assert cosine(reference, run_compressed(result, held_out)) >= 0.999
-        assert tuned.metrics.cosine == pytest.approx(cosine(reference, run_compressed(result, held_out)), abs=1e-9)
+        # the search ran the data in batches of 64, this run in one: DCMatMul's bf16x3 arithmetic depends on the rows
+        # per call (AMX tiles from 16 rows) within 1e-5 of the outputs, so the cosines agree to about 1e-8
+        assert tuned.metrics.cosine == pytest.approx(cosine(reference, run_compressed(result, held_out)), abs=1e-6)
         looser = onnx_dc.compress(model, recipe=searching(3, min_cosine=0.99), calib=calib)
         assert looser.report.ratio >= result.report.ratio
 

@@ -7,6 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the full suite only: a benchmark at a tiny size
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_calibration.py"
 
 

@@ -243,6 +243,7 @@ def quick_run(tmp_path_factory):
     return out, completed.stdout, json.loads((out / "compare.json").read_text())
 
 
+@pytest.mark.slow  # the full suite only: the benchmark's quick run (module fixture)
 def test_quick_run_writes_table_json_and_plots(quick_run):
     out, stdout, data = quick_run
     markdown = (out / "compare.md").read_text()
@@ -256,6 +257,7 @@ def test_quick_run_writes_table_json_and_plots(quick_run):
     assert [m["model"] for m in data["models"]] == ["lenet_300_100", "ppocr-mobile-v2-cls"]
 
 
+@pytest.mark.slow  # the full suite only: the benchmark's quick run (module fixture)
 def test_merge_rewrites_the_outputs_from_saved_runs(quick_run, tmp_path):
     out, stdout, data = quick_run
     assert compare.main(["--merge", str(out), "--out", str(tmp_path)]) == 0
@@ -266,6 +268,7 @@ def test_merge_rewrites_the_outputs_from_saved_runs(quick_run, tmp_path):
     assert compare.main(["--merge", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
 
 
+@pytest.mark.slow  # the full suite only: the benchmark's quick run (module fixture)
 def test_merge_takes_a_model_measured_twice_from_the_last_run(quick_run, tmp_path):
     out, _, data = quick_run
     rerun = tmp_path / "rerun"
@@ -280,6 +283,7 @@ def test_merge_takes_a_model_measured_twice_from_the_last_run(quick_run, tmp_pat
     assert merged["models"][0]["description"] == "re-run" and merged["models"][1] == data["models"][1]
 
 
+@pytest.mark.slow  # the full suite only: the benchmark's quick run (module fixture)
 def test_quick_run_rows(quick_run):
     _, _, data = quick_run
     for model in data["models"]:
@@ -315,6 +319,7 @@ def test_quick_run_rows(quick_run):
         assert automatic["status"].startswith("not run in --quick")
 
 
+@pytest.mark.slow  # the full suite only: the benchmark's quick run (module fixture)
 def test_quick_mode_never_writes_the_measured_results(quick_run, tmp_path, monkeypatch):
     out, _, _ = quick_run
     quick_dir = tmp_path / "quick"

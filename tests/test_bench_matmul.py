@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the full suite only: a benchmark at a tiny size
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_matmul.py"
 
 

@@ -171,8 +171,26 @@ class TestAxisZeroRule:
             load_calibration(tmp_path / "missing.npz", mlp_model())
         bad = tmp_path / "bad.npz"
         bad.write_bytes(b"not a zip")
-        with pytest.raises(CalibrationError, match="not a readable"):
+        with pytest.raises(CalibrationError, match=r"bad.npz: not an .npz file of arrays \(write one with numpy.savez"):
             load_calibration(bad, mlp_model())
+
+    def test_files_that_are_not_npz_archives_of_arrays(self, tmp_path):
+        """Text, a pickle, one .npy array, pickled object arrays: one clear line each, never numpy's pickle hint."""
+        import pickle
+
+        (tmp_path / "text.npz").write_text("x,y\n1,2\n")
+        (tmp_path / "pickle.npz").write_bytes(pickle.dumps({"x": [1, 2]}))
+        with open(tmp_path / "one.npz", "wb") as file:
+            np.save(file, np.ones((5, 6), np.float32))
+        np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}], dtype=object))
+        (tmp_path / "empty.npz").write_bytes(b"")
+        expected = {"text": "not an .npz file of arrays", "pickle": "not an .npz file of arrays",
+                    "one": "a single .npy array", "objects": "not an .npz file of arrays", "empty": "not an .npz file"}
+        for name, message in expected.items():
+            with pytest.raises(CalibrationError) as error:
+                load_calibration(tmp_path / f"{name}.npz", mlp_model())
+            text = str(error.value)
+            assert message in text and "\n" not in text and "allow_pickle=True" not in text, text
 
     def test_iterable_of_feeds_and_one_shot_generators(self):
         model = mlp_model()

@@ -18,6 +18,7 @@ def test_halves_are_disjoint_and_cover_the_test_split():
     np.testing.assert_array_equal(np.sort(np.concatenate([a, b])), np.arange(10000))
 
 
+@pytest.mark.slow  # the full suite only: calibrated compressions of both LeNets
 def test_fixed_only_computes_the_fixed_settings_rows(tmp_path, capsys):
     out = tmp_path / "rows.json"
     table = tmp_path / "table.md"

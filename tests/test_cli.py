@@ -78,8 +78,49 @@ def test_validate_with_npz_inputs(tmp_path, mlp_file, capsys):
     assert main(["compress", str(mlp_file), "-o", str(out), "--no-progress"]) == 0
     np.savez(tmp_path / "in.npz", x=gb.inputs_for(gb.mlp(), batch=7)["x"])
     capsys.readouterr()
-    assert main(["validate", str(mlp_file), str(out), "--inputs", str(tmp_path / "in.npz"), "--json", "--no-library"]) == 0
-    assert json.loads(capsys.readouterr().out)["outputs"][0]["shape"] == [7, 10]
+    argv = ["validate", str(mlp_file), str(out), "--inputs", str(tmp_path / "in.npz"), "--json", "--no-library"]
+    # The test MLP's random weights keep a cosine of about 0.98 at the default settings: below the default 0.99.
+    assert main([*argv, "--min-cosine", "0.9"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["outputs"][0]["shape"] == [7, 10]
+    assert report["thresholds"]["applied"] == ["cosine >= 0.9", "top-1 agreement >= 95% (default)"]
+    assert main(argv) == EXIT_THRESHOLD
+    assert json.loads(capsys.readouterr().out)["thresholds"]["defaults"] == ["min_cosine", "min_top1_agreement"]
+
+
+def test_validate_fails_a_model_that_lost_its_weights_by_default(tmp_path, mlp_file, capsys):
+    """An all-zero model (what --sparsity 1 wrote) must not pass validate without thresholds given."""
+    zeroed = onnx.load(mlp_file)
+    for tensor in zeroed.graph.initializer:
+        tensor.CopyFrom(nh.from_array(np.zeros_like(nh.to_array(tensor)), tensor.name))
+    onnx.save(zeroed, tmp_path / "zero.onnx")
+    assert main(["validate", str(mlp_file), str(tmp_path / "zero.onnx")]) == EXIT_THRESHOLD
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "FAILED (cosine >= 0.99 (default))"
+    assert any(line.startswith("note: top-1 agreement not checked") for line in lines)
+    np.savez(tmp_path / "in.npz", x=gb.inputs_for(gb.mlp(), batch=32)["x"])
+    argv = ["validate", str(mlp_file), str(tmp_path / "zero.onnx"), "--inputs", str(tmp_path / "in.npz")]
+    assert main([*argv, "--min-cosine", "none"]) == EXIT_THRESHOLD
+    assert capsys.readouterr().out.splitlines()[-1] == "FAILED (top-1 agreement >= 95% (default))"
+    assert main([*argv, "--min-cosine", "none", "--min-top1-agreement", "none"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "PASSED (no thresholds: outputs finite and shaped alike)"
+
+
+def test_help_shows_the_defaults_and_describes_every_argument(capsys):
+    from onnx_dc.api.cli import build_parser
+
+    for command in ("compress", "decompress", "inspect", "validate", "sensitivity"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        parser = build_parser()._subparsers._group_actions[0].choices[command]
+        for action in parser._actions:
+            assert action.help, (command, action.dest)  # every positional and option is described
+        if command == "compress":
+            assert "(default fc=0.3, conv=0.1, other=none)" in text and "(default fc=5, conv=8, other=8)" in text
+            assert "(default 256)" in text and "0 <= S < 1" in text
+        if command == "validate":
+            assert "default 0.99" in text and "default 0.95 with --inputs" in text
 
 
 def _mistakes(tmp_path: Path, mlp_file: Path) -> list[tuple[list[str], str]]:
@@ -87,6 +128,8 @@ def _mistakes(tmp_path: Path, mlp_file: Path) -> list[tuple[list[str], str]]:
     text.write_text("not a model\n")
     out = str(tmp_path / "out.onnx")
     m = str(mlp_file)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=gb.inputs_for(gb.mlp(), batch=16)["x"])
     return [
         (["compress", str(tmp_path / "missing.onnx"), "-o", out], "no such file"),
         (["compress", str(text), "-o", out], "not an ONNX model"),
@@ -97,13 +140,20 @@ def _mistakes(tmp_path: Path, mlp_file: Path) -> list[tuple[list[str], str]]:
         (["compress", m, "-o", out, "--exclude", "enc*"], "matches no floating-point weight"),
         (["compress", m, "-o", out, "--bits", "9"], "out of range"),
         (["compress", m, "-o", out, "--sparsity", "fc=abc"], "not a number"),
+        (["compress", m, "-o", out, "--sparsity", "1"], "sparsity 1 removes every weight"),
         (["compress", m, "-o", out, "--min-elements", "-1"], "out of range"),
         (["compress", m], "required"),
         (["compress", m, "-o", str(tmp_path / "nodir" / "out.onnx")], "does not exist"),
         (["decompress", str(tmp_path / "missing.onnx"), "-o", out], "no such file"),
         (["inspect", str(text)], "not an ONNX model"),
+        (["inspect", m], "mlp.onnx holds no onnx-dc containers: it is not a compressed model"),
         (["validate", m, m, "--inputs", str(tmp_path / "missing.npz")], "no such inputs file"),
-        (["validate", m, m, "--max-abs-diff", "abc"], "invalid float value"),
+        (["validate", m, m, "--inputs", str(text)], "notes.onnx: not an .npz file of arrays"),
+        (["compress", m, "-o", out, "--calib", str(text)], "notes.onnx: not an .npz file of arrays"),
+        (["compress", m, "-o", out, "--calib", str(calib), "--eval", str(text), "--max-drop", "1"],
+         "notes.onnx: not an .npz file of arrays"),
+        (["validate", m, m, "--max-abs-diff", "abc"], "invalid threshold"),
+        (["validate", m, m, "--min-top1-agreement", "95"], "fraction between 0 and 1"),
         (["frobnicate"], "invalid choice"),
         ([], "missing command"),
     ]
@@ -128,6 +178,71 @@ def test_user_mistakes_through_the_real_command(tmp_path, mlp_file):
         assert result.returncode == EXIT_USAGE
         assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_progress_off_a_terminal_is_one_line_per_stage(tmp_path, mlp_file):
+    out = tmp_path / "c.onnx"
+    result = _run("compress", str(mlp_file), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["onnx-dc: compressing 3 tensors"]  # w1, w2, w3: not one line each
+    assert _run("compress", str(mlp_file), "-o", str(out), "--no-progress").stderr == ""
+    np.savez(tmp_path / "calib.npz", x=gb.inputs_for(gb.mlp(), batch=64)["x"])
+    result = _run("compress", str(mlp_file), "-o", str(out), "--calib", str(tmp_path / "calib.npz"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["onnx-dc: fitting 3 layer(s) to 64 calibration samples, one after the other",
+                                          "onnx-dc: compressing 3 tensors"]
+
+
+def test_progress_on_a_terminal_is_a_bar_per_tensor(tmp_path, mlp_file):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "onnx_dc", "compress", str(mlp_file), "-o", str(tmp_path / "c.onnx")],
+                                   stdout=subprocess.PIPE, stderr=terminal, env=_env())
+        os.close(terminal)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the terminal's other end is closed: the command has finished
+                break
+            if not chunk:
+                break
+            shown += chunk
+        assert process.wait(timeout=300) == 0
+    finally:
+        os.close(master)
+    text = shown.decode("utf-8", "replace")
+    assert "compressing:" in text and "onnx-dc: compressing" not in text
+    for name in ("w1", "w2", "w3"):  # the bar names each tensor as it gets to it
+        assert f", {name}]" in text, text
+
+
+def test_a_tensor_that_keeps_no_weights_is_a_warning(tmp_path, mlp_file, capsys):
+    out = tmp_path / "c.onnx"
+    assert main(["compress", str(mlp_file), "-o", str(out), "--quality", "w3=100", "--json"]) == 0
+    captured = capsys.readouterr()
+    expected = "tensor 'w3' keeps no weights (--quality w3=100.0): it is all zeros now"
+    assert f"onnx-dc: warning: {expected}" in captured.err.splitlines()
+    assert expected in json.loads(captured.out)["notes"]
+    assert main(["compress", str(mlp_file), "-o", str(out), "--quality", "w3=0.5"]) == 0
+    assert "keeps no weights" not in capsys.readouterr().err
+
+
+def test_compressing_a_compressed_model_is_refused(tmp_path, mlp_file, capsys):
+    out = tmp_path / "c.onnx"
+    assert main(["compress", str(mlp_file), "-o", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    size = out.stat().st_size
+    assert main(["compress", str(out), "-o", str(tmp_path / "again.onnx")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already compressed by onnx-dc" in err and "onnx-dc decompress" in err
+    assert not (tmp_path / "again.onnx").exists() and out.stat().st_size == size
 
 
 def test_corrupted_compressed_model_is_one_line(tmp_path, mlp_file, capsys):
@@ -162,6 +277,7 @@ def _big_model(path: Path) -> None:
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
 
 
+@pytest.mark.slow  # the full suite only: three runs of a 24 MiB compression, signalled at set times
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_leaves_no_partial_output(tmp_path, signum):
     """Whenever the signal lands, the output is either complete or absent, and no temporary file remains."""
@@ -192,6 +308,7 @@ def test_interrupt_leaves_no_partial_output(tmp_path, signum):
             out.unlink()
 
 
+@pytest.mark.slow  # the full suite only: both zoo models through every command and the evaluation
 @pytest.mark.parametrize("name", ["lenet_300_100", "lenet5"])
 def test_zoo_models_from_the_command_line(name, tmp_path):
     """compress -> validate -> decompress -> evaluate, each as a command, on the committed zoo model."""

@@ -176,6 +176,7 @@ _SESSION_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # the full suite only: a session per corrupted container
 def test_session_creation_refuses_every_corrupted_container(models: dict, tmp_path: Path) -> None:
     rng = np.random.default_rng(2024)
     jobs, cases_by_id = [], {}
@@ -244,6 +245,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, container: str, 
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # the full suite only: every corrupted container through four commands
 def test_cli_refuses_corrupted_models_with_one_line_and_exit_2(models: dict, tmp_path: Path) -> None:
     cases = _cli_cases(models)
 

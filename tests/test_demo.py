@@ -6,9 +6,12 @@ import io
 import re
 
 import onnx
+import pytest
 
 from graph_builders import ops_library  # noqa: F401  (fixture)
 from model_zoo.demo import main, run_demo
+
+pytestmark = pytest.mark.slow  # the full suite only: the demo end to end on the zoo models
 
 
 def test_demo_compresses_lenet_300_100_and_reports_accuracy_and_sizes(tmp_path, ops_library):

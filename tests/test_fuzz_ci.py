@@ -21,10 +21,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "fuzz"))
 
 import fuzz_support  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the full suite only: runs both fuzzers for a minute each
 
 FUZZ_SECONDS = max(60, int(os.environ.get("ONNX_DC_FUZZ_SECONDS", "60")))
 _SUMMARY = re.compile(r"^fuzz (cpp|numpy): (\d+) runs in (\d+) s, cov: (\d+) ft: (\d+), corpus (\d+) inputs, "

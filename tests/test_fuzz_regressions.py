@@ -24,6 +24,8 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 import fuzz_support  # noqa: E402
 from fuzz_support import CORPUS_DIR, REGRESSIONS_DIR, CppDecoder, disagreement, numpy_outcome  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the full suite only: replays the fuzz corpus through a sanitized build
+
 CASES = fuzz_support.regression_cases()
 
 

@@ -37,6 +37,8 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 import fuzz_support  # noqa: E402
 from fuzz_support import CppDecoder, CraftedStream, craft_container  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the full suite only: builds and runs the decoders under memory limits on huge declared shapes
+
 MIB = 1 << 20
 GIB = 1 << 30
 

@@ -83,6 +83,7 @@ def _write_dataset(directory: Path, n_train: int = 60000, n_test: int = 10000, *
 # ---------------------------------------------------------------- loader
 
 
+@pytest.mark.slow  # the full suite only: reads all of Fashion-MNIST
 @needs_data
 def test_load_real_files_shapes_dtypes_and_ranges() -> None:
     for split, n in (("train", 60000), ("test", 10000)):
@@ -441,6 +442,7 @@ def test_compressed_and_decompressed_models_agree(name: str) -> None:
 # ---------------------------------------------------------------- training script (the `train` extra, installed by make setup)
 
 
+@pytest.mark.slow  # the full suite only: trains a LeNet with torch
 @needs_data
 @pytest.mark.parametrize("name", list(MODELS))
 def test_training_script_exports_a_model_onnxruntime_agrees_with(name: str, tmp_path: Path) -> None:

@@ -22,6 +22,8 @@ from model_zoo.real import detector, fetch, ocr, text_images
 from model_zoo.real.check import add_weight_noise
 from model_zoo.real.matching import box_iou, edit_distance, match_boxes
 
+pytestmark = pytest.mark.slow  # the full suite only: real models from PyPI wheels
+
 REQUIRED = {
     "ppocrv4-det": ("rapidocr-onnxruntime", "1.4.4", "ch_PP-OCRv4_det_infer.onnx"),
     "ppocrv4-rec": ("rapidocr-onnxruntime", "1.4.4", "ch_PP-OCRv4_rec_infer.onnx"),

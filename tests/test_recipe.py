@@ -37,6 +37,7 @@ def test_settings_take_the_command_lines_text_numbers_and_dicts():
     "changes, message",
     [
         ({"sparsity": "fc=1.5"}, "--sparsity"),
+        ({"sparsity": {"fc": 1.0}}, "--sparsity: 1.0 is out of range"),
         ({"bits": 9}, "--bits"),
         ({"init": "nope"}, "--init"),
         ({"seed": "3"}, "--seed"),
@@ -111,6 +112,16 @@ def test_the_compressed_model_records_its_recipe_and_inspect_prints_it(tmp_path)
     assert report.to_dict()["recipe"] == recipe.to_dict()
 
 
+def test_sparsity_none_quantizes_only(tmp_path, capsys):
+    """``--sparsity none`` (documented) reaches the settings as a rule whose value is None."""
+    assert Recipe(sparsity="none").settings().resolve("w", "fc").sparsity is None
+    assert Recipe.build(sparsity="fc=none").settings().resolve("w", "fc").sparsity is None
+    onnx.save(gb.mlp(), tmp_path / "m.onnx")
+    assert main(["compress", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--sparsity", "none", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["tensors"]
+    assert rows and all(row["kept_fraction"] == 1.0 for row in rows)
+
+
 def test_the_short_keywords_override_the_recipe():
     base = Recipe(sparsity=0.5, bits=3, index_bits=6)
     result = onnx_dc.compress(gb.mlp(), recipe=base, bits=6)
@@ -148,6 +159,7 @@ def test_bad_recipe_files_are_one_line_errors(tmp_path, capsys):
         assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.slow  # the full suite only: an automatic search
 def test_a_searched_model_is_reproduced_by_its_recipe_without_searching():
     model = gb.mlp()
     rng = np.random.default_rng(0)

@@ -100,8 +100,10 @@ def test_mlp_rewrite_details():
     model = gb.mlp()
     compressed, _ = compress_all(model, sparsity=0.9)
     nodes = {n.name: n for n in compressed.graph.node}
-    # MatMul and both Gemms run on the containers; b1 (an Add operand) is decompressed; b2 stays dense.
-    assert nodes["fc1"].op_type == MATMUL_OP and list(nodes["fc1"].input) == ["x", "w1__dc"]
+    # MatMul and both Gemms run on the containers; b1 (an Add operand) is decompressed and becomes fc1's bias
+    # (the Add fused, tests/test_fusion.py); b2 stays dense.
+    assert nodes["fc1"].op_type == MATMUL_OP and list(nodes["fc1"].input) == ["x", "w1__dc", "b1"]
+    assert "fc1_bias" not in nodes and "relu1" not in nodes
     assert nodes["fc2"].op_type == MATMUL_OP and list(nodes["fc2"].input) == ["r1", "w2__dc", "b2"]
     attrs = {a.name: h.get_attribute_value(a) for a in nodes["fc2"].attribute}
     # relu2 is folded into fc2, whose X is relu1's output (tests/test_fusion.py).
@@ -133,7 +135,12 @@ def test_shared_initializer_is_one_container_used_by_both_paths():
     containers = [t.name for t in compressed.graph.initializer]
     assert containers == ["shared__dc", "square__dc"]
     readers = {ref.original_name: sorted(n.op_type for _, n in ref.readers) for ref in find_containers(compressed)}
-    assert readers == {"shared": ["DCDecompress", "DCMatMul"], "square": ["DCMatMul", "DCMatMul"]}
+    # the MatMul behind Transpose(shared) reads the container too, with trans_b = 1
+    assert readers == {"shared": ["DCMatMul", "DCMatMul"], "square": ["DCMatMul", "DCMatMul"]}
+    nodes = {n.name: n for n in compressed.graph.node}
+    assert "Transpose" not in op_types(compressed)
+    assert list(nodes["use_transposed"].input) == ["c", "shared__dc"]
+    assert {a.name: h.get_attribute_value(a) for a in nodes["use_transposed"].attribute}["trans_b"] == 1
 
 
 def test_if_branches_keep_weights_where_they_were():

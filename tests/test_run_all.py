@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks import run_all
+
+pytestmark = pytest.mark.slow  # the full suite only: a benchmark at a tiny size
 
 
 def test_every_benchmark_script_is_listed_and_exists():

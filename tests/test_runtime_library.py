@@ -137,6 +137,7 @@ _VERSION_CHECK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # the full suite only: onnxruntime versions in their own environments
 @pytest.mark.parametrize("version", ONNXRUNTIME_VERSIONS)
 def test_loads_into_oldest_and_newest_allowed_onnxruntime(version: str) -> None:
     extra = _onnxruntime_path(version)

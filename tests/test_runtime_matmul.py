@@ -275,6 +275,7 @@ _GENERIC_KERNELS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # the full suite only: every kernel variant against numpy
 def test_baseline_kernels_match_reference(library: str) -> None:
     """The kernels compiled without AVX2 (selected with ONNX_DC_KERNEL_ISA=generic)."""
     env = dict(os.environ, ONNX_DC_KERNEL_ISA="generic",

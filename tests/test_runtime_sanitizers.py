@@ -31,6 +31,8 @@ from test_runtime_support import (
     vector_manifest,
 )
 
+pytestmark = pytest.mark.slow  # the full suite only: a separate ASan/UBSan build of the runtime
+
 SANITIZER_REPORTS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer", "UndefinedBehaviorSanitizer")
 
 

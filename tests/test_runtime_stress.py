@@ -36,6 +36,8 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench_stress  # noqa: E402
 import fuzz_support  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the full suite only: thousands of sessions and runs, a leak-sanitizer build
+
 
 @pytest.fixture(scope="module")
 def stress_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

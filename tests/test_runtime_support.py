@@ -361,6 +361,55 @@ def sanitizer_workload(library: str) -> None:
     for t in workers:
         t.join()
     assert not failures
+    # Code panels (many rows) on every kernel variant: remainders in rows, K and N, 2..8-bit codes
+    # (8-bit: the VBMI byte-plane decoder), pruned and not, trans_b, bias, fused activations.
+    from onnx import helper as _helper
+
+    for isa in ("generic", "avx2", "avx512", "best"):
+        os.environ["ONNX_DC_KERNEL_ISA"] = isa
+        try:
+            for bits, sparsity, trans_b, activation in ((2, 0.0, 0, "gelu"), (5, 0.5, 1, "gelu_tanh"),
+                                                        (7, 0.3, 0, "relu"), (8, 0.0, 1, "none"), (8, 0.6, 0, "gelu")):
+                k, n = 131, 45
+                container, dense = random_container(rng, (n, k) if trans_b else (k, n), sparsity=sparsity, bits=bits)
+                b = rng.standard_normal(n).astype(np.float32)
+                model = matmul_model(container, trans_b=trans_b, alpha=0.5, beta=2.0, bias=b)
+                model.graph.node[0].attribute.append(_helper.make_attribute("activation", activation))
+                session = make_session(model, library, threads=2)
+                for rows in (1, 13, 250):
+                    x = random_activations(rng, (rows, k))
+                    (y,) = session.run(None, {"x": x})
+                    assert y.shape == (rows, n) and np.isfinite(y).all()
+        finally:
+            del os.environ["ONNX_DC_KERNEL_ISA"]
+    # precision = "bf16x3" (AMX tiles where the CPU has them): remainders in rows (16-row tiles, 240-row
+    # tasks), K (32-wide steps, 256-deep blocks) and N; 8-bit codes in byte-plane order and 5-bit with pruning.
+    for bits, sparsity, k, n in ((8, 0.0, 257, 45), (5, 0.5, 33, 70)):
+        container, dense = random_container(rng, (k, n), sparsity=sparsity, bits=bits)
+        model = matmul_model(container, bias=rng.standard_normal(n).astype(np.float32))
+        model.graph.node[0].attribute.append(_helper.make_attribute("precision", "bf16x3"))
+        session = make_session(model, library, threads=2)
+        for rows in (1, 17, 245):
+            (y,) = session.run(None, {"x": random_activations(rng, (rows, k))})
+            assert y.shape == (rows, n) and np.isfinite(y).all()
+    # DCGather from every compact form, with negative and out-of-range indices.
+    for sparsity in (0.0, 0.5, 0.95):
+        container, table = random_container(rng, (70, 33), sparsity=sparsity, bits=6)
+        node = _helper.make_node("DCGather", ["t.dc", "ids"], ["y"], domain=DOMAIN, name="g")
+        graph = _helper.make_graph([node], "g", [_helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
+                                   [_helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                   [container_initializer(container, "t.dc")])
+        session = make_session(_model(graph), library, threads=2)
+        ids = rng.integers(-70, 70, size=(8, 40))
+        (y,) = session.run(None, {"ids": ids})
+        assert same_bits(y, np.take(table, ids, axis=0))
+        for bad in (70, -71):
+            try:
+                session.run(None, {"ids": np.array([0, bad], np.int64)})
+            except Exception as error:  # noqa: BLE001
+                assert "out of range" in str(error)
+            else:
+                raise AssertionError("out-of-range index accepted")
     # Decompress, every dtype.
     for dtype, (op_type, elem_type) in DECOMPRESS_OPS.items():
         container, dense = random_container(rng, (3, 5, 7), sparsity=0.6, bits=3, index_bits=2, dtype=dtype)

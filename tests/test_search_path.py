@@ -29,6 +29,7 @@ def test_format_marks_the_chosen_configuration():
     assert "| 3 | fc1 20%/3b | 25.0x |" in text
 
 
+@pytest.mark.slow  # the full suite only: the automatic search on a LeNet, for real
 def test_runs_on_a_lenet(tmp_path, capsys):
     out = tmp_path / "path.md"
     assert main(["--quick", "--around", "1", "--calib-samples", "1024", "--out", str(out)]) == 0

@@ -97,6 +97,8 @@ def test_calibrated_beats_plain_at_high_sparsity(model, calib, report):
 def test_bad_arguments(model, calib):
     with pytest.raises(SettingsError):
         analyze_sensitivity(model, calib, sparsities=(1.5,))
+    with pytest.raises(SettingsError, match="removes every weight"):
+        analyze_sensitivity(model, calib, sparsities=(0.5, 1.0))
     with pytest.raises(SettingsError):
         analyze_sensitivity(model, calib, bits=(9,))
     with pytest.raises(SettingsError):

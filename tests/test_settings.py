@@ -71,6 +71,7 @@ def test_sparsity_and_quality_pick_the_more_specific():
     assert settings.resolve("w", "fc").quality == 0.7 and settings.resolve("w", "fc").sparsity is None
     settings = parse_settings(sparsity="none")
     assert settings.resolve("w", "fc").sparsity is None
+    assert parse_settings(sparsity={"fc": None}).resolve("w", "fc").sparsity is None  # a recipe's "none"
     with pytest.raises(SettingsError, match="both"):
         parse_settings(sparsity="fc=0.5", quality="fc=1.0").resolve("w", "fc")
 
@@ -84,6 +85,9 @@ def test_sparsity_and_quality_pick_the_more_specific():
         ({"bits": "fc=5.5"}, "not an integer"),
         ({"index_bits": "17"}, "out of range"),
         ({"sparsity": "1.5"}, "out of range"),
+        ({"sparsity": "1"}, "below 1: sparsity 1 removes every weight"),
+        ({"sparsity": 1.0}, "below 1"),
+        ({"sparsity": {"fc": 1}}, "below 1"),
         ({"sparsity": "-0.1"}, "out of range"),
         ({"sparsity": "nan"}, "out of range"),
         ({"sparsity": "fc=half"}, "not a number"),
@@ -123,10 +127,11 @@ def test_plan_skips_biases_small_and_excluded_tensors():
     assert plans["w2"].settings.sparsity == DEFAULTS["fc"]["sparsity"]
     assert plans["w3"].settings is None and "excluded" in plans["w3"].skip_reason
     assert plans["b2"].settings is None and "bias" in plans["b2"].skip_reason
-    # b1 (300 elements, an Add operand) is compressed as "other" at the default threshold of 256.
-    assert plans["b1"].settings is not None and plans["b1"].settings.bits == DEFAULTS["other"]["bits"]
-    plans = _plans(gb.mlp(), min_elements=1000)
-    assert plans["b1"].settings is None and "fewer than 1000" in plans["b1"].skip_reason
+    # b1 (300 elements, the bias Add's operand) is a vector: dense unless named.
+    assert plans["b1"].settings is None and "vector" in plans["b1"].skip_reason
+    assert _plans(gb.mlp(), bits="b1=6")["b1"].settings.bits == 6
+    plans = _plans(gb.mlp(), min_elements=100000)
+    assert plans["w1"].settings is None and "fewer than 100000" in plans["w1"].skip_reason
 
 
 def test_an_exact_name_compresses_a_bias_or_small_tensor():
@@ -137,7 +142,7 @@ def test_an_exact_name_compresses_a_bias_or_small_tensor():
 
 def test_glob_matching_only_small_tensors_is_accepted():
     plans = _plans(gb.mlp(), bits="b*=6")
-    assert plans["b1"].settings.bits == 6
+    assert plans["b1"].settings is None  # a vector: only its exact name compresses it
     assert plans["b2"].settings is None  # still a bias
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnx_dc.api.convert import CompressionResult, compress_model, record_recipe
+from onnx_dc.api.convert import CompressionResult, compress_model, prepare_model, record_recipe, refuse_compressed_input
 from onnx_dc.api.recipe import Recipe
 from onnx_dc.calibration.data import (
     DEFAULT_MAX_SAMPLES,
@@ -99,15 +99,18 @@ def compress_calibrated(
     """
     if output is not None:
         check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [])
+    loaded = load_model(model)
+    refuse_compressed_input(loaded, model)
     # Weights held in main-graph Constant nodes (PaddlePaddle exports) become initializers, so they get statistics.
-    proto = constants_to_initializers(load_model(model))
+    proto = constants_to_initializers(loaded)
+    prepared = prepare_model(proto)  # folded and shared first: the layers are fitted as they will run
     data = load_calibration(calib, proto, max_samples=recipe.calibration.samples)
     layer_settings = _layer_settings(proto, recipe)
     if recipe.search is None:
         if eval_data is not None:
             raise SettingsError("--eval is used with a budget (--max-drop or --min-cosine)")
-        return _compress_fitted(proto, recipe, data, layer_settings, output, progress, external_data, jobs)
-    return _compress_searched(proto, recipe, data, eval_data, layer_settings, output, progress, external_data)
+        return _compress_fitted(proto, recipe, data, layer_settings, output, progress, external_data, prepared, jobs)
+    return _compress_searched(proto, recipe, data, eval_data, layer_settings, output, progress, external_data, prepared)
 
 
 def _layer_settings(proto: onnx.ModelProto, recipe: Recipe) -> dict[str, LayerSettings]:
@@ -126,7 +129,7 @@ def _layer_settings(proto: onnx.ModelProto, recipe: Recipe) -> dict[str, LayerSe
 
 
 def _compress_fitted(
-    proto, recipe, data, layer_settings, output, progress, external_data, jobs=None
+    proto, recipe, data, layer_settings, output, progress, external_data, prepared, jobs=None
 ) -> CompressionResult:
     """Every layer fitted with its settings as given (``recipe.calibration.holdout`` samples left out)."""
     if recipe.calibration.holdout:
@@ -134,13 +137,14 @@ def _compress_fitted(
     compression = compress_with_calibration(proto, data, layer_settings, recipe.calibration.options, progress=progress)
     result = compress_model(
         compression.model, recipe, output=output, progress=progress,
-        external_data=external_data, tensor_compressor=compression.tensor_compressor(), jobs=jobs,
+        external_data=external_data, tensor_compressor=compression.tensor_compressor(), prepared=prepared,
+        jobs=jobs,
     )
     result.calibration = compression
     return result
 
 
-def _compress_searched(proto, recipe, data, eval_data, layer_settings, output, progress, external_data):
+def _compress_searched(proto, recipe, data, eval_data, layer_settings, output, progress, external_data, prepared):
     """The automatic search of :mod:`onnx_dc.calibration.search`, then the chosen model written."""
     search_recipe = recipe.search
     budget = search_recipe.budget
@@ -153,7 +157,9 @@ def _compress_searched(proto, recipe, data, eval_data, layer_settings, output, p
     fit_recipe = replace(recipe, search=None)
 
     def build(compression: CalibratedCompression):
-        built = compress_model(compression.model, fit_recipe, tensor_compressor=compression.tensor_compressor())
+        built = compress_model(
+            compression.model, fit_recipe, tensor_compressor=compression.tensor_compressor(), prepared=prepared
+        )
         runnable = built.model
         if library is None:
             runnable = onnx.ModelProto()
@@ -225,7 +231,9 @@ def sensitivity(
     progress: bool | Callable[..., None] = False,
 ) -> SensitivityReport:
     """Per-layer sensitivity to pruning and weight sharing (see :mod:`onnx_dc.calibration.sensitivity`)."""
-    proto = constants_to_initializers(load_model(model))
+    loaded = load_model(model)
+    refuse_compressed_input(loaded, model)
+    proto = constants_to_initializers(loaded)
     data = load_calibration(calib, proto, max_samples=calib_samples)
     evaluation, labels = (None, None)
     if eval_data is not None:

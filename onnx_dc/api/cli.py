@@ -28,12 +28,15 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from onnx_dc import __version__
-from onnx_dc.api.recipe import CalibrationRecipe, Recipe, SearchRecipe, load_recipe
-from onnx_dc.errors import OnnxDcError, SettingsError, out_of_memory
+from onnx_dc.errors import OnnxDcError, SettingsError, caused_by_interrupt, out_of_memory
+from onnx_dc.graph.defaults import DEFAULT_MIN_ELEMENTS, describe_default
 from onnx_dc.progress import current_stage
+
+if TYPE_CHECKING:  # imported where used: ``onnx-dc --help`` loads neither numpy nor onnx
+    from onnx_dc.api.recipe import CalibrationRecipe, Recipe
 
 EXIT_OK = 0
 EXIT_THRESHOLD = 1
@@ -44,6 +47,9 @@ _SETTING_HELP = (
     "one value for every tensor, or KEY=VALUE,... where KEY is a kind (fc, conv, other), "
     "a tensor name or a glob; the most specific match wins"
 )
+
+
+_PROGRESS_HELP = "no progress on stderr (default: a bar on a terminal, else one line per stage)"
 
 
 class _UsageError(Exception):
@@ -69,17 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", metavar="FILE",
                    help="start from a recipe: a JSON file (as --json prints under 'recipe') or a model onnx-dc "
                    "compressed (its recorded recipe); the flags below override its settings")
-    p.add_argument("--sparsity", metavar="S", help=f"fraction of weights pruned by magnitude, 0..1: {_SETTING_HELP}")
+    p.add_argument("--sparsity", metavar="S",
+                   help=f"fraction of weights pruned by magnitude, 0 <= S < 1 or none: {_SETTING_HELP} "
+                   f"(default {describe_default('sparsity')})")
     p.add_argument("--quality", metavar="Q", help=f"prune |w| < Q * std(w) (the paper's rule) instead: {_SETTING_HELP}")
-    p.add_argument("--bits", metavar="B", help=f"bits per shared weight, 1..8: {_SETTING_HELP}")
-    p.add_argument("--index-bits", metavar="I", help=f"bits per relative index, 1..16: {_SETTING_HELP}")
-    p.add_argument("--init", metavar="M", help=f"k-means initialisation (linear, density, random, kmeans++): {_SETTING_HELP}")
+    p.add_argument("--bits", metavar="B",
+                   help=f"bits per shared weight, 1..8: {_SETTING_HELP} (default {describe_default('bits')})")
+    p.add_argument("--index-bits", metavar="I",
+                   help=f"bits per relative index, 1..16: {_SETTING_HELP} (default {describe_default('index_bits')})")
+    p.add_argument("--init", metavar="M", help=f"k-means initialisation (linear, density, random, kmeans++): "
+                   f"{_SETTING_HELP} (default linear)")
     p.add_argument("--exclude", metavar="GLOB", action="append", help="leave matching tensors dense (repeatable)")
-    p.add_argument("--min-elements", metavar="N", help="leave tensors with fewer elements dense (default 256)")
+    p.add_argument("--min-elements", metavar="N",
+                   help=f"leave tensors with fewer elements dense (default {DEFAULT_MIN_ELEMENTS})")
     p.add_argument("--seed", metavar="N", type=int, help="random seed (random/kmeans++ init, held-out splits; default 0)")
+    p.add_argument("--precision", choices=("bf16x3", "float"),
+                   help="arithmetic of the compressed MatMuls: bf16x3 (default) uses AMX bfloat16 passes where the CPU "
+                   "has them, within 1e-5 of the largest output; float keeps float32 throughout")
     p.add_argument("--external-data", action="store_true", help="always write tensors to OUT.data beside the model")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
     p.add_argument("--jobs", metavar="N", type=int,
                    help="worker processes compressing tensors at once (default: every core; the output is the same)")
     _add_calibration_arguments(p)
@@ -98,22 +113,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", action="store_true", help="always write tensors to OUT.data beside the model")
 
     p = sub.add_parser("inspect", help="per-layer table of a compressed model")
-    p.add_argument("model", metavar="MODEL")
+    p.add_argument("model", metavar="MODEL", help="ONNX model compressed by onnx-dc")
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
     p = sub.add_parser("validate", help="compare a compressed model's outputs with the original's")
-    p.add_argument("original", metavar="ORIGINAL")
-    p.add_argument("compressed", metavar="COMPRESSED")
-    p.add_argument("--inputs", metavar="FILE.npz", help="inputs keyed by input name (default: generated)")
-    p.add_argument("--max-abs-diff", metavar="X", type=float, help="fail (exit 1) when an output differs by more")
-    p.add_argument("--min-cosine", metavar="Y", type=float, help="fail (exit 1) when an output's cosine is lower")
+    p.add_argument("original", metavar="ORIGINAL", help="the ONNX model before compression (the reference)")
+    p.add_argument("compressed", metavar="COMPRESSED", help="the compressed ONNX model to compare with it")
+    p.add_argument("--inputs", metavar="FILE.npz", help="inputs keyed by input name (default: generated from the "
+                   "input specs, random)")
+    p.add_argument("--max-abs-diff", metavar="X", type=_threshold, default=None,
+                   help="fail (exit 1) when an output differs by more than X (default: not checked)")
+    p.add_argument("--min-cosine", metavar="Y", type=_threshold, default="default",
+                   help="fail (exit 1) when a float output's cosine with the original's is below Y "
+                   "(default 0.99; 'none': not checked)")
+    p.add_argument("--min-top1-agreement", metavar="A", type=_threshold, default="default",
+                   help="fail (exit 1) when a classifier-shaped output (last axis >= 2, the classes) picks the "
+                   "original's class on less than this share of rows, 0..1 (default 0.95 with --inputs; on "
+                   "generated inputs only reported; 'none': not checked)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--library", dest="library", action="store_true", default=None, help="require the custom operator library")
     group.add_argument("--no-library", dest="library", action="store_false", help="run the decompressed model instead")
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
     p = sub.add_parser("sensitivity", help="per-layer output error (and top-1) vs sparsity and vs bits")
-    p.add_argument("model", metavar="MODEL")
+    p.add_argument("model", metavar="MODEL", help="ONNX model to measure (not compressed)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.json", help="JSON report to write")
     p.add_argument("--plot", metavar="OUT.png", help="also plot the curves (needs matplotlib)")
     p.add_argument("--eval", metavar="E.npz", help="inputs (and optional 'labels') the model-level effect is measured on")
@@ -121,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", metavar="LIST", help="weight bits to measure (comma-separated)")
     p.add_argument("--method", choices=("calibrated", "plain"), default="calibrated",
                    help="calibrated refits (default) or the paper's magnitude pruning and k-means")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
     _add_calibration_arguments(p, required=True)
     return parser
 
@@ -167,6 +190,8 @@ def _calibration_recipe(args: argparse.Namespace, base: CalibrationRecipe) -> Ca
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The :class:`~onnx_dc.api.recipe.Recipe` of ``compress``'s flags (over ``--recipe`` when given)."""
+    from onnx_dc.api.recipe import Recipe, SearchRecipe, load_recipe
+
     base = load_recipe(args.recipe) if args.recipe else Recipe()
     budget_flags = (args.min_cosine, args.max_drop, args.drop_margin_se, args.search_sparsities, args.search_bits)
     if args.calib is None and (args.eval is not None or any(v is not None for v in budget_flags)):
@@ -191,6 +216,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         exclude=tuple(args.exclude) if args.exclude else None,
         min_elements=None if args.min_elements is None else _int_flag(args.min_elements, "--min-elements"),
         seed=args.seed,
+        precision=args.precision,
     )
     return replace(recipe, calibration=_calibration_recipe(args, recipe.calibration), search=search)
 
@@ -211,6 +237,19 @@ def parse_size(text: str, flag: str) -> int:
     if not size >= 1:
         raise SettingsError(f"{flag}: {text!r} must be at least 1 byte")
     return int(size)
+
+
+def _threshold(text: str) -> float | str | None:
+    """A validate threshold: a number, ``none`` (not checked) or ``default`` (the default rule)."""
+    word = text.strip().lower()
+    if word == "none":
+        return None
+    if word == "default":
+        return "default"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid threshold {text!r} (a number or none)") from None
 
 
 def _int_flag(text: str, flag: str) -> int:
@@ -269,6 +308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
+    except Exception as exc:
+        if caused_by_interrupt(exc):  # a signal inside an import or a C call, re-raised as another error
+            _error("interrupted; no output was written")
+            return EXIT_INTERRUPTED
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -336,6 +380,7 @@ def _validate(args: argparse.Namespace) -> int:
         args.inputs,
         max_abs_diff=args.max_abs_diff,
         min_cosine=args.min_cosine,
+        min_top1_agreement=args.min_top1_agreement,
         use_library=args.library,
     )
     if args.json:
@@ -347,6 +392,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _sensitivity(args: argparse.Namespace) -> int:
     from onnx_dc.api.functions import sensitivity
+    from onnx_dc.api.recipe import CalibrationRecipe
     from onnx_dc.calibration.sensitivity import plot_sensitivity, write_json_atomic
     from onnx_dc.graph.model_io import check_output_path
 
@@ -356,7 +402,9 @@ def _sensitivity(args: argparse.Namespace) -> int:
         try:
             import matplotlib  # noqa: F401  (fail before the work, not after)
         except ImportError:
-            raise SettingsError("--plot needs matplotlib, an optional dependency: pip install matplotlib") from None
+            raise SettingsError(
+                "--plot needs matplotlib, an optional dependency: pip install matplotlib (or onnx-dc[plot])"
+            ) from None
     report = sensitivity(
         args.model,
         args.calib,
@@ -366,7 +414,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
         bits=_number_list(args.bits, "--bits", int),
         method=args.method,
         calibration=_calibration_recipe(args, CalibrationRecipe()).options,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=not args.no_progress,
     )
     print(report.format_table())
     write_json_atomic(report.to_dict(), args.output)

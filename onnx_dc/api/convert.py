@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,11 @@ import onnx
 
 from onnx_dc.api.parallel import compress_plans
 from onnx_dc.api.recipe import METADATA_KEY, Recipe
-from onnx_dc.api.report import ModelReport, model_report
+from onnx_dc.api.report import ModelReport, format_bytes, model_report
 from onnx_dc.codec.tensor import EncodedTensor
 from onnx_dc.errors import ModelError
+from onnx_dc.graph.folding import fold_normalizations
+from onnx_dc.graph.fusion import set_matmul_precision
 from onnx_dc.graph.model_io import (
     ModelSource,
     SavedModel,
@@ -33,8 +36,11 @@ from onnx_dc.graph.model_io import (
     save_model,
     tensor_bytes,
 )
+from onnx_dc.graph.operators import MODEL_META_RUNTIME, MODEL_META_VERSION, RUNTIME_HINT
+from onnx_dc.graph.restore import is_compressed
 from onnx_dc.graph.rewrite import RewriteSummary, apply_compression
 from onnx_dc.graph.settings import ResolvedSettings, TensorPlan
+from onnx_dc.graph.shared import share_duplicate_weights
 from onnx_dc.graph.tensor_store import (
     PLACEHOLDER,
     all_tensors,
@@ -43,14 +49,18 @@ from onnx_dc.graph.tensor_store import (
     open_model,
     structure_of,
 )
-from onnx_dc.graph.weights import Weight, find_weights
-from onnx_dc.progress import Progress, as_progress
+from onnx_dc.graph.weights import Weight, describe_use, find_weights
+from onnx_dc.progress import progress_bar, running, stage_line
 
 __all__ = [
     "CompressionResult",
     "TensorCompressor",
     "compress_model",
+    "not_smaller_reason",
+    "prepare_model",
     "record_recipe",
+    "record_runtime_metadata",
+    "refuse_compressed_input",
 ]
 
 
@@ -79,65 +89,127 @@ def compress_model(
     recipe: Recipe,
     *,
     output: str | os.PathLike | None = None,
-    progress: bool | ProgressCallback | Progress = False,
+    progress: bool | ProgressCallback = False,
     external_data: bool | None = None,
     tensor_compressor: TensorCompressor | None = None,
+    prepared: list[str] | None = None,
     jobs: int | None = None,
 ) -> CompressionResult:
     """Compress every weight the recipe selects with ``tensor_compressor`` and convert the graph around them.
 
-    ``recipe``'s per-tensor settings plan every weight; the compressor (default:
-    the plain pipeline, :func:`onnx_dc.codec.tensor.encode_tensor`, run on
-    ``jobs`` worker processes, default every core; the result does not depend on
-    ``jobs``) turns each planned weight into a container. A model given as a path
-    is read one tensor at a time from its file (:func:`onnx_dc.graph.tensor_store.open_model`).
-    The recipe is recorded in the model's metadata. Written atomically to ``output`` when given.
+    First :func:`prepare_model` folds normalisations into the layers before
+    them and stores duplicated weights once (``prepared``: the notes of a
+    :func:`prepare_model` the caller already ran on ``model``, which then is
+    not prepared again). ``recipe``'s per-tensor settings plan every weight;
+    the compressor (default: the plain pipeline,
+    :func:`onnx_dc.codec.tensor.encode_tensor`, run on ``jobs`` worker
+    processes, default every core; the result does not depend on ``jobs``)
+    turns each planned weight into a container. A model given as a path is
+    read one tensor at a time from its file
+    (:func:`onnx_dc.graph.tensor_store.open_model`). A tensor whose container would not be smaller stays dense
+    (:func:`not_smaller_reason`). The recipe, the onnx-dc version and how to
+    run the model are recorded in its metadata (:func:`record_recipe`,
+    :func:`record_runtime_metadata`). Written atomically to ``output`` when given.
     """
     if output is not None:
         check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [])
-    reporter = as_progress(progress)
-    with reporter.stage("loading"):
-        proto, source_dir = _open(model)
+    with running("loading"):
+        proto, source_dir = _open(model, progress)
+    refuse_compressed_input(proto, model)
     original_file_bytes = _source_size_bytes(model)
+    notes = prepare_model(proto, source_dir) if prepared is None else list(prepared)
     weights = find_weights(proto, min_elements=0)
     plans = recipe.settings().plan(weights)
     todo = [p for p in plans if p.settings is not None]
     compressed: dict[str, object] = {}
     pairs: list[tuple[Weight, bytes]] = []
-    with _progress(progress, todo, reporter) as tick, contextlib.closing(
+    emptied: list[str] = []
+    left_dense: dict[str, str] = {}  # weight name -> why its container was not used
+    with running("compressing"), _progress(progress, todo) as tick, contextlib.closing(
         compress_plans(todo, source_dir, tensor_compressor, jobs, on_wait=lambda i, p: tick(i, p.weight.name))
-    ) as results:  # closing: the workers stop at once when anything goes wrong
+    ) as results:  # closing: the worker processes stop at once when anything goes wrong
         for plan, result in results:
-            compressed[plan.weight.name] = result
-            pairs.append((plan.weight, bytes(result.container)))
-            tick.finished(plan.weight)
+            weight = plan.weight
+            tick.finished(weight)
+            reason = not_smaller_reason(weight.size_bytes, result.container)
+            if reason is not None:  # the tensor stays as it is
+                left_dense[weight.name] = reason
+                continue
+            compressed[weight.name] = result
+            pairs.append((weight, bytes(result.container)))
+            if keeps_no_weights(result):
+                emptied.append(f"tensor {weight.name!r} keeps no weights ({_pruning_source(plan.settings)}): "
+                               "it is all zeros now")
         tick(len(todo), "")
+    plans = [TensorPlan(p.weight, None, left_dense[p.weight.name]) if p.weight.name in left_dense else p for p in plans]
+    # what each dense tensor is to its readers, said of the graph as the user wrote it (before the rewrite)
+    reasons = {p.weight.name: f"{_uses(p.weight)}: {p.skip_reason}" for p in plans if p.skip_reason}
     kept = {name: int(getattr(result, "n_kept", -1)) for name, result in compressed.items()}
     for result in compressed.values():  # the pairs hold each container until it is in the model
         if isinstance(result, EncodedTensor):
             result.container_source = b""
     summary = apply_compression(proto, _drain(pairs) if pairs else [], kept=kept)
     _point_at_containers(proto, summary, compressed)
+    set_matmul_precision(proto, recipe.precision)
     record_recipe(proto, recipe)
+    record_runtime_metadata(proto)
     if source_dir is not None and output is None:
         materialize(proto, source_dir)  # the result holds everything: read the dense weights left on disk
-    warnings = _check_written_model(proto, model)
-    reasons = {p.weight.name: p.skip_reason for p in plans if p.skip_reason}
+    warnings = emptied + _check_written_model(proto, model)
     report = model_report(
         proto,
         original_file_bytes=original_file_bytes,
         compressed_file_bytes=_serialized_size(proto) if output is None else None,  # else: the file's size
         skip_reasons=reasons,
     )
+    report.notes.extend(notes)
+    report.notes.extend(emptied)
+    report.notes.extend(f"{name} left dense: {reason}" for name, reason in left_dense.items())
     saved = None
     if output is not None:  # the last step: nothing can fail after the output is in place
-        with reporter.stage("writing", total_bytes=tensor_bytes(proto)) as stage:
+        with running("writing"):
+            size = tensor_bytes(proto)
+            if size >= _LONG_STEP_BYTES:
+                stage_line(progress, f"writing {output} ({format_bytes(size)})")
             saved = save_model(proto, output, external_data=external_data, source_dir=source_dir)
-            stage.advance(nbytes=saved.size_bytes)
         report.compressed_file_bytes = saved.size_bytes
     else:
         report.notes.append("compressed size: serialized size (the model was not written to a file)")
     return CompressionResult(proto, report, plans, recipe, compressed, summary, saved, warnings)
+
+
+# Loading and writing report a stage of their own from this much tensor data on.
+_LONG_STEP_BYTES = 256 << 20
+
+
+def prepare_model(model: onnx.ModelProto, source_dir: str | os.PathLike | None = None) -> list[str]:
+    """The converter's pre-passes on its copy of the model, in place; returns the report's notes about them.
+
+    BatchNormalization and per-channel Mul/Add after a layer are folded into
+    its weight and bias (:func:`onnx_dc.graph.folding.fold_normalizations`),
+    then initializers that repeat another one, or its transpose (a tied LM
+    head), read that one instead (:func:`onnx_dc.graph.shared.share_duplicate_weights`).
+    The model computes the same outputs (to float rounding for the folds).
+    ``source_dir``: where the model's external data references point (a model
+    from :func:`onnx_dc.graph.tensor_store.open_model`).
+    """
+    notes = fold_normalizations(model, source_dir=source_dir).notes()
+    notes += [shared.describe() for shared in share_duplicate_weights(model, source_dir=source_dir)]
+    return notes
+
+
+def refuse_compressed_input(proto: onnx.ModelProto, source: ModelSource) -> None:
+    """Raise :class:`ModelError` when the model to compress was already compressed by onnx-dc.
+
+    Compressing it again would re-quantize what it left dense (biases) and grow the file;
+    the user wants the original model, or ``onnx-dc decompress`` first.
+    """
+    if is_compressed(proto):
+        what = "the model" if isinstance(source, onnx.ModelProto) else str(source)
+        raise ModelError(
+            f"{what} is already compressed by onnx-dc (it holds ai.onnx_dc operators or containers): compress the "
+            "original model, or turn this one back into standard ONNX first with onnx-dc decompress"
+        )
 
 
 def record_recipe(model: onnx.ModelProto, recipe: Recipe) -> None:
@@ -149,14 +221,66 @@ def record_recipe(model: onnx.ModelProto, recipe: Recipe) -> None:
     entry.key, entry.value = METADATA_KEY, recipe.to_json()
 
 
-def _open(model: ModelSource) -> tuple[onnx.ModelProto, Path | None]:
+def _uses(weight: Weight) -> str:
+    """What the weight is to its readers, e.g. ``LayerNormalization input 'Scale'`` (at most two, then "...")."""
+    uses = list(dict.fromkeys(describe_use(c) for c in weight.consumers))
+    return ", ".join(uses[:2]) + (f" and {len(uses) - 2} more" if len(uses) > 2 else "")
+
+
+def record_runtime_metadata(model: onnx.ModelProto) -> None:
+    """Write ``onnx_dc.version`` and ``onnx_dc.runtime`` (how to run the model) into its ``metadata_props``.
+
+    The producer fields stay the original's; onnxruntime's own error for an unregistered
+    ``ai.onnx_dc`` operator does not say where the operators come from, the metadata does.
+    """
+    from onnx_dc import __version__
+
+    values = {MODEL_META_VERSION: __version__, MODEL_META_RUNTIME: RUNTIME_HINT}
+    kept = [entry for entry in model.metadata_props if entry.key not in values]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in values.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def not_smaller_reason(values: np.ndarray | int, container: bytes) -> str | None:
+    """Why a tensor is better left dense (its container would not be smaller than its values), or None.
+
+    ``values``: the tensor's values, or their size in bytes.
+    """
+    nbytes = values if isinstance(values, int) else values.nbytes
+    if len(container) < nbytes:
+        return None
+    return (f"its container ({format_bytes(len(container))}) would not be smaller than the dense tensor "
+            f"({format_bytes(nbytes)})")
+
+
+def keeps_no_weights(tensor: object) -> bool:
+    """True when a compressed tensor (:class:`onnx_dc.codec.tensor.CompressedTensor` or
+    :class:`~onnx_dc.codec.tensor.EncodedTensor`) kept none of its weights."""
+    if isinstance(tensor, EncodedTensor):
+        return tensor.n_weights > 0 and tensor.n_kept == 0
+    mask = getattr(tensor, "mask", None)
+    return mask is not None and np.size(mask) > 0 and not np.any(mask)
+
+
+def _pruning_source(settings: ResolvedSettings) -> str:
+    """The rule that chose a tensor's pruning, e.g. ``--quality fc3.weight=100.0``."""
+    setting = "quality" if settings.quality is not None else "sparsity"
+    return settings.sources.get(setting, f"{setting} {getattr(settings, setting)}")
+
+
+def _open(model: ModelSource, progress: object) -> tuple[onnx.ModelProto, Path | None]:
     """(the model, the directory its data references are relative to); a path is opened lazily."""
-    if isinstance(model, onnx.ModelProto):
-        return load_model(model), None
     if not isinstance(model, (str, os.PathLike)):
-        return load_model(model), None  # load_model reports the wrong type
-    proto = open_model(model)
-    return proto, Path(model).resolve().parent
+        return load_model(model), None  # a ModelProto is copied; load_model reports a wrong type
+    path = Path(model)
+    with contextlib.suppress(OSError):
+        size = path.stat().st_size + sum(p.stat().st_size for p in external_data_files(path))
+        if size >= _LONG_STEP_BYTES:
+            stage_line(progress, f"loading {path} ({format_bytes(size)}, one tensor at a time)")
+    return open_model(path), path.resolve().parent
 
 
 def _drain(pairs: list):
@@ -235,28 +359,42 @@ def _run_checker(model: onnx.ModelProto) -> None:
 
 
 class _progress:
-    """Per-tensor progress: a stage of the :class:`~onnx_dc.progress.Progress` reporter, or a user callback."""
+    """``progress=True``: a bar on a terminal (weights, their rate and the time left, the tensor, MB/s),
+    one stage line elsewhere; a callable (``(done, total, name)`` per tensor); or nothing."""
 
-    def __init__(self, progress: bool | ProgressCallback | Progress, todo: list[TensorPlan], reporter: Progress) -> None:
-        self.callback = progress if callable(progress) and not isinstance(progress, Progress) else None
+    def __init__(self, progress: bool | ProgressCallback, todo: list[TensorPlan]) -> None:
+        self.progress = progress
         self.total = len(todo)
-        self.stage = reporter.stage(
-            "compressing", total=self.total, unit="tensors",
-            total_weights=sum(p.weight.n_elements for p in todo), total_bytes=sum(p.weight.size_bytes for p in todo),
-        )
+        self.total_weights = sum(p.weight.n_elements for p in todo)
+        self.bar = None
+        self.nbytes = 0
+        self.name = ""
+        self.start = time.monotonic()
 
     def __enter__(self) -> _progress:
-        self.stage.__enter__()
+        stage_line(self.progress, f"compressing {self.total} tensor{'' if self.total == 1 else 's'}")
+        self.bar = progress_bar(self.progress, self.total_weights, unit="weight", description="compressing",
+                                unit_scale=True)
         return self
 
     def __call__(self, done: int, name: str) -> None:
-        if self.callback is not None:
-            self.callback(done, self.total, name)
-        if name:
-            self.stage.set_label(name)
+        if callable(self.progress):
+            self.progress(done, self.total, name)
+        elif self.bar is not None and name:
+            self.name = name
+            self._postfix()
 
     def finished(self, weight: Weight) -> None:
-        self.stage.advance(weights=weight.n_elements, nbytes=weight.size_bytes)
+        """One more tensor done."""
+        self.nbytes += weight.size_bytes
+        if self.bar is not None:
+            self.bar.update(weight.n_elements)
+            self._postfix()
+
+    def _postfix(self) -> None:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.nbytes / elapsed / 1e6:.1f} MB/s, {self.name}", refresh=True)
 
     def __exit__(self, *exc: object) -> None:
-        self.stage.__exit__(*exc)
+        if self.bar is not None:
+            self.bar.close()

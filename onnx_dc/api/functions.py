@@ -25,9 +25,10 @@ from onnx_dc.api.convert import (
 )
 from onnx_dc.api.recipe import Recipe
 from onnx_dc.api.report import ModelReport, model_report
-from onnx_dc.api.validation import ValidationReport, validate_models
-from onnx_dc.errors import SettingsError
+from onnx_dc.api.validation import DEFAULT, ThresholdArgument, ValidationReport, validate_models
+from onnx_dc.errors import ModelError, SettingsError
 from onnx_dc.graph.model_io import ModelSource, check_output_path, load_model, save_model
+from onnx_dc.graph.operators import MODEL_META_RUNTIME, MODEL_META_VERSION
 from onnx_dc.graph.restore import decompress_model
 from onnx_dc.graph.settings import SettingValue
 from onnx_dc.graph.tensor_store import read_structure
@@ -64,8 +65,8 @@ def compress(
         sparsity, bits: shorthand for ``Recipe.build(recipe, sparsity=..., bits=...)``: one
             value, ``KEY=VALUE,...`` text or a dict by kind, name or glob
             (:mod:`onnx_dc.graph.settings`).
-        progress: ``True`` reports progress on stderr (a live line on a terminal, else one line per
-            long step); a callable gets ``(done, total, name)`` per tensor.
+        progress: ``True`` shows a bar on a terminal (weights, their rate, the time left) and one line
+            per stage on stderr otherwise (:mod:`onnx_dc.progress`); a callable gets ``(done, total, name)``.
         external_data: force (True) or forbid (False) external data for the output.
         jobs: worker processes compressing tensors at once (default: every core). An execution
             option, not part of the recipe: the output is the same for every value.
@@ -114,11 +115,31 @@ def inspect(model: ModelSource) -> ModelReport:
     """The per-layer report of a compressed model (the table ``compress`` prints).
 
     A model file is read without its weights: only the containers' bytes, one at a time.
+
+    Raises:
+        ModelError: the model holds no onnx-dc containers (not compressed, decompressed, or
+            compressed with every weight left dense): there is nothing to inspect.
     """
     if isinstance(model, onnx.ModelProto):
-        return model_report(load_model(model), compressed_file_bytes=_source_size_bytes(model))
-    proto = read_structure(model)
-    return model_report(proto, compressed_file_bytes=_source_size_bytes(model), base_dir=Path(model).resolve().parent)
+        proto = load_model(model)
+        report = model_report(proto, compressed_file_bytes=_source_size_bytes(model))
+    else:
+        proto = read_structure(model)
+        report = model_report(proto, compressed_file_bytes=_source_size_bytes(model),
+                              base_dir=Path(model).resolve().parent)
+    if not report.tensors:
+        what = "the model" if isinstance(model, onnx.ModelProto) else str(model)
+        raise ModelError(f"{what} holds no onnx-dc containers: {_why_no_containers(proto)}")
+    return report
+
+
+def _why_no_containers(model: onnx.ModelProto) -> str:
+    metadata = {entry.key for entry in model.metadata_props}
+    if MODEL_META_RUNTIME in metadata:
+        return "onnx-dc left every weight of it dense, so there is no per-layer table"
+    if MODEL_META_VERSION in metadata:
+        return "it was decompressed (onnx-dc decompress) and is standard ONNX again"
+    return "it is not a compressed model (onnx-dc compress MODEL -o OUT makes one)"
 
 
 def validate(
@@ -126,12 +147,17 @@ def validate(
     compressed: ModelSource,
     inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
     *,
-    max_abs_diff: float | None = None,
-    min_cosine: float | None = None,
+    max_abs_diff: ThresholdArgument = None,
+    min_cosine: ThresholdArgument = DEFAULT,
+    min_top1_agreement: ThresholdArgument = DEFAULT,
     use_library: bool | None = None,
 ) -> ValidationReport:
     """Run both models on the same inputs and compare their outputs (see :mod:`onnx_dc.api.validation`).
 
+    The same defaults as ``onnx-dc validate``: every float output's cosine >= 0.99 and, on given
+    ``inputs``, top-1 agreement >= 95 % for classifier-shaped outputs (last axis >= 2). A number
+    replaces a default; ``None`` checks nothing (``min_cosine=None, min_top1_agreement=None``: no
+    thresholds, only finite outputs of the original's shapes). ``report.passed`` is the verdict.
     Model files are run from their paths (onnxruntime reads their external data itself).
     """
     return validate_models(
@@ -140,6 +166,7 @@ def validate(
         inputs=inputs,
         max_abs_diff=max_abs_diff,
         min_cosine=min_cosine,
+        min_top1_agreement=min_top1_agreement,
         use_library=use_library,
     )
 

@@ -24,7 +24,8 @@ from onnx import helper
 
 from onnx_dc.api.recipe import METADATA_KEY, Recipe
 from onnx_dc.errors import ContainerError, OnnxDcError, first_line
-from onnx_dc.graph.operators import MATMUL_OP, META_KEPT
+from onnx_dc.graph.model_io import iter_graphs
+from onnx_dc.graph.operators import DECOMPRESS_OPS, MATMUL_OP, META_KEPT
 from onnx_dc.graph.restore import ContainerRef, find_containers
 from onnx_dc.graph.weights import FLOAT_TYPES, iter_scopes
 
@@ -46,7 +47,8 @@ class TensorRow:
     codebook_size: int
     original_bytes: int
     compressed_bytes: int
-    op: str  # the readers of the container: DCMatMul, DCConv, DCDecompress, joined with "+"
+    op: str  # the readers of the container: DCMatMul, DCConv, DCGather, DCDecompress, joined with "+"
+    decompressed_for: tuple[str, ...] = ()  # the ops that read the DCDecompress output (e.g. "com.microsoft Attention")
 
     @property
     def kept_fraction(self) -> float:
@@ -77,6 +79,7 @@ class TensorRow:
             "compressed_bytes": self.compressed_bytes,
             "ratio": self.ratio,
             "op": self.op,
+            "decompressed_for": list(self.decompressed_for),
         }
 
 
@@ -258,7 +261,8 @@ def model_report(
     """
     refs = find_containers(model, base_dir)
     container_keys = {(id(ref.scope.graph), ref.name) for ref in refs}
-    rows = [_row(ref) for ref in refs]
+    readers = _readers_by_value(model)
+    rows = [_row(ref, readers) for ref in refs]
     reasons = skip_reasons or {}
     dense: list[DenseTensor] = []
     for scope in iter_scopes(model):
@@ -291,6 +295,7 @@ def model_report(
                     size = len(attr.s) if attr.type == onnx.AttributeProto.STRING else sum(len(s) for s in attr.strings)
                     dense.append(DenseTensor(name, "string", (), size))
     report = ModelReport(rows, dense, original_file_bytes, compressed_file_bytes)
+    report.notes.extend(_decompressed_notes(rows) + _dense_notes(dense))
     text = {p.key: p.value for p in model.metadata_props}.get(METADATA_KEY)
     if text is not None:
         try:
@@ -312,7 +317,70 @@ def format_bytes(n: int | None) -> str:
     return f"{value:.1f} TiB"
 
 
-def _row(ref: ContainerRef) -> TensorRow:
+def _decompressed_notes(rows: list[TensorRow]) -> list[str]:
+    """One line per group of containers expanded by DCDecompress, by what reads the dense tensor."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for row in rows:
+        if row.decompressed_for:
+            groups.setdefault(row.decompressed_for, []).append(row.name)
+    return [
+        f"decompressed at session start (no fused operator reads the container): {_names(names)} "
+        f"for {', '.join(readers)}"
+        for readers, names in groups.items()
+    ]
+
+
+def _dense_notes(dense: list[DenseTensor]) -> list[str]:
+    """One line per reason tensors were left dense, with what they are to their readers (``inspect`` knows no reasons).
+
+    A reason reads ``<use>: <why>`` (the converter's) or just ``<why>``.
+    """
+    groups: dict[str, list[tuple[str, DenseTensor]]] = {}
+    for tensor in dense:
+        if tensor.reason:
+            use, _, why = tensor.reason.rpartition(": ")
+            groups.setdefault(why, []).append((use, tensor))
+    lines = []
+    for why, items in groups.items():
+        uses: dict[str, int] = {}
+        for use, _ in items:
+            if use:
+                uses[use] = uses.get(use, 0) + 1
+        detail = ", ".join(f"{use} x{count}" for use, count in uses.items())
+        size = format_bytes(sum(t.size_bytes for _, t in items))
+        names = _names([t.name for _, t in items])
+        lines.append(f"left dense, {why}: {len(items)} tensors, {size}" + (f" ({detail})" if detail else f": {names}"))
+    return lines
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _readers_by_value(model: onnx.ModelProto) -> dict[str, set[str]]:
+    """Value name -> the ops reading it anywhere in the model (``com.microsoft Attention``, ``graph output``)."""
+    readers: dict[str, set[str]] = {}
+    for graph in iter_graphs(model.graph):
+        for node in graph.node:
+            domain = "" if node.domain in ("", "ai.onnx") else node.domain + " "
+            for name in node.input:
+                readers.setdefault(name, set()).add(domain + node.op_type)
+        for output in graph.output:
+            readers.setdefault(output.name, set()).add("graph output")
+    return readers
+
+
+def _decompressed_readers(ref: ContainerRef, readers: dict[str, set[str]]) -> tuple[str, ...]:
+    """The ops reading the outputs of the container's DCDecompress nodes."""
+    found: set[str] = set()
+    for _, node in ref.readers:
+        if node.op_type in DECOMPRESS_OPS.values():
+            found |= readers.get(node.output[0], set())
+    return tuple(sorted(found))
+
+
+def _row(ref: ContainerRef, readers: dict[str, set[str]]) -> TensorRow:
     from onnx_dc.codec.container_reader import decode_container_symbols, read_container_info
 
     data = ref.data
@@ -345,16 +413,20 @@ def _row(ref: ContainerRef) -> TensorRow:
         original_bytes=info.numel * info.dtype.itemsize,
         compressed_bytes=len(data),
         op="+".join(ops),
+        decompressed_for=_decompressed_readers(ref, readers),
     )
 
 
 def _dense(tensor: onnx.TensorProto, name: str, reasons: dict[str, str]) -> DenseTensor:
+    reason = reasons.get(name)
+    if reason is None and reasons and tensor.data_type not in FLOAT_TYPES:
+        reason = "not a floating-point tensor"
     return DenseTensor(
         name,
         _dtype_name(tensor.data_type),
         tuple(int(d) for d in tensor.dims),
         _tensor_size_bytes(tensor),
-        reasons.get(name),
+        reason,
     )
 
 

@@ -15,7 +15,6 @@ eighth of it; one sample per run at the least). :func:`run_model` runs a model o
 from __future__ import annotations
 
 import contextlib
-import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from onnx_dc.calibration.layer_problem import single_threaded_blas
 from onnx_dc.calibration.layers import _IM2COL_CHUNK_ELEMENTS, LayerSpec, _conv_geometry, _outer_names
 from onnx_dc.errors import CalibrationError, ModelError, first_line
 from onnx_dc.graph.model_io import attribute_subgraphs
-from onnx_dc.progress import Progress
+from onnx_dc.progress import progress_bar
 
 __all__ = [
     "DEFAULT_MAX_MEMORY_BYTES",
@@ -420,21 +419,20 @@ def _known_total(data: CalibrationData) -> int:
 
 
 class _Progress:
-    """A stage of :mod:`onnx_dc.progress` (``progress=True``) and/or a ``(done, total)`` callback."""
-
     def __init__(self, progress: bool | Callable[[int, int], None], total: int, description: str) -> None:
         self.callback = progress if callable(progress) else None
         self.total = total
         self.done = 0
-        self.stage = Progress(progress is True).stage(description, total=total or None, unit="samples")
-        self.stage.__enter__()
+        self.bar = None
+        self.bar = progress_bar(progress, total or None, unit="sample", description=description)
 
     def advance(self, count: int) -> None:
         self.done += count
-        self.stage.advance(count)
+        if self.bar is not None:
+            self.bar.update(count)
         if self.callback is not None:
             self.callback(self.done, self.total)
 
     def close(self) -> None:
-        failed = sys.exc_info()[0]  # closed from a finally clause: is an exception on its way?
-        self.stage.__exit__(failed, None, None)
+        if self.bar is not None:
+            self.bar.close()

@@ -50,6 +50,7 @@ exceed ``max_memory_bytes``.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_dc.errors import CalibrationError, SettingsError
+from onnx_dc.errors import CalibrationError, SettingsError, first_line
 
 __all__ = [
     "CalibrationData",
@@ -335,20 +336,29 @@ def load_calibration(
     )
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive of .npy files
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All arrays of an ``.npz`` file. Raises :class:`CalibrationError` when it cannot be read."""
+    """All arrays of an ``.npz`` file (``numpy.savez``). Raises :class:`CalibrationError` when it cannot be read."""
     p = Path(path)
     if not p.is_file():
         raise CalibrationError(f"{p}: no such file")
     try:
+        with open(p, "rb") as file:
+            magic = file.read(len(_ZIP_MAGIC))
+    except OSError as exc:
+        raise CalibrationError(f"{p}: cannot be read ({first_line(exc)})") from None
+    if magic == _NPY_MAGIC[: len(_ZIP_MAGIC)]:
+        raise CalibrationError(f"{p}: a single .npy array, expected an .npz keyed by input name (numpy.savez)")
+    if magic != _ZIP_MAGIC:
+        raise CalibrationError(f"{p}: not an .npz file of arrays (write one with numpy.savez, keyed by input name)")
+    try:
         with np.load(p, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise CalibrationError(f"{p}: a single .npy array, expected an .npz keyed by input name")
             return {key: np.asarray(data[key]) for key in data.files}
-    except CalibrationError:
-        raise
-    except (OSError, ValueError, EOFError) as exc:
-        raise CalibrationError(f"{p}: not a readable .npz file ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:  # e.g. pickled object arrays
+        raise CalibrationError(f"{p}: not an .npz file of arrays ({first_line(exc)})") from None
 
 
 def read_labels(path: str | os.PathLike | Mapping[str, np.ndarray]) -> np.ndarray:

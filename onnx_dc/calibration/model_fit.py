@@ -43,7 +43,6 @@ compressed.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -60,7 +59,7 @@ from onnx_dc.calibration.targets import LayerTarget, layer_target
 from onnx_dc.codec.container import encode_container
 from onnx_dc.codec.tensor import CompressedTensor, codebook_in_dtype, compress_tensor, compressed_tensor_from_codes
 from onnx_dc.graph.model_io import initializer_array, set_initializer
-from onnx_dc.progress import Progress
+from onnx_dc.progress import on_terminal, progress_bar, stage_line
 
 __all__ = [
     "CalibratedCompression",
@@ -221,15 +220,19 @@ def compress_with_calibration(
     layers = [layer for layer in all_layers if layer.weight in settings and layer.weight not in over_budget]
     layer_names = {layer.weight for layer in layers}
     result = CalibratedCompression(working)
-    show = progress is True
+    show = progress is True and on_terminal()
     callback = progress if callable(progress) else None
     names_in_order = [n for n in settings if n not in layer_names] + [layer.weight for layer in layers]
     total = len(names_in_order)
-    bar = Progress(show).stage("fitting", total=total, unit="tensors")
-    bar.__enter__()
+    samples = f"{data.n_samples} calibration samples" if data.n_samples >= 0 else "the calibration samples"
+    stage_line(progress, f"fitting {len(layers)} layer(s) to {samples}"
+               f"{', one after the other' if options.sequential else ''}")
+    bar = progress_bar(progress, total, unit="tensor", description="fitting")
 
     def tick(name: str) -> None:
-        bar.advance(label=name)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(name, refresh=True)
         if callback is not None:
             callback(len(result.results), total, name)
 
@@ -276,7 +279,8 @@ def compress_with_calibration(
                 statistics.pop(layer.weight, None)  # free its memory
             tick(layer.weight)
     finally:
-        bar.__exit__(*sys.exc_info())
+        if bar is not None:
+            bar.close()
     # Hand back the original dense weights (the converter compresses them from the
     # precomputed tensors) with the refitted biases.
     for name in result.results:

@@ -103,6 +103,7 @@ from onnx_dc.calibration.search_result import AutotuneResult, LayerChoice
 from onnx_dc.calibration.targets import layer_target
 from onnx_dc.calibration.weight_swap import WeightSwapRunner
 from onnx_dc.errors import CalibrationError, SettingsError
+from onnx_dc.progress import on_terminal
 
 __all__ = [
     "AutotuneResult",
@@ -202,7 +203,7 @@ def autotune(
         options: the calibrated recipe (sequential mode applies to the final model).
         holdout_fraction: share of the calibration samples held out when ``search`` is None.
         seed: seed of the held-out split and of random k-means initialisations.
-        progress: ``True`` prints progress lines on stderr (terminal only), or a callable taking a line.
+        progress: ``True`` prints progress lines on stderr (off a terminal the stages only), or a callable taking a line.
         drop_margin_se: with ``max_drop``, the path configuration chosen must meet the budget by this
             many standard errors of its measured drop (:func:`drop_standard_error`): 1.0 asks the
             budget to hold beyond the search data with about 84 % confidence instead of 50 %.
@@ -251,7 +252,7 @@ def autotune(
             seed, runner, reference, per_layer,
         )
         candidates[layer.weight] = found
-        say(f"layer {index + 1}/{len(layers)} {layer.weight}: {len(found)} candidates ({measured} measured)")
+        say(f"layer {index + 1}/{len(layers)} {layer.weight}: {len(found)} candidates ({measured} measured)", detail=True)
 
     path = _allocation_path({name: _hull(c) for name, c in candidates.items()})
     full_length = len(path)
@@ -297,17 +298,18 @@ def autotune(
 
 
 class _Log:
-    """The search's log lines, echoed to a callable or (``True``) to a terminal's stderr."""
+    """The search's log lines, echoed to a callable or (``True``) to stderr: every line on a terminal,
+    elsewhere the stages only (not the per-layer ``detail`` lines)."""
 
     def __init__(self, progress: bool | Callable[[str], None]) -> None:
         self.progress = progress
         self.lines: list[str] = []
 
-    def __call__(self, line: str) -> None:
+    def __call__(self, line: str, *, detail: bool = False) -> None:
         self.lines.append(line)
         if callable(self.progress):
             self.progress(line)
-        elif self.progress is True and sys.stderr.isatty():
+        elif self.progress is True and (on_terminal() or not detail):
             print(f"onnx-dc: {line}", file=sys.stderr, flush=True)
 
 

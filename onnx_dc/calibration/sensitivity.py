@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
 from onnx_dc.calibration.targets import layer_target
 from onnx_dc.calibration.weight_swap import WeightSwapRunner
 from onnx_dc.errors import ModelError, SettingsError
+from onnx_dc.progress import progress_bar, stage_line
 
 __all__ = [
     "DEFAULT_BITS",
@@ -291,7 +291,7 @@ def plot_sensitivity(report: SensitivityReport, path: str | os.PathLike) -> None
         import matplotlib.pyplot as plt
     except ImportError:
         raise SettingsError(
-            "--plot needs matplotlib, an optional dependency: pip install matplotlib (or onnx-dc[bench])"
+            "--plot needs matplotlib, an optional dependency: pip install matplotlib (or onnx-dc[plot])"
         ) from None
     path = Path(path)
     with_accuracy = report.baseline_accuracy is not None
@@ -347,8 +347,8 @@ def _check_sparsity(value: object) -> float:
         s = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise SettingsError(f"sparsity {value!r} is not a number") from None
-    if not 0.0 <= s <= 1.0:
-        raise SettingsError(f"sparsity must be in [0, 1], got {value!r}")
+    if not 0.0 <= s < 1.0:
+        raise SettingsError(f"sparsities must be in [0, 1) (sparsity 1 removes every weight), got {value!r}")
     return s
 
 
@@ -371,11 +371,8 @@ def _check_bits(value: object) -> int:
 
 
 def _bar(progress: bool | ProgressCallback, total: int):
-    if progress is True and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit="point", desc="sensitivity", leave=False)
-    return None
+    stage_line(progress, f"measuring {total} sensitivity points")
+    return progress_bar(progress, total, unit="point", description="sensitivity")
 
 
 def _tick(bar, progress, done: int, total: int, name: str) -> None:

@@ -10,6 +10,7 @@ plain onnxruntime.
 
 from __future__ import annotations
 
+import base64
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_dc.errors import ContainerError, ModelError
-from onnx_dc.graph.fusion import unfuse_relu
+from onnx_dc.graph.fusion import unfuse_absorbed, unfuse_relu
+from onnx_dc.graph.graph_index import model_value_names
 from onnx_dc.graph.model_io import unique_name
 from onnx_dc.graph.operators import (
     _DECOMPRESS_NAMES,
@@ -29,21 +31,27 @@ from onnx_dc.graph.operators import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DOMAIN,
+    GATHER_OP,
     META_ADDED,
     META_ATTRS,
     META_KIND,
     META_NAME,
     META_OP,
+    META_TRANSPOSE,
+    MODEL_META_RUNTIME,
 )
-from onnx_dc.graph.rewrite import _copy_doc_string, _index_of, _value_names
+from onnx_dc.graph.rewrite import _copy_doc_string, _index_of
 from onnx_dc.graph.tensor_store import tensor_bytes_of
 from onnx_dc.graph.weights import GraphScope, iter_scopes
+
+_CONTAINER_FIRST = _DECOMPRESS_NAMES | {GATHER_OP}  # operators reading the container as input 0
 
 __all__ = [
     "ContainerRef",
     "decompress_model",
     "find_containers",
     "has_custom_ops",
+    "is_compressed",
 ]
 
 
@@ -69,7 +77,7 @@ class ContainerRef:
 
 
 def find_containers(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> list[ContainerRef]:
-    """Every container read by a ``DCMatMul``, ``DCConv`` or ``DCDecompress`` node of the model, in graph order.
+    """Every container read by a ``DCMatMul``, ``DCConv``, ``DCGather`` or ``DCDecompress`` node of the model, in graph order.
 
     ``base_dir``: the directory external data references are relative to (their bytes are read on demand).
     """
@@ -113,14 +121,17 @@ def decompress_model(model: onnx.ModelProto) -> int:
     ``Conv`` (with the same attributes), ``DCDecompress``
     outputs become dense initializers (or ``Constant`` nodes, where the weight
     was one) holding the quantized weights, and the ``ai.onnx_dc`` opset is
-    dropped. Raises :class:`ContainerError` naming the tensor when a container
+    dropped, and with it the model's ``onnx_dc.runtime`` hint (``onnx_dc.version`` and
+    the recipe stay). Raises :class:`ContainerError` naming the tensor when a container
     is corrupted.
     """
     from onnx_dc.codec.container_reader import decode_container
 
+    unfuse_absorbed(model, "activation")  # the reverse of apply_compression's fusions
     unfuse_relu(model)
+    unfuse_absorbed(model, "bias")
     refs = find_containers(model)
-    taken = _value_names(model)
+    taken = model_value_names(model, value_info=False)
     for ref in refs:
         try:
             dense = decode_container(ref.data)
@@ -128,7 +139,7 @@ def decompress_model(model: onnx.ModelProto) -> int:
             raise ContainerError(f"container {ref.name!r} (tensor {ref.original_name!r}): {exc}") from None
         own = [n for s, n in ref.readers if n.op_type in _DECOMPRESS_NAMES and s.graph is ref.scope.graph]
         nested = [(s, n) for s, n in ref.readers if n.op_type in _DECOMPRESS_NAMES and s.graph is not ref.scope.graph]
-        matmuls = [n for _, n in ref.readers if n.op_type in _FUSED_OPS]
+        matmuls = [(s, n) for s, n in ref.readers if n.op_type in _FUSED_OPS or n.op_type == GATHER_OP]
         primary: str | None = None
         if own:
             primary = own[0].output[0]
@@ -152,22 +163,41 @@ def decompress_model(model: onnx.ModelProto) -> int:
             else:
                 del scope.graph.node[_index_of(scope.graph, node)]
                 scope.graph.initializer.append(tensor)
-        for node in matmuls:
+        for scope, node in matmuls:
             if node.op_type == CONV_OP:
                 _from_dc_conv(node, primary)
+            elif node.op_type == GATHER_OP:
+                _from_dc_gather(node, primary)
             else:
-                _from_dc_matmul(node, primary)
+                _from_dc_matmul(node, _restore_transpose(scope.graph, node, primary))
     _drop_added_value_info(model)
     if not any(node.domain == DOMAIN for scope in iter_scopes(model) for node in scope.graph.node):
         keep = [o for o in model.opset_import if o.domain != DOMAIN]
         del model.opset_import[:]
         model.opset_import.extend(keep)
+        # The run-time hint is no longer true; the version and the recipe stay as provenance.
+        kept = [entry for entry in model.metadata_props if entry.key != MODEL_META_RUNTIME]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
     return len(refs)
 
 
 def has_custom_ops(model: onnx.ModelProto) -> bool:
     """True when some node of the model (any graph) is in the ``ai.onnx_dc`` domain."""
     return any(node.domain == DOMAIN for scope in iter_scopes(model) for node in scope.graph.node)
+
+
+def is_compressed(model: onnx.ModelProto) -> bool:
+    """True when the model holds anything onnx-dc writes: ``ai.onnx_dc`` nodes or opset, or container tensors."""
+    if has_custom_ops(model) or any(opset.domain == DOMAIN for opset in model.opset_import):
+        return True
+    for scope in iter_scopes(model):
+        tensors = list(scope.graph.initializer) + [
+            attr.t for node in scope.graph.node if node.op_type == "Constant" for attr in node.attribute if attr.name == "value"
+        ]
+        if any(entry.key == META_NAME for tensor in tensors for entry in tensor.metadata_props):
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------- decompression helpers
@@ -205,7 +235,7 @@ def _dc_nodes_with_container(model: onnx.ModelProto):
             return None
 
         for index, node in enumerate(graph.node):
-            if node.domain == DOMAIN and (node.op_type in _FUSED_OPS or node.op_type in _DECOMPRESS_NAMES):
+            if node.domain == DOMAIN and (node.op_type in _FUSED_OPS or node.op_type in _CONTAINER_FIRST):
                 slot = 1 if node.op_type in _FUSED_OPS else 0
                 if len(node.input) <= slot or not node.input[slot]:
                     raise ModelError(f"node {node.name or node.op_type!r} in {scope.describe()} has no container input")
@@ -262,10 +292,38 @@ def _replace_container(model: onnx.ModelProto, ref: ContainerRef, dense: onnx.Te
             break
 
 
+def _restore_transpose(graph: onnx.GraphProto, node: onnx.NodeProto, dense_name: str) -> str:
+    """For a DCMatMul that absorbed a ``Transpose`` of its weight: put that node back (once); its output's name."""
+    meta = {e.key: e.value for e in node.metadata_props}
+    if META_TRANSPOSE not in meta:
+        return dense_name
+    transpose = onnx.NodeProto()
+    transpose.ParseFromString(base64.b64decode(meta[META_TRANSPOSE]))
+    transpose.input[0] = dense_name
+    if not any(transpose.output[0] in n.output for n in graph.node):
+        graph.node.insert(_index_of(graph, node), transpose)
+    return transpose.output[0]
+
+
+def _from_dc_gather(node: onnx.NodeProto, dense_name: str) -> None:
+    meta = {e.key: e.value for e in node.metadata_props}
+    new = helper.make_node("Gather", [dense_name, node.input[1]], list(node.output), name=node.name)
+    for item in filter(None, meta.get(META_ATTRS, "").split(",")):
+        key, value = item.split("=", 1)
+        new.attribute.append(helper.make_attribute(key, int(value)))
+    _copy_doc_string(node, new)
+    for entry in node.metadata_props:
+        if not entry.key.startswith("onnx_dc."):
+            new.metadata_props.add().CopyFrom(entry)
+    node.CopyFrom(new)
+
+
 def _from_dc_matmul(node: onnx.NodeProto, dense_name: str) -> None:
     meta = {e.key: e.value for e in node.metadata_props}
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     trans_b = int(attrs.get("trans_b", 0))
+    if META_TRANSPOSE in meta:  # the weight is read through its Transpose again
+        trans_b = 1 - trans_b if meta.get(META_OP) == "Gemm" else 0
     alpha = float(attrs.get("alpha", DEFAULT_ALPHA))
     beta = float(attrs.get("beta", DEFAULT_BETA))
     has_bias = len(node.input) > 2 and bool(node.input[2])

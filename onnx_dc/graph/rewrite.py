@@ -29,6 +29,7 @@ plain onnxruntime.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -37,7 +38,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_dc.errors import ModelError
-from onnx_dc.graph.fusion import fuse_relu, mark_sparse_inputs
+from onnx_dc.graph import operators
+from onnx_dc.graph.fusion import fuse_activations, fuse_bias, fuse_relu, mark_sparse_inputs
+from onnx_dc.graph.graph_index import GraphIndex, model_value_names
+from onnx_dc.graph.graph_index import inferred_value_types as _inferred_value_types
 from onnx_dc.graph.model_io import unique_name
 from onnx_dc.graph.operators import (
     _DECOMPRESS_NAMES,
@@ -47,6 +51,7 @@ from onnx_dc.graph.operators import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DOMAIN,
+    GATHER_OP,
     MATMUL_OP,
     META_ADDED,
     META_ATTRS,
@@ -55,9 +60,9 @@ from onnx_dc.graph.operators import (
     META_NAME,
     META_OP,
     META_SOURCE,
+    META_TRANSPOSE,
     OPSET_VERSION,
 )
-from onnx_dc.graph.tensor_store import structure_of
 from onnx_dc.graph.weights import Consumer, Weight, iter_scopes
 
 
@@ -69,25 +74,37 @@ class RewriteSummary:
     matmul_nodes: int = 0
     conv_nodes: int = 0
     decompress_nodes: int = 0
-    fused_relus: int = 0  # Relu nodes folded into DCMatMul (onnx_dc.graph.fusion)
+    gather_nodes: int = 0  # Gather on a weight as DCGather (only with the switch on)
+    absorbed_transposes: int = 0  # Transpose nodes of a weight read by DCMatMul with trans_b
+    fused_biases: int = 0  # bias Adds moved into DCMatMul's bias input (onnx_dc.graph.fusion)
+    fused_relus: int = 0  # Relu nodes folded into DCMatMul
+    fused_activations: int = 0  # other activations folded in (only kinds the runtime implements)
     sparse_inputs: int = 0  # DCMatMul nodes marked sparse_input (their X is a ReLU output)
 
 
 def apply_compression(
-    model: onnx.ModelProto, compressed: Iterable[tuple[Weight, bytes]], *, kept: Mapping[str, int] | None = None
+    model: onnx.ModelProto,
+    compressed: Iterable[tuple[Weight, bytes]],
+    *,
+    gather: bool | None = None,
+    kept: Mapping[str, int] | None = None,
 ) -> RewriteSummary:
     """Replace each weight by its container and rewire its consumers, editing ``model`` in place.
 
     ``compressed`` pairs weights found by :func:`onnx_dc.graph.weights.find_weights`
     on this same ``model`` with their container bytes (a sequence, or an iterator
-    that lets each container go once it is in the model). ``kept`` (weight name ->
+    that lets each container go once it is in the model). ``gather`` turns
+    ``Gather`` on a float32 weight (axis 0) into ``DCGather`` (default:
+    :data:`onnx_dc.graph.operators.RUNTIME_HAS_GATHER`). ``kept`` (weight name ->
     weights kept) is recorded on the containers for the per-layer report.
     """
     summary = RewriteSummary()
     if isinstance(compressed, Sequence) and not compressed:
         return summary
+    gather = operators.RUNTIME_HAS_GATHER if gather is None else gather
+    indexes: dict[int, GraphIndex] = {}
     value_types = _inferred_value_types(model)
-    taken = _value_names(model)
+    taken = model_value_names(model)
     node_names = _node_names(model)
     constants = _constant_types(model)
     for weight, container in compressed:
@@ -102,7 +119,13 @@ def apply_compression(
             for c in weight.consumers
             if _fusable(c, weight, constants, value_types) or _conv_fusable(c, weight, value_types)
         ]
-        needs_dense = len(fused) < len(weight.consumers)
+        transposes = {
+            id(c): readers
+            for c in weight.consumers
+            if (readers := _transposed_readers(c, weight, constants, value_types, indexes)) is not None
+        }
+        gathers = [c for c in weight.consumers if gather and _gather_fusable(c, weight)]
+        needs_dense = len(fused) + len(transposes) + len(gathers) < len(weight.consumers)
         graph = weight.scope.graph
         data_type = weight.tensor.data_type
         dense_type = helper.make_tensor_value_info(weight.name, data_type, list(weight.shape))
@@ -137,7 +160,19 @@ def apply_compression(
             else:
                 _to_dc_matmul(consumer, cname, value_types)
                 summary.matmul_nodes += 1
+        for consumer in weight.consumers:
+            for reader in transposes.get(id(consumer), []):
+                _to_dc_matmul(reader, cname, value_types, transpose=consumer.node)
+                summary.matmul_nodes += 1
+            if id(consumer) in transposes:
+                consumer.scope.graph.node.remove(consumer.node)
+                summary.absorbed_transposes += 1
+        for consumer in gathers:
+            _to_dc_gather(consumer, cname, value_types)
+            summary.gather_nodes += 1
+    summary.fused_biases = fuse_bias(model)
     summary.fused_relus = fuse_relu(model)
+    summary.fused_activations = fuse_activations(model)
     summary.sparse_inputs = mark_sparse_inputs(model)
     _declare_domain(model)
     return summary
@@ -177,14 +212,21 @@ def _fusable(
     weight: Weight,
     constants: dict[str, tuple[list[int], int]],
     value_types: dict[tuple[tuple[str, ...], str], onnx.TypeProto],
+    *,
+    transposed: bool = False,
 ) -> bool:
-    """Whether this use can run as DCMatMul straight on the container (docs/OPERATORS.md)."""
+    """Whether this use can run as DCMatMul straight on the container (docs/OPERATORS.md).
+
+    ``transposed``: the use reads the weight through a ``Transpose`` (its B is the weight transposed).
+    """
     node = consumer.node
     if node is None or consumer.role not in ("matmul_b", "gemm_b"):
         return False
     if weight.tensor.data_type != onnx.TensorProto.FLOAT or len(weight.shape) != 2:
         return False
-    if not node.input or node.input[0] == weight.name:
+    b_name = node.input[consumer.input_index]
+    b_shape = weight.shape[::-1] if transposed else weight.shape
+    if not node.input or node.input[0] == b_name:
         return False
     if consumer.role == "matmul_b":
         return True
@@ -194,7 +236,7 @@ def _fusable(
     if len(node.input) < 3 or not node.input[2]:
         return True
     bias = node.input[2]
-    if bias == weight.name:
+    if bias in (weight.name, b_name):
         return False
     if bias in constants:
         shape, elem_type = constants[bias]
@@ -206,11 +248,12 @@ def _fusable(
         if any(not d.HasField("dim_value") for d in dims):
             return False
         shape, elem_type = [d.dim_value for d in dims], vtype.tensor_type.elem_type
-    n_cols = weight.shape[0] if int(attrs.get("transB", 0)) else weight.shape[1]
+    n_cols = b_shape[0] if int(attrs.get("transB", 0)) else b_shape[1]
     return elem_type == onnx.TensorProto.FLOAT and shape in ([n_cols], [1, n_cols], [1], [1, 1], [])
 
 
-def _to_dc_matmul(consumer: Consumer, cname: str, value_types) -> None:
+def _to_dc_matmul(consumer: Consumer, cname: str, value_types, transpose: onnx.NodeProto | None = None) -> None:
+    """``consumer``'s MatMul / Gemm as DCMatMul on container ``cname``; ``transpose``: the Transpose it read the weight through."""
     node = consumer.node
     assert node is not None
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -218,14 +261,19 @@ def _to_dc_matmul(consumer: Consumer, cname: str, value_types) -> None:
     if consumer.role == "gemm_b" and len(node.input) > 2 and node.input[2]:
         inputs.append(node.input[2])
     new = helper.make_node(MATMUL_OP, inputs, list(node.output), name=node.name, domain=DOMAIN)
+    trans_b = int(attrs.get("transB", 0))
+    if transpose is not None:
+        trans_b = 1 - trans_b
     if consumer.role == "gemm_b":
         new.attribute.extend(
             [
-                helper.make_attribute("trans_b", int(attrs.get("transB", 0))),
+                helper.make_attribute("trans_b", trans_b),
                 helper.make_attribute("alpha", float(attrs.get("alpha", DEFAULT_ALPHA))),
                 helper.make_attribute("beta", float(attrs.get("beta", DEFAULT_BETA))),
             ]
         )
+    elif transpose is not None:
+        new.attribute.append(helper.make_attribute("trans_b", 1))
     _copy_doc_string(node, new)
     for entry in node.metadata_props:
         new.metadata_props.add().CopyFrom(entry)
@@ -234,6 +282,66 @@ def _to_dc_matmul(consumer: Consumer, cname: str, value_types) -> None:
     if consumer.role == "gemm_b":
         meta = new.metadata_props.add()
         meta.key, meta.value = META_ATTRS, ",".join(sorted(attrs))
+    if transpose is not None:
+        meta = new.metadata_props.add()
+        meta.key, meta.value = META_TRANSPOSE, base64.b64encode(transpose.SerializeToString()).decode()
+    node.CopyFrom(new)
+    _declare_output_type(consumer, value_types)
+
+
+def _transposed_readers(consumer: Consumer, weight: Weight, constants, value_types, indexes) -> list[Consumer] | None:
+    """The MatMul/Gemm uses behind a ``Transpose`` of the weight when DCMatMul (``trans_b``) can take all of them."""
+    node = consumer.node
+    if (
+        node is None
+        or node.op_type != "Transpose"
+        or node.domain not in ("", "ai.onnx")
+        or consumer.input_index != 0
+        or len(weight.shape) != 2
+        or weight.tensor.data_type != onnx.TensorProto.FLOAT
+        or [helper.get_attribute_value(a) for a in node.attribute if a.name == "perm"] not in ([], [[1, 0]])
+        or len(node.output) != 1
+    ):
+        return None
+    graph = consumer.scope.graph
+    index = indexes.get(id(graph))
+    if index is None:
+        index = indexes[id(graph)] = GraphIndex.build(graph)
+    value = node.output[0]
+    readers = index.readers.get(value, [])
+    if not readers or not index.is_private(value, len(readers)):
+        return None
+    uses = [Consumer(consumer.scope, r, slot, "matmul_b" if r.op_type == "MatMul" else "gemm_b") for r, slot in readers]
+    for use, (reader, slot) in zip(uses, readers, strict=True):
+        if slot != 1 or reader.op_type not in ("MatMul", "Gemm") or reader.domain not in ("", "ai.onnx"):
+            return None
+        if not _fusable(use, weight, constants, value_types, transposed=True):
+            return None
+    return uses
+
+
+def _gather_fusable(consumer: Consumer, weight: Weight) -> bool:
+    """Whether this use is an axis-0 ``Gather`` of a float32 weight that DCGather can run (proposed operator)."""
+    node = consumer.node
+    if node is None or node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or consumer.input_index != 0:
+        return False
+    if weight.tensor.data_type != onnx.TensorProto.FLOAT or not weight.shape or len(node.input) != 2:
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return set(attrs) <= {"axis"} and int(attrs.get("axis", 0)) in (0, -len(weight.shape)) and node.input[1] != weight.name
+
+
+def _to_dc_gather(consumer: Consumer, cname: str, value_types) -> None:
+    node = consumer.node
+    assert node is not None
+    new = helper.make_node(GATHER_OP, [cname, node.input[1]], list(node.output), name=node.name, domain=DOMAIN)
+    _copy_doc_string(node, new)
+    for entry in node.metadata_props:
+        new.metadata_props.add().CopyFrom(entry)
+    explicit = ",".join(f"{a.name}={helper.get_attribute_value(a)}" for a in node.attribute)
+    for key, value in ((META_OP, "Gather"), (META_ATTRS, explicit)):
+        meta = new.metadata_props.add()
+        meta.key, meta.value = key, value
     node.CopyFrom(new)
     _declare_output_type(consumer, value_types)
 
@@ -352,22 +460,6 @@ def _index_of(graph: onnx.GraphProto, node: onnx.NodeProto) -> int:
     raise ModelError(f"internal: node {node.name!r} not found in its graph")
 
 
-def _value_names(model: onnx.ModelProto) -> set[str]:
-    """Every tensor name used anywhere in the model (all graphs)."""
-    names: set[str] = set()
-    for scope in iter_scopes(model):
-        g = scope.graph
-        names.update(vi.name for vi in g.input)
-        names.update(vi.name for vi in g.output)
-        names.update(vi.name for vi in g.value_info)
-        names.update(t.name for t in g.initializer)
-        for node in g.node:
-            names.update(node.input)
-            names.update(node.output)
-    names.discard("")
-    return names
-
-
 def _node_names(model: onnx.ModelProto) -> set[str]:
     return {node.name for scope in iter_scopes(model) for node in scope.graph.node if node.name}
 
@@ -383,22 +475,4 @@ def _constant_types(model: onnx.ModelProto) -> dict[str, tuple[list[int], int]]:
                 for attr in node.attribute:
                     if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
                         types[node.output[0]] = (list(attr.t.dims), attr.t.data_type)
-    return types
-
-
-def _inferred_value_types(model: onnx.ModelProto) -> dict[tuple[tuple[str, ...], str], onnx.TypeProto]:
-    """Types of every value ONNX shape inference can infer, keyed by (graph path, name).
-
-    Inference runs on a copy of the model without its large tensors' bytes
-    (:func:`onnx_dc.graph.tensor_store.structure_of`), so it costs little memory even for big models.
-    """
-    try:
-        inferred = onnx.shape_inference.infer_shapes(structure_of(model), check_type=False, strict_mode=False)
-    except Exception:  # inference is a best effort: value_info then carries only the element type
-        return {}
-    types: dict[tuple[tuple[str, ...], str], onnx.TypeProto] = {}
-    for scope in iter_scopes(inferred):
-        for vi in list(scope.graph.value_info) + list(scope.graph.output) + list(scope.graph.input):
-            if vi.HasField("type"):
-                types[(scope.path, vi.name)] = vi.type
     return types

@@ -39,26 +39,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from onnx_dc.errors import SettingsError
+from onnx_dc.graph.defaults import DEFAULT_MIN_ELEMENTS, DEFAULTS
 from onnx_dc.graph.weights import KINDS, Weight
 
 SETTING_NAMES: tuple[str, ...] = ("sparsity", "quality", "bits", "index_bits", "init")
 
 INIT_METHODS: tuple[str, ...] = ("linear", "density", "random", "kmeans++")
 
-# Built-in defaults per kind. Bits follow the paper (conv 8-bit weights and
-# 8-bit relative indices, fully connected 5-bit and 5-bit). The sparsities are
-# the largest that one-shot magnitude pruning (no retraining, no calibration)
-# tolerates within 0.5 points of top-1 on both zoo LeNets' validation images:
-# python -m benchmarks.default_sparsity; the sweep and the end-to-end effect
-# are in docs/USAGE.md. "other" tensors (embeddings, recurrent weights) are
-# only quantized by default: nothing measured says how much pruning they take.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "fc": {"sparsity": 0.3, "quality": None, "bits": 5, "index_bits": 5, "init": "linear"},
-    "conv": {"sparsity": 0.1, "quality": None, "bits": 8, "index_bits": 8, "init": "linear"},
-    "other": {"sparsity": None, "quality": None, "bits": 8, "index_bits": 8, "init": "linear"},
-}
-
-DEFAULT_MIN_ELEMENTS = 256
+# The built-in defaults per kind, DEFAULTS and DEFAULT_MIN_ELEMENTS, are in onnx_dc.graph.defaults
+# (imported above), where the command line's help reads them without loading ONNX.
 
 # Specificity levels, higher wins.
 _BUILTIN, _ALL, _KIND, _GLOB, _NAME = range(5)
@@ -214,7 +203,11 @@ class CompressionSettings:
         if self._named_exactly(weight.name):
             return None
         if weight.is_bias:
-            return "bias (left dense)"
+            return "bias"
+        if len(weight.shape) <= 1:
+            # Biases of MatMul + Add, normalisation scales and shifts: a few bytes each, and a
+            # compressed one costs a DCDecompress node on every run.
+            return "a vector (bias, scale or normalisation parameter)"
         if weight.n_elements < self.min_elements:
             return f"fewer than {self.min_elements} elements"
         return None
@@ -366,11 +359,16 @@ def _unquote(text: str) -> str:
 def _parse_value(setting: str, raw: Any) -> Any:
     flag = _flag(setting)
     if setting == "sparsity":
-        if isinstance(raw, str) and raw.strip().lower() == "none":
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() == "none"):  # None: a recipe's "none"
             return None
-        return _parse_float(flag, raw, 0.0, 1.0)
+        value = _parse_float(flag, raw, 0.0, 1.0)
+        if value >= 1.0:
+            raise SettingsError(
+                f"{flag}: {raw!r} is out of range (must be at least 0 and below 1: sparsity 1 removes every weight)"
+            )
+        return value
     if setting == "quality":
-        if isinstance(raw, str) and raw.strip().lower() == "none":
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() == "none"):
             return None
         return _parse_float(flag, raw, 0.0, None)
     if setting == "bits":

@@ -9,13 +9,14 @@ several nodes is found (and compressed) once.
 Each weight gets a kind that selects its default settings:
 
 * ``fc``: the weight of a fully connected layer, input B of ``MatMul`` or
-  ``Gemm``;
+  ``Gemm`` (or the weights of com.microsoft ``Attention`` / ``FusedMatMul``);
 * ``conv``: the kernel W of ``Conv`` or ``ConvTranspose``;
 * ``other``: anything else (``Gather`` embeddings, LSTM/GRU weights, scales...).
 
 The op that uses a weight is not always its direct consumer (a Conv kernel
 behind a ``Transpose`` or ``Reshape``); the kind follows such shape-only ops.
-Biases (input C of ``Gemm``, input B of ``Conv``/``ConvTranspose``) are marked
+Biases (input C of ``Gemm``, input B of ``Conv``/``ConvTranspose``, the bias
+inputs of com.microsoft fused operators) are marked
 with :attr:`Weight.is_bias` and left dense by the converter, as in the paper.
 """
 
@@ -32,7 +33,7 @@ from onnx import numpy_helper
 from onnx_dc.graph.model_io import attribute_subgraphs
 
 WeightKind = Literal["fc", "conv", "other"]
-ConsumerRole = Literal["matmul_b", "gemm_b", "conv_w", "bias", "other", "graph_output"]
+ConsumerRole = Literal["matmul_b", "gemm_b", "conv_w", "contrib_fc", "bias", "other", "graph_output"]
 
 KINDS: tuple[str, ...] = ("fc", "conv", "other")
 
@@ -246,7 +247,54 @@ def _resolve_uses(scope: GraphScope, outer: list[tuple[GraphScope, set[str]]], w
             weight.consumers.append(Consumer(scope, None, -1, "graph_output"))
 
 
+# com.microsoft fused operators (onnxruntime's transformer optimizer): inputs that are a layer's
+# matrix (kind fc, compressed and decompressed at session start) or its bias (left dense).
+_CONTRIB_INPUTS: dict[str, tuple[str, ...]] = {
+    "Attention": ("input", "weights", "bias", "mask_index", "past", "attention_bias", "past_sequence_length"),
+    "EmbedLayerNormalization": (
+        "input_ids", "segment_ids", "word_embedding", "position_embedding", "segment_embedding", "gamma", "beta",
+        "mask", "position_ids",
+    ),
+    "SkipLayerNormalization": ("input", "skip", "gamma", "beta", "bias"),
+    "SkipSimplifiedLayerNormalization": ("input", "skip", "gamma", "bias"),
+    "BiasGelu": ("A", "B"),
+    "FastGelu": ("X", "bias"),
+    "BiasAdd": ("X", "bias", "skip"),
+    "FusedMatMul": ("A", "B"),
+    "MultiHeadAttention": ("query", "key", "value", "bias"),
+    "LayerNormalization": ("X", "Scale", "B"),
+    "SimplifiedLayerNormalization": ("X", "scale"),
+}
+_CONTRIB_FC = {("Attention", 1), ("FusedMatMul", 1)}
+_CONTRIB_BIAS = {("Attention", 2), ("SkipLayerNormalization", 4), ("SkipSimplifiedLayerNormalization", 3),
+                 ("BiasGelu", 1), ("FastGelu", 1), ("BiasAdd", 1), ("MultiHeadAttention", 3)}
+
+
+def describe_use(consumer: Consumer) -> str:
+    """What the weight is to its consumer, e.g. ``LayerNormalization input 'Scale'`` or
+    ``com.microsoft Attention input 'weights'``; ``graph output`` for a graph output."""
+    node = consumer.node
+    if node is None:
+        return "graph output"
+    domain = "" if node.domain in ("", "ai.onnx") else node.domain + " "
+    names: tuple[str, ...] = ()
+    if node.domain == "com.microsoft":
+        names = _CONTRIB_INPUTS.get(node.op_type, ())
+    elif not domain:
+        try:
+            names = tuple(i.name for i in onnx.defs.get_schema(node.op_type, domain="").inputs)
+        except onnx.defs.SchemaError:
+            names = ()
+    slot = consumer.input_index
+    label = names[min(slot, len(names) - 1)] if names else str(slot)
+    return f"{domain}{node.op_type} input {label!r}"
+
+
 def _role(node: onnx.NodeProto, slot: int) -> ConsumerRole:
+    if node.domain == "com.microsoft":
+        if (node.op_type, slot) in _CONTRIB_FC:
+            return "contrib_fc"
+        return "bias" if (node.op_type, slot) in _CONTRIB_BIAS else "other"
     if node.domain not in ("", "ai.onnx"):
         return "other"
     op = node.op_type
@@ -270,7 +318,7 @@ def _kind_of(weight: Weight) -> WeightKind:
             roles |= _roles_through_shape_ops(consumer.scope.graph, consumer.node, depth=0)
     if "conv_w" in roles:
         return "conv"
-    if roles & {"matmul_b", "gemm_b"}:
+    if roles & {"matmul_b", "gemm_b", "contrib_fc"}:
         return "fc"
     return "other"
 

@@ -17,8 +17,10 @@
 #include <malloc.h>
 #endif
 
+#include "compact.h"
 #include "container.h"
 #include "conv.h"
+#include "gemm.h"
 #include "onnxruntime_c_api.h"
 #include "resident_matmul.h"
 #include "sparse_matmul.h"
@@ -37,7 +39,7 @@ static_assert(ORT_API_VERSION >= kOrtApiVersion, "onnxruntime headers older than
 
 constexpr const char* kDomain = "ai.onnx_dc";
 
-enum class OpKind { kMatMul, kDecompress, kConv };
+enum class OpKind { kMatMul, kDecompress, kConv, kGather };
 
 struct OpDef {
   OrtCustomOp base;  // first member: onnxruntime hands &base back to the callbacks
@@ -306,14 +308,15 @@ std::string OrtParallelFor(void* runner, size_t total, void (*fn)(void*, size_t)
 
 // ------------------------------------------------------------ DCMatMul
 
-// A DCMatMul weight: an in-memory layout (sparse_matmul.h), or, for a large
-// weight, the container itself decoded during each run (resident_matmul.h).
+// A DCMatMul weight: code panels (most weights kept), the index layout, or,
+// for a large weight, the container itself decoded during each run
+// (resident_matmul.h).
 struct MatMulWeights {
-  SparseWeights layout;
+  uint64_t in_features = 0;
+  uint64_t out_features = 0;
+  std::unique_ptr<PanelWeights> panels;
+  std::unique_ptr<SparseWeights> sparse;
   std::unique_ptr<ResidentWeights> resident;
-
-  uint64_t in_features() const { return resident ? resident->in_features : layout.in_features; }
-  uint64_t out_features() const { return resident ? resident->out_features : layout.out_features; }
 };
 
 class MatMulKernel {
@@ -331,7 +334,23 @@ class MatMulKernel {
     if (status != nullptr) return status;
     ReadFloatAttribute(info, "alpha", &alpha_);
     ReadFloatAttribute(info, "beta", &beta_);
+    const std::string activation = ReadName(
+        api_, [&](char* out, size_t* size) { return api_->KernelInfoGetAttribute_string(info, "activation", out, size); });
+    if (!ParseActivation(activation, &activation_))
+      return MakeStatus(api_, ORT_INVALID_ARGUMENT,
+                        label_.Prefix() + "attribute activation must be \"none\", \"relu\", \"gelu\" or \"gelu_tanh\", got \"" +
+                            activation + "\"");
+    if (relu_ && activation_ != Activation::kNone && activation_ != Activation::kRelu)
+      return MakeStatus(api_, ORT_INVALID_ARGUMENT,
+                        label_.Prefix() + "relu = 1 contradicts activation \"" + activation + "\"");
+    if (relu_) activation_ = Activation::kRelu;
+    const std::string precision = ReadName(
+        api_, [&](char* out, size_t* size) { return api_->KernelInfoGetAttribute_string(info, "precision", out, size); });
+    if (!precision.empty() && precision != "float" && precision != "bf16x3")
+      return MakeStatus(api_, ORT_INVALID_ARGUMENT,
+                        label_.Prefix() + "attribute precision must be \"float\" or \"bf16x3\", got \"" + precision + "\"");
     isa_ = DetectKernelIsa();
+    gemm_isa_ = DetectGemmIsa(precision == "bf16x3");
 
     auto decode = [this](const uint8_t* d, size_t n, MatMulWeights* w) { return Decode(d, n, w); };
     status = DecodeConstantContainer(api_, info, label_, 1, decode, &weights_);
@@ -357,9 +376,9 @@ class MatMulKernel {
     if (!error.empty()) return Fail(error);
 
     const uint64_t k_count = static_cast<uint64_t>(x_dims.back());
-    if (k_count != weights->in_features())
+    if (k_count != weights->in_features)
       return Fail("input X has shape " + ShapeString(x_dims) + ", its last dimension must be the weight's K = " +
-                  std::to_string(weights->in_features()));
+                  std::to_string(weights->in_features));
     uint64_t rows = 0;
     if (k_count != 0) {
       rows = x_count / k_count;
@@ -380,19 +399,40 @@ class MatMulKernel {
       status = OptionalInput(api_, context, 2, &bias);
       if (status != nullptr) return status;
       if (bias != nullptr) {
-        error = ReadBias(bias, weights->out_features(), &args);
+        error = ReadBias(bias, weights->out_features, &args);
         if (!error.empty()) return Fail(error);
       }
     }
 
     std::vector<int64_t> y_dims(x_dims);
-    y_dims.back() = static_cast<int64_t>(weights->out_features());
+    y_dims.back() = static_cast<int64_t>(weights->out_features);
     status = OutputAndInputData(api_, context, x_value, y_dims, &args.x, &args.y);
     if (status != nullptr) return status;
 
     OrtRunner runner{api_, context};
-    error = weights->resident ? ResidentMatMul(*weights->resident, args, &OrtParallelFor, &runner)
-                              : SparseMatMul(weights->layout, args, isa_, &OrtParallelFor, &runner);
+    if (weights->resident) {
+      args.relu = activation_ == Activation::kRelu;
+      error = ResidentMatMul(*weights->resident, args, &OrtParallelFor, &runner);
+      if (error.empty() && activation_ != Activation::kNone && activation_ != Activation::kRelu)
+        ApplyActivation(args.y, args.rows * weights->out_features, activation_, gemm_isa_);
+    } else if (weights->panels) {
+      GemmArgs gemm;
+      gemm.x = args.x;
+      gemm.y = args.y;
+      gemm.rows = args.rows;
+      gemm.alpha = args.alpha;
+      gemm.beta = args.beta;
+      gemm.activation = activation_;
+      gemm.bias = args.bias;
+      gemm.bias_size = args.bias_size;
+      error = PanelGemm(*weights->panels, gemm, gemm_isa_, &OrtParallelFor, &runner);
+    } else {
+      args.relu = activation_ == Activation::kRelu;
+      error = SparseMatMul(*weights->sparse, args, isa_, &OrtParallelFor, &runner);
+      // The index-layout kernels fuse only Relu; GELU is a pass over Y.
+      if (error.empty() && activation_ != Activation::kNone && activation_ != Activation::kRelu)
+        ApplyActivation(args.y, args.rows * weights->out_features, activation_, gemm_isa_);
+    }
     if (!error.empty()) return Fail(error);
     return nullptr;
   }
@@ -447,14 +487,37 @@ class MatMulKernel {
     DecodedContainer decoded;
     std::string error;
     if (!DecodeContainer(data, size, DecodeOptions(), &decoded, &error)) return error;
-    const bool resident = resident_ == 1 || (resident_ == -1 && PreferResident(decoded, size));
+    const bool resident = resident_ == 1 || (resident_ == -1 && PreferResident(decoded, size, UsePanels(decoded)));
     if (decoded.info.dtype == DType::kFloat32 && decoded.info.dims.size() == 2 && resident) {
       weights->resident.reset(new ResidentWeights);
       if (!BuildResidentWeights(data, size, decoded, trans_b_, weights->resident.get(), &error)) return error;
+      weights->in_features = weights->resident->in_features;
+      weights->out_features = weights->resident->out_features;
       return std::string();
     }
-    if (!BuildSparseWeights(decoded, trans_b_, order_, &weights->layout, &error)) return error;
+    if (UsePanels(decoded)) {
+      weights->panels.reset(new PanelWeights);
+      if (!BuildPanelWeights(decoded, trans_b_, gemm_isa_, weights->panels.get(), &error)) return error;
+      weights->in_features = weights->panels->in_features;
+      weights->out_features = weights->panels->out_features;
+    } else {
+      weights->sparse.reset(new SparseWeights);
+      if (!BuildSparseWeights(decoded, trans_b_, order_, weights->sparse.get(), &error)) return error;
+      weights->in_features = weights->sparse->in_features;
+      weights->out_features = weights->sparse->out_features;
+    }
     return std::string();
+  }
+
+  // Code panels for weights with at least kPanelKeptFraction of their values
+  // kept (and an index for 0 when some are pruned); the index layout otherwise.
+  static bool UsePanels(const DecodedContainer& decoded) {
+    const ContainerInfo& info = decoded.info;
+    if (info.dtype != DType::kFloat32 || info.dims.size() != 2 || info.numel == 0) return false;
+    if (!PanelsPossible(decoded)) return false;
+    uint64_t kept = 0;
+    for (uint16_t c : decoded.codes) kept += (c != info.codebook_size);
+    return static_cast<double>(kept) >= kPanelKeptFraction * static_cast<double>(info.numel);
   }
 
   // Gemm's C broadcast per column: shape [N], [1, N], [1], [1, 1] or [].
@@ -481,7 +544,7 @@ class MatMulKernel {
     }
     if (constant == 0 || bias == nullptr) return;
     MatMulArgs args;
-    if (!ReadBias(bias, weights_->out_features(), &args).empty()) return;
+    if (!ReadBias(bias, weights_->out_features, &args).empty()) return;
     cached_bias_ = args;
     bias_cached_ = true;
   }
@@ -515,6 +578,8 @@ class MatMulKernel {
   float alpha_ = 1.0f;
   float beta_ = 1.0f;
   bool relu_ = false;
+  Activation activation_ = Activation::kNone;
+  GemmIsa gemm_isa_ = GemmIsa::kGeneric;
   SparseOrder order_ = SparseOrder::kColumns;
   int resident_ = -1;  // the "resident" attribute: -1 absent (size decides), 0 or 1
   bool bias_cached_ = false;  // cached_bias_ holds the bias (or none): Compute does not read input 2
@@ -634,79 +699,221 @@ class ConvKernel {
 
 // ------------------------------------------------------------ DCDecompress
 
-// A decoded tensor: its shape and its bytes in the original dtype.
-struct DenseTensor {
-  std::vector<int64_t> dims;
-  std::vector<uint8_t> bytes;
-};
+// Shape of a decoded container as onnxruntime dims; an error message or "".
+std::string OnnxDims(const std::vector<uint64_t>& dims, std::vector<int64_t>* out) {
+  out->clear();
+  for (uint64_t d : dims) {
+    if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+      return "dimension " + std::to_string(d) + " does not fit an onnxruntime shape";
+    out->push_back(static_cast<int64_t>(d));
+  }
+  return std::string();
+}
 
+// DCDecompress*: the container's tensor, expanded on every run from its
+// compact form (compact.h: uint8 codebook indices or sparse rows; the dense
+// bytes only when neither fits), so a session holds about a byte per element
+// instead of the dense tensor, and a run reads a byte per element instead of
+// copying itemsize bytes.
 class DecompressKernel {
  public:
   DecompressKernel(const OrtApi* api, InputLabel label, DType dtype)
       : api_(api), label_(std::move(label)), dtype_(dtype) {}
 
   OrtStatus* Init(const OrtKernelInfo* info) {
-    auto decode = [this](const uint8_t* data, size_t size, DenseTensor* tensor) {
-      DecodedContainer decoded;
-      std::string error = Decode(data, size, &decoded, &tensor->dims);
-      if (!error.empty()) return error;
-      tensor->bytes.resize(static_cast<size_t>(decoded.info.numel) * ItemSize(dtype_));
-      ExpandToDense(decoded, tensor->bytes.data());
-      return std::string();
-    };
+    auto decode = [this](const uint8_t* data, size_t size, CompactTensor* tensor) { return Decode(data, size, tensor); };
     return DecodeConstantContainer(api_, info, label_, 0, decode, &constant_);
   }
 
   OrtStatus* Compute(OrtKernelContext* context) const {
-    DecodedContainer decoded;
-    std::vector<int64_t> per_call_dims;
-    const std::vector<int64_t>* dims = constant_ ? &constant_->dims : nullptr;
-    if (!constant_) {
+    CompactTensor per_call;
+    const CompactTensor* tensor = constant_.get();
+    if (tensor == nullptr) {
       const OrtValue* container = nullptr;
       OrtStatus* status = api_->KernelContext_GetInput(context, 0, &container);
       if (status != nullptr) return status;
       const uint8_t* data = nullptr;
       size_t size = 0;
       std::string error = ContainerBytes(api_, container, &data, &size);
-      if (error.empty()) error = Decode(data, size, &decoded, &per_call_dims);
+      if (error.empty()) error = Decode(data, size, &per_call);
       if (!error.empty()) return MakeStatus(api_, ORT_INVALID_ARGUMENT, label_.Prefix() + error);
-      dims = &per_call_dims;
+      tensor = &per_call;
     }
+    std::vector<int64_t> dims;
+    std::string error = OnnxDims(tensor->dims, &dims);
+    if (!error.empty()) return MakeStatus(api_, ORT_INVALID_ARGUMENT, label_.Prefix() + error);
     OrtValue* y_value = nullptr;
-    OrtStatus* status = api_->KernelContext_GetOutput(context, 0, dims->data(), dims->size(), &y_value);
+    OrtStatus* status = api_->KernelContext_GetOutput(context, 0, dims.data(), dims.size(), &y_value);
     if (status != nullptr) return status;
     void* y = nullptr;
     status = api_->GetTensorMutableData(y_value, &y);
     if (status != nullptr) return status;
-    if (constant_) {
-      if (!constant_->bytes.empty()) std::memcpy(y, constant_->bytes.data(), constant_->bytes.size());
-    } else if (decoded.info.numel > 0) {
-      ExpandToDense(decoded, y);
-    }
+    ExpandRows(*tensor, 0, tensor->rows, y);
     return nullptr;
   }
 
  private:
-  std::string Decode(const uint8_t* data, size_t size, DecodedContainer* decoded, std::vector<int64_t>* dims) const {
+  std::string Decode(const uint8_t* data, size_t size, CompactTensor* tensor) const {
+    DecodedContainer decoded;
     std::string error;
-    if (!DecodeContainer(data, size, DecodeOptions(), decoded, &error)) return error;
-    const DType dtype = decoded->info.dtype;
+    if (!DecodeContainer(data, size, DecodeOptions(), &decoded, &error)) return error;
+    const DType dtype = decoded.info.dtype;
     if (dtype != dtype_)
       return std::string("the container holds ") + DTypeName(dtype) + " but " + DecompressOpName(dtype_) +
              " outputs " + DTypeName(dtype_) + "; use " + DecompressOpName(dtype) + " for it";
-    dims->clear();
-    for (uint64_t d : decoded->info.dims) {
-      if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
-        return "dimension " + std::to_string(d) + " does not fit an onnxruntime shape";
-      dims->push_back(static_cast<int64_t>(d));
-    }
+    std::vector<int64_t> dims;
+    error = OnnxDims(decoded.info.dims, &dims);
+    if (!error.empty()) return error;
+    BuildCompactTensor(decoded, /*prefer_codes=*/true, tensor);
     return std::string();
   }
 
   const OrtApi* api_;
   InputLabel label_;
   DType dtype_;
-  std::unique_ptr<DenseTensor> constant_;  // null: the container is not constant
+  std::unique_ptr<CompactTensor> constant_;  // null: the container is not constant
+};
+
+// ------------------------------------------------------------ DCGather
+
+// ONNX Gather(data, indices, axis = 0) with `data` a float32 container of
+// rank >= 1: only the rows the indices name are expanded, from the compact
+// form (codes or sparse rows), on every run.
+class GatherKernel {
+ public:
+  GatherKernel(const OrtApi* api, InputLabel label) : api_(api), label_(std::move(label)) {}
+
+  OrtStatus* Init(const OrtKernelInfo* info) {
+    int64_t axis = 0;
+    OrtStatus* status = api_->KernelInfoGetAttribute_int64(info, "axis", &axis);
+    if (status != nullptr) {
+      api_->ReleaseStatus(status);  // absent: 0
+      axis = 0;
+    }
+    axis_ = axis;
+    auto decode = [this](const uint8_t* data, size_t size, CompactTensor* tensor) { return Decode(data, size, tensor); };
+    return DecodeConstantContainer(api_, info, label_, 0, decode, &constant_);
+  }
+
+  OrtStatus* Compute(OrtKernelContext* context) const {
+    CompactTensor per_call;
+    const CompactTensor* tensor = constant_.get();
+    if (tensor == nullptr) {
+      const OrtValue* container = nullptr;
+      OrtStatus* status = api_->KernelContext_GetInput(context, 0, &container);
+      if (status != nullptr) return status;
+      const uint8_t* data = nullptr;
+      size_t size = 0;
+      std::string error = ContainerBytes(api_, container, &data, &size);
+      if (error.empty()) error = Decode(data, size, &per_call);
+      if (!error.empty()) return Fail(error);
+      tensor = &per_call;
+    }
+    const OrtValue* indices_value = nullptr;
+    OrtStatus* status = api_->KernelContext_GetInput(context, 1, &indices_value);
+    if (status != nullptr) return status;
+    std::vector<int64_t> index_dims;
+    std::string error = GetShape(api_, indices_value, &index_dims);
+    if (!error.empty()) return Fail(error);
+    uint64_t count = 0;
+    if (!ElementCount(index_dims, &count)) return Fail("invalid indices shape " + ShapeString(index_dims));
+    OrtTensorTypeAndShapeInfo* raw_info = nullptr;
+    status = api_->GetTensorTypeAndShape(indices_value, &raw_info);
+    if (status != nullptr) return status;
+    TensorInfoPtr type_info(raw_info, TensorInfoDeleter{api_});
+    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    status = api_->GetTensorElementType(type_info.get(), &type);
+    if (status != nullptr) return status;
+    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 && type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32)
+      return Fail("indices must be int64 or int32, got element type " + std::to_string(static_cast<int>(type)));
+    void* index_data = nullptr;
+    status = api_->GetTensorMutableData(const_cast<OrtValue*>(indices_value), &index_data);
+    if (status != nullptr) return status;
+
+    // Rows, checked before anything is written (negative indices count from the end, as ONNX).
+    const int64_t rows = static_cast<int64_t>(tensor->rows);
+    std::vector<uint64_t> selected(static_cast<size_t>(count));
+    for (uint64_t i = 0; i < count; ++i) {
+      const int64_t raw = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 ? static_cast<const int64_t*>(index_data)[i]
+                                                                      : static_cast<const int32_t*>(index_data)[i];
+      const int64_t index = raw < 0 ? raw + rows : raw;
+      if (index < 0 || index >= rows)
+        return Fail("index " + std::to_string(raw) + " (element " + std::to_string(i) + " of indices) is out of range for " +
+                    std::to_string(rows) + " rows; valid: -" + std::to_string(rows) + " .. " +
+                    std::to_string(rows - 1));
+      selected[static_cast<size_t>(i)] = static_cast<uint64_t>(index);
+    }
+    std::vector<int64_t> y_dims(index_dims);
+    std::vector<int64_t> data_dims;
+    error = OnnxDims(tensor->dims, &data_dims);
+    if (!error.empty()) return Fail(error);
+    y_dims.insert(y_dims.end(), data_dims.begin() + 1, data_dims.end());
+    uint64_t y_count = 0;
+    if (!ElementCount(y_dims, &y_count) || y_count > (uint64_t{1} << 40))
+      return Fail("output shape " + ShapeString(y_dims) + " is too large");
+    OrtValue* y_value = nullptr;
+    status = api_->KernelContext_GetOutput(context, 0, y_dims.data(), y_dims.size(), &y_value);
+    if (status != nullptr) return status;
+    void* y = nullptr;
+    status = api_->GetTensorMutableData(y_value, &y);
+    if (status != nullptr) return status;
+    if (y_count == 0) return nullptr;
+
+    GatherRun run{tensor, selected.data(), count, static_cast<float*>(y)};
+    const uint64_t chunks = (count + kRowsPerTask - 1) / kRowsPerTask;
+    if (y_count < (uint64_t{1} << 16) || chunks < 2) {
+      for (uint64_t c = 0; c < chunks; ++c) GatherChunk(&run, static_cast<size_t>(c));
+      return nullptr;
+    }
+    OrtRunner runner{api_, context};
+    error = OrtParallelFor(&runner, static_cast<size_t>(chunks), &GatherChunk, &run);
+    if (!error.empty()) return Fail(error);
+    return nullptr;
+  }
+
+ private:
+  static constexpr uint64_t kRowsPerTask = 16;
+
+  struct GatherRun {
+    const CompactTensor* tensor;
+    const uint64_t* rows;
+    uint64_t count;
+    float* y;
+  };
+
+  static void GatherChunk(void* context, size_t chunk) {
+    const GatherRun& run = *static_cast<const GatherRun*>(context);
+    const uint64_t first = uint64_t{chunk} * kRowsPerTask;
+    const uint64_t end = std::min<uint64_t>(first + kRowsPerTask, run.count);
+    const uint64_t row_size = run.tensor->row_size;
+    for (uint64_t i = first; i < end; ++i) ExpandRows(*run.tensor, run.rows[i], 1, run.y + i * row_size);
+  }
+
+  std::string Decode(const uint8_t* data, size_t size, CompactTensor* tensor) const {
+    DecodedContainer decoded;
+    std::string error;
+    if (!DecodeContainer(data, size, DecodeOptions(), &decoded, &error)) return error;
+    if (decoded.info.dtype != DType::kFloat32)
+      return std::string("the data must be float32, the container holds ") + DTypeName(decoded.info.dtype);
+    const int64_t rank = static_cast<int64_t>(decoded.info.dims.size());
+    if (rank < 1) return "the data must have rank >= 1, the container holds a scalar";
+    if (axis_ != 0 && axis_ != -rank)
+      return "axis must be 0 (DCGather gathers rows), got " + std::to_string(axis_);
+    std::vector<int64_t> dims;
+    error = OnnxDims(decoded.info.dims, &dims);
+    if (!error.empty()) return error;
+    BuildCompactTensor(decoded, /*prefer_codes=*/false, tensor);
+    return std::string();
+  }
+
+  OrtStatus* Fail(const std::string& message) const {
+    return MakeStatus(api_, ORT_INVALID_ARGUMENT, label_.Prefix() + message);
+  }
+
+  const OrtApi* api_;
+  InputLabel label_;
+  int64_t axis_ = 0;
+  std::unique_ptr<CompactTensor> constant_;  // null: the container is not constant
 };
 
 // ------------------------------------------------------------ OrtCustomOp callbacks
@@ -718,6 +925,7 @@ struct KernelBox {
   std::unique_ptr<MatMulKernel> matmul;
   std::unique_ptr<DecompressKernel> decompress;
   std::unique_ptr<ConvKernel> conv;
+  std::unique_ptr<GatherKernel> gather;
 };
 
 OrtStatusPtr ORT_API_CALL CreateKernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
@@ -733,13 +941,16 @@ OrtStatusPtr ORT_API_CALL CreateKernel(const OrtCustomOp* op, const OrtApi* api,
     label.op = def.name;
     label.node =
         ReadName(api, [&](char* out, size_t* size) { return api->KernelInfo_GetNodeName(info, out, size); });
-    const size_t container_index = def.kind == OpKind::kDecompress ? 0 : 1;
+    const size_t container_index = def.kind == OpKind::kDecompress || def.kind == OpKind::kGather ? 0 : 1;
     label.input = ReadName(
         api, [&](char* out, size_t* size) { return api->KernelInfo_GetInputName(info, container_index, out, size); });
     OrtStatus* status = nullptr;
     if (def.kind == OpKind::kMatMul) {
       box->matmul.reset(new MatMulKernel(api, label));
       status = box->matmul->Init(info);
+    } else if (def.kind == OpKind::kGather) {
+      box->gather.reset(new GatherKernel(api, label));
+      status = box->gather->Init(info);
     } else if (def.kind == OpKind::kConv) {
       box->conv.reset(new ConvKernel(api, label));
       status = box->conv->Init(info);
@@ -757,6 +968,7 @@ OrtStatusPtr ORT_API_CALL ComputeKernel(void* kernel, OrtKernelContext* context)
   const KernelBox& box = *static_cast<const KernelBox*>(kernel);
   return Guarded(box.api, box.op_name + ": ", [&]() -> OrtStatus* {
     if (box.kind == OpKind::kConv) return box.conv->Compute(context);
+    if (box.kind == OpKind::kGather) return box.gather->Compute(context);
     return box.kind == OpKind::kMatMul ? box.matmul->Compute(context) : box.decompress->Compute(context);
   });
 }
@@ -767,15 +979,20 @@ const char* ORT_API_CALL GetName(const OrtCustomOp* op) { return DefOf(op).name;
 const char* ORT_API_CALL GetExecutionProviderType(const OrtCustomOp*) { return nullptr; }  // CPU
 
 size_t ORT_API_CALL GetInputTypeCount(const OrtCustomOp* op) {
-  return DefOf(op).kind == OpKind::kDecompress ? 1 : 3;
+  const OpKind kind = DefOf(op).kind;
+  return kind == OpKind::kDecompress ? 1 : kind == OpKind::kGather ? 2 : 3;
 }
 ONNXTensorElementDataType ORT_API_CALL GetInputType(const OrtCustomOp* op, size_t index) {
+  if (DefOf(op).kind == OpKind::kGather)  // indices: int64 or int32, checked when run
+    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   if (DefOf(op).kind != OpKind::kDecompress)
     return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 }
 OrtCustomOpInputOutputCharacteristic ORT_API_CALL GetInputCharacteristic(const OrtCustomOp* op, size_t index) {
-  return DefOf(op).kind != OpKind::kDecompress && index == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  const OpKind kind = DefOf(op).kind;
+  return (kind == OpKind::kMatMul || kind == OpKind::kConv) && index == 2 ? INPUT_OUTPUT_OPTIONAL
+                                                                          : INPUT_OUTPUT_REQUIRED;
 }
 size_t ORT_API_CALL GetOutputTypeCount(const OrtCustomOp*) { return 1; }
 ONNXTensorElementDataType ORT_API_CALL GetOutputType(const OrtCustomOp* op, size_t) {
@@ -832,12 +1049,13 @@ OpDef MakeOpDef(const char* name, OpKind kind, DType dtype) {
   return def;
 }
 
-constexpr size_t kNumOps = 6;
+constexpr size_t kNumOps = 7;
 
 const OpDef* OpDefs() {
   static const OpDef defs[kNumOps] = {
       MakeOpDef("DCMatMul", OpKind::kMatMul, DType::kFloat32),
       MakeOpDef("DCConv", OpKind::kConv, DType::kFloat32),
+      MakeOpDef("DCGather", OpKind::kGather, DType::kFloat32),
       MakeOpDef(DecompressOpName(DType::kFloat32), OpKind::kDecompress, DType::kFloat32),
       MakeOpDef(DecompressOpName(DType::kFloat16), OpKind::kDecompress, DType::kFloat16),
       MakeOpDef(DecompressOpName(DType::kFloat64), OpKind::kDecompress, DType::kFloat64),

@@ -74,23 +74,23 @@ void RunTask(void* context, size_t task) {
 
 }  // namespace
 
-uint64_t EstimatedLayoutBytes(const DecodedContainer& decoded) {
+uint64_t EstimatedLayoutBytes(const DecodedContainer& decoded, bool panels) {
   const ContainerInfo& info = decoded.info;
   if (info.dims.size() != 2) return 0;
-  const uint64_t numel = info.numel;
+  const uint64_t k = info.dims[0], n = info.dims[1];
+  const uint64_t wide = std::max(k, n), narrow = std::min(k, n);  // panels pad the output dimension to 32
+  const uint64_t padded = ((wide + kDensePanelColumns - 1) / kDensePanelColumns) * kDensePanelColumns * narrow;
+  if (panels) return padded;  // code panels (gemm.h): one index byte per weight
   const uint64_t kept = KeptCount(decoded);
-  if (numel > 0 && static_cast<double>(kept) >= kDenseKeptFraction * static_cast<double>(numel)) {
-    const uint64_t k = info.dims[0], n = info.dims[1];
-    const uint64_t wide = std::max(k, n), narrow = std::min(k, n);  // panels pad the output dimension
-    return ((wide + kDensePanelColumns - 1) / kDensePanelColumns) * kDensePanelColumns * narrow * 4;
-  }
+  if (info.numel > 0 && static_cast<double>(kept) >= kDenseKeptFraction * static_cast<double>(info.numel))
+    return 4 * padded;  // dense float32 panels of the index layout's builder
   // Index layout: a 16-bit position and (at most) an index byte per kept weight, 8 bytes per run.
-  return 3 * kept + 8 * (info.dims[0] + info.dims[1]);
+  return 3 * kept + 8 * (k + n);
 }
 
-bool PreferResident(const DecodedContainer& decoded, size_t container_size) {
-  const uint64_t layout = EstimatedLayoutBytes(decoded);
-  return layout > kResidentMinLayoutBytes && layout > 2 * uint64_t{container_size};
+bool PreferResident(const DecodedContainer& decoded, size_t container_size, bool panels) {
+  const uint64_t layout = EstimatedLayoutBytes(decoded, panels);
+  return layout > kResidentMinLayoutBytes && 2 * layout > 3 * uint64_t{container_size};
 }
 
 size_t ResidentWeights::memory_bytes() const {

@@ -1,11 +1,11 @@
 // DCMatMul on a weight kept compressed: the container's chunks are decoded
 // during every run instead of once into an in-memory layout.
 //
-// The layouts of sparse_matmul.h hold about 2.3 bytes per kept weight (index
-// layout) or 4 bytes per weight (dense panels, for lightly pruned weights):
-// for a large model that is as much memory as the original, or more. A weight
-// whose layout would exceed kResidentMinLayoutBytes (and twice its container)
-// is instead held as its container, which onnxruntime keeps anyway as the
+// The in-memory layouts hold an index byte per weight (code panels, gemm.h,
+// for lightly pruned weights) or about 2.3 bytes per kept weight (the index
+// layout, sparse_matmul.h): for a large model a quarter of the original or
+// more. A weight whose layout would exceed kResidentMinLayoutBytes (and 1.5
+// times its container) is instead held as its container, which onnxruntime keeps anyway as the
 // initializer, plus the per-chunk tables of ChunkedContainer (a few bytes per
 // thousand weights): a session then holds the compressed model, at the cost
 // of decoding every weight (a table lookup per code word) in every run.
@@ -27,16 +27,17 @@
 
 namespace onnx_dc {
 
-// Layouts larger than this (and than twice the container) are not built: the
-// weight stays compressed (64 MiB: a 4096 x 4096 float32 weight's dense size).
-constexpr uint64_t kResidentMinLayoutBytes = uint64_t{64} << 20;
+// Layouts larger than this (and than 1.5 times the container) are not built:
+// the weight stays compressed (32 MiB: code panels of a 4096 x 8192 weight).
+constexpr uint64_t kResidentMinLayoutBytes = uint64_t{32} << 20;
 
-// Bytes the in-memory layout of BuildSparseWeights would take for a decoded
-// 2-D container (estimated from the kept count without building it).
-uint64_t EstimatedLayoutBytes(const DecodedContainer& decoded);
+// Bytes the in-memory layout would take for a decoded 2-D container, without
+// building it: code panels (`panels`, gemm.h: an index byte per weight), or
+// the layouts of BuildSparseWeights (dense float32 panels or the index layout).
+uint64_t EstimatedLayoutBytes(const DecodedContainer& decoded, bool panels);
 
 // Whether DCMatMul keeps this weight compressed (see above).
-bool PreferResident(const DecodedContainer& decoded, size_t container_size);
+bool PreferResident(const DecodedContainer& decoded, size_t container_size, bool panels);
 
 struct ResidentWeights {
   uint64_t in_features = 0;   // K

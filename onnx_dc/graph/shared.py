@@ -1,0 +1,126 @@
+"""Storing a weight once when the model holds it twice: exact copies and exact transposes.
+
+Exporters often write one parameter as two initializers. The usual case is
+a language model whose LM head is tied to its token embedding: TorchScript
+and dynamo both constant-fold ``h @ wte.weight.T`` into a second initializer
+(``onnx::MatMul_264``, ``t``) that is ``wte.weight`` transposed, so the
+file carries the embedding twice. :func:`share_duplicate_weights` finds
+float32 2-D initializers of one graph that equal another bit for bit, or
+equal its transpose, and makes the later one read the earlier: an exact copy
+is renamed to it, a transpose becomes a ``Transpose`` node of it (output
+named like the removed initializer, so the readers are unchanged). The
+rewrite then runs a ``MatMul`` of such a ``Transpose`` as ``DCMatMul`` with
+``trans_b = 1`` straight on the one container
+(:mod:`onnx_dc.graph.rewrite`), and the weight is compressed once. The
+model computes exactly what it did; ``decompress`` gives back the shared
+form.
+
+Only initializers that are not graph inputs or outputs are considered, and
+only tensors of at least ``min_elements`` elements (small ones are left
+dense anyway).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnx_dc.graph.model_io import iter_graphs, unique_name
+from onnx_dc.graph.tensor_store import tensor_values
+
+__all__ = ["SharedWeight", "share_duplicate_weights"]
+
+
+@dataclass(frozen=True)
+class SharedWeight:
+    """``duplicate`` was removed: it equals ``kept`` (``transposed``: ``kept`` transposed)."""
+
+    duplicate: str
+    kept: str
+    transposed: bool
+
+    def describe(self) -> str:
+        """One line for the report."""
+        how = "transposed (read through a Transpose node)" if self.transposed else "(an exact copy)"
+        return f"{self.duplicate!r} is {self.kept!r} {how}: stored once"
+
+
+def share_duplicate_weights(
+    model: onnx.ModelProto, *, min_elements: int = 256, source_dir: str | os.PathLike | None = None
+) -> list[SharedWeight]:
+    """Replace float32 2-D initializers equal to another (or to its transpose) by reads of it, in place.
+
+    Candidates are found by an order-independent checksum of the values' bit patterns (the same
+    for a tensor and its transpose, computed a block at a time without copies) and confirmed bit
+    for bit. ``source_dir``: where the model's external data references point (each tensor is
+    then read as a memory map).
+    """
+    if model.ir_version < 4:
+        return []  # there initializers are graph inputs: replacing one would change the interface
+    shared: list[SharedWeight] = []
+    node_names = {n.name for g in iter_graphs(model.graph) for n in g.node if n.name}
+    for graph in list(iter_graphs(model.graph)):
+        protected = {i.name for i in graph.input} | {o.name for o in graph.output}
+        seen: dict[tuple, list[str]] = {}  # (dims in order, checksum) -> names kept
+        for tensor in list(graph.initializer):
+            if (
+                tensor.data_type != onnx.TensorProto.FLOAT
+                or len(tensor.dims) != 2
+                or tensor.name in protected
+                or int(np.prod(tensor.dims)) < min_elements
+            ):
+                continue
+            values = tensor_values(tensor, source_dir)
+            key = (tuple(sorted(values.shape)), _checksum(values))
+            candidates = seen.get(key, [])
+            match = next(((kept, transposed) for transposed in (False, True) for kept in candidates
+                          if _equal(graph, kept, values, transposed, source_dir)), None)
+            if match is None:
+                seen.setdefault(key, []).append(tensor.name)
+                continue
+            _replace(graph, tensor, match[0], match[1], node_names)
+            shared.append(SharedWeight(tensor.name, match[0], match[1]))
+    return shared
+
+
+def _checksum(values: np.ndarray) -> tuple[int, int]:
+    """Two sums (mod 2**64) over the elements' bit patterns: independent of their order."""
+    flat = values.reshape(-1)
+    plain = mixed = 0
+    for start in range(0, flat.size, _BLOCK):
+        bits = flat[start : start + _BLOCK].view(np.uint32).astype(np.uint64)
+        plain += int(bits.sum(dtype=np.uint64))
+        bits *= np.uint64(0x9E3779B97F4A7C15)
+        bits >>= np.uint64(17)
+        mixed += int(bits.sum(dtype=np.uint64))
+    return plain % 2**64, mixed % 2**64
+
+
+_BLOCK = 1 << 20
+
+
+def _equal(graph: onnx.GraphProto, kept: str, values: np.ndarray, transposed: bool,
+           source_dir: str | os.PathLike | None) -> bool:
+    """Bit-for-bit comparison behind the checksum."""
+    other = tensor_values(next(t for t in graph.initializer if t.name == kept), source_dir)
+    other = other.T if transposed else other
+    return other.shape == values.shape and np.array_equal(other.view(np.uint32), values.view(np.uint32))
+
+
+def _replace(graph, tensor, kept: str, transposed: bool, node_names: set[str]) -> None:
+    name = tensor.name
+    graph.initializer.remove(tensor)
+    if transposed:
+        node = helper.make_node("Transpose", [kept], [name], name=unique_name(f"{name}__transpose", node_names), perm=[1, 0])
+        first = next((i for i, n in enumerate(graph.node) if name in n.input), 0)  # before its first reader
+        graph.node.insert(first, node)
+        return
+    for g in iter_graphs(graph):  # an exact copy: every read of it reads the kept tensor
+        for node in g.node:
+            for i, value in enumerate(node.input):
+                if value == name:
+                    node.input[i] = kept
