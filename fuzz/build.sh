@@ -132,7 +132,7 @@ build_leak() {
         asan_dir="$(dirname "$("$CXX" -print-file-name=libclang_rt.asan-x86_64.so)")"
         # The operator library exactly as runtime/CMakeLists.txt builds it, plus ASan/LSan.
         local objects=() source
-        for source in ops.cc sparse_matmul.cc matmul_kernels_generic.cc matmul_kernels_avx2.cc conv.cc container.cc \
+        for source in ops.cc sparse_matmul.cc resident_matmul.cc matmul_kernels_generic.cc matmul_kernels_avx2.cc conv.cc container.cc \
                 compact.cc gemm.cc gemm_kernels_generic.cc gemm_kernels_avx2.cc gemm_kernels_avx512.cc \
                 conv_kernels_generic.cc conv_kernels_avx2.cc conv_kernels_avx512.cc; do
             local isa=()

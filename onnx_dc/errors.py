@@ -36,6 +36,17 @@ class LibraryNotFoundError(OnnxDcError, FileNotFoundError):
     """The custom operator library was not built or cannot be found."""
 
 
+class ResourceError(OnnxDcError):
+    """Memory ran out (or a worker process died): the message says what was being done and what needs less."""
+
+
+def out_of_memory(what: str, exc: BaseException | None = None, *, hint: str = "") -> ResourceError:
+    """A :class:`ResourceError` for a ``MemoryError`` (numpy's says how much it could not allocate)."""
+    needed = getattr(exc, "_total_size", None) if exc is not None else None
+    detail = f"could not allocate {needed / 2**20:,.0f} MiB" if isinstance(needed, int) else "memory ran out"
+    return ResourceError(f"out of memory {what}: {detail}" + (f"; {hint}" if hint else ""))
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message with its spaces collapsed (the type's name when empty),
     for one-line error reports that wrap errors of onnx, onnxruntime or numpy."""

@@ -311,7 +311,7 @@ def test_models_over_the_protobuf_limit_end_to_end(tmp_path, monkeypatch, ops_li
     monkeypatch.setattr(model_io, "PROTOBUF_LIMIT_BYTES", 4_000)
     result = onnx_dc.compress(src, tmp_path / "out.onnx")
     assert result.saved.external_data_path == tmp_path / "out.onnx.data"
-    assert result.warnings == ["onnx.checker skipped: model over 2 GB"]
+    assert result.warnings == []  # checked through its structure (tensors without their data)
     report = onnx_dc.api.validate(src, tmp_path / "out.onnx", gb.inputs_for(gb.mlp()))
     assert report.used_library and report.outputs[0].cosine > 0.9
     onnx_dc.decompress(tmp_path / "out.onnx", tmp_path / "restored.onnx")

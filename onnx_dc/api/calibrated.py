@@ -87,6 +87,7 @@ def compress_calibrated(
     output: str | os.PathLike | None = None,
     progress: bool | Callable[..., None] = False,
     external_data: bool | None = None,
+    jobs: int | None = None,
 ) -> CompressionResult:
     """Compress with calibration data as ``recipe`` says: fitted settings, or a search within its budget.
 
@@ -108,7 +109,7 @@ def compress_calibrated(
     if recipe.search is None:
         if eval_data is not None:
             raise SettingsError("--eval is used with a budget (--max-drop or --min-cosine)")
-        return _compress_fitted(proto, recipe, data, layer_settings, output, progress, external_data, prepared)
+        return _compress_fitted(proto, recipe, data, layer_settings, output, progress, external_data, prepared, jobs)
     return _compress_searched(proto, recipe, data, eval_data, layer_settings, output, progress, external_data, prepared)
 
 
@@ -127,7 +128,9 @@ def _layer_settings(proto: onnx.ModelProto, recipe: Recipe) -> dict[str, LayerSe
     return layer_settings
 
 
-def _compress_fitted(proto, recipe, data, layer_settings, output, progress, external_data, prepared) -> CompressionResult:
+def _compress_fitted(
+    proto, recipe, data, layer_settings, output, progress, external_data, prepared, jobs=None
+) -> CompressionResult:
     """Every layer fitted with its settings as given (``recipe.calibration.holdout`` samples left out)."""
     if recipe.calibration.holdout:
         data, _ = data.materialised().split(recipe.calibration.holdout, seed=recipe.seed)
@@ -135,6 +138,7 @@ def _compress_fitted(proto, recipe, data, layer_settings, output, progress, exte
     result = compress_model(
         compression.model, recipe, output=output, progress=progress,
         external_data=external_data, tensor_compressor=compression.tensor_compressor(), prepared=prepared,
+        jobs=jobs,
     )
     result.calibration = compression
     return result
@@ -262,7 +266,7 @@ def describe_calibration(calibration: Any) -> str:
                     r.name,
                     f"{r.settings.sparsity:.2f}",
                     str(r.settings.bits),
-                    r.criterion or "plain (no statistics)",
+                    r.criterion or f"plain ({r.note or 'no statistics'})",
                     f"{r.relative_error:.2e}" if r.relative_error is not None else "-",
                     r.bias or "-",
                 ]

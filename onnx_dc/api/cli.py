@@ -31,8 +31,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, NoReturn
 
 from onnx_dc import __version__
-from onnx_dc.errors import OnnxDcError, SettingsError, caused_by_interrupt
+from onnx_dc.errors import OnnxDcError, SettingsError, caused_by_interrupt, out_of_memory
 from onnx_dc.graph.defaults import DEFAULT_MIN_ELEMENTS, describe_default
+from onnx_dc.progress import current_stage
 
 if TYPE_CHECKING:  # imported where used: ``onnx-dc --help`` loads neither numpy nor onnx
     from onnx_dc.api.recipe import CalibrationRecipe, Recipe
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", action="store_true", help="always write tensors to OUT.data beside the model")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
+    p.add_argument("--jobs", metavar="N", type=int,
+                   help="worker processes compressing tensors at once (default: every core; the output is the same)")
     _add_calibration_arguments(p)
     p.add_argument("--eval", metavar="E.npz", help="held-out inputs and 'labels' for the budget (not used for fitting)")
     p.add_argument("--min-cosine", metavar="Y", type=float, help="budget: search settings keeping every output's cosine >= Y")
@@ -158,6 +161,10 @@ def _add_calibration_arguments(p: argparse.ArgumentParser, *, required: bool = F
     p.add_argument("--no-bias-correction", action="store_true", help="leave the biases as they are")
     p.add_argument("--no-downstream-weighting", action="store_true",
                    help="weigh every output of a layer alike in its fit (default: by its effect on the next layer)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="memory budget of calibration capture, e.g. 2G or 512M (default 1G): bounds the statistics "
+                   "captured per pass and the samples per run; a layer whose statistics exceed it is fitted "
+                   "without the sequential terms, or compressed data-free (docs/USAGE.md)")
 
 
 def _calibration_recipe(args: argparse.Namespace, base: CalibrationRecipe) -> CalibrationRecipe:
@@ -169,10 +176,13 @@ def _calibration_recipe(args: argparse.Namespace, base: CalibrationRecipe) -> Ca
         "sequential": False if args.no_sequential else None,
         "bias_correction": False if args.no_bias_correction else None,
         "downstream_weighting": False if args.no_downstream_weighting else None,
+        "max_memory_bytes": None if args.max_memory is None else parse_size(args.max_memory, "--max-memory"),
     }
     changes = {k: v for k, v in changes.items() if v is not None}
     if args.calib is None and (changes or args.calib_samples is not None):
-        raise SettingsError("--criterion, --refit-rounds, --no-* calibration flags and --calib-samples need --calib")
+        raise SettingsError(
+            "--criterion, --refit-rounds, --no-* calibration flags, --max-memory and --calib-samples need --calib"
+        )
     options = replace(base.options, **changes) if changes else base.options
     samples = base.samples if args.calib_samples is None else args.calib_samples
     return replace(base, samples=samples, options=options)
@@ -209,6 +219,24 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         precision=args.precision,
     )
     return replace(recipe, calibration=_calibration_recipe(args, recipe.calibration), search=search)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+               "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes of a size such as ``512M``, ``2G``, ``1.5GiB`` or ``1000000`` (units are powers of 1024)."""
+    value = str(text).strip().lower()
+    number = value.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = value[len(number):].strip()
+    try:
+        size = float(number) * _SIZE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise SettingsError(f"{flag}: {text!r} is not a size (e.g. 512M, 2G)") from None
+    if not size >= 1:
+        raise SettingsError(f"{flag}: {text!r} must be at least 1 byte")
+    return int(size)
 
 
 def _threshold(text: str) -> float | str | None:
@@ -271,6 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OnnxDcError as exc:
         _error(str(exc))
         return EXIT_USAGE
+    except MemoryError as exc:  # where no step said what it was doing: the current stage does
+        _error(str(out_of_memory(f"while {current_stage() or 'running'}", exc,
+                                 hint="--jobs 1 (compress) or a smaller --max-memory (calibration) needs less")))
+        return EXIT_USAGE
     except KeyboardInterrupt:
         _error("interrupted; no output was written")
         return EXIT_INTERRUPTED
@@ -297,6 +329,7 @@ def _compress(args: argparse.Namespace) -> int:
         eval_data=args.eval,
         progress=not args.no_progress,
         external_data=True if args.external_data else None,
+        jobs=args.jobs,
     )
     budget_met = getattr(result.calibration, "budget_met", True)
     if args.json:

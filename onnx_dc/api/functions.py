@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,6 +31,7 @@ from onnx_dc.graph.model_io import ModelSource, check_output_path, load_model, s
 from onnx_dc.graph.operators import MODEL_META_RUNTIME, MODEL_META_VERSION
 from onnx_dc.graph.restore import decompress_model
 from onnx_dc.graph.settings import SettingValue
+from onnx_dc.graph.tensor_store import read_structure
 
 if TYPE_CHECKING:
     from onnx_dc.calibration.data import CalibrationSource, EvaluationSource
@@ -46,6 +48,7 @@ def compress(
     bits: SettingValue = None,
     progress: bool | ProgressCallback = False,
     external_data: bool | None = None,
+    jobs: int | None = None,
 ) -> CompressionResult:
     """Compress the weights of an ONNX model with Deep Compression, as ``recipe`` says.
 
@@ -62,9 +65,11 @@ def compress(
         sparsity, bits: shorthand for ``Recipe.build(recipe, sparsity=..., bits=...)``: one
             value, ``KEY=VALUE,...`` text or a dict by kind, name or glob
             (:mod:`onnx_dc.graph.settings`).
-        progress: ``True`` shows a bar per tensor on a terminal and one line per stage on stderr
-            otherwise (:mod:`onnx_dc.progress`); a callable gets ``(done, total, name)``.
+        progress: ``True`` shows a bar on a terminal (weights, their rate, the time left) and one line
+            per stage on stderr otherwise (:mod:`onnx_dc.progress`); a callable gets ``(done, total, name)``.
         external_data: force (True) or forbid (False) external data for the output.
+        jobs: worker processes compressing tensors at once (default: every core). An execution
+            option, not part of the recipe: the output is the same for every value.
 
     Returns:
         The :class:`~onnx_dc.api.convert.CompressionResult`: model, per-layer report, and
@@ -77,11 +82,12 @@ def compress(
         from onnx_dc.api.calibrated import compress_calibrated
 
         return compress_calibrated(
-            model, recipe, calib, eval_data=eval_data, output=output, progress=progress, external_data=external_data
+            model, recipe, calib, eval_data=eval_data, output=output, progress=progress, external_data=external_data,
+            jobs=jobs,
         )
     if recipe.search is not None or eval_data is not None:
         raise SettingsError("a budget search (--min-cosine, --max-drop) and --eval need calibration data (--calib)")
-    return compress_model(model, recipe, output=output, progress=progress, external_data=external_data)
+    return compress_model(model, recipe, output=output, progress=progress, external_data=external_data, jobs=jobs)
 
 
 def decompress(
@@ -108,13 +114,19 @@ def decompress(
 def inspect(model: ModelSource) -> ModelReport:
     """The per-layer report of a compressed model (the table ``compress`` prints).
 
+    A model file is read without its weights: only the containers' bytes, one at a time.
+
     Raises:
         ModelError: the model holds no onnx-dc containers (not compressed, decompressed, or
             compressed with every weight left dense): there is nothing to inspect.
     """
-    proto = load_model(model)
-    size = _source_size_bytes(model)
-    report = model_report(proto, compressed_file_bytes=size)
+    if isinstance(model, onnx.ModelProto):
+        proto = load_model(model)
+        report = model_report(proto, compressed_file_bytes=_source_size_bytes(model))
+    else:
+        proto = read_structure(model)
+        report = model_report(proto, compressed_file_bytes=_source_size_bytes(model),
+                              base_dir=Path(model).resolve().parent)
     if not report.tensors:
         what = "the model" if isinstance(model, onnx.ModelProto) else str(model)
         raise ModelError(f"{what} holds no onnx-dc containers: {_why_no_containers(proto)}")
@@ -146,10 +158,11 @@ def validate(
     ``inputs``, top-1 agreement >= 95 % for classifier-shaped outputs (last axis >= 2). A number
     replaces a default; ``None`` checks nothing (``min_cosine=None, min_top1_agreement=None``: no
     thresholds, only finite outputs of the original's shapes). ``report.passed`` is the verdict.
+    Model files are run from their paths (onnxruntime reads their external data itself).
     """
     return validate_models(
-        load_model(original),
-        load_model(compressed),
+        original if isinstance(original, onnx.ModelProto) else Path(original),
+        compressed if isinstance(compressed, onnx.ModelProto) else Path(compressed),
         inputs=inputs,
         max_abs_diff=max_abs_diff,
         min_cosine=min_cosine,

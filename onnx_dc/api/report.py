@@ -14,6 +14,7 @@ uncompressed (biases, small tensors, integer tensors...). The graph structure
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from onnx import helper
 from onnx_dc.api.recipe import METADATA_KEY, Recipe
 from onnx_dc.errors import ContainerError, OnnxDcError, first_line
 from onnx_dc.graph.model_io import iter_graphs
-from onnx_dc.graph.operators import DECOMPRESS_OPS, MATMUL_OP
+from onnx_dc.graph.operators import DECOMPRESS_OPS, MATMUL_OP, META_KEPT
 from onnx_dc.graph.restore import ContainerRef, find_containers
 from onnx_dc.graph.weights import FLOAT_TYPES, iter_scopes
 
@@ -250,13 +251,15 @@ def model_report(
     original_file_bytes: int | None = None,
     compressed_file_bytes: int | None = None,
     skip_reasons: dict[str, str] | None = None,
+    base_dir: str | os.PathLike | None = None,
 ) -> ModelReport:
     """Build the report of a compressed (or plain) model from its containers and other tensors.
 
     ``skip_reasons`` (weight name -> why it was left dense) annotates dense tensors.
+    Containers in external data are read one at a time from ``base_dir``; dense tensors are never read.
     Raises :class:`ContainerError` naming the tensor when a container is corrupted.
     """
-    refs = find_containers(model)
+    refs = find_containers(model, base_dir)
     container_keys = {(id(ref.scope.graph), ref.name) for ref in refs}
     readers = _readers_by_value(model)
     rows = [_row(ref, readers) for ref in refs]
@@ -378,15 +381,20 @@ def _decompressed_readers(ref: ContainerRef, readers: dict[str, set[str]]) -> tu
 
 
 def _row(ref: ContainerRef, readers: dict[str, set[str]]) -> TensorRow:
-    from onnx_dc.codec.container_reader import decode_container_symbols
+    from onnx_dc.codec.container_reader import decode_container_symbols, read_container_info
 
+    data = ref.data
+    recorded = _recorded_kept(ref.tensor)
     try:
-        info, code_symbols, gap_symbols = decode_container_symbols(ref.data)
+        if recorded is not None:  # the converter's count: the header (checksum included) is enough
+            info = read_container_info(data)
+            n_kept = recorded if recorded <= min(info.entries, info.numel) else None
+        if recorded is None or n_kept is None:
+            info, code_symbols, _ = decode_container_symbols(data)
+            n_kept = int(np.count_nonzero(code_symbols != info.codebook_size))
     except ContainerError as exc:
         raise ContainerError(f"container {ref.name!r} (tensor {ref.original_name!r}): {exc}") from None
-    zero = info.codebook_size
-    n_kept = int(np.count_nonzero(code_symbols != zero))
-    n_fillers = int(np.count_nonzero(code_symbols == zero)) if gap_symbols is not None else 0
+    n_fillers = info.entries - n_kept if info.layout == "sparse" else 0
     ops = sorted({node.op_type for _, node in ref.readers})
     kind = ref.kind or ("fc" if ops == [MATMUL_OP] else "other")
     dtype = str(info.dtype) if info.dtype != np.dtype("float32") else "float32"
@@ -403,7 +411,7 @@ def _row(ref: ContainerRef, readers: dict[str, set[str]]) -> TensorRow:
         layout=info.layout,
         codebook_size=info.codebook_size,
         original_bytes=info.numel * info.dtype.itemsize,
-        compressed_bytes=len(ref.data),
+        compressed_bytes=len(data),
         op="+".join(ops),
         decompressed_for=_decompressed_readers(ref, readers),
     )
@@ -450,6 +458,17 @@ def _tensor_size_bytes(tensor: onnx.TensorProto) -> int:
     ):
         return (numel + 1) // 2
     return numel * itemsize
+
+
+def _recorded_kept(tensor: onnx.TensorProto) -> int | None:
+    """The kept count the converter recorded on a container (``onnx_dc.kept``), if any."""
+    for entry in tensor.metadata_props:
+        if entry.key == META_KEPT:
+            try:
+                return int(entry.value)
+            except ValueError:
+                return None
+    return None
 
 
 def _ratio(before: int | None, after: int | None) -> float:

@@ -34,8 +34,9 @@ from onnx import helper
 from onnx_dc.calibration.data import input_specs, read_npz
 from onnx_dc.errors import CalibrationError, LibraryNotFoundError, ModelError, OnnxDcError, first_line
 from onnx_dc.graph import model_io
-from onnx_dc.graph.model_io import save_model, tensor_bytes
+from onnx_dc.graph.model_io import load_model, save_model, tensor_bytes
 from onnx_dc.graph.restore import decompress_model, has_custom_ops
+from onnx_dc.graph.tensor_store import read_structure
 
 # Generated inputs: the first dynamic axis (the batch) gets this size, the others the second.
 GENERATED_BATCH = 1
@@ -258,8 +259,8 @@ def generate_inputs(model: onnx.ModelProto, *, seed: int = GENERATED_SEED) -> di
 
 
 def validate_models(
-    original: onnx.ModelProto,
-    compressed: onnx.ModelProto,
+    original: onnx.ModelProto | Path,
+    compressed: onnx.ModelProto | Path,
     *,
     inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
     max_abs_diff: ThresholdArgument = None,
@@ -274,7 +275,11 @@ def validate_models(
     classifier-shaped outputs, on given inputs only). ``use_library``: ``None`` uses the custom
     operator library when it can be found and falls back to decompressing the model otherwise;
     ``True`` requires it (raises :class:`LibraryNotFoundError`); ``False`` always decompresses.
+    A model given as a path is run from its file (its weights are not loaded here; onnxruntime
+    reads its external data itself).
     """
+    original_source, original = original, _structure(original)
+    compressed_source, compressed = compressed, _structure(compressed)
     thresholds = Thresholds.resolve(max_abs_diff, min_cosine, min_top1_agreement, generated_inputs=inputs is None)
     if inputs is None:
         feeds = generate_inputs(original)
@@ -304,17 +309,16 @@ def validate_models(
                 notes.append(f"custom operator library not available ({first_line(exc)})")
         if library is not None:
             runner = f"onnx-dc custom operator library ({library})"
-            run_model = compressed
+            run_model = compressed_source
         else:
             runner = "decompressed model (standard onnxruntime operators)"
-            run_model = onnx.ModelProto()
-            run_model.CopyFrom(compressed)
+            run_model = load_model(compressed_source)
             decompress_model(run_model)
     else:
         runner = "plain onnxruntime (the model has no onnx-dc operators)"
-        run_model = compressed
+        run_model = compressed_source
 
-    expected = _run(original, feeds, None, "original model")
+    expected = _run(original_source, feeds, None, "original model")
     actual = _run(run_model, feeds, library, "compressed model")
     comparisons = []
     for name, ref in expected.items():
@@ -364,7 +368,12 @@ def _check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[s
     return checked
 
 
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], library: str | None, what: str) -> dict[str, np.ndarray]:
+def _structure(model: onnx.ModelProto | Path) -> onnx.ModelProto:
+    """The model itself, or a model file's graph without its weights (for input specs and operators)."""
+    return model if isinstance(model, onnx.ModelProto) else read_structure(model)
+
+
+def _run(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarray], library: str | None, what: str) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -386,11 +395,14 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], library: str | No
 class _serialized:
     """Bytes of a model for InferenceSession, or a temporary file with external data when over 2 GB."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto | Path) -> None:
         self.model = model
         self.tmpdir: tempfile.TemporaryDirectory | None = None
 
     def __enter__(self) -> bytes | str:
+        if isinstance(self.model, Path):
+            read_structure(self.model)  # a clear error for a missing or non-ONNX file
+            return str(self.model)
         if tensor_bytes(self.model) <= model_io.PROTOBUF_LIMIT_BYTES:
             return self.model.SerializeToString()
         self.tmpdir = tempfile.TemporaryDirectory(prefix="onnx_dc_validate_")

@@ -6,7 +6,9 @@ in float64: ``X^T X``, the column sums of ``X`` and the row count (and, for
 sequential mode, the cross terms with a reference model's activations). Nothing
 else is kept, so the memory is ``sum K^2`` numbers whatever the number of
 samples; layers are captured in several passes when their statistics would
-exceed ``max_memory_bytes``. :func:`run_model` runs a model over the data and
+exceed ``max_memory_bytes``, and the samples per run are cut so that the
+activations fetched in one run stay within what the budget leaves (at least an
+eighth of it; one sample per run at the least). :func:`run_model` runs a model over the data and
 :class:`WeightSwapRunner` runs one session with chosen weights replaced.
 """
 
@@ -173,8 +175,9 @@ def capture_statistics(
         reference: sequential mode: the original model, run on the same samples;
             the cross terms with its activations are accumulated too.
         batch_size: samples per run when batchable.
-        max_memory_bytes: statistics kept at once; beyond, layers are captured in several passes.
-        progress: ``True`` for a tqdm bar on a terminal, or a callable ``(done, total)``.
+        max_memory_bytes: the memory budget: statistics kept at once (beyond, layers are captured
+            in several passes) plus the activations of one run (beyond, fewer samples per run).
+        progress: ``True`` for progress on stderr (:mod:`onnx_dc.progress`), or a callable ``(done, total)``.
 
     Returns:
         Layer statistics keyed by weight name (a new dict; inside :func:`reused_statistics`
@@ -207,9 +210,11 @@ def capture_statistics(
             current = {layer.weight: LayerStatistics.empty(layer, with_reference=reference is not None) for layer in group}
             runner = _Runner(model, names)
             ref_runner = _Runner(reference, names) if reference is not None else None
-            for feed, count in data.feeds(batch_size):
+            sizer = _BatchSizer(batch_size, max_memory_bytes, factor, group, reference is not None)
+            for feed, count in data.feeds(batch_size, sizes=sizer.next_size):
                 values = runner.run(feed)
                 ref_values = ref_runner.run(feed) if ref_runner is not None else None
+                sizer.observe(count, values, ref_values)
                 for layer in group:
                     current[layer.weight].update(
                         values[layer.activation], None if ref_values is None else ref_values[layer.activation]
@@ -225,6 +230,32 @@ def capture_statistics(
 
 
 _REUSE_STACK: list[dict] = []
+
+
+class _BatchSizer:
+    """Samples per run so that one run's activations fit in what the budget leaves beside the statistics.
+
+    Before the first run the cost of a sample is estimated from the layers' widths (one
+    row per sample, float32, a copy for the float64 update); afterwards from what the
+    runs returned. The configured batch size is the upper bound.
+    """
+
+    def __init__(self, batch_size: int, budget: int, factor: int, group: Sequence[LayerSpec], with_reference: bool):
+        statistics = sum(factor * layer.statistics_bytes for layer in group)
+        self.allowed = max(budget - statistics, budget // 8)
+        self.batch_size = batch_size
+        copies = 2 if with_reference else 1
+        self.per_sample = copies * sum(12 * layer.n_inputs * layer.groups for layer in group)
+
+    def next_size(self) -> int:
+        return max(1, min(self.batch_size, self.allowed // max(1, self.per_sample)))
+
+    def observe(self, count: int, values: Mapping[str, np.ndarray], ref_values: Mapping[str, np.ndarray] | None) -> None:
+        fetched = sum(np.asarray(v).nbytes for v in values.values())
+        if ref_values is not None:
+            fetched += sum(np.asarray(v).nbytes for v in ref_values.values())
+        # float32 activations are widened to float64 rows a chunk at a time: count them once more.
+        self.per_sample = max(self.per_sample, 2 * fetched // max(1, count))
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,15 +177,22 @@ class CalibrationData:
             spec.shape is not None and spec.shape and spec.shape[0] is None for spec in self.specs
         )
 
-    def feeds(self, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-        """Yield ``(feed, n_samples_in_feed)`` over the first :attr:`n_samples` samples."""
+    def feeds(
+        self, batch_size: int = DEFAULT_BATCH_SIZE, *, sizes: Callable[[], int] | None = None
+    ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """Yield ``(feed, n_samples_in_feed)`` over the first :attr:`n_samples` samples.
+
+        ``sizes``: called before each batchable feed for its number of samples (at most
+        ``batch_size``), so a caller can shrink the batches as it learns what they cost.
+        """
         if batch_size < 1:
             raise SettingsError(f"batch_size must be >= 1, got {batch_size}")
         if self._arrays is None:
             yield from self._iter_feed_source()
             return
-        step = batch_size if self.batchable else 1
-        for start in range(0, self.n_samples, step):
+        start = 0
+        while start < self.n_samples:
+            step = max(1, min(batch_size, sizes() if sizes is not None else batch_size)) if self.batchable else 1
             stop = min(self.n_samples, start + step)
             feed = {}
             for spec in self.specs:
@@ -196,6 +203,7 @@ class CalibrationData:
                     rows = self._rows_per_sample.get(spec.name, 1)
                     feed[spec.name] = array[start * rows : stop * rows]
             yield feed, stop - start
+            start = stop
 
     def materialised(self) -> CalibrationData:
         """The same data with a known :attr:`n_samples` (feeds of an iterable are read once and kept)."""

@@ -139,6 +139,7 @@ class LayerResult:
         criterion: pruning criterion chosen (calibrated layers).
         relative_error: output error / output energy of the layer on the calibration data.
         bias: name of the bias that was refitted, or None.
+        note: why the weight took the plain path (e.g. its statistics exceed the memory budget).
     """
 
     name: str
@@ -148,6 +149,7 @@ class LayerResult:
     criterion: str | None = None
     relative_error: float | None = None
     bias: str | None = None
+    note: str | None = None  # why a weight took the plain path, when not for lack of a layer
 
 
 @dataclass
@@ -210,7 +212,12 @@ def compress_with_calibration(
     working = onnx.ModelProto()
     working.CopyFrom(model)
     all_layers = find_layers(working)
-    layers = [layer for layer in all_layers if layer.weight in settings]
+    budget = options.max_memory_bytes
+    # Statistics over the memory budget: fitted without the sequential terms (a third of the
+    # memory), or, when even those do not fit, compressed the plain way.
+    over_budget = {layer.weight for layer in all_layers if layer.weight in settings and layer.statistics_bytes > budget}
+    without_reference = {layer.weight for layer in all_layers if 3 * layer.statistics_bytes > budget}
+    layers = [layer for layer in all_layers if layer.weight in settings and layer.weight not in over_budget]
     layer_names = {layer.weight for layer in layers}
     result = CalibratedCompression(working)
     show = progress is True and on_terminal()
@@ -235,7 +242,8 @@ def compress_with_calibration(
         for name in names_in_order[: total - len(layers)]:
             original = initializer_array(model, name)
             compressed = plain_tensor(original, settings[name])
-            result.results[name] = LayerResult(name, compressed, settings[name], calibrated=False)
+            note = "statistics over the memory budget (--max-memory)" if name in over_budget else None
+            result.results[name] = LayerResult(name, compressed, settings[name], calibrated=False, note=note)
             if options.sequential:
                 set_initializer(working, name, compressed.quantized)
             tick(name)
@@ -252,7 +260,8 @@ def compress_with_calibration(
         for layer in layers:
             if options.sequential:
                 statistics = capture_statistics(
-                    working, data, [layer], reference=reference, batch_size=options.batch_size,
+                    working, data, [layer], reference=None if layer.weight in without_reference else reference,
+                    batch_size=options.batch_size, max_memory_bytes=budget,
                     progress=show, description=f"calibrating {layer.weight}",
                 )
             stats = statistics[layer.weight]

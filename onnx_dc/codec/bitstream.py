@@ -84,7 +84,61 @@ def _pack_symbols(
     width_table = np.asarray(width_table, dtype=np.int64)
     if width_table.size and width_table.max() > MAX_VALUE_BITS:
         raise ValueError(f"a width exceeds {MAX_VALUE_BITS} bits")
-    return _pack(symbols, width_table, 0, np.asarray(code_table, dtype=np.uint64), chunk_symbols)
+    code_table = np.asarray(code_table, dtype=np.uint64)
+    if (
+        symbols.size >= 2
+        and 0 < width_table.size <= _PAIR_MAX_ALPHABET
+        and 2 * int(width_table.max()) <= MAX_VALUE_BITS
+        and (chunk_symbols is None or chunk_symbols % 2 == 0)
+        and 0 <= int(symbols.min()) and int(symbols.max()) < width_table.size  # else _pack reports it
+    ):
+        return _pack_pairs(symbols, code_table, width_table, chunk_symbols)
+    return _pack(symbols, width_table, 0, code_table, chunk_symbols)
+
+
+# Symbols of alphabets up to this size with codes of at most 12 bits are packed two at a time.
+_PAIR_MAX_ALPHABET = 1024
+
+
+def _pack_pairs(
+    symbols: np.ndarray, code_table: np.ndarray, width_table: np.ndarray, chunk_symbols: int | None
+) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """:func:`_pack` of consecutive symbol pairs through a table of the pairs' joined code words.
+
+    The same bits (the code words are concatenated either way) from half as many
+    items; a pair holding a symbol without a code has width 0, which ``_pack`` refuses.
+    """
+    size = width_table.size
+    no_code = width_table == 0
+    pair_width = (width_table[:, None] + width_table[None, :]).reshape(-1)
+    pair_width[(no_code[:, None] | no_code[None, :]).reshape(-1)] = 0
+    pair_code = ((code_table[:, None] << width_table[None, :].astype(np.uint64)) | code_table[None, :]).reshape(-1)
+    n_pairs = symbols.size // 2
+    pairs = symbols[0 : 2 * n_pairs : 2].astype(np.int64)
+    pairs *= size
+    pairs += symbols[1 : 2 * n_pairs : 2]
+    payload, n_bits, starts = _pack(pairs, pair_width, 0, pair_code, None if chunk_symbols is None else chunk_symbols // 2)
+    del pairs
+    if symbols.size % 2:
+        last = int(symbols[-1])
+        if not 0 <= last < size or width_table[last] == 0:
+            raise ValueError("a symbol to pack has width 0 (no code)")
+        if starts is not None and (symbols.size - 1) % chunk_symbols == 0:
+            starts = np.append(starts, n_bits)
+        payload, n_bits = _append_bits(payload, n_bits, int(code_table[last]), int(width_table[last]))
+    return payload, n_bits, starts
+
+
+def _append_bits(payload: np.ndarray, n_bits: int, value: int, width: int) -> tuple[np.ndarray, int]:
+    """``payload`` (``n_bits`` used, zero-padded) with ``value`` written in ``width`` bits after them."""
+    total = n_bits + width
+    out = np.zeros(packed_size_bytes(total), dtype=np.uint8)
+    out[: payload.size] = payload
+    for bit in range(width):  # at most 24 iterations
+        if (value >> (width - 1 - bit)) & 1:
+            position = n_bits + bit
+            out[position >> 3] |= np.uint8(0x80 >> (position & 7))
+    return out, total
 
 
 def _pack(

@@ -24,6 +24,7 @@ entry is used by at least one weight; it has at most ``2**bits`` entries
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -31,18 +32,23 @@ import ml_dtypes
 import numpy as np
 
 from onnx_dc.codec._checks import finite_real
-from onnx_dc.codec.clustering import INIT_METHODS, assign_to_centroids, kmeans_1d
+from onnx_dc.codec.clustering import INIT_METHODS, assign_to_centroids, kmeans_1d, kmeans_centroids_of_sorted32
 from onnx_dc.codec.container import LAYOUTS, encode_container
+from onnx_dc.codec.container_stream import encode_symbols
+from onnx_dc.codec.float32_ops import BLOCK, NearestValue, magnitude_keep_mask
 from onnx_dc.codec.pruning import prune_by_magnitude, prune_by_std
 from onnx_dc.errors import InvalidTensorError, SettingsError
 
 __all__ = [
     "SUPPORTED_DTYPES",
     "CompressedTensor",
+    "EncodedTensor",
     "TensorSettings",
     "codebook_in_dtype",
     "compress_tensor",
     "compressed_tensor_from_codes",
+    "encode_memory_bytes",
+    "encode_tensor",
 ]
 
 SUPPORTED_DTYPES = (
@@ -182,15 +188,14 @@ def compress_tensor(
     """
     if not isinstance(settings, TensorSettings):
         raise SettingsError(f"settings must be a TensorSettings, got {type(settings).__name__}")
+    if _takes_fast_path(weights):
+        keep = _check_mask(mask, weights.shape).reshape(-1) if mask is not None else None
+        symbols, codebook, keep, _ = _fast_symbols(weights, settings, keep)
+        codes = symbols.astype(np.int16)
+        codes[codes == codebook.size] = -1
+        return compressed_tensor_from_codes(codes.reshape(weights.shape), codebook, settings)
     weights = _check_weights(weights)
-    if mask is not None:
-        keep = _check_mask(mask, weights.shape)
-    elif settings.sparsity is not None:
-        keep = prune_by_magnitude(weights, settings.sparsity)
-    elif settings.quality is not None:
-        keep = prune_by_std(weights, settings.quality)
-    else:
-        keep = np.ones(weights.shape, dtype=bool)
+    keep = _check_mask(mask, weights.shape) if mask is not None else _pruning_mask(weights, settings, prune_by_magnitude)
 
     keep_flat = keep.reshape(-1)
     kept = weights.reshape(-1)[keep_flat].astype(np.float64)
@@ -201,6 +206,183 @@ def compress_tensor(
     codes = np.full(keep_flat.size, -1, dtype=np.int16)
     codes[keep_flat] = kept_codes
     return compressed_tensor_from_codes(codes.reshape(weights.shape), codebook, settings)
+
+
+def encode_tensor(weights: np.ndarray, settings: TensorSettings) -> EncodedTensor:
+    """:func:`compress_tensor` returning only the container and its counts, in bounded memory.
+
+    The container is byte-identical to ``compress_tensor(weights, settings).container``.
+    float32, float16 and bfloat16 tensors (which may be read-only memory maps) are
+    processed in blocks: besides the tensor itself this holds a keep-mask (1 byte
+    per weight), the sorted kept values (4 bytes per kept weight), one code symbol
+    per weight (1 or 2 bytes) and the output, instead of the dozens of bytes per
+    weight of the whole-array pipeline. float64 tensors take :func:`compress_tensor`.
+
+    Raises:
+        InvalidTensorError, SettingsError: as :func:`compress_tensor`.
+    """
+    if not isinstance(settings, TensorSettings):
+        raise SettingsError(f"settings must be a TensorSettings, got {type(settings).__name__}")
+    if not _takes_fast_path(weights):
+        full = compress_tensor(weights, settings)
+        return EncodedTensor(full.container, full.codes.shape, full.codebook.dtype, full.n_kept, full.codebook, settings)
+    symbols, codebook, keep, counts = _fast_symbols(weights, settings, None)
+    n_kept = int(np.count_nonzero(keep))
+    del keep
+    container = encode_symbols(
+        symbols, weights.shape, codebook, bits=settings.bits, index_bits=settings.index_bits, layout=settings.layout,
+        counts=counts,
+    )
+    return EncodedTensor(container, tuple(weights.shape), weights.dtype, n_kept, codebook, settings)
+
+
+def encode_memory_bytes(n_weights: int, itemsize: int) -> int:
+    """About how much memory :func:`encode_tensor` needs for a tensor (its pages included).
+
+    Per weight: the values (``itemsize``; a float32 copy more for float16 and bfloat16),
+    the keep-mask (1), the sorted kept values (at most 4), a symbol (at most 2) and the container (about 1).
+    """
+    return n_weights * (itemsize + (4 if itemsize != 4 else 0) + 8)
+
+
+@dataclass
+class EncodedTensor:
+    """A compressed tensor held as its container only (see :func:`encode_tensor`).
+
+    ``quantized``, ``mask`` and ``codes`` are those of :class:`CompressedTensor`,
+    decoded from the container when asked for. ``container`` may be given as a
+    function returning the bytes (the converter points it at the model's copy).
+    """
+
+    container_source: bytes | Callable[[], bytes]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    n_kept: int
+    codebook: np.ndarray
+    settings: TensorSettings
+
+    @property
+    def container(self) -> bytes:
+        """The container bytes."""
+        source = self.container_source
+        return source() if callable(source) else source
+
+    @property
+    def n_weights(self) -> int:
+        """Number of elements of the tensor."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def size_bytes(self) -> int:
+        """Size of the container."""
+        return len(self.container)
+
+    @property
+    def original_size_bytes(self) -> int:
+        """Size of the uncompressed tensor's data (elements times item size)."""
+        return self.n_weights * np.dtype(self.dtype).itemsize
+
+    @property
+    def ratio(self) -> float:
+        """Compression ratio, original_size_bytes / size_bytes."""
+        return self.original_size_bytes / self.size_bytes
+
+    @property
+    def codes(self) -> np.ndarray:
+        """int16 codes of the tensor's shape, ``-1`` pruned (decoded from the container)."""
+        from onnx_dc.codec.container_reader import decode_container_codes
+
+        return decode_container_codes(self.container)[0].astype(np.int16)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """Keep-mask (decoded from the container)."""
+        return self.codes >= 0
+
+    @property
+    def quantized(self) -> np.ndarray:
+        """The tensor the container decodes to."""
+        from onnx_dc.codec.container_reader import decode_container
+
+        return decode_container(self.container)
+
+
+def _takes_fast_path(weights: object) -> bool:
+    """float32 / float16 / bfloat16 arrays of at least one element go through the blockwise path."""
+    if not isinstance(weights, np.ndarray) or weights.size == 0:
+        return False
+    dtype = weights.dtype
+    return dtype.byteorder != ">" and dtype in (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
+def _fast_symbols(
+    weights: np.ndarray, settings: TensorSettings, keep: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(code symbol per element with the zero symbol for pruned ones, codebook, flat keep-mask, symbol counts).
+
+    The same codes and codebook as the whole-array pipeline of :func:`compress_tensor`.
+    """
+    dtype = weights.dtype
+    flat = weights.reshape(-1)
+    if dtype != np.float32:
+        flat = flat.astype(np.float32)  # float16 and bfloat16 widen exactly
+    _check_finite_blocks(flat)
+    if keep is None:
+        keep = _pruning_mask(flat, settings, magnitude_keep_mask)
+    kept_sorted = flat[keep]
+    kept_sorted.sort()
+    centroids = kmeans_centroids_of_sorted32(
+        kept_sorted, 2**settings.bits, init=settings.init, max_iter=settings.max_iter, seed=settings.seed
+    )
+    del kept_sorted
+    candidates = _candidates_in_dtype(centroids, dtype)
+    symbol_dtype = np.uint8 if candidates.size < 256 else np.uint16
+    if candidates.size == 0:  # everything pruned
+        return np.zeros(flat.size, dtype=symbol_dtype), candidates.astype(dtype), keep, np.array([flat.size])
+    zero = candidates.size
+    symbols = NearestValue(candidates).codes(flat, out=np.empty(flat.size, dtype=symbol_dtype))
+    counts = np.zeros(zero + 1, dtype=np.int64)
+    pruned = np.empty(min(BLOCK, flat.size), dtype=bool)
+    for start in range(0, flat.size, BLOCK):
+        part = symbols[start : start + BLOCK]
+        np.logical_not(keep[start : start + BLOCK], out=pruned[: part.size])
+        np.copyto(part, zero, where=pruned[: part.size])
+        counts += np.bincount(part, minlength=zero + 1)
+    used = counts[:zero] > 0
+    if not used.all():  # a rounded centroid nobody is nearest to: drop it, renumber the symbols
+        lookup = np.append(np.cumsum(used) - 1, used.sum()).astype(symbol_dtype)
+        for start in range(0, flat.size, BLOCK):
+            part = symbols[start : start + BLOCK]
+            np.take(lookup, part, out=part)
+        counts = np.append(counts[:zero][used], counts[zero])
+    return symbols, candidates[used].astype(dtype), keep, counts
+
+
+def _pruning_mask(weights: np.ndarray, settings: TensorSettings, by_magnitude: Callable) -> np.ndarray:
+    """The keep-mask the settings ask for: ``by_magnitude(weights, sparsity)``, the std rule, or keep all."""
+    if settings.sparsity is not None:
+        return by_magnitude(weights, settings.sparsity)
+    if settings.quality is not None:
+        return prune_by_std(weights, settings.quality)
+    return np.ones(weights.shape, dtype=bool)
+
+
+def _candidates_in_dtype(centroids: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The sorted distinct float64 values of ``centroids`` rounded to ``dtype`` (see :func:`codebook_in_dtype`)."""
+    with np.errstate(over="ignore"):
+        rounded = np.asarray(centroids, dtype=np.float64).reshape(-1).astype(dtype).astype(np.float64)
+    if not np.all(np.isfinite(rounded)):
+        raise InvalidTensorError(f"centroids are not finite in {dtype} (NaN, Inf or beyond its range)")
+    return np.unique(rounded + 0.0)  # + 0.0 turns -0.0 into +0.0
+
+
+def _check_finite_blocks(flat: np.ndarray) -> None:
+    n_bad = 0
+    for start in range(0, flat.size, BLOCK):
+        block = flat[start : start + BLOCK]
+        n_bad += block.size - int(np.count_nonzero(np.isfinite(block)))
+    if n_bad:
+        raise InvalidTensorError(f"weights contain {n_bad} NaN or Inf value(s) out of {flat.size}")
 
 
 def codebook_in_dtype(
@@ -230,11 +412,7 @@ def codebook_in_dtype(
     values = np.asarray(values).reshape(-1)
     if values.size == 0:
         return np.empty(0, dtype=dtype), np.empty(0, dtype=np.int16)
-    with np.errstate(over="ignore"):
-        rounded = np.asarray(centroids, dtype=np.float64).reshape(-1).astype(dtype).astype(np.float64)
-    if not np.all(np.isfinite(rounded)):
-        raise InvalidTensorError(f"centroids are not finite in {dtype} (NaN, Inf or beyond its range)")
-    candidates = np.unique(rounded + 0.0)  # + 0.0 turns -0.0 into +0.0
+    candidates = _candidates_in_dtype(centroids, dtype)
     codes = assign_to_centroids(values, candidates)
     used = np.bincount(codes, minlength=candidates.size) > 0
     if not np.all(used):

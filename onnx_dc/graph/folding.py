@@ -33,6 +33,8 @@ are left alone.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,12 +96,13 @@ class FoldSummary:
         return [f.describe() for f in self.folds] + [s.describe() for s in self.skipped]
 
 
-def fold_normalizations(model: onnx.ModelProto) -> FoldSummary:
+def fold_normalizations(model: onnx.ModelProto, *, source_dir: str | os.PathLike | None = None) -> FoldSummary:
     """Fold BatchNormalization and per-channel Mul/Add into the preceding layers of ``model``, in place.
 
     Works on every graph of the model (subgraphs included, each with its own
     constants). Returns what was folded and which BatchNormalizations after a
-    layer were left, with the reason.
+    layer were left, with the reason. ``source_dir``: where the model's external
+    data references point (a folded weight is then written into the model).
     """
     summary = FoldSummary()
     taken = model_value_names(model)
@@ -107,7 +110,7 @@ def fold_normalizations(model: onnx.ModelProto) -> FoldSummary:
     for graph in list(iter_graphs(model.graph)):
         skipped: dict[tuple[str, str], SkippedFold] = {}
         while True:  # one pass folds every normalisation right after a layer; a chain takes a pass per link
-            index = GraphIndex.build(graph)
+            index = GraphIndex.build(graph, source_dir=source_dir)
             steps: list[_Step] = []
             for node in graph.node:
                 step = _plan(node, index, ranks, graph is model.graph)

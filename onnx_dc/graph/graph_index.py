@@ -11,16 +11,16 @@ behind a name (an initializer or a ``Constant`` node of this graph).
 
 from __future__ import annotations
 
-import contextlib
+import os
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnx_dc.graph.model_io import attribute_subgraphs, iter_graphs
+from onnx_dc.graph.tensor_store import structure_of, tensor_values
 from onnx_dc.graph.weights import iter_scopes
 
 __all__ = ["GraphIndex", "attributes", "inferred_value_types", "is_default_domain", "model_value_names"]
@@ -48,11 +48,12 @@ class GraphIndex:
     inputs: set[str] = field(default_factory=set)
     constants: dict[str, onnx.TensorProto] = field(default_factory=dict)
     constant_nodes: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    source_dir: str | os.PathLike | None = None  # where external data references point
 
     @classmethod
-    def build(cls, graph: onnx.GraphProto) -> GraphIndex:
-        """Index ``graph`` as it is now."""
-        index = cls(graph)
+    def build(cls, graph: onnx.GraphProto, *, source_dir: str | os.PathLike | None = None) -> GraphIndex:
+        """Index ``graph`` as it is now (``source_dir``: where its external data references point)."""
+        index = cls(graph, source_dir=source_dir)
         index.outputs = {o.name for o in graph.output}
         index.inputs = {i.name for i in graph.input}
         for tensor in graph.initializer:
@@ -90,7 +91,7 @@ class GraphIndex:
         tensor = self.constants.get(name)
         if tensor is None or name in self.inputs:
             return None
-        return numpy_helper.to_array(tensor)
+        return np.asarray(tensor_values(tensor, self.source_dir))
 
     def is_float32_constant(self, name: str) -> bool:
         """Whether ``name`` is a float32 constant tensor of this graph."""
@@ -121,12 +122,11 @@ def model_value_names(model: onnx.ModelProto, *, value_info: bool = True) -> set
 def inferred_value_types(model: onnx.ModelProto) -> dict[tuple[tuple[str, ...], str], onnx.TypeProto]:
     """Types of every value ONNX shape inference can infer, keyed by (graph path, name).
 
-    Inference runs on the model with its large tensors' bytes temporarily
-    detached (marked external), so it costs little memory even for big models.
+    Inference runs on a copy of the model without its large tensors' bytes
+    (:func:`onnx_dc.graph.tensor_store.structure_of`), so it costs little memory even for big models.
     """
     try:
-        with _detached_tensor_data(model):
-            inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(structure_of(model), check_type=False, strict_mode=False)
     except Exception:  # inference is a best effort: value_info then carries only the element type
         return {}
     types: dict[tuple[tuple[str, ...], str], onnx.TypeProto] = {}
@@ -135,30 +135,3 @@ def inferred_value_types(model: onnx.ModelProto) -> dict[tuple[tuple[str, ...], 
             if vi.HasField("type"):
                 types[(scope.path, vi.name)] = vi.type
     return types
-
-
-@contextlib.contextmanager
-def _detached_tensor_data(model: onnx.ModelProto, min_bytes: int = 4096) -> Iterator[None]:
-    detached: list[tuple[onnx.TensorProto, bytes]] = []
-    try:
-        for scope in iter_scopes(model):
-            tensors = list(scope.graph.initializer)
-            for node in scope.graph.node:
-                for attr in node.attribute:
-                    if attr.type == onnx.AttributeProto.TENSOR:
-                        tensors.append(attr.t)
-            for t in tensors:
-                if t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data") and len(t.raw_data) >= min_bytes:
-                    raw = t.raw_data
-                    detached.append((t, raw))
-                    t.ClearField("raw_data")
-                    t.data_location = onnx.TensorProto.EXTERNAL
-                    for key, value in (("location", "onnx_dc_detached.bin"), ("offset", "0"), ("length", str(len(raw)))):
-                        entry = t.external_data.add()
-                        entry.key, entry.value = key, value
-        yield
-    finally:
-        for t, raw in detached:
-            t.ClearField("external_data")
-            t.data_location = onnx.TensorProto.DEFAULT
-            t.raw_data = raw

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,21 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, numpy_helper
 
 from onnx_dc.errors import ModelError, first_line
+from onnx_dc.graph.tensor_store import (
+    all_tensors,
+    check_model_file,
+    copy_tensor_bytes,
+    copy_without_data,
+    encode_varint,
+    external_location,
+    has_references,
+    iter_graphs,  # noqa: F401  (re-exported: onnx_dc.graph.model_io.iter_graphs)
+    length_delimited,
+    read_structure,
+    set_location,
+    stored_bytes,
+    tensor_nbytes,
+)
 
 ModelSource = str | os.PathLike | onnx.ModelProto
 
@@ -37,6 +52,11 @@ PROTOBUF_LIMIT_BYTES = 2**31 - 2**26
 
 # Tensors at least this large go to the external data file when one is written.
 EXTERNAL_DATA_MIN_BYTES = 1024
+
+# Single files of at least this much tensor data are written a tensor at a time
+# (the data of tensors of at least _STREAM_TENSOR_MIN_BYTES each straight to the file).
+STREAM_MIN_BYTES = 64 << 20
+_STREAM_TENSOR_MIN_BYTES = 64 << 10
 
 # Offsets of large tensors in the external data file are aligned for mmap.
 _EXTERNAL_ALIGN_BYTES = 4096
@@ -70,7 +90,7 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
         model = onnx.ModelProto()
         model.CopyFrom(source)
         _check_is_model(model, "the given ModelProto")
-        if _has_external_refs(model):
+        if has_references(model):
             raise ModelError(
                 "the given ModelProto refers to external data that is not loaded; "
                 "pass the model's file path instead"
@@ -78,11 +98,7 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
         return model
     if not isinstance(source, (str, os.PathLike)):
         raise ModelError(f"expected a model path or onnx.ModelProto, got {type(source).__name__}")
-    path = Path(source)
-    if not path.exists():
-        raise ModelError(f"{path}: no such file")
-    if path.is_dir():
-        raise ModelError(f"{path}: is a directory, not an ONNX model file")
+    path = check_model_file(source)
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -95,7 +111,7 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
         raise ModelError(f"{path}: not an ONNX model (the file is not a valid ModelProto)") from None
     del data
     _check_is_model(model, str(path))
-    if _has_external_refs(model):
+    if has_references(model):
         try:
             external_data_helper.load_external_data_for_model(model, str(path.resolve().parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
@@ -104,16 +120,20 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
 
 
 def external_data_files(path: str | os.PathLike) -> list[Path]:
-    """Resolved paths of the external data files an ONNX model file refers to (may be empty)."""
-    model = onnx.load_model(str(path), load_external_data=False)
-    base = Path(path).resolve().parent
+    """Resolved paths of the external data files an ONNX model file refers to (may be empty).
+
+    The model is parsed without its tensors' data (:func:`onnx_dc.graph.tensor_store.read_structure`).
+    """
+    model_file = Path(path).resolve()
+    model = read_structure(path)
+    base = model_file.parent
     files: list[Path] = []
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             for entry in tensor.external_data:
                 if entry.key == "location":
                     candidate = (base / entry.value).resolve()
-                    if candidate not in files:
+                    if candidate not in files and candidate != model_file:
                         files.append(candidate)
     return files
 
@@ -161,6 +181,7 @@ def save_model(
     path: str | os.PathLike,
     *,
     external_data: bool | None = None,
+    source_dir: str | os.PathLike | None = None,
 ) -> SavedModel:
     """Write ``model`` to ``path`` atomically; never leaves a partial file behind.
 
@@ -168,14 +189,22 @@ def save_model(
     the model is too large for protobuf's 2 GB limit, in which case tensors of at
     least :data:`EXTERNAL_DATA_MIN_BYTES` go to ``<path>.data`` beside it;
     ``True`` always writes the external data file; ``False`` never does (and
-    fails for models over the limit). ``model`` is left as it was.
+    fails for models over the limit). ``model`` is left as it was. A large model
+    is written one tensor at a time from a copy of its graph without the data (the
+    data file, or the single file's initializers after the rest of the graph),
+    never as one more serialized copy in memory. Tensors that refer to external
+    data (a model from :func:`onnx_dc.graph.tensor_store.open_model`) are copied
+    from their files, found relative to ``source_dir``.
     Raises :class:`ModelError` when the file cannot be written.
     """
     path = Path(path)
+    too_large = tensor_bytes(model) > PROTOBUF_LIMIT_BYTES
     if external_data is None:
-        external_data = tensor_bytes(model) > PROTOBUF_LIMIT_BYTES
-    elif not external_data and tensor_bytes(model) > PROTOBUF_LIMIT_BYTES:
+        external_data = too_large
+    elif not external_data and too_large:
         raise ModelError(f"{path}: model is over the 2 GB protobuf limit; it needs external data")
+    if source_dir is None and has_references(model):
+        raise ModelError(f"{path}: the model refers to external data, but not where it lies (source_dir)")
     directory = path.resolve().parent
     if not directory.is_dir():
         raise ModelError(f"{path}: directory {directory} does not exist")
@@ -188,10 +217,13 @@ def save_model(
             try:
                 if data_path is None:
                     model_tmp = _temp_file(directory, path.name, temps)
-                    _write_bytes(model_tmp, _serialize(model, path))
+                    if has_references(model) or tensor_bytes(model) >= STREAM_MIN_BYTES:
+                        _write_streamed(model, model_tmp, source_dir)
+                    else:
+                        _write_bytes(model_tmp, _serialize(model, path))
                     os.replace(model_tmp, path)  # the commit point
                 else:
-                    _save_with_external_data(model, path, data_path, directory, temps)
+                    _save_with_external_data(model, path, data_path, directory, temps, source_dir)
             except OSError as exc:
                 raise ModelError(f"{path}: cannot write: {exc.strerror or exc}") from None
         finally:
@@ -258,7 +290,7 @@ def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Approximate serialized size of every tensor in the model (initializers, Constant values)."""
     total = 0
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         total += _tensor_payload_bytes(tensor)
     return total
 
@@ -287,41 +319,8 @@ def unique_name(base: str, taken: set[str]) -> str:
     return name
 
 
-def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """Yield ``graph`` and every subgraph nested in it (If/Loop/Scan bodies), depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from iter_graphs(sub)
-
-
-def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    for graph in iter_graphs(model.graph):
-        yield from graph.initializer
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    yield from attr.tensors
-                elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
-                    yield attr.sparse_tensor.values
-                    yield attr.sparse_tensor.indices
-
-
 def _tensor_payload_bytes(tensor: onnx.TensorProto) -> int:
-    return tensor.ByteSize()  # computed without copying raw_data out of the message
-
-
-def _has_external_refs(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model))
+    return stored_bytes(tensor)
 
 
 def _check_is_model(model: onnx.ModelProto, what: str) -> None:
@@ -356,7 +355,12 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 
 
 def _save_with_external_data(
-    model: onnx.ModelProto, path: Path, data_path: Path, directory: Path, temps: list[Path]
+    model: onnx.ModelProto,
+    path: Path,
+    data_path: Path,
+    directory: Path,
+    temps: list[Path],
+    source_dir: str | os.PathLike | None,
 ) -> None:
     """Write ``path`` and ``data_path`` so that a failure or interrupt leaves the old pair or the new pair.
 
@@ -366,8 +370,9 @@ def _save_with_external_data(
     """
     data_tmp = _temp_file(directory, data_path.name, temps)
     model_tmp = _temp_file(directory, path.name, temps)
-    with _externalized(model, data_tmp, data_path.name):
-        _write_bytes(model_tmp, _serialize(model, path))
+    written = _write_external(model, data_tmp, data_path.name, source_dir)
+    _write_bytes(model_tmp, _serialize(written, path))
+    del written
     new_data, new_model = _file_id(data_tmp), _file_id(model_tmp)
     backup: Path | None = None
     try:
@@ -386,6 +391,97 @@ def _save_with_external_data(
         raise
 
 
+def _write_external(
+    model: onnx.ModelProto, data_file: Path, location: str, source_dir: str | os.PathLike | None
+) -> onnx.ModelProto:
+    """Write the large tensors' bytes to ``data_file`` one at a time; returns the model that refers to them."""
+    written, pairs = copy_without_data(model, EXTERNAL_DATA_MIN_BYTES)
+    with open(data_file, "wb") as f:
+        offset = 0
+        for original, copy in pairs:
+            if original.data_location == onnx.TensorProto.EXTERNAL:
+                assert source_dir is not None
+                source = external_location(original, source_dir)
+                length = source.length
+            else:
+                raw = _raw_bytes(original)
+                length = len(raw)
+            if length >= _EXTERNAL_ALIGN_MIN_BYTES and offset % _EXTERNAL_ALIGN_BYTES:
+                pad = _EXTERNAL_ALIGN_BYTES - offset % _EXTERNAL_ALIGN_BYTES
+                f.write(b"\0" * pad)
+                offset += pad
+            if original.data_location == onnx.TensorProto.EXTERNAL:
+                copy_tensor_bytes(source, f)
+            else:
+                f.write(raw)
+                del raw
+            set_location(copy, location, offset, length)
+            offset += length
+        f.flush()
+        os.fsync(f.fileno())
+    return written
+
+
+def _write_streamed(model: onnx.ModelProto, path: Path, source_dir: str | os.PathLike | None) -> None:
+    """One self-contained file written a tensor at a time, without a serialized copy of the model in memory.
+
+    The message is the model's, with the main graph's initializers after the graph's other
+    fields and each one's data after its other fields (protobuf readers accept fields in any order).
+    """
+    skeleton, pairs = copy_without_data(model, _STREAM_TENSOR_MIN_BYTES)
+    originals = {id(copy): original for original, copy in pairs}
+    in_main_graph = {id(t) for t in skeleton.graph.initializer}
+    if any(id(copy) not in in_main_graph for _, copy in pairs):  # large tensors elsewhere: the plain way
+        if has_references(model):
+            raise ModelError(f"{path}: tensors outside the main graph's initializers refer to external data; "
+                             "write the model with external data")
+        _write_bytes(path, _serialize(model, path))
+        return
+    graph = onnx.GraphProto()
+    graph.CopyFrom(skeleton.graph)
+    del graph.initializer[:]
+    head = graph.SerializeToString()
+    pieces: list[tuple[bytes, onnx.TensorProto | None, int]] = []
+    graph_length = len(head)
+    for tensor in skeleton.graph.initializer:
+        original = originals.get(id(tensor))
+        if original is None:
+            piece = length_delimited(5, tensor.SerializeToString())
+            pieces.append((piece, None, 0))
+            graph_length += len(piece)
+            continue
+        if original.data_location == onnx.TensorProto.EXTERNAL:
+            length = external_location(original, source_dir).length
+        elif original.HasField("raw_data") and tensor_nbytes(original) is not None:
+            length = tensor_nbytes(original)  # checked when written (reading raw_data copies it)
+        else:
+            length = len(_raw_bytes(original))
+        header = tensor.SerializeToString() + encode_varint(9 << 3 | 2) + encode_varint(length)  # then raw_data's bytes
+        prefix = encode_varint(5 << 3 | 2) + encode_varint(len(header) + length) + header
+        pieces.append((prefix, original, length))
+        graph_length += len(prefix) + length
+    top = onnx.ModelProto()
+    top.CopyFrom(skeleton)
+    top.ClearField("graph")
+    with open(path, "wb") as f:
+        f.write(top.SerializeToString() + encode_varint(7 << 3 | 2) + encode_varint(graph_length) + head)
+        for prefix, original, length in pieces:
+            f.write(prefix)
+            if original is None:
+                continue
+            if original.data_location == onnx.TensorProto.EXTERNAL:
+                copy_tensor_bytes(external_location(original, source_dir), f)
+                continue
+            data = original.raw_data if original.HasField("raw_data") else _raw_bytes(original)
+            if len(data) != length:
+                raise ModelError(f"{path}: tensor {original.name!r} holds {len(data)} bytes of data, "
+                                 f"its shape and type need {length}")
+            f.write(data)
+            del data
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _write_bytes(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -400,54 +496,6 @@ def _serialize(model: onnx.ModelProto, path: Path) -> bytes:
         raise ModelError(f"{path}: cannot serialize the model: {first_line(exc)}") from None
 
 
-@contextlib.contextmanager
-def _externalized(model: onnx.ModelProto, data_file: Path, location: str) -> Iterator[None]:
-    """Move large tensors' bytes into ``data_file`` for the duration of the block, then put them back."""
-    moved: list[tuple[onnx.TensorProto, onnx.TensorProto]] = []
-    # Restored in two nested finally clauses, both in place before anything is moved: the
-    # caller's model comes back whole even if an interrupt hits one of them.
-    try:
-        try:
-            with open(data_file, "wb") as f:
-                offset = 0
-                for tensor in _all_tensors(model):
-                    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                        continue
-                    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
-                        continue
-                    if _tensor_payload_bytes(tensor) < EXTERNAL_DATA_MIN_BYTES:
-                        continue
-                    raw = _raw_bytes(tensor)
-                    if len(raw) >= _EXTERNAL_ALIGN_MIN_BYTES and offset % _EXTERNAL_ALIGN_BYTES:
-                        pad = _EXTERNAL_ALIGN_BYTES - offset % _EXTERNAL_ALIGN_BYTES
-                        f.write(b"\0" * pad)
-                        offset += pad
-                    f.write(raw)
-                    original = onnx.TensorProto()
-                    original.CopyFrom(tensor)
-                    moved.append((tensor, original))
-                    _clear_data(tensor)
-                    tensor.data_location = onnx.TensorProto.EXTERNAL
-                    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-                        entry = tensor.external_data.add()
-                        entry.key = key
-                        entry.value = value
-                    offset += len(raw)
-                    del raw
-                f.flush()
-                os.fsync(f.fileno())
-            yield
-        finally:
-            _restore_tensors(moved)
-    finally:
-        _restore_tensors(moved)
-
-
-def _restore_tensors(moved: list[tuple[onnx.TensorProto, onnx.TensorProto]]) -> None:
-    for tensor, original in moved:
-        tensor.CopyFrom(original)
-
-
 def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
     if tensor.HasField("raw_data"):
         return tensor.raw_data
@@ -455,19 +503,6 @@ def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
 
     array = numpy_helper.to_array(tensor)
     return numpy_helper.from_array(array).raw_data
-
-
-def _clear_data(tensor: onnx.TensorProto) -> None:
-    for field in (
-        "raw_data",
-        "float_data",
-        "int32_data",
-        "int64_data",
-        "double_data",
-        "uint64_data",
-        "string_data",
-    ):
-        tensor.ClearField(field)
 
 
 def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:

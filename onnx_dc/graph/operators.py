@@ -19,6 +19,7 @@ __all__ = [
     "META_ABSORBED",
     "META_ADDED",
     "META_ATTRS",
+    "META_KEPT",
     "META_KIND",
     "META_NAME",
     "META_OP",
@@ -58,6 +59,7 @@ META_OP = "onnx_dc.op"  # on a DCMatMul node: MatMul or Gemm; on a DCConv node: 
 META_ATTRS = "onnx_dc.attrs"  # on a DCMatMul node: attributes the original Gemm set explicitly
 META_ADDED = "onnx_dc.added"  # on value_info entries the converter added
 META_SOURCE = "onnx_dc.source"  # on a container: initializer / constant
+META_KEPT = "onnx_dc.kept"  # on a container: the number of weights it keeps (read by the report)
 META_ABSORBED = "onnx_dc.absorbed"  # on a fused node: ".1", ".2"... the nodes it absorbed (onnx_dc.graph.fusion)
 META_TRANSPOSE = "onnx_dc.transpose"  # on a DCMatMul: the Transpose node it absorbed (serialized)
 

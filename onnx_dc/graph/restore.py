@@ -11,7 +11,9 @@ plain onnxruntime.
 from __future__ import annotations
 
 import base64
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -39,6 +41,7 @@ from onnx_dc.graph.operators import (
     MODEL_META_RUNTIME,
 )
 from onnx_dc.graph.rewrite import _copy_doc_string, _index_of
+from onnx_dc.graph.tensor_store import tensor_bytes_of
 from onnx_dc.graph.weights import GraphScope, iter_scopes
 
 _CONTAINER_FIRST = _DECOMPRESS_NAMES | {GATHER_OP}  # operators reading the container as input 0
@@ -65,17 +68,19 @@ class ContainerRef:
     tensor: onnx.TensorProto
     constant_node: onnx.NodeProto | None
     readers: list[tuple[GraphScope, onnx.NodeProto]] = field(default_factory=list)
+    base_dir: Path | None = None  # where external data is (a model from onnx_dc.graph.tensor_store)
 
     @property
     def data(self) -> bytes:
-        """The container's bytes."""
-        if self.tensor.HasField("raw_data"):
-            return self.tensor.raw_data
-        return numpy_helper.to_array(self.tensor).tobytes()
+        """The container's bytes (read from its file when it is external data)."""
+        return tensor_bytes_of(self.tensor, self.base_dir)
 
 
-def find_containers(model: onnx.ModelProto) -> list[ContainerRef]:
-    """Every container read by a ``DCMatMul``, ``DCConv``, ``DCGather`` or ``DCDecompress`` node of the model, in graph order."""
+def find_containers(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> list[ContainerRef]:
+    """Every container read by a ``DCMatMul``, ``DCConv``, ``DCGather`` or ``DCDecompress`` node of the model, in graph order.
+
+    ``base_dir``: the directory external data references are relative to (their bytes are read on demand).
+    """
     refs: dict[tuple[int, str], ContainerRef] = {}
     order: list[ContainerRef] = []
     for scope, node, definition in _dc_nodes_with_container(model):
@@ -92,7 +97,8 @@ def find_containers(model: onnx.ModelProto) -> list[ContainerRef]:
             original = meta.get(META_NAME) or (
                 name[: -len(CONTAINER_SUFFIX)] if name.endswith(CONTAINER_SUFFIX) else name
             )
-            ref = ContainerRef(name, original, meta.get(META_KIND, ""), def_scope, tensor, constant_node)
+            ref = ContainerRef(name, original, meta.get(META_KIND, ""), def_scope, tensor, constant_node,
+                               base_dir=None if base_dir is None else Path(base_dir))
             refs[key] = ref
             order.append(ref)
         ref.readers.append((scope, node))

@@ -30,7 +30,7 @@ plain onnxruntime.
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +55,7 @@ from onnx_dc.graph.operators import (
     MATMUL_OP,
     META_ADDED,
     META_ATTRS,
+    META_KEPT,
     META_KIND,
     META_NAME,
     META_OP,
@@ -82,17 +83,23 @@ class RewriteSummary:
 
 
 def apply_compression(
-    model: onnx.ModelProto, compressed: Sequence[tuple[Weight, bytes]], *, gather: bool | None = None
+    model: onnx.ModelProto,
+    compressed: Iterable[tuple[Weight, bytes]],
+    *,
+    gather: bool | None = None,
+    kept: Mapping[str, int] | None = None,
 ) -> RewriteSummary:
     """Replace each weight by its container and rewire its consumers, editing ``model`` in place.
 
     ``compressed`` pairs weights found by :func:`onnx_dc.graph.weights.find_weights`
-    on this same ``model`` with their container bytes. ``gather`` turns
+    on this same ``model`` with their container bytes (a sequence, or an iterator
+    that lets each container go once it is in the model). ``gather`` turns
     ``Gather`` on a float32 weight (axis 0) into ``DCGather`` (default:
-    :data:`onnx_dc.graph.operators.RUNTIME_HAS_GATHER`).
+    :data:`onnx_dc.graph.operators.RUNTIME_HAS_GATHER`). ``kept`` (weight name ->
+    weights kept) is recorded on the containers for the per-layer report.
     """
     summary = RewriteSummary()
-    if not compressed:
+    if isinstance(compressed, Sequence) and not compressed:
         return summary
     gather = operators.RUNTIME_HAS_GATHER if gather is None else gather
     indexes: dict[int, GraphIndex] = {}
@@ -104,6 +111,9 @@ def apply_compression(
         cname = unique_name(weight.name + CONTAINER_SUFFIX, taken)
         summary.containers[weight.name] = cname
         ctensor = _container_tensor(weight, cname, container)
+        if kept is not None and kept.get(weight.name, -1) >= 0:
+            entry = ctensor.metadata_props.add()
+            entry.key, entry.value = META_KEPT, str(kept[weight.name])
         fused = [
             c
             for c in weight.consumers

@@ -22,14 +22,15 @@ dense anyway).
 
 from __future__ import annotations
 
-import hashlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnx_dc.graph.model_io import iter_graphs, unique_name
+from onnx_dc.graph.tensor_store import tensor_values
 
 __all__ = ["SharedWeight", "share_duplicate_weights"]
 
@@ -48,15 +49,23 @@ class SharedWeight:
         return f"{self.duplicate!r} is {self.kept!r} {how}: stored once"
 
 
-def share_duplicate_weights(model: onnx.ModelProto, *, min_elements: int = 256) -> list[SharedWeight]:
-    """Replace float32 2-D initializers equal to another (or to its transpose) by reads of it, in place."""
+def share_duplicate_weights(
+    model: onnx.ModelProto, *, min_elements: int = 256, source_dir: str | os.PathLike | None = None
+) -> list[SharedWeight]:
+    """Replace float32 2-D initializers equal to another (or to its transpose) by reads of it, in place.
+
+    Candidates are found by an order-independent checksum of the values' bit patterns (the same
+    for a tensor and its transpose, computed a block at a time without copies) and confirmed bit
+    for bit. ``source_dir``: where the model's external data references point (each tensor is
+    then read as a memory map).
+    """
     if model.ir_version < 4:
         return []  # there initializers are graph inputs: replacing one would change the interface
     shared: list[SharedWeight] = []
     node_names = {n.name for g in iter_graphs(model.graph) for n in g.node if n.name}
     for graph in list(iter_graphs(model.graph)):
         protected = {i.name for i in graph.input} | {o.name for o in graph.output}
-        seen: dict[tuple[tuple[int, ...], str], str] = {}  # (shape, digest) -> kept name
+        seen: dict[tuple, list[str]] = {}  # (dims in order, checksum) -> names kept
         for tensor in list(graph.initializer):
             if (
                 tensor.data_type != onnx.TensorProto.FLOAT
@@ -65,29 +74,41 @@ def share_duplicate_weights(model: onnx.ModelProto, *, min_elements: int = 256) 
                 or int(np.prod(tensor.dims)) < min_elements
             ):
                 continue
-            values = numpy_helper.to_array(tensor)
-            key = (values.shape, _digest(values))
-            transposed_key = (values.shape[::-1], _digest(values.T))
-            kept, transposed = seen.get(key), False
-            if kept is None:
-                kept, transposed = seen.get(transposed_key), True
-            if kept is None or not _equal(graph, kept, values, transposed):
-                seen.setdefault(key, tensor.name)
+            values = tensor_values(tensor, source_dir)
+            key = (tuple(sorted(values.shape)), _checksum(values))
+            candidates = seen.get(key, [])
+            match = next(((kept, transposed) for transposed in (False, True) for kept in candidates
+                          if _equal(graph, kept, values, transposed, source_dir)), None)
+            if match is None:
+                seen.setdefault(key, []).append(tensor.name)
                 continue
-            _replace(graph, tensor, kept, transposed, node_names)
-            shared.append(SharedWeight(tensor.name, kept, transposed))
+            _replace(graph, tensor, match[0], match[1], node_names)
+            shared.append(SharedWeight(tensor.name, match[0], match[1]))
     return shared
 
 
-def _digest(values: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16).hexdigest()
+def _checksum(values: np.ndarray) -> tuple[int, int]:
+    """Two sums (mod 2**64) over the elements' bit patterns: independent of their order."""
+    flat = values.reshape(-1)
+    plain = mixed = 0
+    for start in range(0, flat.size, _BLOCK):
+        bits = flat[start : start + _BLOCK].view(np.uint32).astype(np.uint64)
+        plain += int(bits.sum(dtype=np.uint64))
+        bits *= np.uint64(0x9E3779B97F4A7C15)
+        bits >>= np.uint64(17)
+        mixed += int(bits.sum(dtype=np.uint64))
+    return plain % 2**64, mixed % 2**64
 
 
-def _equal(graph: onnx.GraphProto, kept: str, values: np.ndarray, transposed: bool) -> bool:
-    """Bit-for-bit comparison behind the hash."""
-    other = numpy_helper.to_array(next(t for t in graph.initializer if t.name == kept))
+_BLOCK = 1 << 20
+
+
+def _equal(graph: onnx.GraphProto, kept: str, values: np.ndarray, transposed: bool,
+           source_dir: str | os.PathLike | None) -> bool:
+    """Bit-for-bit comparison behind the checksum."""
+    other = tensor_values(next(t for t in graph.initializer if t.name == kept), source_dir)
     other = other.T if transposed else other
-    return other.shape == values.shape and np.ascontiguousarray(other).tobytes() == np.ascontiguousarray(values).tobytes()
+    return other.shape == values.shape and np.array_equal(other.view(np.uint32), values.view(np.uint32))
 
 
 def _replace(graph, tensor, kept: str, transposed: bool, node_names: set[str]) -> None:

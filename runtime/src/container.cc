@@ -571,6 +571,77 @@ bool DecodeContainer(const uint8_t* data, size_t size, const DecodeOptions& opti
   return true;
 }
 
+struct ChunkedContainer::Impl {
+  ContainerInfo info;
+  std::vector<uint8_t> codebook;
+  Stream code_stream;
+  Stream gap_stream;
+  std::vector<uint64_t> chunk_next;  // sparse: p[-1] + 1 before each chunk's first entry
+};
+
+ChunkedContainer::ChunkedContainer() = default;
+ChunkedContainer::~ChunkedContainer() = default;
+ChunkedContainer::ChunkedContainer(ChunkedContainer&&) noexcept = default;
+ChunkedContainer& ChunkedContainer::operator=(ChunkedContainer&&) noexcept = default;
+
+bool ChunkedContainer::Open(const uint8_t* data, size_t size, const DecodedContainer& decoded, std::string* error) {
+  auto impl = std::make_unique<Impl>();
+  DecodeOptions options;
+  options.max_elements = UINT64_MAX;  // decoded already passed the caller's limit
+  if (!ParseContainer(data, size, options, &impl->info, &impl->codebook, &impl->code_stream, &impl->gap_stream, error))
+    return false;
+  const ContainerInfo& info = impl->info;
+  if (info.entries != decoded.info.entries || decoded.codes.size() != info.entries)
+    return Fail(error, "internal: the decoded container does not match its bytes");
+  const bool sparse = info.layout == Layout::kSparse;
+  if (impl->code_stream.huffman) BuildHuffmanTable(&impl->code_stream);
+  if (sparse && impl->gap_stream.huffman) BuildHuffmanTable(&impl->gap_stream);
+  if (sparse) {
+    const uint64_t chunks = impl->code_stream.chunk_bits.size();
+    impl->chunk_next.resize(chunks);
+    uint64_t next = 0;
+    for (uint64_t i = 0; i < info.entries; ++i) {
+      if (i % info.chunk_symbols == 0) impl->chunk_next[i / info.chunk_symbols] = next;
+      next += uint64_t{decoded.gaps[i]} + 1;
+    }
+  }
+  impl_ = std::move(impl);
+  return true;
+}
+
+const ContainerInfo& ChunkedContainer::info() const { return impl_->info; }
+
+uint64_t ChunkedContainer::num_chunks() const { return impl_->code_stream.chunk_bits.size(); }
+
+uint64_t ChunkedContainer::DecodeChunk(uint64_t j, uint16_t* codes, uint64_t* positions, uint16_t* gaps) const {
+  const ContainerInfo& info = impl_->info;
+  const uint64_t first = j * info.chunk_symbols;
+  const uint64_t n = std::min<uint64_t>(info.chunk_symbols, info.entries - first);
+  uint64_t used = 0;
+  ::onnx_dc::DecodeChunk(impl_->code_stream, j, n, codes, &used);  // validated by Open's caller
+  if (info.layout == Layout::kSparse) {
+    ::onnx_dc::DecodeChunk(impl_->gap_stream, j, n, gaps, &used);
+    uint64_t next = impl_->chunk_next[j];
+    for (uint64_t i = 0; i < n; ++i) {
+      positions[i] = next + gaps[i];
+      next = positions[i] + 1;
+    }
+  } else {
+    for (uint64_t i = 0; i < n; ++i) positions[i] = first + i;
+  }
+  return n;
+}
+
+size_t ChunkedContainer::memory_bytes() const {
+  if (!impl_) return 0;
+  const Impl& m = *impl_;
+  size_t bytes = sizeof(Impl) + m.codebook.size() + 8 * m.chunk_next.size();
+  for (const Stream* stream : {&m.code_stream, &m.gap_stream})
+    bytes += stream->lengths.size() + 4 * stream->chunk_bits.size() + 8 * stream->chunk_start.size() +
+             4 * stream->table.size();
+  return bytes;
+}
+
 void ExpandToDense(const DecodedContainer& decoded, void* out) {
   const ContainerInfo& info = decoded.info;
   if (info.numel == 0) return;  // `out` may be null for an empty tensor

@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -71,6 +72,36 @@ bool ReadContainerInfo(const uint8_t* data, size_t size, const DecodeOptions& op
 // *error and leaves *out in an unspecified (but valid) state.
 bool DecodeContainer(const uint8_t* data, size_t size, const DecodeOptions& options,
                      DecodedContainer* out, std::string* error);
+
+// A container validated once (by a successful DecodeContainer of the same
+// bytes) whose streams are then decoded one chunk at a time straight from the
+// caller's bytes, which must outlive it. For kernels that keep only the
+// compressed weight in memory: besides the bytes it holds the streams' chunk
+// tables, their Huffman lookup tables and one position per chunk.
+class ChunkedContainer {
+ public:
+  ChunkedContainer();
+  ~ChunkedContainer();
+  ChunkedContainer(ChunkedContainer&&) noexcept;
+  ChunkedContainer& operator=(ChunkedContainer&&) noexcept;
+
+  // `decoded` must be the successful DecodeContainer of (data, size). Returns
+  // false with a one-line *error otherwise.
+  bool Open(const uint8_t* data, size_t size, const DecodedContainer& decoded, std::string* error);
+  const ContainerInfo& info() const;
+  uint64_t num_chunks() const;
+  // Decodes chunk j: the code symbol and the element position (row-major
+  // index into the tensor) of each of its entries, fillers included (code
+  // symbol K); `gaps` is scratch space. Each array holds info().chunk_symbols
+  // values. Returns the number of entries.
+  uint64_t DecodeChunk(uint64_t j, uint16_t* codes, uint64_t* positions, uint16_t* gaps) const;
+  // Bytes held besides the container's.
+  size_t memory_bytes() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 // Writes the dense tensor (row-major, numel elements of the container's dtype)
 // into `out`, which must hold numel * itemsize bytes (null is fine for an

@@ -22,6 +22,7 @@
 #include "conv.h"
 #include "gemm.h"
 #include "onnxruntime_c_api.h"
+#include "resident_matmul.h"
 #include "sparse_matmul.h"
 
 #define ONNX_DC_EXPORT __attribute__((visibility("default")))
@@ -327,12 +328,15 @@ std::string OrtParallelFor(void* runner, size_t total, void (*fn)(void*, size_t)
 
 // ------------------------------------------------------------ DCMatMul
 
-// A DCMatMul weight: code panels (most weights kept) or the index layout.
+// A DCMatMul weight: code panels (most weights kept), the index layout, or,
+// for a large weight, the container itself decoded during each run
+// (resident_matmul.h).
 struct MatMulWeights {
   uint64_t in_features = 0;
   uint64_t out_features = 0;
   std::unique_ptr<PanelWeights> panels;
   std::unique_ptr<SparseWeights> sparse;
+  std::unique_ptr<ResidentWeights> resident;
 };
 
 class MatMulKernel {
@@ -346,6 +350,8 @@ class MatMulKernel {
     if (status == nullptr) status = ReadFlagAttribute(api_, info, label_, "sparse_input", &sparse_input);
     if (status != nullptr) return status;
     order_ = sparse_input ? SparseOrder::kRows : SparseOrder::kColumns;
+    if (status == nullptr) status = ReadResidentAttribute(info);
+    if (status != nullptr) return status;
     ReadFloatAttribute(info, "alpha", &alpha_);
     ReadFloatAttribute(info, "beta", &beta_);
     std::string error;
@@ -420,7 +426,12 @@ class MatMulKernel {
     if (status != nullptr) return status;
 
     OrtRunner runner{api_, context};
-    if (weights->panels) {
+    if (weights->resident) {
+      args.relu = activation_.kind == Activation::kRelu;
+      error = ResidentMatMul(*weights->resident, args, &OrtParallelFor, &runner);
+      if (error.empty() && activation_.kind != Activation::kNone && activation_.kind != Activation::kRelu)
+        ApplyActivation(args.y, args.rows * weights->out_features, activation_, gemm_isa_);
+    } else if (weights->panels) {
       GemmArgs gemm;
       gemm.x = args.x;
       gemm.y = args.y;
@@ -460,6 +471,21 @@ class MatMulKernel {
     return true;
   }
 
+  // "resident": 1 keeps the weight compressed, 0 builds the layout, absent lets its size decide.
+  OrtStatus* ReadResidentAttribute(const OrtKernelInfo* info) {
+    int64_t v = -1;
+    OrtStatus* status = api_->KernelInfoGetAttribute_int64(info, "resident", &v);
+    if (status != nullptr) {
+      api_->ReleaseStatus(status);
+      return nullptr;
+    }
+    if (v != 0 && v != 1)
+      return MakeStatus(api_, ORT_INVALID_ARGUMENT, label_.Prefix() + "attribute resident must be 0 or 1, got " +
+                                                        std::to_string(v));
+    resident_ = static_cast<int>(v);
+    return nullptr;
+  }
+
   void ReadFloatAttribute(const OrtKernelInfo* info, const char* name, float* value) {
     float v = 0.0f;
     OrtStatus* status = api_->KernelInfoGetAttribute_float(info, name, &v);
@@ -470,10 +496,21 @@ class MatMulKernel {
     *value = v;
   }
 
+  // A large weight stays compressed (resident_matmul.h): (data, size) is the
+  // initializer's bytes, which onnxruntime keeps for the session's life, or
+  // the input of the current run.
   std::string Decode(const uint8_t* data, size_t size, MatMulWeights* weights) const {
     DecodedContainer decoded;
     std::string error;
     if (!DecodeContainer(data, size, DecodeOptions(), &decoded, &error)) return error;
+    const bool resident = resident_ == 1 || (resident_ == -1 && PreferResident(decoded, size, UsePanels(decoded)));
+    if (decoded.info.dtype == DType::kFloat32 && decoded.info.dims.size() == 2 && resident) {
+      weights->resident.reset(new ResidentWeights);
+      if (!BuildResidentWeights(data, size, decoded, trans_b_, weights->resident.get(), &error)) return error;
+      weights->in_features = weights->resident->in_features;
+      weights->out_features = weights->resident->out_features;
+      return std::string();
+    }
     if (UsePanels(decoded)) {
       weights->panels.reset(new PanelWeights);
       if (!BuildPanelWeights(decoded, trans_b_, gemm_isa_, weights->panels.get(), &error)) return error;
@@ -560,6 +597,7 @@ class MatMulKernel {
   ActivationSpec activation_;
   GemmIsa gemm_isa_ = GemmIsa::kGeneric;
   SparseOrder order_ = SparseOrder::kColumns;
+  int resident_ = -1;  // the "resident" attribute: -1 absent (size decides), 0 or 1
   bool bias_cached_ = false;  // cached_bias_ holds the bias (or none): Compute does not read input 2
   MatMulArgs cached_bias_;    // only bias and bias_size are used
   KernelIsa isa_ = KernelIsa::kGeneric;
