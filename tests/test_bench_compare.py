@@ -409,6 +409,7 @@ def test_quick_mode_never_writes_the_measured_results(quick_run, tmp_path, monke
     assert (measured.read_bytes() if measured.exists() else None) == before
 
 
+@pytest.mark.slow  # the full suite only: a real transformer through the benchmark
 def test_quick_run_of_a_transformer_case(tmp_path):
     """Silero VAD (2.3 MB; weights in If branches, a scalar input, a recurrent state): the transformers' path."""
     out = tmp_path / "silero"

@@ -11,9 +11,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_dc.errors import ModelError
 from model_zoo.real import exporters, fetch
 from model_zoo.real.text_models import MINILM_EXPORT
+from onnx_dc.errors import ModelError
+
+pytestmark = pytest.mark.slow  # the full suite only: torch exports of the real transformers
 
 torch = pytest.importorskip("torch")
 

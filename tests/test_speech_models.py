@@ -8,13 +8,14 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_dc.errors import CalibrationError
 from model_zoo import real
 from model_zoo.real import speech_models
 from model_zoo.real.check import add_weight_noise
 from model_zoo.real.check import make_session as _session
 from model_zoo.real.exporters import manifest_of
+from onnx_dc.errors import CalibrationError
 
+pytestmark = pytest.mark.slow  # the full suite only: real speech models from PyPI wheels, exported with torch on first use
 
 
 def _digests(feeds):

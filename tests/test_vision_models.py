@@ -12,6 +12,7 @@ from model_zoo.real import vision_models
 from model_zoo.real.check import add_weight_noise
 from model_zoo.real.check import make_session as _session
 
+pytestmark = pytest.mark.slow  # the full suite only: a real vision transformer from a PyPI wheel
 
 
 @pytest.fixture(scope="module")
