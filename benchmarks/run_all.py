@@ -69,6 +69,12 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         quick_args=("--vocab", "2000", "--tokens", "64", "--rounds", "2"),
     ),
     Benchmark(
+        "bench_conv",
+        "DCConv on the zoo's real conv shapes and whole real conv models against onnxruntime's Conv",
+        quick_args=("layers", "--layers", "det.conv2 1x1 16->32", "--variants", "u8", "--threads", "1",
+                    "--rounds", "1", "--min-block-ms", "2"),
+    ),
+    Benchmark(
         "bench_conv_policy",
         "batch-1 latency of compressed conv models: DCConv against DCDecompress + Conv",
         quick_args=("--rounds", "3", "--runs-per-block", "1", "--models", "lenet5"),
@@ -87,6 +93,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "bench_stress",
         "concurrency, session churn and memory growth of the operator library",
         quick_args=("--quick",),
+    ),
+    Benchmark(
+        "bench_scale",
+        "large models: compression speed, converter and session memory of synthetic MatMul stacks up to 4.4 GB",
+        quick_args=("--models", "0.13GB", "--repeats", "1", "--no-jobs-1", "--no-session"),
     ),
     Benchmark(
         "transformer_coverage",

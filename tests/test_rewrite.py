@@ -158,7 +158,7 @@ def test_if_branches_keep_weights_where_they_were():
 def test_constant_weights_stay_constant_nodes():
     compressed, _ = compress_all(gb.constant_weights())
     ops = [(n.op_type, list(n.output)) for n in compressed.graph.node]
-    assert ops[:2] == [("Constant", ["conv.w__dc"]), ("DCConv", ["c"])]
+    assert ops[:2] == [("Constant", ["conv.w__dc"]), ("DCConv", ["r"])]  # its Relu fused
     assert ("Constant", ["fc.w__dc"]) in ops and (MATMUL_OP, ["y"]) in ops
     assert not compressed.graph.initializer
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnx_dc.api.parallel import compress_plans
+from onnx_dc.api.parallel import check_jobs, compress_plans
 from onnx_dc.api.recipe import METADATA_KEY, Recipe
 from onnx_dc.api.report import ModelReport, format_bytes, model_report
 from onnx_dc.codec.tensor import EncodedTensor
@@ -111,6 +111,8 @@ def compress_model(
     run the model are recorded in its metadata (:func:`record_recipe`,
     :func:`record_runtime_metadata`). Written atomically to ``output`` when given.
     """
+    if jobs is not None:
+        check_jobs(jobs)  # before any progress line: a bad option is the only thing said
     if output is not None:
         check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [])
     with running("loading"):

@@ -30,7 +30,7 @@ import onnx
 from onnx import helper
 
 from onnx_dc.graph.model_io import iter_graphs, unique_name
-from onnx_dc.graph.tensor_store import tensor_values
+from onnx_dc.graph.tensor_store import external_location, tensor_values
 
 __all__ = ["SharedWeight", "share_duplicate_weights"]
 
@@ -74,9 +74,9 @@ def share_duplicate_weights(
                 or int(np.prod(tensor.dims)) < min_elements
             ):
                 continue
-            values = tensor_values(tensor, source_dir)
-            key = (tuple(sorted(values.shape)), _checksum(values))
+            key = (tuple(sorted(int(d) for d in tensor.dims)), _tensor_checksum(tensor, source_dir))
             candidates = seen.get(key, [])
+            values = tensor_values(tensor, source_dir) if candidates else None
             match = next(((kept, transposed) for transposed in (False, True) for kept in candidates
                           if _equal(graph, kept, values, transposed, source_dir)), None)
             if match is None:
@@ -85,6 +85,25 @@ def share_duplicate_weights(
             _replace(graph, tensor, match[0], match[1], node_names)
             shared.append(SharedWeight(tensor.name, match[0], match[1]))
     return shared
+
+
+def _tensor_checksum(tensor: onnx.TensorProto, source_dir: str | os.PathLike | None) -> tuple[int, int]:
+    """:func:`_checksum` of a float32 tensor; external data is read a block at a time (never mapped whole)."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL or source_dir is None:
+        return _checksum(tensor_values(tensor, source_dir).reshape(-1))
+    location = external_location(tensor, source_dir)
+    plain = mixed = 0
+    with open(location.path, "rb") as file:
+        file.seek(location.offset)
+        left = location.length // 4
+        while left:
+            block = np.fromfile(file, dtype="<u4", count=min(left, _BLOCK))
+            if block.size == 0:
+                break
+            left -= block.size
+            block_plain, block_mixed = _checksum(block)
+            plain, mixed = (plain + block_plain) % 2**64, (mixed + block_mixed) % 2**64
+    return plain, mixed
 
 
 def _checksum(values: np.ndarray) -> tuple[int, int]:

@@ -24,6 +24,7 @@ must be self-contained, e.g. written as one file).
 from __future__ import annotations
 
 import mmap
+import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -212,7 +213,12 @@ def tensor_values(tensor: onnx.TensorProto, base_dir: str | os.PathLike | None) 
     shape = tuple(int(d) for d in tensor.dims)
     if location.length == 0:
         return np.zeros(shape, dtype=dtype)
-    return np.memmap(location.path, dtype=dtype, mode="r", offset=location.offset, shape=shape)
+    try:
+        return np.memmap(location.path, dtype=dtype, mode="r", offset=location.offset, shape=shape)
+    except OSError as exc:
+        if exc.errno == errno.ENOMEM:  # no address space left for the map: out of memory, said as such
+            raise MemoryError(f"mapping tensor {tensor.name!r} ({location.length} bytes) needs more memory") from exc
+        raise
 
 
 def tensor_bytes_of(tensor: onnx.TensorProto, base_dir: str | os.PathLike | None) -> bytes:
