@@ -165,6 +165,8 @@ class CalibratedCompression:
     model: onnx.ModelProto
     results: dict[str, LayerResult] = field(default_factory=dict)
     n_samples: int = 0
+    uncalibrated: dict[str, str] = field(default_factory=dict)
+    """Weights of the model that could not be calibrated (e.g. in an ``If`` branch the data never take), and why."""
 
     @property
     def tensors(self) -> dict[str, CompressedTensor]:
