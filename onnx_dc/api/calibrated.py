@@ -5,10 +5,15 @@ or per-tensor ``sparsity``, ``bits``...; see :mod:`onnx_dc.graph.settings`) and
 applies it with the calibrated fits of :mod:`onnx_dc.calibration.model_fit` to
 every layer whose input can be captured; with a search in the recipe (a budget,
 ``min_cosine`` or ``max_drop``) the per-layer sparsity and bits of those layers
-are searched instead (:mod:`onnx_dc.calibration.search`), while the remaining
-weights keep their settings. Weights outside the main graph, or without
-statistics, take the plain path in every case. The result's recipe spells out
-what a search chose, so that ``--recipe`` reproduces the model without searching.
+are searched instead (:mod:`onnx_dc.calibration.search`), together with the
+compressed weights that have no statistics but that the data reach (the
+output-error proxy of :mod:`onnx_dc.calibration.proxies`), while the remaining
+weights keep their settings. Everything runs on the calibration view of
+:mod:`onnx_dc.calibration.subgraphs` (If branches the data take inlined,
+subgraph constants lifted) and is carried back to the model's own structure;
+weights of branches the data never take keep the plain path and are named in
+the report's notes. The result's recipe spells out what a search chose, so that
+``--recipe`` reproduces the model without searching.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 ``onnx-dc compress MODEL -o OUT --calib C.npz --min-cosine 0.999`` (label-free)
 or ``--eval E.npz --max-drop 0.5`` (top-1 accuracy, percentage points) searches
-a sparsity and a bit width for every layer with calibration statistics so that
+a sparsity and a bit width for every layer with calibration statistics (and,
+through the output-error proxy of :mod:`onnx_dc.calibration.proxies`, for every
+other searched weight: LSTM/GRU, ConvTranspose, Gather embeddings...) so that
 the whole model is as small as possible (containers with Huffman coding,
 everything else counted too) while the budget holds on data held apart from
 the calibration set.
