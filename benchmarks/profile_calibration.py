@@ -17,7 +17,8 @@ Usage (from the repository root)::
     PYTHONPATH=. python benchmarks/profile_calibration.py minilm-auto  --samples 64 # ... --min-cosine 0.999
     PYTHONPATH=. python benchmarks/profile_calibration.py silero-auto --samples 256 # silero-vad (If branches, LSTM)
 
-Options: ``--limit-seconds S`` stops the case after S seconds of wall time and
+Options: ``--per-layer N`` prints the N costliest per-layer rows
+below the stage table; ``--limit-seconds S`` stops the case after S seconds of wall time and
 prints the breakdown so far (the status line says so); ``--json FILE`` writes
 the breakdown; ``--cprofile FILE`` / ``--pyinstrument FILE.html`` profile the
 whole case. The load average is printed with the result: on a shared machine
@@ -214,13 +215,31 @@ class _Stop(Exception):
     pass
 
 
-def print_report(report: dict[str, Any]) -> None:
+def grouped(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows summed over layers: one row per stage label without its ``[layer shape]``."""
+    groups: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        name = row["stage"].split(" [")[0]
+        group = groups.setdefault(name, {"stage": name, "calls": 0, "cpu_s": 0.0, "exclusive_cpu_s": 0.0,
+                                         "wall_s": 0.0, "cpu_percent": 0.0})
+        for key in ("calls", "cpu_s", "exclusive_cpu_s", "wall_s", "cpu_percent"):
+            group[key] += row[key]
+    return sorted(groups.values(), key=lambda g: -g["cpu_s"])
+
+
+def print_report(report: dict[str, Any], per_layer: int) -> None:
     print(f"\n{report['case']}: {report['status']}; wall {report['wall_s']:.1f} s, CPU {report['cpu_s']:.1f} s, "
           f"peak RSS {report['peak_rss_mib']:.0f} MiB, load average {', '.join(f'{x:.1f}' for x in report['load_average'])}")
-    print(f"{'stage':<66} {'calls':>6} {'CPU s':>8} {'CPU %':>6} {'excl. CPU s':>11} {'wall s':>8}")
-    for row in report["rows"]:
-        print(f"{row['stage'][:66]:<66} {row['calls']:>6} {row['cpu_s']:>8.2f} {row['cpu_percent']:>6.1f} "
-              f"{row['exclusive_cpu_s']:>11.2f} {row['wall_s']:>8.2f}")
+    header = f"{'stage':<66} {'calls':>6} {'CPU s':>8} {'CPU %':>6} {'excl. CPU s':>11} {'wall s':>8}"
+    tables = [("stages (summed over layers)", report["stages"])]
+    if per_layer:
+        layered = [r for r in report["rows"] if " [" in r["stage"]][:per_layer]
+        tables.append((f"the {len(layered)} costliest per-layer rows", layered))
+    for title, rows in tables:
+        print(f"\n{title}:\n{header}")
+        for row in rows:
+            print(f"{row['stage'][:66]:<66} {row['calls']:>6} {row['cpu_s']:>8.2f} {row['cpu_percent']:>6.1f} "
+                  f"{row['exclusive_cpu_s']:>11.2f} {row['wall_s']:>8.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-drop", type=float, default=0.5, help="budget of lenet-auto, percentage points")
     parser.add_argument("--limit-seconds", type=float, help="stop after this wall time and report so far")
     parser.add_argument("--json", help="write the breakdown here")
+    parser.add_argument("--per-layer", type=int, default=12, metavar="N", help="also print the N costliest per-layer rows")
     parser.add_argument("--cprofile", help="also profile with cProfile into this file")
     parser.add_argument("--pyinstrument", help="also profile with pyinstrument into this HTML file")
     args = parser.parse_args(argv)
@@ -271,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             profiler.disable()
             profiler.dump_stats(args.cprofile)
     report = TIMERS.report()
-    report.update(case=args.case, status=status, samples=args.samples)
+    report.update(case=args.case, status=status, samples=args.samples, stages=grouped(report["rows"]))
     if result is not None:
         report["ratio"] = result.report.ratio
         calibration = result.calibration
@@ -279,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             print(calibration.format_summary())
             report["budget_met"] = calibration.budget_met
         print(f"ratio {result.report.ratio:.2f}x")
-    print_report(report)
+    print_report(report, args.per_layer)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
