@@ -204,7 +204,8 @@ def case(args: argparse.Namespace) -> tuple[str, Any, Any, Any]:
     from model_zoo import real
 
     recipe = budget if args.case.endswith("-auto") else Recipe()
-    return str(real.get(name).path()), recipe, _zoo_feeds(name, "calib", args.samples or 128), None
+    evaluation = _zoo_feeds(name, "eval", args.eval_samples) if args.eval_samples and recipe.search else None
+    return str(real.get(name).path()), recipe, _zoo_feeds(name, "calib", args.samples or 128), evaluation
 
 
 DEFAULT_SAMPLES = {"lenet-auto": 8192, "cls-calib": 128, "cls-auto": 128, "rec-calib": 64, "minilm-calib": 64,
@@ -248,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, help="calibration samples (default per case)")
     parser.add_argument("--min-cosine", type=float, default=0.999, help="budget of the *-auto cases (not lenet)")
     parser.add_argument("--max-drop", type=float, default=0.5, help="budget of lenet-auto, percentage points")
+    parser.add_argument("--eval-samples", type=int, metavar="N",
+                        help="zoo *-auto cases: measure the budget on N samples of the model's 'eval' split "
+                        "instead of calibration samples held out")
+    parser.add_argument("--output", metavar="OUT.onnx", help="keep the compressed model here")
     parser.add_argument("--limit-seconds", type=float, help="stop after this wall time and report so far")
     parser.add_argument("--json", help="write the breakdown here")
     parser.add_argument("--per-layer", type=int, default=12, metavar="N", help="also print the N costliest per-layer rows")
@@ -278,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     TIMERS.wall0, TIMERS.cpu0 = time.perf_counter(), time.process_time()
     try:
         with tempfile.TemporaryDirectory(prefix="onnx-dc-profile-") as tmp, TIMERS.time("total"):
-            result = onnx_dc.compress(model, Path(tmp) / "out.onnx", recipe, calib=calib, eval_data=evaluation,
-                                      progress=True)
+            output = args.output or Path(tmp) / "out.onnx"
+            result = onnx_dc.compress(model, output, recipe, calib=calib, eval_data=evaluation, progress=True)
     except _Stop:
         status = f"stopped after {args.limit_seconds:g} s"
     finally:

@@ -190,7 +190,7 @@ def _inline_if(graph: onnx.GraphProto, index: int, branch: str, dropped: dict[st
         return f"its {branch} defines {clash[0]!r}, a name also used outside it"
     other = "else_branch" if branch == "then_branch" else "then_branch"
     if other in subs:
-        for name in _float_constants(subs[other], recurse=True):
+        for name in sorted(_float_constants(subs[other], recurse=True)):
             dropped[name] = f"in the {other} of If {label!r}, which the calibration data never take"
     nodes = [_copy(n) for n in body.node] + [
         helper.make_node("Identity", [inner.name], [outer], name=f"{label}/{branch}/output_{k}")
