@@ -221,3 +221,61 @@ def test_models_without_subgraphs_are_their_own_view(builder):
     arrays = {name: np.zeros(shape, dtype=np.float32 if name == "x" else np.int64)}
     view = calibration_view(model, load_calibration(arrays, model, max_samples=None))
     assert view.model is model and view.uncalibrated == {}
+
+
+def loop_model() -> onnx.ModelProto:
+    """``x [N, 16]`` -> Loop (3 iterations of ``h = Relu(h @ W)``, W a Constant node of the body) -> MatMul (16 x 16)."""
+    rng = np.random.default_rng(3)
+    body = helper.make_graph(
+        [
+            _constant("loop.W", rng.standard_normal((16, 16)) * 0.3),
+            helper.make_node("MatMul", ["h_in", "loop.W"], ["h_mm"]),
+            helper.make_node("Relu", ["h_mm"], ["h_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, None)],
+    )
+    inits = [
+        numpy_helper.from_array(np.array(3, dtype=np.int64), "trips"),
+        numpy_helper.from_array(np.array(True), "go"),
+        numpy_helper.from_array((rng.standard_normal((16, 16)) * 0.3).astype(np.float32), "head"),
+    ]
+    nodes = [
+        helper.make_node("Loop", ["trips", "go", "x"], ["h"], body=body),
+        helper.make_node("MatMul", ["h", "head"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "loop_model", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_loop_body_weight_is_lifted_and_searched_by_proxy(tmp_path):
+    model = loop_model()
+    x = np.random.default_rng(0).standard_normal((80, 16)).astype(np.float32)
+    view = calibration_view(model, load_calibration({"x": x}, model, max_samples=None))
+    assert "Loop body" in next(iter(view.kept_subgraphs.values()))
+    (proxy,) = find_proxy_weights(view.model, find_layers(view.model), ["loop.W", "head"])
+    assert proxy.weight == "loop.W" and "Loop body" in proxy.reason
+    result = onnx_dc.compress(model, tmp_path / "out.onnx", Recipe(search=_SEARCH), calib={"x": x})
+    assert {c.name for c in result.calibration.choices} == {"loop.W", "head"}
+    compressed = onnx.load(str(tmp_path / "out.onnx"))
+    assert [n.op_type for n in compressed.graph.node].count("Loop") == 1
+    reference, output = _run(model, {"x": x[:8]}), _run(compressed, {"x": x[:8]})
+    assert np.sum((output - reference) ** 2) / np.sum(reference**2) < 0.05
+
+
+def test_shared_weight_is_searched_by_proxy():
+    model = lstm_model()
+    graph = model.graph
+    graph.node.append(helper.make_node("MatMul", ["y", "head2"], ["z"]))
+    graph.initializer.append(numpy_helper.from_array(np.zeros((8, 8), np.float32), "head2"))
+    graph.node.append(helper.make_node("MatMul", ["z", "head2"], ["z2"]))
+    proxies = {p.weight: p for p in find_proxy_weights(model, find_layers(model), ["head2"])}
+    assert "shared by 2 nodes" in proxies["head2"].reason
