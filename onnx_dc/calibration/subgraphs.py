@@ -88,9 +88,8 @@ def calibration_view(
 ) -> CalibrationView:
     """The :class:`CalibrationView` of ``model`` on ``data`` (see the module docstring).
 
-    A model without subgraphs costs no run; otherwise one pass over ``data`` per
-    nesting level of ``If`` nodes, fetching only their conditions; a model without subgraphs and
-    ``Constant`` nodes is its own view (no copy).
+    One pass over ``data`` per nesting level of ``If`` nodes, fetching only their
+    conditions; a model without subgraphs and ``Constant`` nodes is its own view (no copy, no run).
     """
     if not any(
         node.op_type == "Constant" or any(attribute_subgraphs(a) for a in node.attribute) for node in model.graph.node
@@ -100,25 +99,29 @@ def calibration_view(
     inlined: dict[str, str] = {}
     kept: dict[str, str] = {}
     dropped: dict[str, str] = {}
+    decided: set[str] = set()  # first outputs of the If nodes kept (labels of unnamed nodes move with inlining)
     for _ in range(_MAX_ROUNDS):
         pending = [
             (i, node) for i, node in enumerate(view.graph.node)
-            if node.op_type == "If" and node.domain in ("", "ai.onnx") and _label(node, i) not in kept
+            if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.output and node.output[0] not in decided
         ]
         if not pending:
             break
         values = _condition_values(view, [node.input[0] for _, node in pending], data, batch_size)
         changed = False
-        for i, node in reversed(pending):  # from the end, so that earlier indices stay valid
+        for i, _ in reversed(pending):  # from the end, so that earlier indices stay valid
+            node = view.graph.node[i]  # read again: inlining rebuilds the node list
             label = _label(node, i)
             taken = values[node.input[0]]
             if len(taken) != 1:
                 kept[label] = "takes both branches on the calibration data"
+                decided.add(node.output[0])
                 continue
             branch = "then_branch" if taken.pop() else "else_branch"
             reason = _inline_if(view.graph, i, branch, dropped, label)
             if reason is not None:
                 kept[label] = reason
+                decided.add(node.output[0])
                 continue
             inlined[label] = branch
             changed = True
