@@ -5,10 +5,15 @@ or per-tensor ``sparsity``, ``bits``...; see :mod:`onnx_dc.graph.settings`) and
 applies it with the calibrated fits of :mod:`onnx_dc.calibration.model_fit` to
 every layer whose input can be captured; with a search in the recipe (a budget,
 ``min_cosine`` or ``max_drop``) the per-layer sparsity and bits of those layers
-are searched instead (:mod:`onnx_dc.calibration.search`), while the remaining
-weights keep their settings. Weights outside the main graph, or without
-statistics, take the plain path in every case. The result's recipe spells out
-what a search chose, so that ``--recipe`` reproduces the model without searching.
+are searched instead (:mod:`onnx_dc.calibration.search`), together with the
+compressed weights that have no statistics but that the data reach (the
+output-error proxy of :mod:`onnx_dc.calibration.proxies`), while the remaining
+weights keep their settings. Everything runs on the calibration view of
+:mod:`onnx_dc.calibration.subgraphs` (If branches the data take inlined,
+subgraph constants lifted) and is carried back to the model's own structure;
+weights of branches the data never take keep the plain path and are named in
+the report's notes. The result's recipe spells out what a search chose, so that
+``--recipe`` reproduces the model without searching.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from onnx_dc.calibration.data import (
 from onnx_dc.calibration.layers import find_layers
 from onnx_dc.calibration.model_fit import CalibratedCompression, compress_with_calibration
 from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
+from onnx_dc.calibration.proxies import find_proxy_weights
 from onnx_dc.calibration.search import (
     DEFAULT_HOLDOUT_FRACTION,
     MAX_HOLDOUT_SAMPLES,
@@ -41,13 +47,14 @@ from onnx_dc.calibration.search import (
     autotune,
     default_grids,
 )
+from onnx_dc.calibration.subgraphs import CalibrationView, calibration_view
 from onnx_dc.calibration.sensitivity import DEFAULT_BITS, DEFAULT_SPARSITIES, SensitivityReport, analyze_sensitivity
 from onnx_dc.errors import CalibrationError, LibraryNotFoundError, SettingsError
 from onnx_dc.graph.model_io import ModelSource, check_output_path, constants_to_initializers, load_model, save_model
 from onnx_dc.graph.restore import decompress_model
 from onnx_dc.graph.weights import find_weights
 
-__all__ = ["compress_calibrated", "load_evaluation", "sensitivity"]
+__all__ = ["calibration_notes", "compress_calibrated", "load_evaluation", "sensitivity"]
 
 
 def load_evaluation(
@@ -105,12 +112,16 @@ def compress_calibrated(
     proto = constants_to_initializers(loaded)
     prepared = prepare_model(proto)  # folded and shared first: the layers are fitted as they will run
     data = load_calibration(calib, proto, max_samples=recipe.calibration.samples)
-    layer_settings = _layer_settings(proto, recipe)
+    if recipe.search is None and eval_data is not None:
+        raise SettingsError("--eval is used with a budget (--max-drop or --min-cosine)")
+    # If branches the data take are inlined and subgraph weights lifted, so that they are fitted or searched too.
+    view = calibration_view(proto, data, batch_size=recipe.calibration.options.batch_size)
+    planned = {p.weight.name for p in recipe.settings().plan(find_weights(proto, min_elements=0)) if p.settings is not None}
+    view.uncalibrated = {name: why for name, why in view.uncalibrated.items() if name in planned}
+    layer_settings = _layer_settings(view.model, recipe)
     if recipe.search is None:
-        if eval_data is not None:
-            raise SettingsError("--eval is used with a budget (--max-drop or --min-cosine)")
-        return _compress_fitted(proto, recipe, data, layer_settings, output, progress, external_data, prepared, jobs)
-    return _compress_searched(proto, recipe, data, eval_data, layer_settings, output, progress, external_data, prepared)
+        return _compress_fitted(view, recipe, data, layer_settings, output, progress, external_data, prepared, jobs)
+    return _compress_searched(view, recipe, data, eval_data, layer_settings, output, progress, external_data, prepared)
 
 
 def _layer_settings(proto: onnx.ModelProto, recipe: Recipe) -> dict[str, LayerSettings]:
@@ -129,34 +140,46 @@ def _layer_settings(proto: onnx.ModelProto, recipe: Recipe) -> dict[str, LayerSe
 
 
 def _compress_fitted(
-    proto, recipe, data, layer_settings, output, progress, external_data, prepared, jobs=None
+    view: CalibrationView, recipe, data, layer_settings, output, progress, external_data, prepared, jobs=None
 ) -> CompressionResult:
     """Every layer fitted with its settings as given (``recipe.calibration.holdout`` samples left out)."""
     if recipe.calibration.holdout:
         data, _ = data.materialised().split(recipe.calibration.holdout, seed=recipe.seed)
-    compression = compress_with_calibration(proto, data, layer_settings, recipe.calibration.options, progress=progress)
+    compression = view.restore(
+        compress_with_calibration(view.model, data, layer_settings, recipe.calibration.options, progress=progress)
+    )
     result = compress_model(
         compression.model, recipe, output=output, progress=progress,
         external_data=external_data, tensor_compressor=compression.tensor_compressor(), prepared=prepared,
         jobs=jobs,
     )
+    result.report.notes.extend(calibration_notes(compression))
     result.calibration = compression
     return result
 
 
-def _compress_searched(proto, recipe, data, eval_data, layer_settings, output, progress, external_data, prepared):
-    """The automatic search of :mod:`onnx_dc.calibration.search`, then the chosen model written."""
+def _compress_searched(
+    view: CalibrationView, recipe, data, eval_data, layer_settings, output, progress, external_data, prepared
+):
+    """The automatic search of :mod:`onnx_dc.calibration.search`, then the chosen model written.
+
+    Searched: every layer with statistics and every other compressed weight the data reach
+    (:mod:`onnx_dc.calibration.proxies`); the remaining weights keep their settings."""
+    proto = view.model
     search_recipe = recipe.search
     budget = search_recipe.budget
     data, search, labels, holdout = _search_data(proto, recipe, data, eval_data)
-    layer_names = {layer.weight for layer in find_layers(proto)}
-    searched = [name for name in layer_settings if name in layer_names]
-    fixed = {name: s for name, s in layer_settings.items() if name not in layer_names}
+    layers = find_layers(proto)
+    proxies = {proxy.weight: proxy.reason for proxy in find_proxy_weights(proto, layers, list(layer_settings))}
+    searchable = {layer.weight for layer in layers} | set(proxies)
+    searched = [name for name in layer_settings if name in searchable]
+    fixed = {name: s for name, s in layer_settings.items() if name not in searchable}
     library = _library_or_none()
     grid_sparsities, grid_bits_fc, grid_bits_conv = default_grids(len(searched))
     fit_recipe = replace(recipe, search=None)
 
     def build(compression: CalibratedCompression):
+        compression = view.restore(compression)
         built = compress_model(
             compression.model, fit_recipe, tensor_compressor=compression.tensor_compressor(), prepared=prepared
         )
@@ -185,6 +208,11 @@ def _compress_searched(proto, recipe, data, eval_data, layer_settings, output, p
         result.saved = saved
         result.report.compressed_file_bytes = saved.size_bytes
         result.report.notes[:] = [n for n in result.report.notes if not n.startswith("compressed size: serialized")]
+    tuned.compression = view.restore(tuned.compression)
+    for name, reason in proxies.items():
+        if name in tuned.compression.results:
+            tuned.compression.results[name].note = f"searched by the model's output error: {reason}"
+    result.report.notes.extend(calibration_notes(tuned.compression))
     result.calibration = tuned
     return result
 
@@ -253,8 +281,19 @@ def _library_or_none() -> str | None:
         return None
 
 
+def calibration_notes(compression: CalibratedCompression) -> list[str]:
+    """One line per weight that was not fitted to statistics: searched by a proxy, or not calibrated at all."""
+    notes = [
+        f"{r.name}: {r.note}" for r in compression.results.values()
+        if r.note is not None and r.note.startswith("searched by")
+    ]
+    notes += [f"{name}: not calibrated ({why}); plain recipe" for name, why in compression.uncalibrated.items()]
+    return notes
+
+
 def describe_calibration(calibration: Any) -> str:
-    """Text for the command line: the autotune summary, or the per-layer fit table."""
+    """Text for the command line: the autotune summary, or the per-layer fit table (the weights
+    without statistics of their own are in the report's notes, :func:`calibration_notes`)."""
     if isinstance(calibration, AutotuneResult):
         return calibration.format_summary()
     if isinstance(calibration, CalibratedCompression):

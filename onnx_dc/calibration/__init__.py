@@ -8,6 +8,9 @@ runs the model and accumulates each layer's input statistics. The per-layer fits
 :mod:`~onnx_dc.calibration.sharing_fit` (the codebook fitted to the outputs). Over the
 model: :mod:`~onnx_dc.calibration.targets` (what each fit aims at),
 :mod:`~onnx_dc.calibration.model_fit` (every layer, plain or sequential),
+:mod:`~onnx_dc.calibration.subgraphs` (the calibration view: If branches the data take
+inlined, subgraph weights lifted), :mod:`~onnx_dc.calibration.proxies` (weights without
+statistics searched by the model's output error),
 :mod:`~onnx_dc.calibration.sensitivity`, and the automatic search
 (:mod:`~onnx_dc.calibration.search` with :mod:`~onnx_dc.calibration.search_path` and
 :mod:`~onnx_dc.calibration.budget`), whose candidates are compared by
@@ -21,6 +24,7 @@ from onnx_dc.calibration.data import DEFAULT_MAX_SAMPLES, CalibrationData, load_
 from onnx_dc.calibration.model_fit import CalibratedCompression, compress_with_calibration
 from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
 from onnx_dc.calibration.search import AutotuneResult, autotune
+from onnx_dc.calibration.subgraphs import CalibrationView, calibration_view
 
 __all__ = [
     "DEFAULT_MAX_SAMPLES",
@@ -29,8 +33,10 @@ __all__ = [
     "CalibratedCompression",
     "CalibrationData",
     "CalibrationOptions",
+    "CalibrationView",
     "LayerSettings",
     "autotune",
+    "calibration_view",
     "compress_with_calibration",
     "load_calibration",
 ]

@@ -10,7 +10,9 @@ image, one column per (input channel, kernel offset), honouring strides, pads,
 ``auto_pad``, dilations and groups; a grouped convolution is one block per
 group, a depthwise convolution has ``K = kernel size``). Weights used elsewhere
 (``ConvTranspose``, ``Gather`` embeddings, recurrent weights, subgraphs, shared
-weights) have no statistics and are compressed without calibration.
+weights) have no statistics (:mod:`onnx_dc.calibration.proxies` searches them by
+the model's output error; :mod:`onnx_dc.calibration.subgraphs` turns weights of
+``If`` branches the data take into main-graph layers).
 """
 
 from __future__ import annotations

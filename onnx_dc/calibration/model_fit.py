@@ -35,8 +35,8 @@ converter. For every layer (MatMul/Gemm/Conv weight with captured input):
    (:func:`onnx_dc.codec.tensor.compressed_tensor_from_codes`): the decoder and the
    runtime do not know calibration was used.
 
-Weights without statistics (embeddings, ConvTranspose, shared or subgraph
-weights...) take the plain path (:func:`onnx_dc.codec.tensor.compress_tensor`); in
+Weights without statistics (embeddings, ConvTranspose, recurrent, shared or
+Loop/Scan weights...; see :mod:`onnx_dc.calibration.proxies`) take the plain path (:func:`onnx_dc.codec.tensor.compress_tensor`); in
 sequential mode they are compressed first, so every fitted layer sees them
 compressed.
 """
@@ -165,6 +165,8 @@ class CalibratedCompression:
     model: onnx.ModelProto
     results: dict[str, LayerResult] = field(default_factory=dict)
     n_samples: int = 0
+    uncalibrated: dict[str, str] = field(default_factory=dict)
+    """Weights of the model that could not be calibrated (e.g. in an ``If`` branch the data never take), and why."""
 
     @property
     def tensors(self) -> dict[str, CompressedTensor]:

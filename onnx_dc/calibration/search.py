@@ -2,7 +2,9 @@
 
 ``onnx-dc compress MODEL -o OUT --calib C.npz --min-cosine 0.999`` (label-free)
 or ``--eval E.npz --max-drop 0.5`` (top-1 accuracy, percentage points) searches
-a sparsity and a bit width for every layer with calibration statistics so that
+a sparsity and a bit width for every layer with calibration statistics (and,
+through the output-error proxy of :mod:`onnx_dc.calibration.proxies`, for every
+other searched weight: LSTM/GRU, ConvTranspose, Gather embeddings...) so that
 the whole model is as small as possible (containers with Huffman coding,
 everything else counted too) while the budget holds on data held apart from
 the calibration set.
@@ -89,6 +91,7 @@ from onnx_dc.calibration.model_fit import (
     initializer_array,
 )
 from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
+from onnx_dc.calibration.proxies import ProxyWeight, find_proxy_weights, proxy_candidates
 from onnx_dc.calibration.search_path import (
     Candidate,
     _allocation_path,
@@ -225,21 +228,24 @@ def autotune(
         raise CalibrationError("--max-drop needs evaluation data with labels (--eval E.npz holding the inputs and 'labels')")
     calibration, search, description = _search_data(calibration, search, holdout_fraction, seed)
     all_layers = find_layers(model)
-    layers = _searched_layers(all_layers, fixed, searched)
+    proxies = _proxy_weights(model, all_layers, fixed, searched)
+    layers = _searched_layers(all_layers, fixed, searched, proxies)
     if forward_steps is None:
         forward_steps = STEP_FORWARD if len(layers) <= MANY_LAYERS else 0
 
     say(f"capturing statistics of {len(layers)} layer(s) on {calibration.n_samples} samples")
     stats = capture_statistics(model, calibration, layers, batch_size=options.batch_size, max_memory_bytes=options.max_memory_bytes)
-    runner = WeightSwapRunner(model, _swapped(layers), search, batch_size=options.batch_size)
+    runner = WeightSwapRunner(model, _swapped(layers) + [p.weight for p in proxies], search, batch_size=options.batch_size)
     reference, run_seconds = _reference_run(runner)
     baseline = top1_accuracy(reference, labels) if labels is not None else None
     search_options = _search_options(options, len(layers))
     if search_options != options:
         say("large model: candidates fitted with the cheap search recipe (activation-aware pruning, plain k-means); "
             "the chosen configuration is fitted with the full recipe")
-    grid_points = max(len(sparsities) * len(bits_conv if layer.op == "Conv" else bits_fc) for layer in layers)
-    per_layer = _runs_per_layer(run_seconds, len(layers), grid_points)
+    grid_points = max(
+        len(sparsities) * len(bits_conv if layer.op == "Conv" else bits_fc) for layer in [*layers, *proxies]
+    )
+    per_layer = _runs_per_layer(run_seconds, len(layers) + len(proxies), grid_points)
     if per_layer is not None:
         say(f"one pass over the search data takes {run_seconds:.2f} s: the model-level effect of {per_layer} "
             f"candidate(s) per layer is measured, the others' predicted from their layer errors")
@@ -253,13 +259,19 @@ def autotune(
         )
         candidates[layer.weight] = found
         say(f"layer {index + 1}/{len(layers)} {layer.weight}: {len(found)} candidates ({measured} measured)", detail=True)
+    for index, proxy in enumerate(proxies):
+        grid_bits = bits_conv if proxy.is_convolution else bits_fc
+        found, measured = proxy_candidates(model, proxy, sparsities, grid_bits, seed, runner, reference, per_layer)
+        candidates[proxy.weight] = found
+        say(f"weight {index + 1}/{len(proxies)} {proxy.weight} (output-error proxy: {proxy.reason}): "
+            f"{len(found)} candidates ({measured} measured)", detail=True)
 
     path = _allocation_path({name: _hull(c) for name, c in candidates.items()})
     full_length = len(path)
     path = _thin_path(path, _max_path_checks(run_seconds))
     say(f"search path of {full_length} configurations, {len(path)} of them checked")
     say(f"checking the budget along the path ({len(path)} configurations, one pass over the search data each)")
-    biases = {layer.weight: layer.bias for layer in layers}
+    biases = {unit.weight: unit.bias for unit in [*layers, *proxies]}
     checked = [_assembled_metrics(config, biases, runner, reference, labels) for config in path]
     if not budget.met(checked[0], baseline):
         raise CalibrationError(
@@ -278,7 +290,7 @@ def autotune(
     final = finals.results[best]
     return AutotuneResult(
         settings=final.settings,
-        choices=[_layer_choice(layer, final.compression) for layer in layers],
+        choices=[_layer_choice(unit, final.compression) for unit in [*layers, *proxies]],
         compression=final.compression,
         built=final.kept,
         metrics=final.metrics,
@@ -351,15 +363,26 @@ def _search_data(
 
 
 def _searched_layers(
-    all_layers: Sequence[LayerSpec], fixed: Mapping[str, LayerSettings], searched: Sequence[str] | None
+    all_layers: Sequence[LayerSpec], fixed: Mapping[str, LayerSettings], searched: Sequence[str] | None,
+    proxies: Sequence[ProxyWeight] = (),
 ) -> list[LayerSpec]:
     layers = [layer for layer in all_layers if layer.weight not in fixed]
     if searched is not None:
         wanted = set(searched)
         layers = [layer for layer in layers if layer.weight in wanted]
-    if not layers:
-        raise CalibrationError("no layer with calibration statistics to search (MatMul/Gemm/Conv weights)")
+    if not layers and not proxies:
+        raise CalibrationError("no weight to search: no layer with calibration statistics and no other weight "
+                               "that the calibration data reach")
     return layers
+
+
+def _proxy_weights(
+    model: onnx.ModelProto, all_layers: Sequence[LayerSpec], fixed: Mapping[str, LayerSettings],
+    searched: Sequence[str] | None,
+) -> list[ProxyWeight]:
+    """The searched weights without statistics (:mod:`onnx_dc.calibration.proxies`)."""
+    names = [t.name for t in model.graph.initializer] if searched is None else list(searched)
+    return find_proxy_weights(model, all_layers, [n for n in names if n not in fixed])
 
 
 def _swapped(layers: Sequence[LayerSpec]) -> list[str]:
