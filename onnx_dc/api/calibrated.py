@@ -32,6 +32,7 @@ from onnx_dc.calibration.data import (
     read_labels,
 )
 from onnx_dc.calibration.layers import find_layers
+from onnx_dc.calibration.metrics import load_task_metric
 from onnx_dc.calibration.model_fit import CalibratedCompression, compress_with_calibration
 from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
 from onnx_dc.calibration.search import (
@@ -45,6 +46,7 @@ from onnx_dc.calibration.sensitivity import DEFAULT_BITS, DEFAULT_SPARSITIES, Se
 from onnx_dc.errors import CalibrationError, LibraryNotFoundError, SettingsError
 from onnx_dc.graph.model_io import ModelSource, check_output_path, constants_to_initializers, load_model, save_model
 from onnx_dc.graph.restore import decompress_model
+from onnx_dc.graph.transformers import is_transformer
 from onnx_dc.graph.weights import find_weights
 
 __all__ = ["compress_calibrated", "load_evaluation", "sensitivity"]
@@ -119,7 +121,8 @@ def _layer_settings(proto: onnx.ModelProto, recipe: Recipe) -> dict[str, LayerSe
         n.output[0] for n in proto.graph.node if n.op_type == "Constant" and n.output
     }
     layer_settings: dict[str, LayerSettings] = {}
-    for plan in recipe.settings().plan(find_weights(proto, min_elements=0)):
+    transformer = is_transformer(proto)
+    for plan in recipe.settings().plan(find_weights(proto, min_elements=0), transformer=transformer):
         weight = plan.weight
         if plan.settings is None or weight.scope.parent is not None or weight.name not in main_graph:
             continue
@@ -153,7 +156,9 @@ def _compress_searched(proto, recipe, data, eval_data, layer_settings, output, p
     searched = [name for name in layer_settings if name in layer_names]
     fixed = {name: s for name, s in layer_settings.items() if name not in layer_names}
     library = _library_or_none()
-    grid_sparsities, grid_bits_fc, grid_bits_conv = default_grids(len(searched))
+    transformer = is_transformer(proto)
+    grid_sparsities, grid_bits_fc, grid_bits_conv = default_grids(len(searched), transformer=transformer)
+    metric = load_task_metric(search_recipe.metric) if search_recipe.metric is not None else None
     fit_recipe = replace(recipe, search=None)
 
     def build(compression: CalibratedCompression):
@@ -175,6 +180,7 @@ def _compress_searched(proto, recipe, data, eval_data, layer_settings, output, p
         bits_conv=search_recipe.bits if search_recipe.bits is not None else grid_bits_conv,
         drop_margin_se=search_recipe.drop_margin_se,
         options=recipe.calibration.options, seed=recipe.seed, progress=progress is True,
+        transformer=transformer, metric=metric,
     )
     result = tuned.built
     result.recipe = _chosen_recipe(recipe, tuned, holdout)

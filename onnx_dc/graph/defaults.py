@@ -7,6 +7,15 @@ of top-1 on both zoo LeNets' validation images: ``python -m
 benchmarks.default_sparsity``; the sweep and the end-to-end effect are in
 docs/USAGE.md. "other" tensors (embeddings, recurrent weights) are only
 quantized by default: nothing measured says how much pruning they take.
+
+Transformers (recognised by :mod:`onnx_dc.graph.transformers`: LayerNormalization
+and the like, attention operators, or attention written out) replace the ``fc``
+row by :data:`TRANSFORMER_FC_DEFAULTS`: their MatMul weights have outlier values
+that 30 % pruning and 5 bits damage (all-MiniLM-L6-v2: embedding cosine 0.93
+with the CNN defaults, below onnxruntime int8's 0.96). The transformer setting is
+the smallest of a data-free grid that is at least as faithful as int8
+``quantize_dynamic`` on that model: ``python -m benchmarks.transformer_defaults``,
+numbers in docs/CALIBRATION.md ("Transformers").
 """
 
 from __future__ import annotations
@@ -19,10 +28,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "other": {"sparsity": None, "quality": None, "bits": 8, "index_bits": 8, "init": "linear"},
 }
 
+TRANSFORMER_FC_DEFAULTS: dict[str, Any] = {"sparsity": 0.0, "quality": None, "bits": 6, "index_bits": 8, "init": "linear"}
+"""The ``fc`` defaults in a transformer (see the module docstring)."""
+
 DEFAULT_MIN_ELEMENTS = 256
 """Tensors with fewer elements are left dense unless a rule names them."""
 
 
 def describe_default(setting: str) -> str:
     """The built-in default of one setting by kind, for help texts: ``fc=0.3, conv=0.1, other=none``."""
-    return ", ".join(f"{kind}={'none' if values[setting] is None else values[setting]}" for kind, values in DEFAULTS.items())
+    kinds = ", ".join(f"{kind}={'none' if values[setting] is None else values[setting]}" for kind, values in DEFAULTS.items())
+    transformer = TRANSFORMER_FC_DEFAULTS[setting]
+    return f"{kinds}; fc in a transformer={'none' if transformer is None else transformer}"
