@@ -125,9 +125,9 @@ class SearchRecipe:
     min_metric: float | None = None
 
     def __post_init__(self) -> None:
-        self.budget  # validates
         if (self.metric is None) != (self.min_metric is None):
             raise SettingsError("--metric and --min-metric go together: the metric's score is the budget")
+        self.budget  # validates
         if self.metric is not None and not callable(self.metric):
             if not isinstance(self.metric, str) or self.metric.count(":") != 1 or self.metric.startswith(":") or self.metric.endswith(":"):
                 raise SettingsError(f"--metric must be 'module:function' or a callable, got {self.metric!r}")
