@@ -23,7 +23,7 @@ from onnx_dc.api.recipe import Recipe, SearchRecipe
 from onnx_dc.calibration.metrics import load_task_metric
 from onnx_dc.calibration.search import TRANSFORMER_BITS, TRANSFORMER_SEARCH_SPARSITIES, default_grids
 from onnx_dc.errors import CalibrationError, SettingsError
-from onnx_dc.graph.defaults import DEFAULTS, TRANSFORMER_FC_DEFAULTS
+from onnx_dc.graph.defaults import DEFAULTS, TRANSFORMER_DEFAULTS
 from onnx_dc.graph.transformers import is_transformer, transformer_evidence
 
 MODELS = Path(__file__).resolve().parent / "models"
@@ -93,9 +93,11 @@ def test_transformer_fc_weights_take_the_transformer_defaults():
     fc = [p for p in result.plans if p.settings is not None and p.weight.kind == "fc"]
     assert fc
     for plan in fc:
-        assert plan.settings.bits == TRANSFORMER_FC_DEFAULTS["bits"]
-        assert plan.settings.sparsity == TRANSFORMER_FC_DEFAULTS["sparsity"]
+        assert plan.settings.bits == TRANSFORMER_DEFAULTS["fc"]["bits"]
+        assert plan.settings.sparsity == TRANSFORMER_DEFAULTS["fc"]["sparsity"]
         assert plan.settings.sources["bits"] == "default for fc in a transformer"
+    embeddings = [p for p in result.plans if p.settings is not None and p.weight.kind == "other"]
+    assert embeddings and all(p.settings.bits == TRANSFORMER_DEFAULTS["other"]["bits"] for p in embeddings)
     assert any(note.startswith("transformer (5 LayerNormalization nodes)") for note in result.report.notes)
 
 
@@ -103,7 +105,7 @@ def test_a_kind_rule_overrides_the_transformer_defaults():
     result = onnx_dc.compress(load("bert_ts"), bits="fc=5")
     fc = [p for p in result.plans if p.settings is not None and p.weight.kind == "fc"]
     assert {p.settings.bits for p in fc} == {5}
-    assert {p.settings.sparsity for p in fc} == {TRANSFORMER_FC_DEFAULTS["sparsity"]}
+    assert {p.settings.sparsity for p in fc} == {TRANSFORMER_DEFAULTS["fc"]["sparsity"]}
 
 
 def test_cnn_defaults_are_unchanged():

@@ -25,7 +25,7 @@ from onnx_dc.api.recipe import METADATA_KEY, Recipe
 from onnx_dc.api.report import ModelReport, format_bytes, model_report
 from onnx_dc.codec.tensor import EncodedTensor
 from onnx_dc.errors import ModelError
-from onnx_dc.graph.defaults import TRANSFORMER_FC_DEFAULTS
+from onnx_dc.graph.defaults import TRANSFORMER_DEFAULTS
 from onnx_dc.graph.folding import fold_normalizations
 from onnx_dc.graph.fusion import set_matmul_precision
 from onnx_dc.graph.model_io import (
@@ -219,10 +219,12 @@ def refuse_compressed_input(proto: onnx.ModelProto, source: ModelSource) -> None
 
 def transformer_defaults_note(evidence: str) -> str:
     """The report's note on a model recognised as a transformer (``evidence`` from ``transformer_evidence``)."""
-    values = TRANSFORMER_FC_DEFAULTS
-    pruning = f"{values['sparsity']:.0%} pruning" if values["sparsity"] else "no pruning"
-    return (f"transformer ({evidence}): fc weights without a rule take the transformer defaults "
-            f"({pruning}, {values['bits']} bits), at least as faithful as int8 on all-MiniLM-L6-v2")
+    parts = []
+    for kind, values in TRANSFORMER_DEFAULTS.items():
+        pruning = f"{values['sparsity']:.0%} pruned" if values["sparsity"] else "unpruned"
+        parts.append(f"{kind} {pruning} {values['bits']}-bit")
+    return (f"transformer ({evidence}): weights without a rule take the transformer defaults ({', '.join(parts)}; "
+            "measured at least as faithful as int8 quantize_dynamic on all-MiniLM-L6-v2)")
 
 
 def record_recipe(model: onnx.ModelProto, recipe: Recipe) -> None:

@@ -41,7 +41,7 @@ class Budget:
 
     def __post_init__(self) -> None:
         if self.min_cosine is None and self.max_drop is None and self.min_metric is None:
-            raise SettingsError("a budget needs --min-cosine, --max-drop or --min-metric")
+            raise SettingsError("a budget needs --min-cosine or --max-drop (or --metric with --min-metric)")
         if self.min_metric is not None and (
             isinstance(self.min_metric, bool) or not isinstance(self.min_metric, (int, float))
             or not math.isfinite(self.min_metric)

@@ -16,8 +16,8 @@ A KEY is
 
 For each tensor the most specific rule wins: exact name > glob > kind > the
 value given for every tensor > the built-in default of the tensor's kind
-(:mod:`onnx_dc.graph.defaults`; ``fc`` weights of a model recognised as a
-transformer by :mod:`onnx_dc.graph.transformers` get the transformer row, and
+(:mod:`onnx_dc.graph.defaults`; ``fc`` and ``other`` weights of a model recognised
+as a transformer by :mod:`onnx_dc.graph.transformers` get the transformer rows, and
 their sources say so).
 Between two matching globs the one with more literal (non-wildcard)
 characters wins; on a tie, the one given last. ``sparsity`` and ``quality``
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from onnx_dc.errors import SettingsError
-from onnx_dc.graph.defaults import DEFAULT_MIN_ELEMENTS, DEFAULTS, TRANSFORMER_FC_DEFAULTS
+from onnx_dc.graph.defaults import DEFAULT_MIN_ELEMENTS, DEFAULTS, TRANSFORMER_DEFAULTS
 from onnx_dc.graph.weights import KINDS, Weight
 
 SETTING_NAMES: tuple[str, ...] = ("sparsity", "quality", "bits", "index_bits", "init")
@@ -133,7 +133,7 @@ class CompressionSettings:
         """Decide, for every weight, whether and how it is compressed.
 
         ``transformer``: the model is a transformer (:func:`onnx_dc.graph.transformers.is_transformer`),
-        so ``fc`` weights without a rule get :data:`~onnx_dc.graph.defaults.TRANSFORMER_FC_DEFAULTS`.
+        so weights without a rule get :data:`~onnx_dc.graph.defaults.TRANSFORMER_DEFAULTS` of their kind.
 
         ``weights`` are all floating-point weights of the model (from
         :func:`onnx_dc.graph.weights.find_weights` with ``min_elements=0``): names and
@@ -171,9 +171,9 @@ class CompressionSettings:
                 rank = (level, literal, rule.position)
                 if rank > best_rank:
                     best, best_rank = rule, rank
-            if best is None and transformer and kind == "fc":
-                chosen[setting] = TRANSFORMER_FC_DEFAULTS[setting]
-                sources[setting] = "default for fc in a transformer"
+            if best is None and transformer and kind in TRANSFORMER_DEFAULTS:
+                chosen[setting] = TRANSFORMER_DEFAULTS[kind][setting]
+                sources[setting] = f"default for {kind} in a transformer"
                 levels[setting] = _BUILTIN
             elif best is None:
                 chosen[setting] = DEFAULTS[kind][setting]
