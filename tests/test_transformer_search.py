@@ -134,6 +134,9 @@ def test_tight_cosine_budget_is_met_on_held_out_inputs(min_cosine, ops_library):
     tuned = result.calibration
     assert tuned.budget_met and tuned.metrics.cosine >= min_cosine
     assert any(line.startswith("transformer:") for line in tuned.steps)
+    # the embedding table (no statistics, not searched) keeps the standard 8 bits, named in the recorded recipe
+    embedding = result.recipe.settings().resolve("word_embeddings.weight", "other", transformer=True)
+    assert embedding.bits == DEFAULTS["other"]["bits"] and embedding.sources["bits"] != "default for other in a transformer"
     original = run(load("bert_ts"), held_out)
     compressed = run(onnx_dc.decompress(result.model), held_out)
     assert cosine(original, compressed) >= min_cosine - 2e-4  # inputs the search never saw
@@ -218,3 +221,21 @@ def test_bad_metric_on_the_command_line_exits_with_one_line(tmp_path):
     assert done.returncode == 2
     assert "cannot import module 'no_such_module_xyz'" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_bisection_between_checked_configurations_finds_the_last_passing_one():
+    from onnx_dc.calibration.metrics import OutputMetrics
+    from onnx_dc.calibration.search import _bisect_gap
+
+    full = [{"layer": i} for i in range(40)]  # stand-ins for configurations; passing up to index 17
+    path = [full[0], full[10], full[30], full[39]]
+    checked = [OutputMetrics(0.0, 1.0 - i / 1000) for i in (0, 10, 30, 39)]
+    runs: list[int] = []
+
+    def measure(config):
+        runs.append(config["layer"])
+        return OutputMetrics(0.0, 1.0 - config["layer"] / 1000)
+
+    best = _bisect_gap(full, path, checked, 1, measure, lambda m: m.cosine >= 1.0 - 17.5 / 1000)
+    assert best == 2 and path[2] is full[17] and checked[2].cosine == pytest.approx(0.983)
+    assert runs == [20, 15, 17, 18]  # four runs at most

@@ -134,6 +134,7 @@ TRANSFORMER_BITS: tuple[int, ...] = (4, 5, 6, 7, 8)
 # Transformer searches count their model runs instead of timing them (reproducible, bounded):
 TRANSFORMER_MEASURED_PER_LAYER = 1  # candidates per layer whose model-level effect is measured
 TRANSFORMER_PATH_CHECKS = 24  # assembled configurations of the path run on the search data
+TRANSFORMER_GAP_CHECKS = 4  # then bisection runs between the chosen one and the next checked one
 DEFAULT_HOLDOUT_FRACTION = 0.2
 STEP_FORWARD = 4  # configurations past the chosen one compressed for real when its final model meets the budget
 MAX_HOLDOUT_SAMPLES = 2048
@@ -232,7 +233,9 @@ def autotune(
             the final model are fitted with the cheap recipe (:func:`_search_options`), the final model
             from the original model's statistics (not sequentially: each sequential capture runs the whole
             model again), and the model runs are counted (:data:`TRANSFORMER_MEASURED_PER_LAYER`
-            candidates per layer, :data:`TRANSFORMER_PATH_CHECKS` path checks), not timed.
+            candidates per layer, :data:`TRANSFORMER_PATH_CHECKS` path checks, then up to
+            :data:`TRANSFORMER_GAP_CHECKS` bisection runs between the chosen configuration and the next
+            checked one: :func:`_bisect_gap`), not timed.
         metric: the user's task metric, measured on every checked configuration (``budget.min_metric``).
 
     Raises:
@@ -266,7 +269,9 @@ def autotune(
         say("large model: candidates fitted with the cheap search recipe (activation-aware pruning, plain k-means); "
             "the chosen configuration is fitted with the full recipe")
     grid_points = max(len(sparsities) * len(bits_conv if layer.op == "Conv" else bits_fc) for layer in layers)
-    per_layer = TRANSFORMER_MEASURED_PER_LAYER if transformer else _runs_per_layer(run_seconds, len(layers), grid_points)
+    per_layer = (
+        TRANSFORMER_MEASURED_PER_LAYER if transformer else _runs_per_layer(run_seconds, len(layers), grid_points)
+    )
     if per_layer is not None:
         say(f"one pass over the search data takes {run_seconds:.2f} s: the model-level effect of {per_layer} "
             f"candidate(s) per layer is measured, the others' predicted from their layer errors")
@@ -282,9 +287,9 @@ def autotune(
         say(f"layer {index + 1}/{len(layers)} {layer.weight}: {len(found)} candidates ({measured} measured)",
             detail=not transformer)
 
-    path = _allocation_path({name: _hull(c) for name, c in candidates.items()})
-    full_length = len(path)
-    path = _thin_path(path, TRANSFORMER_PATH_CHECKS if transformer else _max_path_checks(run_seconds))
+    full_path = _allocation_path({name: _hull(c) for name, c in candidates.items()})
+    full_length = len(full_path)
+    path = _thin_path(full_path, TRANSFORMER_PATH_CHECKS if transformer else _max_path_checks(run_seconds))
     say(f"search path of {full_length} configurations, {len(path)} of them checked")
     say(f"checking the budget along the path ({len(path)} configurations, one pass over the search data each)")
     biases = {layer.weight: layer.bias for layer in layers}
@@ -296,6 +301,16 @@ def autotune(
         )
     best = _robust_choice(checked, budget, baseline, n_samples=search.n_samples, drop_margin_se=drop_margin_se)
     say(f"assembled configuration {best}/{len(path) - 1} meets the budget: {_describe_metrics(checked[best], baseline)}")
+    if transformer and best < len(path) - 1:
+        refined = _bisect_gap(
+            full_path, path, checked, best,
+            lambda config: _assembled_metrics(config, biases, runner, reference, labels, metric),
+            lambda metrics: budget.met(metrics, baseline),
+        )
+        if refined != best:
+            best = refined
+            say(f"a configuration between it and the next checked one meets the budget too (now {best}/"
+                f"{len(path) - 1}): {_describe_metrics(checked[best], baseline)}")
 
     path_settings = [
         {name: LayerSettings(sparsity=c.sparsity, bits=c.bits, index_bits=None, seed=seed) for name, c in config.items()}
@@ -451,6 +466,32 @@ def _layer_candidates(
     return found, len(measured)
 
 
+def _bisect_gap(
+    full_path: list[dict[str, Candidate]], path: list[dict[str, Candidate]], checked: list[OutputMetrics], best: int,
+    measure: Callable[[dict[str, Candidate]], OutputMetrics], meets: Callable[[OutputMetrics], bool],
+) -> int:
+    """Bisect the unchecked configurations of ``full_path`` between the thinned ``path``'s ``best`` and ``best + 1``
+    (at most :data:`TRANSFORMER_GAP_CHECKS` runs); the most compressed one found meeting the budget is inserted
+    into ``path`` and ``checked`` (in place) after ``best``. Returns the index chosen."""
+    position = {id(config): i for i, config in enumerate(full_path)}
+    low, high = position[id(path[best])], position[id(path[best + 1])]
+    found: tuple[dict[str, Candidate], OutputMetrics] | None = None
+    for _ in range(TRANSFORMER_GAP_CHECKS):
+        if high - low < 2:
+            break
+        middle = (low + high) // 2
+        metrics = measure(full_path[middle])
+        if meets(metrics):
+            low, found = middle, (full_path[middle], metrics)
+        else:
+            high = middle
+    if found is None:
+        return best
+    path.insert(best + 1, found[0])
+    checked.insert(best + 1, found[1])
+    return best + 1
+
+
 def _assembled_metrics(
     config: Mapping[str, Candidate], biases: Mapping[str, str | None], runner: WeightSwapRunner,
     reference: Mapping[str, np.ndarray], labels: np.ndarray | None, metric: TaskMetric | None = None,
@@ -526,7 +567,7 @@ def _layer_choice(layer: LayerSpec, compression: CalibratedCompression) -> Layer
 
 
 def _search_options(options: CalibrationOptions, n_layers: int, transformer: bool = False) -> CalibrationOptions:
-    """The recipe the candidates are fitted with: ``options`` itself, or the cheap one for large models and transformers."""
+    """The recipe the candidates are fitted with: ``options`` itself, or the cheap one (large models, transformers)."""
     if n_layers <= MANY_LAYERS and not transformer:
         return options
     criterion = "activation" if options.criterion in ("auto", "obs") else options.criterion
