@@ -135,6 +135,10 @@ TRANSFORMER_BITS: tuple[int, ...] = (4, 5, 6, 7, 8)
 TRANSFORMER_MEASURED_PER_LAYER = 1  # candidates per layer whose model-level effect is measured
 TRANSFORMER_PATH_CHECKS = 24  # assembled configurations of the path run on the search data
 TRANSFORMER_GAP_CHECKS = 4  # then bisection runs between the chosen one and the next checked one
+# A transformer's search data are a few dozen sequences: the path is chosen within this share of the allowed
+# cosine loss (1 - min_cosine), so that the budget holds on other inputs too (MiniLM, 19 held-out sentences:
+# a configuration at cosine 0.99903 there measured 0.99899 on 50 evaluation sentences).
+TRANSFORMER_COSINE_LOSS_SHARE = 0.8
 DEFAULT_HOLDOUT_FRACTION = 0.2
 STEP_FORWARD = 4  # configurations past the chosen one compressed for real when its final model meets the budget
 MAX_HOLDOUT_SAMPLES = 2048
@@ -299,13 +303,16 @@ def autotune(
             f"the budget ({budget.describe()}) cannot be met by any setting of the search grid: the least compressed "
             f"configuration gives {_describe_metrics(checked[0], baseline)} on {description}"
         )
-    best = _robust_choice(checked, budget, baseline, n_samples=search.n_samples, drop_margin_se=drop_margin_se)
-    say(f"assembled configuration {best}/{len(path) - 1} meets the budget: {_describe_metrics(checked[best], baseline)}")
+    choice_budget = _within_margin(budget) if transformer else budget
+    best = _robust_choice(checked, choice_budget, baseline, n_samples=search.n_samples, drop_margin_se=drop_margin_se)
+    within = f" (chosen for {choice_budget.describe()}, a margin for new inputs)" if choice_budget != budget else ""
+    say(f"assembled configuration {best}/{len(path) - 1} meets the budget{within}: "
+        f"{_describe_metrics(checked[best], baseline)}")
     if transformer and best < len(path) - 1:
         refined = _bisect_gap(
             full_path, path, checked, best,
             lambda config: _assembled_metrics(config, biases, runner, reference, labels, metric),
-            lambda metrics: budget.met(metrics, baseline),
+            lambda metrics: choice_budget.met(metrics, baseline),
         )
         if refined != best:
             best = refined
@@ -464,6 +471,13 @@ def _layer_candidates(
         found[i].output_error = compare_outputs(reference, runner.run(replacements[i])).relative_error
     _predict_output_errors(found, measured)
     return found, len(measured)
+
+
+def _within_margin(budget: Budget) -> Budget:
+    """``budget`` with its cosine loss limit scaled by :data:`TRANSFORMER_COSINE_LOSS_SHARE` (the path's choice)."""
+    if budget.min_cosine is None:
+        return budget
+    return replace(budget, min_cosine=1.0 - TRANSFORMER_COSINE_LOSS_SHARE * (1.0 - budget.min_cosine))
 
 
 def _bisect_gap(
