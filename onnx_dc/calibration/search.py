@@ -53,6 +53,17 @@ and the random k-means initialisations, both seeded):
    The walk stops at the first real model that misses the budget (with the
    margin), and the choice among the walked ones follows step 3's rule.
 
+Transformers (:mod:`onnx_dc.graph.transformers`; ``transformer=True``) are searched
+on their own grid (:data:`TRANSFORMER_SEARCH_SPARSITIES` x :data:`TRANSFORMER_BITS`,
+starting unpruned at 8 bits) with the cheap recipe throughout, the final model
+included (not sequential), a counted number of model runs, a bisection of the
+gap after the chosen path configuration (:func:`_bisect_gap`) and a margin on
+the cosine loss (:data:`TRANSFORMER_COSINE_LOSS_SHARE`); no forward steps.
+
+A user task metric (:class:`onnx_dc.calibration.metrics.TaskMetric`, ``metric``)
+is computed on every checked configuration and final model; ``budget.min_metric``
+bounds it.
+
 Search data: ``--eval`` data when given (inputs and ``labels``), otherwise a
 seeded random part of the calibration file held out from the fits (label-free
 budgets only). The budget is checked and reported on those data.
