@@ -168,7 +168,7 @@ def test_search_with_a_callable_task_metric_records_its_name(ops_library):
     assert tuned.budget_met and tuned.metrics.task_metric == 1.0
     spec = f"{__name__}:last_token_agreement"
     assert recipe.search.to_dict()["metric"] == spec
-    assert "task metric" in tuned.format_summary()
+    assert "task metric 1 (budget >= 1)" in tuned.format_summary()
 
 
 def test_task_metric_from_a_module_spec_on_the_command_line(tmp_path):
