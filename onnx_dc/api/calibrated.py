@@ -191,6 +191,13 @@ def _compress_searched(proto, recipe, data, eval_data, layer_settings, output, p
         transformer=transformer, metric=metric,
     )
     result = tuned.built
+    for name in kept_settings:  # the embedding tables a transformer search chose bits for
+        fitted = tuned.compression.results.get(name)
+        if fitted is not None:
+            kept_settings[name] = {
+                "sparsity": fitted.settings.sparsity, "bits": fitted.settings.bits,
+                "index_bits": fitted.tensor.settings.index_bits,
+            }
     result.recipe = _chosen_recipe(recipe, tuned, holdout, kept_settings)
     record_recipe(result.model, result.recipe)
     result.report.recipe = result.recipe

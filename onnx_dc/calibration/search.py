@@ -98,6 +98,7 @@ from onnx_dc.calibration.model_fit import (
     LayerFitter,
     compress_with_calibration,
     initializer_array,
+    plain_tensor,
 )
 from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
 from onnx_dc.calibration.search_path import (
@@ -150,6 +151,9 @@ TRANSFORMER_GAP_CHECKS = 4  # then bisection runs between the chosen one and the
 # cosine loss (1 - min_cosine), so that the budget holds on other inputs too (MiniLM, 19 held-out sentences:
 # a configuration at cosine 0.99903 there measured 0.99899 on 50 evaluation sentences).
 TRANSFORMER_COSINE_LOSS_SHARE = 0.8
+# A transformer's embedding tables (Gather data, no statistics) of at least this many weights are searched too:
+# unpruned at every bit width of the grid, each measured by one model run.
+TRANSFORMER_TABLE_MIN_ELEMENTS = 4096
 DEFAULT_HOLDOUT_FRACTION = 0.2
 STEP_FORWARD = 4  # configurations past the chosen one compressed for real when its final model meets the budget
 MAX_HOLDOUT_SAMPLES = 2048
@@ -272,7 +276,8 @@ def autotune(
 
     say(f"capturing statistics of {len(layers)} layer(s) on {calibration.n_samples} samples")
     stats = capture_statistics(model, calibration, layers, batch_size=options.batch_size, max_memory_bytes=options.max_memory_bytes)
-    runner = WeightSwapRunner(model, _swapped(layers), search, batch_size=options.batch_size)
+    tables = _embedding_tables(model, fixed) if transformer else []
+    runner = WeightSwapRunner(model, _swapped(layers) + tables, search, batch_size=options.batch_size)
     reference, run_seconds = _reference_run(runner)
     baseline = top1_accuracy(reference, labels) if labels is not None else None
     search_options = _search_options(options, len(layers), transformer)
@@ -301,6 +306,10 @@ def autotune(
         candidates[layer.weight] = found
         say(f"layer {index + 1}/{len(layers)} {layer.weight}: {len(found)} candidates ({measured} measured)",
             detail=not transformer)
+
+    for name in tables:
+        candidates[name] = _table_candidates(model, name, fixed[name], bits_fc, seed, runner, reference)
+        say(f"embedding table {name}: {len(candidates[name])} candidates (all measured)")
 
     full_path = _allocation_path({name: _hull(c) for name, c in candidates.items()})
     full_length = len(full_path)
@@ -517,6 +526,28 @@ def _bisect_gap(
     return best + 1
 
 
+def _embedding_tables(model: onnx.ModelProto, fixed: Mapping[str, LayerSettings]) -> list[str]:
+    """The unsearched weights that are embedding tables: main-graph initializers read as a ``Gather``'s data,
+    with at least :data:`TRANSFORMER_TABLE_MIN_ELEMENTS` weights."""
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input}
+    return [name for name in fixed if name in gathered and sizes.get(name, 0) >= TRANSFORMER_TABLE_MIN_ELEMENTS]
+
+
+def _table_candidates(
+    model: onnx.ModelProto, name: str, settings: LayerSettings, bits: Sequence[int], seed: int,
+    runner: WeightSwapRunner, reference: Mapping[str, np.ndarray],
+) -> list[Candidate]:
+    """An embedding table unpruned at every bit width, by the plain recipe, each run through the model."""
+    weight = initializer_array(model, name)
+    found = []
+    for b in bits:
+        tensor = plain_tensor(weight, LayerSettings(sparsity=0.0, bits=int(b), index_bits=None, init=settings.init, seed=seed))
+        error = compare_outputs(reference, runner.run({name: tensor.quantized})).relative_error
+        found.append(Candidate(0.0, int(b), tensor.size_bytes, error, error, tensor.quantized, None, tensor.settings.index_bits))
+    return found
+
+
 def _assembled_metrics(
     config: Mapping[str, Candidate], biases: Mapping[str, str | None], runner: WeightSwapRunner,
     reference: Mapping[str, np.ndarray], labels: np.ndarray | None, metric: TaskMetric | None = None,
@@ -525,7 +556,7 @@ def _assembled_metrics(
     replacement: dict[str, np.ndarray] = {}
     for name, cand in config.items():
         replacement[name] = cand.weight
-        if cand.bias is not None and biases[name] is not None:
+        if cand.bias is not None and biases.get(name) is not None:
             replacement[biases[name]] = cand.bias
     return compare_outputs(reference, runner.run(replacement), labels, metric)
 
