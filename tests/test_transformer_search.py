@@ -239,3 +239,15 @@ def test_bisection_between_checked_configurations_finds_the_last_passing_one():
     best = _bisect_gap(full, path, checked, 1, measure, lambda m: m.cosine >= 1.0 - 17.5 / 1000)
     assert best == 2 and path[2] is full[17] and checked[2].cosine == pytest.approx(0.983)
     assert runs == [20, 15, 17, 18]  # four runs at most
+
+
+def test_embedding_tables_are_searched_and_their_bits_recorded(monkeypatch, ops_library):
+    import onnx_dc.calibration.search as search
+
+    monkeypatch.setattr(search, "TRANSFORMER_TABLE_MIN_ELEMENTS", 1000)  # the test model's word table has 1 600
+    result = onnx_dc.compress(load("bert_ts"), recipe=Recipe(search=SearchRecipe(min_cosine=0.999)), calib=bert_inputs(40))
+    assert "embedding table word_embeddings.weight: 5 candidates (all measured)" in result.calibration.steps
+    assert result.calibration.budget_met
+    recorded = result.recipe.settings().resolve("word_embeddings.weight", "other", transformer=True)
+    (row,) = [t for t in result.report.tensors if t.name == "word_embeddings.weight"]
+    assert recorded.sources["bits"] == "--bits word_embeddings.weight=" + str(row.bits)
