@@ -161,9 +161,9 @@ def _compress_searched(proto, recipe, data, eval_data, layer_settings, output, p
     library = _library_or_none()
     grid_sparsities, grid_bits_fc, grid_bits_conv = default_grids(len(searched), transformer=transformer)
     metric = load_task_metric(search_recipe.metric) if search_recipe.metric is not None else None
-    # A transformer's unsearched weights keep the standard defaults (compress_calibrated): named explicitly in
-    # the recipe the converter plans with and in the recipe recorded, which would otherwise give them the
-    # transformer defaults.
+    # A transformer's weights without statistics keep the standard defaults (compress_calibrated), or the bits
+    # the search chose for its embedding tables: named explicitly in the recipe the converter plans with and in
+    # the recipe recorded, which would otherwise give them the transformer defaults.
     kept_settings = {
         name: {"sparsity": s.sparsity, "bits": s.bits, "index_bits": s.index_bits} for name, s in fixed.items()
     } if transformer else {}
