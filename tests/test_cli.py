@@ -117,7 +117,8 @@ def test_help_shows_the_defaults_and_describes_every_argument(capsys):
         for action in parser._actions:
             assert action.help, (command, action.dest)  # every positional and option is described
         if command == "compress":
-            assert "(default fc=0.3, conv=0.1, other=none)" in text and "(default fc=5, conv=8, other=8)" in text
+            assert "(default fc=0.3, conv=0.1, other=none; in a transformer fc=none, other=none)" in text
+            assert "(default fc=5, conv=8, other=8; in a transformer fc=5, other=5)" in text
             assert "(default 256)" in text and "0 <= S < 1" in text
         if command == "validate":
             assert "default 0.99" in text and "default 0.95 with --inputs" in text

@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-margin-se", metavar="Z", type=float,
                    help="with --max-drop: the searched settings must meet the budget by Z standard errors of their "
                    "measured drop (e.g. 1), so it holds beyond the --eval data")
+    p.add_argument("--metric", metavar="MODULE:FUNCTION",
+                   help="task metric for the budget: FUNCTION(original_outputs, compressed_outputs) -> float score "
+                   "(lists of arrays in the model's output order, higher is better); used with --min-metric")
+    p.add_argument("--min-metric", metavar="X", type=float,
+                   help="budget: search settings keeping --metric's score >= X on the held-out (or --eval) inputs")
     p.add_argument("--search-sparsities", metavar="LIST", help="sparsities the budget search tries (comma-separated)")
     p.add_argument("--search-bits", metavar="LIST", help="weight bits the budget search tries (comma-separated)")
 
@@ -193,18 +198,23 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     from onnx_dc.api.recipe import Recipe, SearchRecipe, load_recipe
 
     base = load_recipe(args.recipe) if args.recipe else Recipe()
-    budget_flags = (args.min_cosine, args.max_drop, args.drop_margin_se, args.search_sparsities, args.search_bits)
+    budget_flags = (args.min_cosine, args.max_drop, args.drop_margin_se, args.search_sparsities, args.search_bits,
+                    args.metric, args.min_metric)
     if args.calib is None and (args.eval is not None or any(v is not None for v in budget_flags)):
-        raise SettingsError("--eval, --min-cosine, --max-drop, --drop-margin-se and --search-* need --calib")
+        raise SettingsError("--eval, --min-cosine, --max-drop, --metric, --min-metric, --drop-margin-se and --search-* "
+                            "need --calib")
     search = base.search
     if any(v is not None for v in budget_flags):
-        previous = search or SearchRecipe(min_cosine=args.min_cosine, max_drop=args.max_drop)
+        previous = search or SearchRecipe(min_cosine=args.min_cosine, max_drop=args.max_drop, metric=args.metric,
+                                          min_metric=args.min_metric)
         search = SearchRecipe(
             min_cosine=args.min_cosine if args.min_cosine is not None else previous.min_cosine,
             max_drop=args.max_drop if args.max_drop is not None else previous.max_drop,
             drop_margin_se=args.drop_margin_se if args.drop_margin_se is not None else previous.drop_margin_se,
             sparsities=_number_list(args.search_sparsities, "--search-sparsities", float) or previous.sparsities,
             bits=_number_list(args.search_bits, "--search-bits", int) or previous.bits,
+            metric=args.metric if args.metric is not None else previous.metric,
+            min_metric=args.min_metric if args.min_metric is not None else previous.min_metric,
         )
     recipe = Recipe.build(
         base,

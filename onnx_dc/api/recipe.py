@@ -28,13 +28,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from onnx_dc.calibration.budget import Budget
 from onnx_dc.calibration.data import DEFAULT_MAX_SAMPLES
+from onnx_dc.calibration.metrics import task_metric_spec
 from onnx_dc.calibration.options import CalibrationOptions
 from onnx_dc.errors import SettingsError
 from onnx_dc.graph.operators import MATMUL_PRECISIONS
@@ -107,6 +108,10 @@ class SearchRecipe:
         min_cosine: every output's cosine with the original's must stay at least this.
         max_drop: top-1 accuracy may drop by at most this many percentage points (needs labelled ``--eval`` data).
         drop_margin_se: with ``max_drop``, meet it by this many standard errors of the measured drop.
+        metric: a task metric, ``"module:function"`` or a callable ``f(original_outputs, compressed_outputs) -> float``
+            (lists of arrays in the model's output order, higher is better); the recipe records its
+            ``module:function`` (:func:`onnx_dc.calibration.metrics.load_task_metric`).
+        min_metric: the task metric's lowest allowed score on the search data (needs ``metric``).
         sparsities: the sparsities tried per layer (None: the default grid for the model's size).
         bits: the weight bits tried per layer (None: the default grids, per layer kind).
     """
@@ -116,9 +121,16 @@ class SearchRecipe:
     drop_margin_se: float = 0.0
     sparsities: tuple[float, ...] | None = None
     bits: tuple[int, ...] | None = None
+    metric: str | Callable[..., object] | None = None
+    min_metric: float | None = None
 
     def __post_init__(self) -> None:
-        Budget(min_cosine=self.min_cosine, max_drop=self.max_drop)  # validates
+        if (self.metric is None) != (self.min_metric is None):
+            raise SettingsError("--metric and --min-metric go together: the metric's score is the budget")
+        self.budget  # validates
+        if self.metric is not None and not callable(self.metric):
+            if not isinstance(self.metric, str) or self.metric.count(":") != 1 or self.metric.startswith(":") or self.metric.endswith(":"):
+                raise SettingsError(f"--metric must be 'module:function' or a callable, got {self.metric!r}")
         if self.drop_margin_se and self.max_drop is None:
             raise SettingsError("--drop-margin-se is used with --max-drop")
         margin = self.drop_margin_se
@@ -136,7 +148,14 @@ class SearchRecipe:
     @property
     def budget(self) -> Budget:
         """The budget as the search checks it."""
-        return Budget(min_cosine=self.min_cosine, max_drop=self.max_drop)
+        return Budget(min_cosine=self.min_cosine, max_drop=self.max_drop, min_metric=self.min_metric)
+
+    @property
+    def metric_spec(self) -> str | None:
+        """The task metric as recorded: its ``module:function`` (a callable's module and qualified name)."""
+        if self.metric is None or isinstance(self.metric, str):
+            return self.metric
+        return task_metric_spec(self.metric)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -146,6 +165,8 @@ class SearchRecipe:
             "drop_margin_se": self.drop_margin_se,
             "sparsities": None if self.sparsities is None else list(self.sparsities),
             "bits": None if self.bits is None else list(self.bits),
+            "metric": self.metric_spec,
+            "min_metric": self.min_metric,
         }
 
     @classmethod
@@ -307,6 +328,8 @@ class Recipe:
                 parts.append(f"--min-cosine {s.min_cosine:g}")
             if s.max_drop is not None:
                 parts.append(f"--max-drop {s.max_drop:g}")
+            if s.metric is not None:
+                parts.append(f"--metric {s.metric_spec} --min-metric {s.min_metric:g}")
             if s.drop_margin_se:
                 parts.append(f"--drop-margin-se {s.drop_margin_se:g}")
         return " ".join(parts) if parts else "the defaults"

@@ -32,14 +32,21 @@ class Budget:
     Attributes:
         min_cosine: lowest allowed cosine similarity of every output with the original's.
         max_drop: largest allowed drop of top-1 accuracy, in percentage points (needs labels).
+        min_metric: lowest allowed score of the user's task metric (``--metric``), higher is better.
     """
 
     min_cosine: float | None = None
     max_drop: float | None = None
+    min_metric: float | None = None
 
     def __post_init__(self) -> None:
-        if self.min_cosine is None and self.max_drop is None:
-            raise SettingsError("a budget needs --min-cosine or --max-drop")
+        if self.min_cosine is None and self.max_drop is None and self.min_metric is None:
+            raise SettingsError("a budget needs --min-cosine or --max-drop (or --metric with --min-metric)")
+        if self.min_metric is not None and (
+            isinstance(self.min_metric, bool) or not isinstance(self.min_metric, (int, float))
+            or not math.isfinite(self.min_metric)
+        ):
+            raise SettingsError(f"--min-metric must be a finite number, got {self.min_metric!r}")
         if self.min_cosine is not None and not (-1.0 <= self.min_cosine <= 1.0):
             raise SettingsError(f"--min-cosine must be between -1 and 1, got {self.min_cosine}")
         if self.max_drop is not None and not (0.0 <= self.max_drop <= 100.0):
@@ -54,6 +61,8 @@ class Budget:
                 return False
             if 100.0 * (baseline_accuracy - metrics.accuracy) > self.max_drop + 1e-9:
                 return False
+        if self.min_metric is not None and not (metrics.task_metric is not None and metrics.task_metric >= self.min_metric):
+            return False
         return True
 
     def describe(self) -> str:
@@ -63,6 +72,8 @@ class Budget:
             parts.append(f"cosine >= {self.min_cosine:g}")
         if self.max_drop is not None:
             parts.append(f"top-1 drop <= {self.max_drop:g} pp")
+        if self.min_metric is not None:
+            parts.append(f"task metric >= {self.min_metric:g}")
         return " and ".join(parts)
 
 
@@ -70,6 +81,8 @@ def _describe_metrics(metrics: OutputMetrics, baseline: float | None) -> str:
     text = f"cosine {metrics.cosine:.6f}, relative output error {metrics.relative_error:.3g}"
     if metrics.accuracy is not None and baseline is not None:
         text += f", top-1 {100 * metrics.accuracy:.2f} % (drop {100 * (baseline - metrics.accuracy):.2f} pp)"
+    if metrics.task_metric is not None:
+        text += f", task metric {metrics.task_metric:.6g}"
     return text
 
 
@@ -122,6 +135,9 @@ def _robust_choice(
         margins = [drop_margin_se * drop_standard_error(m, baseline, n_samples) for m in measured]
         limits = [budget.max_drop - margin for margin in margins]
         losses.append((drops, limits))
+    if budget.min_metric is not None:  # a score, higher is better: its negative is the loss
+        scores = [-(m.task_metric if m.task_metric is not None else -math.inf) for m in measured]
+        losses.append((scores, [-budget.min_metric] * len(measured)))
     fitted = [(_isotonic(values), values, limits) for values, limits in losses]
     best = 0
     for i, m in enumerate(measured):

@@ -93,6 +93,8 @@ class AutotuneResult:
                 f"top-1 {100 * self.metrics.accuracy:.2f} % vs {100 * self.baseline_accuracy:.2f} % "
                 f"original, drop {drop:.2f} pp (budget <= {self.budget.max_drop:g} pp)"
             )
+        if self.budget.min_metric is not None and self.metrics.task_metric is not None:
+            parts.append(f"task metric {self.metrics.task_metric:.6g} (budget >= {self.budget.min_metric:g})")
         return "; ".join(parts)
 
     def format_summary(self) -> str:
@@ -128,7 +130,9 @@ class AutotuneResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
         return {
-            "budget": {"min_cosine": self.budget.min_cosine, "max_drop": self.budget.max_drop},
+            "budget": {
+                "min_cosine": self.budget.min_cosine, "max_drop": self.budget.max_drop, "min_metric": self.budget.min_metric,
+            },
             "budget_met": self.budget_met,
             "search_data": self.search_description,
             "search_samples": self.n_search_samples,

@@ -15,7 +15,10 @@ A KEY is
   as a name or glob (for a tensor that is really called ``fc``).
 
 For each tensor the most specific rule wins: exact name > glob > kind > the
-value given for every tensor > the built-in default of the tensor's kind.
+value given for every tensor > the built-in default of the tensor's kind
+(:mod:`onnx_dc.graph.defaults`; ``fc`` and ``other`` weights of a model recognised
+as a transformer by :mod:`onnx_dc.graph.transformers` get the transformer rows, and
+their sources say so).
 Between two matching globs the one with more literal (non-wildcard)
 characters wins; on a tie, the one given last. ``sparsity`` and ``quality``
 are two ways to choose the pruning threshold; the more specific of the two
@@ -39,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from onnx_dc.errors import SettingsError
-from onnx_dc.graph.defaults import DEFAULT_MIN_ELEMENTS, DEFAULTS
+from onnx_dc.graph.defaults import DEFAULT_MIN_ELEMENTS, DEFAULTS, TRANSFORMER_DEFAULTS
 from onnx_dc.graph.weights import KINDS, Weight
 
 SETTING_NAMES: tuple[str, ...] = ("sparsity", "quality", "bits", "index_bits", "init")
@@ -126,8 +129,11 @@ class CompressionSettings:
     min_elements: int = DEFAULT_MIN_ELEMENTS
     seed: int = 0
 
-    def plan(self, weights: Sequence[Weight]) -> list[TensorPlan]:
+    def plan(self, weights: Sequence[Weight], *, transformer: bool = False) -> list[TensorPlan]:
         """Decide, for every weight, whether and how it is compressed.
+
+        ``transformer``: the model is a transformer (:func:`onnx_dc.graph.transformers.is_transformer`),
+        so weights without a rule get :data:`~onnx_dc.graph.defaults.TRANSFORMER_DEFAULTS` of their kind.
 
         ``weights`` are all floating-point weights of the model (from
         :func:`onnx_dc.graph.weights.find_weights` with ``min_elements=0``): names and
@@ -141,11 +147,11 @@ class CompressionSettings:
             if reason is not None:
                 plans.append(TensorPlan(weight, None, reason))
             else:
-                plans.append(TensorPlan(weight, self.resolve(weight.name, weight.kind)))
+                plans.append(TensorPlan(weight, self.resolve(weight.name, weight.kind, transformer=transformer)))
         return plans
 
-    def resolve(self, name: str, kind: str) -> ResolvedSettings:
-        """The settings of one tensor of the given name and kind."""
+    def resolve(self, name: str, kind: str, *, transformer: bool = False) -> ResolvedSettings:
+        """The settings of one tensor of the given name and kind (``transformer``: as in :meth:`plan`)."""
         if kind not in KINDS:
             raise SettingsError(f"unknown tensor kind {kind!r} (expected one of {', '.join(KINDS)})")
         chosen: dict[str, Any] = {}
@@ -165,7 +171,11 @@ class CompressionSettings:
                 rank = (level, literal, rule.position)
                 if rank > best_rank:
                     best, best_rank = rule, rank
-            if best is None:
+            if best is None and transformer and kind in TRANSFORMER_DEFAULTS:
+                chosen[setting] = TRANSFORMER_DEFAULTS[kind][setting]
+                sources[setting] = f"default for {kind} in a transformer"
+                levels[setting] = _BUILTIN
+            elif best is None:
                 chosen[setting] = DEFAULTS[kind][setting]
                 sources[setting] = f"default for {kind}"
                 levels[setting] = _BUILTIN
