@@ -14,14 +14,14 @@ import numpy as np
 import onnx
 import pytest
 from graph_builders import ops_library  # noqa: F401  (fixture)
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 from onnx import helper as h
-from onnx import numpy_helper
 
 import onnx_dc
 from onnx_dc.api.recipe import Recipe, SearchRecipe
 from onnx_dc.calibration.metrics import load_task_metric
-from onnx_dc.calibration.search import TRANSFORMER_BITS, TRANSFORMER_SEARCH_SPARSITIES, default_grids
+from onnx_dc.calibration.search import default_grids
+from onnx_dc.calibration.transformer_search import TRANSFORMER_BITS, TRANSFORMER_SEARCH_SPARSITIES
 from onnx_dc.errors import CalibrationError, SettingsError
 from onnx_dc.graph.defaults import DEFAULTS, TRANSFORMER_DEFAULTS
 from onnx_dc.graph.transformers import is_transformer, transformer_evidence
@@ -225,7 +225,7 @@ def test_bad_metric_on_the_command_line_exits_with_one_line(tmp_path):
 
 def test_bisection_between_checked_configurations_finds_the_last_passing_one():
     from onnx_dc.calibration.metrics import OutputMetrics
-    from onnx_dc.calibration.search import _bisect_gap
+    from onnx_dc.calibration.transformer_search import bisect_gap as _bisect_gap
 
     full = [{"layer": i} for i in range(40)]  # stand-ins for configurations; passing up to index 17
     path = [full[0], full[10], full[30], full[39]]
@@ -242,9 +242,9 @@ def test_bisection_between_checked_configurations_finds_the_last_passing_one():
 
 
 def test_embedding_tables_are_searched_and_their_bits_recorded(monkeypatch, ops_library):
-    import onnx_dc.calibration.search as search
+    from onnx_dc.calibration import transformer_search
 
-    monkeypatch.setattr(search, "TRANSFORMER_TABLE_MIN_ELEMENTS", 1000)  # the test model's word table has 1 600
+    monkeypatch.setattr(transformer_search, "TRANSFORMER_TABLE_MIN_ELEMENTS", 1000)  # the test model's word table has 1 600
     result = onnx_dc.compress(load("bert_ts"), recipe=Recipe(search=SearchRecipe(min_cosine=0.999)), calib=bert_inputs(40))
     assert "embedding table word_embeddings.weight: 5 candidates (all measured)" in result.calibration.steps
     assert result.calibration.budget_met

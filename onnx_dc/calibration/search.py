@@ -100,7 +100,6 @@ from onnx_dc.calibration.model_fit import (
     LayerFitter,
     compress_with_calibration,
     initializer_array,
-    plain_tensor,
 )
 from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
 from onnx_dc.calibration.proxies import ProxyWeight, find_proxy_weights, proxy_candidates
@@ -116,15 +115,28 @@ from onnx_dc.calibration.search_path import (
 )
 from onnx_dc.calibration.search_result import AutotuneResult, LayerChoice
 from onnx_dc.calibration.targets import layer_target
+from onnx_dc.calibration.transformer_search import (  # noqa: F401 - the grid constants are part of this module's API
+    TRANSFORMER_BITS,
+    TRANSFORMER_COSINE_LOSS_SHARE,
+    TRANSFORMER_GAP_CHECKS,
+    TRANSFORMER_MEASURED_PER_LAYER,
+    TRANSFORMER_PATH_CHECKS,
+    TRANSFORMER_SEARCH_SPARSITIES,
+    TRANSFORMER_TABLE_MIN_ELEMENTS,
+    bisect_gap,
+    embedding_tables,
+    table_candidates,
+    within_margin,
+)
 from onnx_dc.calibration.weight_swap import WeightSwapRunner
 from onnx_dc.errors import CalibrationError, SettingsError
 from onnx_dc.progress import on_terminal
 
 __all__ = [
-    "AutotuneResult",
     "DEFAULT_BITS_CONV",
     "DEFAULT_BITS_FC",
     "DEFAULT_SEARCH_SPARSITIES",
+    "AutotuneResult",
     "LayerChoice",
     "autotune",
     "default_grids",
@@ -142,21 +154,6 @@ MANY_LAYERS = 12
 COARSE_SEARCH_SPARSITIES: tuple[float, ...] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
 COARSE_BITS_FC: tuple[int, ...] = (3, 4, 6)
 COARSE_BITS_CONV: tuple[int, ...] = (4, 6, 8)
-# Transformers (onnx_dc.graph.transformers): weights with outliers that take little pruning, budgets
-# near lossless. The grid reaches from no pruning at 8 bits (cosine 0.9997 on all-MiniLM-L6-v2) down.
-TRANSFORMER_SEARCH_SPARSITIES: tuple[float, ...] = (0.0, 0.25, 0.5)
-TRANSFORMER_BITS: tuple[int, ...] = (4, 5, 6, 7, 8)
-# Transformer searches count their model runs instead of timing them (reproducible, bounded):
-TRANSFORMER_MEASURED_PER_LAYER = 1  # candidates per layer whose model-level effect is measured
-TRANSFORMER_PATH_CHECKS = 24  # assembled configurations of the path run on the search data
-TRANSFORMER_GAP_CHECKS = 4  # then bisection runs between the chosen one and the next checked one
-# A transformer's search data are a few dozen sequences: the path is chosen within this share of the allowed
-# cosine loss (1 - min_cosine), so that the budget holds on other inputs too (MiniLM, 19 held-out sentences:
-# a configuration at cosine 0.99903 there measured 0.99899 on 50 evaluation sentences).
-TRANSFORMER_COSINE_LOSS_SHARE = 0.8
-# A transformer's embedding tables (Gather data, no statistics) of at least this many weights are searched too:
-# unpruned at every bit width of the grid, each measured by one model run.
-TRANSFORMER_TABLE_MIN_ELEMENTS = 4096
 DEFAULT_HOLDOUT_FRACTION = 0.2
 STEP_FORWARD = 4  # configurations past the chosen one compressed for real when its final model meets the budget
 MAX_HOLDOUT_SAMPLES = 2048
@@ -280,7 +277,7 @@ def autotune(
 
     say(f"capturing statistics of {len(layers)} layer(s) on {calibration.n_samples} samples")
     stats = capture_statistics(model, calibration, layers, batch_size=options.batch_size, max_memory_bytes=options.max_memory_bytes)
-    tables = _embedding_tables(model, fixed) if transformer else []
+    tables = embedding_tables(model, fixed) if transformer else []
     runner = WeightSwapRunner(
         model, _swapped(layers) + [p.weight for p in proxies] + tables, search, batch_size=options.batch_size
     )
@@ -323,7 +320,7 @@ def autotune(
             f"{len(found)} candidates ({measured} measured)", detail=True)
 
     for name in tables:
-        candidates[name] = _table_candidates(model, name, fixed[name], bits_fc, seed, runner, reference)
+        candidates[name] = table_candidates(model, name, fixed[name], bits_fc, seed, runner, reference)
         say(f"embedding table {name}: {len(candidates[name])} candidates (all measured)")
 
     full_path = _allocation_path({name: _hull(c) for name, c in candidates.items()})
@@ -338,13 +335,13 @@ def autotune(
             f"the budget ({budget.describe()}) cannot be met by any setting of the search grid: the least compressed "
             f"configuration gives {_describe_metrics(checked[0], baseline)} on {description}"
         )
-    choice_budget = _within_margin(budget) if transformer else budget
+    choice_budget = within_margin(budget) if transformer else budget
     best = _robust_choice(checked, choice_budget, baseline, n_samples=search.n_samples, drop_margin_se=drop_margin_se)
     within = f" (chosen for {choice_budget.describe()}, a margin for new inputs)" if choice_budget != budget else ""
     say(f"assembled configuration {best}/{len(path) - 1} meets the budget{within}: "
         f"{_describe_metrics(checked[best], baseline)}")
     if transformer and best < len(path) - 1:
-        refined = _bisect_gap(
+        refined = bisect_gap(
             full_path, path, checked, best,
             lambda config: _assembled_metrics(config, biases, runner, reference, labels, metric),
             lambda metrics: choice_budget.met(metrics, baseline),
@@ -517,61 +514,6 @@ def _layer_candidates(
         found[i].output_error = compare_outputs(reference, runner.run(replacements[i])).relative_error
     _predict_output_errors(found, measured)
     return found, len(measured)
-
-
-def _within_margin(budget: Budget) -> Budget:
-    """``budget`` with its cosine loss limit scaled by :data:`TRANSFORMER_COSINE_LOSS_SHARE` (the path's choice)."""
-    if budget.min_cosine is None:
-        return budget
-    return replace(budget, min_cosine=1.0 - TRANSFORMER_COSINE_LOSS_SHARE * (1.0 - budget.min_cosine))
-
-
-def _bisect_gap(
-    full_path: list[dict[str, Candidate]], path: list[dict[str, Candidate]], checked: list[OutputMetrics], best: int,
-    measure: Callable[[dict[str, Candidate]], OutputMetrics], meets: Callable[[OutputMetrics], bool],
-) -> int:
-    """Bisect the unchecked configurations of ``full_path`` between the thinned ``path``'s ``best`` and ``best + 1``
-    (at most :data:`TRANSFORMER_GAP_CHECKS` runs); the most compressed one found meeting the budget is inserted
-    into ``path`` and ``checked`` (in place) after ``best``. Returns the index chosen."""
-    position = {id(config): i for i, config in enumerate(full_path)}
-    low, high = position[id(path[best])], position[id(path[best + 1])]
-    found: tuple[dict[str, Candidate], OutputMetrics] | None = None
-    for _ in range(TRANSFORMER_GAP_CHECKS):
-        if high - low < 2:
-            break
-        middle = (low + high) // 2
-        metrics = measure(full_path[middle])
-        if meets(metrics):
-            low, found = middle, (full_path[middle], metrics)
-        else:
-            high = middle
-    if found is None:
-        return best
-    path.insert(best + 1, found[0])
-    checked.insert(best + 1, found[1])
-    return best + 1
-
-
-def _embedding_tables(model: onnx.ModelProto, fixed: Mapping[str, LayerSettings]) -> list[str]:
-    """The unsearched weights that are embedding tables: main-graph initializers read as a ``Gather``'s data,
-    with at least :data:`TRANSFORMER_TABLE_MIN_ELEMENTS` weights."""
-    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
-    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input}
-    return [name for name in fixed if name in gathered and sizes.get(name, 0) >= TRANSFORMER_TABLE_MIN_ELEMENTS]
-
-
-def _table_candidates(
-    model: onnx.ModelProto, name: str, settings: LayerSettings, bits: Sequence[int], seed: int,
-    runner: WeightSwapRunner, reference: Mapping[str, np.ndarray],
-) -> list[Candidate]:
-    """An embedding table unpruned at every bit width, by the plain recipe, each run through the model."""
-    weight = initializer_array(model, name)
-    found = []
-    for b in bits:
-        tensor = plain_tensor(weight, LayerSettings(sparsity=0.0, bits=int(b), index_bits=None, init=settings.init, seed=seed))
-        error = compare_outputs(reference, runner.run({name: tensor.quantized})).relative_error
-        found.append(Candidate(0.0, int(b), tensor.size_bytes, error, error, tensor.quantized, None, tensor.settings.index_bits))
-    return found
 
 
 def _assembled_metrics(
