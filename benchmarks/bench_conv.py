@@ -3,6 +3,7 @@
     python benchmarks/bench_conv.py layers [--layers NAME ...] [--variants u8 u6 u4 p50 p90]
         [--threads 1 2] [--rounds 15] [--min-block-ms 20] [--baseline-library OLD.so]
     python benchmarks/bench_conv.py models [--models ppocr-mobile-v2-cls ...] [--threads 1 2]
+        [--settings defaults s0b8 calibrated automatic] [--cache DIR]
         [--rounds 15] [--min-block-ms 50] [--baseline-library OLD.so] [--profile DIR]
 
 ``layers``: one convolution per shape taken from the zoo's real models
@@ -35,11 +36,18 @@ optimised graph that onnxruntime added or removed around the custom operators
 (``optimized_model_filepath``), and the median latency per level.
 
 ``models``: each real conv model, original against the model compressed by
-``onnx_dc.compress`` with the data-free defaults and with
-``Recipe(sparsity=0, bits=8)``, every session with default options
-(``ORT_ENABLE_ALL``); ``--profile DIR`` also writes an onnxruntime profile of
-each compressed model and prints its time per operator type and its slowest
-nodes.
+``onnx_dc.compress`` as the converter is today (BatchNormalization and
+per-channel Mul / Add folded into the convolution weights, every following
+activation fused into DCConv / DCMatMul), every session with default options
+(``ORT_ENABLE_ALL``), one row per ``--settings``: ``defaults`` (data-free:
+convolutions 10 % pruned, 8-bit), ``s0b8`` (``Recipe(sparsity=0, bits=8)``),
+``calibrated`` (the recipe of ``benchmarks/dc_settings.py``'s calibrated row,
+fitted on the model's ``calib`` inputs as ``compare.py`` does: a few minutes for
+det and nudenet) and ``automatic`` (its automatic row: the search, slow; not
+run unless asked). ``--cache DIR`` keeps the compressed models and reuses
+them; ``--profile DIR`` also writes an onnxruntime profile of each model and
+prints its time per operator type and its slowest nodes against the
+original's.
 
 Timing: every session is warmed up, then ``--rounds`` rounds visit the
 sessions of one group in a fresh random order, each timing a block of runs (as

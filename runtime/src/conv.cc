@@ -738,10 +738,10 @@ struct CodeTilesRun {
   };
   std::vector<Task> tasks;
   void (*fn)(const ConvGemmJob&, uint64_t, uint64_t);
-  // Channels in lanes (instead of the GEMM panels): the weight as [K][ld]
+  // Channels in lanes (instead of the GEMM panels): the weight as [ld / block][K][block]
   // floats per group, the bias padded to ld, one job per group.
   bool lanes = false;
-  uint64_t ld = 0;
+  uint64_t ld = 0, lane_block = 0;
   std::unique_ptr<float[]> lane_weights;
   std::vector<float> lane_bias;
   std::vector<ConvLanesJob> lane_jobs;
@@ -843,8 +843,9 @@ void CodeTilesTask(void* context, size_t index) {
 }
 
 // Task (group, tile): the tile's codes ([K][rows], contiguous) decoded and
-// written into the group's [K][ld] channels-in-lanes weights; the group's
-// last tile also zeroes the lanes past its channels. Byte-plane order decodes
+// written into the group's [ld / B][K][B] channels-in-lanes weights (B =
+// run.lane_block; a tile of 8 channels lies in one block); the group's last
+// tile also zeroes the lanes past its channels. Byte-plane order decodes
 // whole chunks of 64 (the codes and the mask are padded to them).
 void LanesDecodeTask(void* context, size_t index) {
   CodeTilesRun& run = *static_cast<CodeTilesRun*>(context);
@@ -863,21 +864,24 @@ void LanesDecodeTask(void* context, size_t index) {
   run.expand(w.codes.data(), begin, stop - begin, w.nibbles, w.codebook.data(), w.code_limit,
              w.pruned_mask.empty() ? nullptr : w.pruned_mask.data(), tile.get());
   const float* from = tile.get() + (first - begin);
-  float* to = run.lane_weights.get() + group * k_count * run.ld + m0;
+  const uint64_t block = run.lane_block;
+  float* const group_weights = run.lane_weights.get() + group * k_count * run.ld;
+  float* to = group_weights + m0 / block * k_count * block + m0 % block;
   const bool last = m0 + rows == per_group;
   if (rows == kConvTileRows) {
-    for (uint64_t k = 0; k < k_count; ++k, from += kConvTileRows, to += run.ld) {
+    for (uint64_t k = 0; k < k_count; ++k, from += kConvTileRows, to += block) {
       for (unsigned r = 0; r < kConvTileRows; ++r) to[r] = from[r];
     }
   } else {
-    for (uint64_t k = 0; k < k_count; ++k, from += rows, to += run.ld) {
+    for (uint64_t k = 0; k < k_count; ++k, from += rows, to += block) {
       for (uint64_t r = 0; r < rows; ++r) to[r] = from[r];
     }
   }
-  if (last && run.ld > per_group) {
-    to = run.lane_weights.get() + group * k_count * run.ld + per_group;
-    for (uint64_t k = 0; k < k_count; ++k, to += run.ld)
-      std::memset(to, 0, static_cast<size_t>(run.ld - per_group) * sizeof(float));
+  if (last && per_group % block != 0) {
+    const uint64_t used = per_group % block;
+    to = group_weights + per_group / block * k_count * block + used;
+    for (uint64_t k = 0; k < k_count; ++k, to += block)
+      std::memset(to, 0, static_cast<size_t>(block - used) * sizeof(float));
   }
 }
 
@@ -929,7 +933,7 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
   const uint64_t lane_block = isa >= GemmIsa::kAvx512 ? avx512::ConvLaneBlock()
                               : isa == GemmIsa::kAvx2 ? avx2::ConvLaneBlock()
                                                       : generic::ConvLaneBlock();
-  // Channels in lanes: the weight decoded whole into its [K][ld] layout (at
+  // Channels in lanes: the weight decoded whole into its [ld / block][K][block] layout (at
   // most kConvWholeDecode values); the GEMM panels: in the codes' order.
   run.lanes = !few && code_count <= kConvWholeDecode &&
               ChannelLanesChosen(pointwise, per_group, g.out_w, positions, nr, lane_width);
@@ -1030,9 +1034,10 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
     }
   }
   if (run.lanes) {
-    // Weights [K][ld] per group (ld: the channels rounded up to a block), the
+    // Weights [ld / block][K][block] per group (ld: the channels rounded up to a block), the
     // bias padded to ld; tasks: a block of channels x up to 48 positions.
     run.ld = (per_group + lane_block - 1) / lane_block * lane_block;
+    run.lane_block = lane_block;
     run.lane_weights.reset(new float[static_cast<size_t>(w.group * k_count * run.ld)]);
     run.lanes_fn = isa >= GemmIsa::kAvx512 ? &avx512::RunConvLanes
                    : isa == GemmIsa::kAvx2 ? &avx2::RunConvLanes

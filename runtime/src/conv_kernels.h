@@ -95,8 +95,10 @@ struct ConvGemmJob {
 // and strides cost nothing. One (image, group); tasks are (block of
 // ConvLaneBlock() channels, range of output positions).
 struct ConvLanesJob {
-  const float* weights = nullptr;  // the group's weight decoded as [K][ld] floats, channel m at lane m, 0 past M/group
-  uint64_t ld = 0;                 // a multiple of ConvLaneBlock()
+  // The group's weight decoded as [ld / B][K][B] floats (B = ConvLaneBlock()):
+  // channel m at block m / B, lane m % B; 0 past M/group.
+  const float* weights = nullptr;
+  uint64_t ld = 0;                 // M/group rounded up to a multiple of ConvLaneBlock()
   uint64_t channels = 0;           // output channels of the group (M / group)
   uint64_t k_count = 0;            // C / group * kh * kw
   const float* bias = nullptr;     // [ld] (0 past channels) or null

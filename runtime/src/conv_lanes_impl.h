@@ -9,7 +9,7 @@
 //
 // Register tile: kLaneVectors vectors of output channels x kLanePositions
 // output positions; per k, kLaneVectors loads of the decoded weight row
-// ([K][ld] floats, channels in lanes) and one broadcast input per position
+// ([blocks][K][kBlock] floats, channels in lanes) and one broadcast input per position
 // (any stride or dilation: the inputs are scalars at position_sources[p] +
 // offsets[k]). K runs in blocks of kLaneDepth rows (the block's weights,
 // kLaneDepth x the block's channels, stay in L1 while every position tile of
@@ -45,10 +45,10 @@ inline void LanesTile(const ConvLanesJob& job, uint64_t c0, uint64_t p0, uint64_
   const float* src[kPositions];
 #pragma GCC unroll 8
   for (unsigned q = 0; q < kPositions; ++q) src[q] = job.source + job.position_sources[p0 + q];
-  const uint64_t ld = job.ld;
-  const float* __restrict w = job.weights + k0 * ld + c0;
+  // The block's weights: K rows of kBlock floats (contiguous, so a K block stays in L1).
+  const float* __restrict w = job.weights + c0 * job.k_count + k0 * kBlock;
   const uint64_t* __restrict offsets = job.offsets;
-  for (uint64_t k = k0; k < k1; ++k, w += ld) {
+  for (uint64_t k = k0; k < k1; ++k, w += kBlock) {
     typename V::T wv[kVectors];
 #pragma GCC unroll 4
     for (unsigned v = 0; v < kVectors; ++v) wv[v] = V::Load(w + v * V::kLanes);
