@@ -934,8 +934,9 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
                               : isa == GemmIsa::kAvx2 ? avx2::ConvLaneBlock()
                                                       : generic::ConvLaneBlock();
   // Channels in lanes: the weight decoded whole into its [ld / block][K][block] layout (at
-  // most kConvWholeDecode values); the GEMM panels: in the codes' order.
-  run.lanes = !few && code_count <= kConvWholeDecode &&
+  // most kConvWholeDecode floats with the zero lanes); the GEMM panels: in the codes' order.
+  const uint64_t lane_floats = w.group * k_count * ((per_group + lane_block - 1) / lane_block * lane_block);
+  run.lanes = !few && lane_floats <= kConvWholeDecode &&
               ChannelLanesChosen(pointwise, per_group, g.out_w, positions, nr, lane_width);
   if (!run.lanes && code_count <= kConvWholeDecode) {
     run.decoded.reset(new float[code_count]);
