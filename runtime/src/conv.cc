@@ -1053,7 +1053,11 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
                     static_cast<size_t>(per_group) * sizeof(float));
     }
     // Tasks of at most 96 positions, in equal multiples of 12 (whole tiles of 4 or 6 positions).
-    const uint64_t position_tasks = (positions + 95) / 96;
+#ifndef ONNX_DC_CONV_LANE_TASK_POSITIONS
+#define ONNX_DC_CONV_LANE_TASK_POSITIONS 96
+#endif
+    const uint64_t position_tasks =
+        (positions + ONNX_DC_CONV_LANE_TASK_POSITIONS - 1) / ONNX_DC_CONV_LANE_TASK_POSITIONS;
     const uint64_t per_task = ((positions + position_tasks - 1) / position_tasks + 11) / 12 * 12;
     run.lane_jobs.resize(static_cast<size_t>(w.group));
     for (uint64_t group = 0; group < w.group; ++group) {

@@ -22,7 +22,10 @@
 namespace conv_lanes_detail {
 
 constexpr unsigned kBlock = kLaneVectors * V::kLanes;  // output channels of a block
-constexpr uint64_t kLaneDepth = 64;                     // rows of K per block (16 KiB of weights on AVX-512)
+#ifndef ONNX_DC_CONV_LANE_DEPTH
+#define ONNX_DC_CONV_LANE_DEPTH 64
+#endif
+constexpr uint64_t kLaneDepth = ONNX_DC_CONV_LANE_DEPTH;  // rows of K per block (16 KiB of weights on AVX-512)
 
 template <unsigned kVectors, unsigned kPositions>
 inline void LanesTile(const ConvLanesJob& job, uint64_t c0, uint64_t p0, uint64_t k0, uint64_t k1,
