@@ -1,7 +1,7 @@
 """DCConv in onnxruntime against onnxruntime's own Conv on the decompressed (dense) weight.
 
 Every layout and kernel (code tiles with in-place, tail and gathered panels,
-few positions, K blocks, tile remainders; depthwise; the index layout's direct
+few positions, channels in lanes, K blocks, tile remainders; depthwise; the index layout's direct
 kernels), every instruction-set variant (ONNX_DC_KERNEL_ISA), 1 and 2 threads
 bit for bit, and every fused activation (DCConv and DCMatMul) against numpy
 and onnxruntime's own activation operators.
