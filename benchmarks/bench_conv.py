@@ -3,6 +3,7 @@
     python benchmarks/bench_conv.py layers [--layers NAME ...] [--variants u8 u6 u4 p50 p90]
         [--threads 1 2] [--rounds 15] [--min-block-ms 20] [--baseline-library OLD.so]
     python benchmarks/bench_conv.py models [--models ppocr-mobile-v2-cls ...] [--threads 1 2]
+        [--settings defaults s0b8 calibrated automatic] [--cache DIR]
         [--rounds 15] [--min-block-ms 50] [--baseline-library OLD.so] [--profile DIR]
 
 ``layers``: one convolution per shape taken from the zoo's real models
@@ -35,11 +36,18 @@ optimised graph that onnxruntime added or removed around the custom operators
 (``optimized_model_filepath``), and the median latency per level.
 
 ``models``: each real conv model, original against the model compressed by
-``onnx_dc.compress`` with the data-free defaults and with
-``Recipe(sparsity=0, bits=8)``, every session with default options
-(``ORT_ENABLE_ALL``); ``--profile DIR`` also writes an onnxruntime profile of
-each compressed model and prints its time per operator type and its slowest
-nodes.
+``onnx_dc.compress`` as the converter is today (BatchNormalization and
+per-channel Mul / Add folded into the convolution weights, every following
+activation fused into DCConv / DCMatMul), every session with default options
+(``ORT_ENABLE_ALL``), one row per ``--settings``: ``defaults`` (data-free:
+convolutions 10 % pruned, 8-bit), ``s0b8`` (``Recipe(sparsity=0, bits=8)``),
+``calibrated`` (the recipe of ``benchmarks/dc_settings.py``'s calibrated row,
+fitted on the model's ``calib`` inputs as ``compare.py`` does: a few minutes for
+det and nudenet) and ``automatic`` (its automatic row: the search, slow; not
+run unless asked). ``--cache DIR`` keeps the compressed models and reuses
+them; ``--profile DIR`` also writes an onnxruntime profile of each model and
+prints its time per operator type and its slowest nodes against the
+original's.
 
 Timing: every session is warmed up, then ``--rounds`` rounds visit the
 sessions of one group in a fresh random order, each timing a block of runs (as
@@ -108,6 +116,12 @@ LAYERS: dict[str, tuple[int, int, int, int, tuple[int, int], dict]] = {
     "nude.model15 1x1 192->64": (192, 64, 40, 40, (1, 1), {}),
     "nude.model8 3x3 128->128": (128, 128, 10, 10, (3, 3), {"pads": [1, 1, 1, 1]}),
     "nude.model22 3x3 256->64": (256, 64, 10, 10, (3, 3), {"pads": [1, 1, 1, 1]}),
+    "nude.model0 3x3 s2 3->16": (3, 16, 320, 320, (3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    "nude.model3 3x3 s2 32->64": (32, 64, 80, 80, (3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    "nude.model5 3x3 s2 64->128": (64, 128, 40, 40, (3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    "nude.model7 3x3 s2 128->256": (128, 256, 20, 20, (3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    "nude.model6 3x3 64->64": (64, 64, 20, 20, (3, 3), {"pads": [1, 1, 1, 1]}),
+    "nude.model8 1x1 384->256": (384, 256, 10, 10, (1, 1), {}),
 }
 #: variant -> (sparsity, bits)
 VARIANTS = {"u8": (0.0, 8), "u6": (0.0, 6), "u4": (0.0, 4), "p50": (0.5, 6), "p90": (0.9, 6),
@@ -306,10 +320,40 @@ def conv_comparison(nodes: dict, top: int) -> str:
     return "\n".join(lines)
 
 
-def run_models(args: argparse.Namespace) -> int:
+#: the compressed rows of ``models``: label -> how to compress
+MODEL_SETTINGS = ("defaults", "s0b8", "calibrated", "automatic")
+
+
+def compress_setting(name: str, path: str, setting: str, calib_samples: int | None = None):
+    """``onnx_dc.compress`` of the real model ``name`` with one of :data:`MODEL_SETTINGS`.
+
+    ``defaults``: data-free defaults; ``s0b8``: ``Recipe(sparsity=0, bits=8)``; ``calibrated`` /
+    ``automatic``: the recipes of ``benchmarks/dc_settings.py`` with the calibration inputs
+    ``compare.py`` uses (the model's ``calib`` split, ``compare_cases.FULL_SIZES``; never the
+    evaluation input that is timed).
+    """
     import onnx_dc
-    from model_zoo import real
     from onnx_dc.api.recipe import Recipe
+
+    if setting == "defaults":
+        return onnx_dc.compress(path)
+    if setting == "s0b8":
+        return onnx_dc.compress(path, recipe=Recipe(sparsity=0, bits=8))
+    from compare_cases import FULL_SIZES
+    from dc_settings import settings_for
+    from model_zoo import real
+
+    settings = settings_for(name)
+    count = calib_samples or FULL_SIZES[name].calib
+    calib = real.get(name).make_inputs("calib", count, seed=0)
+    chosen = settings.calibrated if setting == "calibrated" else settings.automatic
+    if chosen is None:
+        raise SystemExit(f"bench_conv: {name} has no {setting} settings in dc_settings.py")
+    return onnx_dc.compress(path, recipe=chosen.recipe(), calib=calib)
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from model_zoo import real
 
     library = ops_library_path()
     print(f"onnxruntime {ort.__version__}; default session options (ORT_ENABLE_ALL); batch 1; "
@@ -319,14 +363,23 @@ def run_models(args: argparse.Namespace) -> int:
         path = str(entry.path())
         feed = entry.make_inputs("eval", 1, seed=0)[0]
         models: dict[str, tuple[bytes, str | None]] = {"original": (Path(path).read_bytes(), None)}
-        dense_bytes = 0
-        for label, recipe in (("defaults", None), ("s0 b8", Recipe(sparsity=0, bits=8))):
-            result = onnx_dc.compress(path) if recipe is None else onnx_dc.compress(path, recipe=recipe)
-            data = result.model.SerializeToString()
+        for label in args.settings:
+            cached = Path(args.cache) / f"{name}.{label}.dc.onnx" if args.cache else None
+            if cached is not None and cached.exists():
+                data = cached.read_bytes()
+            else:
+                started = time.perf_counter()
+                result = compress_setting(name, path, label, args.calib_samples)
+                data = result.model.SerializeToString()
+                dense = sum(t.n_weights for t in result.report.tensors) * 4
+                print(f"{name:20s} {label}: compressed in {time.perf_counter() - started:.0f} s "
+                      f"({dense / 1e6:.2f} MB of dense weights compressed)", flush=True)
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    cached.write_bytes(data)
             models[f"dc {label}"] = (data, library)
             if args.baseline_library:
                 models[f"old {label}"] = (data, args.baseline_library)
-            dense_bytes = sum(t.n_weights * 4 for t in result.report.tensors)
         for threads in args.threads:
             sessions = {k: session(d, threads, lib) for k, (d, lib) in models.items()}
             block = _block(sessions, feed, args.min_block_ms)
@@ -337,7 +390,6 @@ def run_models(args: argparse.Namespace) -> int:
             cells = "  ".join(f"{k} {medians[k] * 1e3:8.2f} ms {medians[k] / base:5.2f}x" for k in sessions)
             print(f"{name:20s} thr {threads}: {cells}", flush=True)
             del sessions
-        print(f"{name:20s} compressed weights: {dense_bytes / 1e6:.2f} MB dense")
         if args.profile:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
             nodes = {}
@@ -493,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("--profile", metavar="DIR")
     models.add_argument("--profile-runs", type=int, default=10)
     models.add_argument("--top", type=int, default=12)
+    models.add_argument("--settings", nargs="+", choices=MODEL_SETTINGS, default=["defaults", "s0b8", "calibrated"],
+                        help="compressed rows (automatic: the automatic mode's search, slow)")
+    models.add_argument("--cache", metavar="DIR", help="keep the compressed models here and reuse them")
+    models.add_argument("--calib-samples", type=int, help="calibration inputs (default: compare.py's count)")
     levels = sub.add_parser("levels")
     levels.add_argument("--models", nargs="+", default=list(REAL_CONV_MODELS))
     levels.add_argument("--min-block-ms", type=float, default=50.0)

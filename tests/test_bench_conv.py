@@ -38,3 +38,17 @@ def test_layout_bytes_follow_the_layout_rules() -> None:
     assert layout_bytes(tensor(8000, 4000, 16)) == 4000 + 1000 + 1024  # pruned 4-bit: nibbles and the mask
     assert layout_bytes(tensor(8000, 4000, 8)) == 4000 + 1024  # pruned 3-bit: the zero symbol fits a nibble
     assert layout_bytes(tensor(8000, 800, 64)) == 4 * 800 + 8 * 8 + 1024  # 10 % kept: the index layout
+
+
+def test_models_table_runs_and_reuses_its_cache(tmp_path: Path) -> None:
+    command = [sys.executable, str(SCRIPT), "models", "--models", "ppocr-mobile-v2-cls", "--settings", "s0b8",
+               "--threads", "1", "--rounds", "1", "--min-block-ms", "1", "--clock", "cpu", "--cache", str(tmp_path)]
+    first = subprocess.run(command, capture_output=True, text=True, check=False, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "s0b8: compressed in" in first.stdout
+    assert (tmp_path / "ppocr-mobile-v2-cls.s0b8.dc.onnx").exists()
+    second = subprocess.run(command, capture_output=True, text=True, check=False, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "compressed in" not in second.stdout
+    assert re.search(r"ppocr-mobile-v2-cls\s+thr 1: original\s+[\d.]+ ms\s+1\.00x\s+dc s0b8\s+[\d.]+ ms\s+[\d.]+x",
+                     second.stdout)

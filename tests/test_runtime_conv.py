@@ -1,7 +1,7 @@
 """DCConv in onnxruntime against onnxruntime's own Conv on the decompressed (dense) weight.
 
 Every layout and kernel (code tiles with in-place, tail and gathered panels,
-few positions, K blocks, tile remainders; depthwise; the index layout's direct
+few positions, channels in lanes, K blocks, tile remainders; depthwise; the index layout's direct
 kernels), every instruction-set variant (ONNX_DC_KERNEL_ISA), 1 and 2 threads
 bit for bit, and every fused activation (DCConv and DCMatMul) against numpy
 and onnxruntime's own activation operators.
@@ -80,6 +80,13 @@ KERNEL_CASES = [
     ("dw_strided", 5, 5, 17, 40, (3, 3), {"group": 5, "strides": [2, 2], "pads": [1, 0, 1, 1]}),
     ("dw_dilated_x2", 3, 6, 15, 21, (3, 3), {"group": 3, "dilations": [2, 2], "pads": [2, 1, 2, 3]}),
     ("dw_tall", 4, 4, 300, 9, (3, 1), {"group": 4, "strides": [3, 1], "pads": [1, 0, 1, 0]}),
+    # channels in lanes (rows narrower than a panel, at least 4 vectors of channels): 70 channels (a block of
+    # 64 / 16 / 8 and a remainder of 6), 100 positions (tasks of 60 and 40, tiles of 6 / 4 positions and
+    # remainders), K = 360 (blocks of 64 and a remainder), stride 2 with asymmetric pads (AVX2 and baseline),
+    # groups of 36 channels with dilations (AVX2 and baseline)
+    ("lanes_small_map", 40, 70, 10, 10, (3, 3), {"pads": [1, 1, 1, 1]}),
+    ("lanes_strided", 24, 36, 21, 19, (3, 3), {"strides": [2, 2], "pads": [1, 0, 1, 1]}),
+    ("lanes_groups", 32, 72, 9, 9, (3, 3), {"group": 2, "dilations": [2, 2], "pads": [2, 2, 2, 2]}),
 ]
 CASES = CASES + KERNEL_CASES
 # 0, 0.3 and 0.5 pruned: code tiles (at least 25 % kept); 0.9 and 1.0: the index layout (depthwise: always its kernel)

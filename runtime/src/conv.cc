@@ -734,9 +734,18 @@ struct CodeTilesRun {
   std::vector<ConvGemmJob> jobs;  // per group
   struct Task {
     uint64_t job, first, end;
+    uint64_t block;  // channels-in-lanes: the block of channels
   };
   std::vector<Task> tasks;
   void (*fn)(const ConvGemmJob&, uint64_t, uint64_t);
+  // Channels in lanes (instead of the GEMM panels): the weight as [ld / block][K][block]
+  // floats per group, the bias padded to ld, one job per group.
+  bool lanes = false;
+  uint64_t ld = 0, lane_block = 0;
+  std::unique_ptr<float[]> lane_weights;
+  std::vector<float> lane_bias;
+  std::vector<ConvLanesJob> lane_jobs;
+  void (*lanes_fn)(const ConvLanesJob&, uint64_t, uint64_t, uint64_t);
 };
 
 // Padded columns [q_begin, q_end) of a row (src indexed by padded column)
@@ -826,7 +835,71 @@ ConvPanel FinishGathered(ConvPanel panel, const std::vector<ConvSegment>& segmen
 void CodeTilesTask(void* context, size_t index) {
   const CodeTilesRun& run = *static_cast<const CodeTilesRun*>(context);
   const CodeTilesRun::Task& task = run.tasks[index];
-  run.fn(run.jobs[task.job], task.first, task.end);
+  if (run.lanes) {
+    run.lanes_fn(run.lane_jobs[task.job], task.block, task.first, task.end);
+  } else {
+    run.fn(run.jobs[task.job], task.first, task.end);
+  }
+}
+
+// Task (group, tile): the tile's codes ([K][rows], contiguous) decoded and
+// written into the group's [ld / B][K][B] channels-in-lanes weights (B =
+// run.lane_block; a tile of 8 channels lies in one block); the group's last
+// tile also zeroes the lanes past its channels. Byte-plane order decodes
+// whole chunks of 64 (the codes and the mask are padded to them).
+void LanesDecodeTask(void* context, size_t index) {
+  CodeTilesRun& run = *static_cast<CodeTilesRun*>(context);
+  const ConvWeights& w = *run.w;
+  const uint64_t per_group = w.out_channels / w.group, k_count = w.patch_size;
+  const uint64_t tiles = (per_group + kConvTileRows - 1) / kConvTileRows;
+  const uint64_t group = index / tiles, m0 = index % tiles * kConvTileRows;
+  const uint64_t rows = std::min<uint64_t>(kConvTileRows, per_group - m0);
+  const uint64_t first = (group * per_group + m0) * k_count, end = first + rows * k_count;
+  uint64_t begin = first, stop = end;
+  if (w.plane_order) {
+    begin = first / 64 * 64;
+    stop = std::min<uint64_t>(w.codes.size(), (end + 63) / 64 * 64);
+  }
+  std::unique_ptr<float[]> tile(new float[static_cast<size_t>(stop - begin)]);
+  run.expand(w.codes.data(), begin, stop - begin, w.nibbles, w.codebook.data(), w.code_limit,
+             w.pruned_mask.empty() ? nullptr : w.pruned_mask.data(), tile.get());
+  const float* from = tile.get() + (first - begin);
+  const uint64_t block = run.lane_block;
+  float* const group_weights = run.lane_weights.get() + group * k_count * run.ld;
+  float* to = group_weights + m0 / block * k_count * block + m0 % block;
+  const bool last = m0 + rows == per_group;
+  if (rows == kConvTileRows) {
+    for (uint64_t k = 0; k < k_count; ++k, from += kConvTileRows, to += block) {
+      for (unsigned r = 0; r < kConvTileRows; ++r) to[r] = from[r];
+    }
+  } else {
+    for (uint64_t k = 0; k < k_count; ++k, from += rows, to += block) {
+      for (uint64_t r = 0; r < rows; ++r) to[r] = from[r];
+    }
+  }
+  if (last && per_group % block != 0) {
+    const uint64_t used = per_group % block;
+    to = group_weights + per_group / block * k_count * block + used;
+    for (uint64_t k = 0; k < k_count; ++k, to += block)
+      std::memset(to, 0, static_cast<size_t>(block - used) * sizeof(float));
+  }
+}
+
+// Whether a layer runs channels in lanes rather than the GEMM panels
+// (measured: docs/OPERATORS.md, "DCConv: layouts and kernels"). A build can
+// force it (-DONNX_DC_CONV_LANES=0: never, 2: wherever it can run).
+bool ChannelLanesChosen(bool pointwise, uint64_t channels, uint64_t out_w, uint64_t positions, uint64_t nr,
+                        uint64_t lane_width) {
+#ifndef ONNX_DC_CONV_LANES
+#define ONNX_DC_CONV_LANES 1
+#endif
+  if (ONNX_DC_CONV_LANES == 0 || channels < lane_width) return false;
+  if (ONNX_DC_CONV_LANES == 2) return true;
+  // Rows narrower than a panel (every panel gathered, lanes wasted on the
+  // rows' remainders) and at least 4 vectors of channels (AVX-512: 64); a
+  // 1x1 stride-1 convolution reads its flat positions in place: never.
+  (void)positions;
+  return !pointwise && out_w < nr && channels >= 4 * lane_width;
 }
 
 std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
@@ -849,18 +922,29 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
                                        : &generic::ExpandConvCodes;
   // Codes to decode: every weight (plane order: padded to 64).
   const uint64_t code_count = w.plane_order ? w.codes.size() : w.out_channels * w.patch_size;
-  if (code_count <= kConvWholeDecode) {
+  const uint64_t positions = g.out_h * g.out_w;
+  const uint64_t per_group = w.out_channels / w.group, cg = w.in_channels_per_group, k_count = w.patch_size;
+  const bool pointwise = w.kernel_h == 1 && w.kernel_w == 1 && w.stride_h == 1 && w.stride_w == 1 &&
+                         g.pad_top == 0 && g.pad_left == 0 && g.out_h == g.in_h && g.out_w == g.in_w;
+  const bool few = positions * 4 <= nr;
+  const uint64_t lane_width = isa >= GemmIsa::kAvx512 ? avx512::ConvLaneWidth()
+                              : isa == GemmIsa::kAvx2 ? avx2::ConvLaneWidth()
+                                                      : generic::ConvLaneWidth();
+  const uint64_t lane_block = isa >= GemmIsa::kAvx512 ? avx512::ConvLaneBlock()
+                              : isa == GemmIsa::kAvx2 ? avx2::ConvLaneBlock()
+                                                      : generic::ConvLaneBlock();
+  // Channels in lanes: the weight decoded whole into its [ld / block][K][block] layout (at
+  // most kConvWholeDecode floats with the zero lanes); the GEMM panels: in the codes' order.
+  const uint64_t lane_floats = w.group * k_count * ((per_group + lane_block - 1) / lane_block * lane_block);
+  run.lanes = !few && lane_floats <= kConvWholeDecode &&
+              ChannelLanesChosen(pointwise, per_group, g.out_w, positions, nr, lane_width);
+  if (!run.lanes && code_count <= kConvWholeDecode) {
     run.decoded.reset(new float[code_count]);
     run.decoded_size = code_count;
     const std::string error = parallel_for(
         runner, static_cast<size_t>((code_count + kDecodeChunk - 1) / kDecodeChunk), &DecodeTask, &run);
     if (!error.empty()) return error;
   }
-  const uint64_t positions = g.out_h * g.out_w;
-  const uint64_t per_group = w.out_channels / w.group, cg = w.in_channels_per_group, k_count = w.patch_size;
-  const bool pointwise = w.kernel_h == 1 && w.kernel_w == 1 && w.stride_h == 1 && w.stride_w == 1 &&
-                         g.pad_top == 0 && g.pad_left == 0 && g.out_h == g.in_h && g.out_w == g.in_w;
-  const bool few = positions * 4 <= nr;
   const uint64_t sh = static_cast<uint64_t>(w.stride_h), sw = static_cast<uint64_t>(w.stride_w);
   const uint64_t dh = static_cast<uint64_t>(w.dilation_h), dw = static_cast<uint64_t>(w.dilation_w);
   std::vector<uint64_t> offsets(static_cast<size_t>(k_count));
@@ -897,7 +981,7 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
   std::vector<uint64_t> position_sources;
   std::vector<float> tails;  // pointwise: per group [K][nr], the last partial panel
   std::vector<uint64_t> tail_offsets;
-  if (few) {
+  if (few || run.lanes) {
     position_sources.resize(static_cast<size_t>(positions));
     for (uint64_t oh = 0, p = 0; oh < g.out_h; ++oh) {
       for (uint64_t ow = 0; ow < g.out_w; ++ow, ++p)
@@ -950,6 +1034,49 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
       for (uint64_t k = 0; k < k_count; ++k) tail_offsets[k] = k * nr;
     }
   }
+  if (run.lanes) {
+    // Weights [ld / block][K][block] per group (ld: the channels rounded up to a block), the
+    // bias padded to ld; tasks: a block of channels x up to 48 positions.
+    run.ld = (per_group + lane_block - 1) / lane_block * lane_block;
+    run.lane_block = lane_block;
+    run.lane_weights.reset(new float[static_cast<size_t>(w.group * k_count * run.ld)]);
+    run.lanes_fn = isa >= GemmIsa::kAvx512 ? &avx512::RunConvLanes
+                   : isa == GemmIsa::kAvx2 ? &avx2::RunConvLanes
+                                           : &generic::RunConvLanes;
+    const uint64_t tiles = (per_group + kConvTileRows - 1) / kConvTileRows;
+    const std::string error = parallel_for(runner, static_cast<size_t>(w.group * tiles), &LanesDecodeTask, &run);
+    if (!error.empty()) return error;
+    if (bias != nullptr) {
+      run.lane_bias.assign(static_cast<size_t>(w.group * run.ld), 0.0f);
+      for (uint64_t group = 0; group < w.group; ++group)
+        std::memcpy(run.lane_bias.data() + group * run.ld, bias + group * per_group,
+                    static_cast<size_t>(per_group) * sizeof(float));
+    }
+    // Tasks of at most 96 positions, in equal multiples of 12 (whole tiles of 4 or 6 positions).
+#ifndef ONNX_DC_CONV_LANE_TASK_POSITIONS
+#define ONNX_DC_CONV_LANE_TASK_POSITIONS 96
+#endif
+    const uint64_t position_tasks =
+        (positions + ONNX_DC_CONV_LANE_TASK_POSITIONS - 1) / ONNX_DC_CONV_LANE_TASK_POSITIONS;
+    const uint64_t per_task = ((positions + position_tasks - 1) / position_tasks + 11) / 12 * 12;
+    run.lane_jobs.resize(static_cast<size_t>(w.group));
+    for (uint64_t group = 0; group < w.group; ++group) {
+      ConvLanesJob& job = run.lane_jobs[group];
+      job.weights = run.lane_weights.get() + group * k_count * run.ld;
+      job.ld = run.ld;
+      job.channels = per_group;
+      job.k_count = k_count;
+      job.bias = bias != nullptr ? run.lane_bias.data() + group * run.ld : nullptr;
+      job.offsets = offsets.data();
+      job.position_sources = position_sources.data();
+      job.positions = positions;
+      job.activation = activation;
+      for (uint64_t block = 0; block < run.ld / lane_block; ++block) {
+        for (uint64_t first = 0; first < positions; first += per_task)
+          run.tasks.push_back(CodeTilesRun::Task{group, first, std::min(positions, first + per_task), block});
+      }
+    }
+  }
   // Tasks: a few panels of one group, so that their inputs (K x NR floats a
   // panel) stay in L2 while every tile of channels passes over them.
   const uint64_t count = few ? positions : panels.size();
@@ -978,7 +1105,7 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
     job.bias = bias != nullptr ? bias + group * per_group : nullptr;
     job.activation = activation;
     for (uint64_t first = 0; first < count; first += per_task)
-      run.tasks.push_back(CodeTilesRun::Task{group, first, std::min(count, first + per_task)});
+      if (!run.lanes) run.tasks.push_back(CodeTilesRun::Task{group, first, std::min(count, first + per_task), 0});
   }
   for (run.image = 0; run.image < g.batch; ++run.image) {
     std::string error;
@@ -989,6 +1116,10 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
       ConvGemmJob& job = run.jobs[group];
       job.source = pointwise ? image_x + group * cg * positions : run.padded.get() + group * cg * run.plane;
       job.y = y + (run.image * w.out_channels + group * per_group) * positions;
+      if (run.lanes) {
+        run.lane_jobs[group].source = job.source;
+        run.lane_jobs[group].y = job.y;
+      }
       if (!tails.empty()) {
         const uint64_t first = positions / nr * nr;
         float* tail = tails.data() + group * k_count * nr;

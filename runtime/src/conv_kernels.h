@@ -88,6 +88,28 @@ struct ConvGemmJob {
   ActivationSpec activation;
 };
 
+// Channels in lanes (conv_lanes_impl.h): for output maps with few positions
+// per row and many channels (small maps, stride-2 layers), the register tile
+// holds output channels in the vector lanes and a few output positions, each
+// position's input broadcast per k, so no lane is spent on a row's remainder
+// and strides cost nothing. One (image, group); tasks are (block of
+// ConvLaneBlock() channels, range of output positions).
+struct ConvLanesJob {
+  // The group's weight decoded as [ld / B][K][B] floats (B = ConvLaneBlock()):
+  // channel m at block m / B, lane m % B; 0 past M/group.
+  const float* weights = nullptr;
+  uint64_t ld = 0;                 // M/group rounded up to a multiple of ConvLaneBlock()
+  uint64_t channels = 0;           // output channels of the group (M / group)
+  uint64_t k_count = 0;            // C / group * kh * kw
+  const float* bias = nullptr;     // [ld] (0 past channels) or null
+  const float* source = nullptr;   // the group's first input plane (padded, or X for a 1x1 stride-1 unpadded)
+  const uint64_t* offsets = nullptr;           // per k
+  const uint64_t* position_sources = nullptr;  // per output position, added to offsets[k]
+  uint64_t positions = 0;          // OH * OW (Y's channel stride)
+  float* y = nullptr;              // the group's first output channel of this image
+  ActivationSpec activation;
+};
+
 // One depthwise convolution (every image and channel).
 struct DepthwiseJob {
   const float* x = nullptr;        // [N, C, H, W]
@@ -117,6 +139,10 @@ void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd);
 void ExpandConvCodes(const uint8_t* codes, uint64_t first, uint64_t count, bool nibbles, const float* codebook,
                      uint32_t limit, const uint8_t* mask, float* out);
 void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end);  // panels (or positions) [first, end)
+unsigned ConvLaneBlock();  // output channels per block of the channels-in-lanes kernel
+unsigned ConvLaneWidth();  // lanes per vector
+// Channels [block * ConvLaneBlock(), +ConvLaneBlock()) x output positions [first, end).
+void RunConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t first, uint64_t end);
 void RunDepthwise(const DepthwiseJob& job, uint64_t task);
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation);
 }  // namespace generic
@@ -130,6 +156,10 @@ void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd);
 void ExpandConvCodes(const uint8_t* codes, uint64_t first, uint64_t count, bool nibbles, const float* codebook,
                      uint32_t limit, const uint8_t* mask, float* out);
 void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end);
+unsigned ConvLaneBlock();  // output channels per block of the channels-in-lanes kernel
+unsigned ConvLaneWidth();  // lanes per vector
+// Channels [block * ConvLaneBlock(), +ConvLaneBlock()) x output positions [first, end).
+void RunConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t first, uint64_t end);
 void RunDepthwise(const DepthwiseJob& job, uint64_t task);
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation);
 }  // namespace avx2
@@ -147,6 +177,10 @@ void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd);
 void ExpandConvCodes(const uint8_t* codes, uint64_t first, uint64_t count, bool nibbles, const float* codebook,
                      uint32_t limit, const uint8_t* mask, float* out);
 void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end);
+unsigned ConvLaneBlock();  // output channels per block of the channels-in-lanes kernel
+unsigned ConvLaneWidth();  // lanes per vector
+// Channels [block * ConvLaneBlock(), +ConvLaneBlock()) x output positions [first, end).
+void RunConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t first, uint64_t end);
 void RunDepthwise(const DepthwiseJob& job, uint64_t task);
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation);
 }  // namespace avx512

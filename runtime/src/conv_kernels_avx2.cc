@@ -75,6 +75,13 @@ void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
 
 #include "conv_kernels_impl.h"
 
+// Channels-in-lanes tile: 2 vectors of channels x 6 positions.
+constexpr unsigned kLaneVectors = 2;
+constexpr unsigned kLanePositions = 6;
+#define ONNX_DC_CONV_LANE_VECTORS 2
+#define ONNX_DC_CONV_LANE_POSITIONS 6
+#include "conv_lanes_impl.h"
+
 }  // namespace avx2
 }  // namespace onnx_dc
 #else  // not x86: never selected (DetectGemmIsa), forwards to the baseline kernels
@@ -92,6 +99,11 @@ void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
 }
 void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) { generic::RunConvGemm(job, first, end); }
 void RunDepthwise(const DepthwiseJob& job, uint64_t task) { generic::RunDepthwise(job, task); }
+unsigned ConvLaneBlock() { return generic::ConvLaneBlock(); }
+unsigned ConvLaneWidth() { return generic::ConvLaneWidth(); }
+void RunConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t first, uint64_t end) {
+  generic::RunConvLanes(job, block, first, end);
+}
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation) {
   generic::ConvEpilogue(y, count, bias, activation);
 }

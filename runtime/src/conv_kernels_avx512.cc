@@ -90,6 +90,13 @@ void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
 
 #include "conv_kernels_impl.h"
 
+// Channels-in-lanes tile: 4 vectors of channels x 6 positions.
+constexpr unsigned kLaneVectors = 4;
+constexpr unsigned kLanePositions = 6;
+#define ONNX_DC_CONV_LANE_VECTORS 4
+#define ONNX_DC_CONV_LANE_POSITIONS 6
+#include "conv_lanes_impl.h"
+
 // 64 indices at a time: each of the four bytes of the 256 codebook values is
 // a 256-byte plane in 4 zmm; two byte permutes and a blend on bit 7 look up
 // one plane, and two rounds of byte / word interleaving assemble the floats
@@ -147,6 +154,11 @@ void ExpandConvCodesVbmi(const uint8_t* codes, uint64_t first, uint64_t count, b
 }
 void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) { generic::RunConvGemm(job, first, end); }
 void RunDepthwise(const DepthwiseJob& job, uint64_t task) { generic::RunDepthwise(job, task); }
+unsigned ConvLaneBlock() { return generic::ConvLaneBlock(); }
+unsigned ConvLaneWidth() { return generic::ConvLaneWidth(); }
+void RunConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t first, uint64_t end) {
+  generic::RunConvLanes(job, block, first, end);
+}
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation) {
   generic::ConvEpilogue(y, count, bias, activation);
 }

@@ -72,5 +72,12 @@ void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd) {
 
 #include "conv_kernels_impl.h"
 
+// Channels-in-lanes tile: 2 vectors of channels x 4 positions.
+constexpr unsigned kLaneVectors = 2;
+constexpr unsigned kLanePositions = 4;
+#define ONNX_DC_CONV_LANE_VECTORS 2
+#define ONNX_DC_CONV_LANE_POSITIONS 4
+#include "conv_lanes_impl.h"
+
 }  // namespace generic
 }  // namespace onnx_dc

@@ -1,0 +1,151 @@
+// DCConv's channels-in-lanes kernel (ConvLanesJob, conv_kernels.h), shared by
+// every instruction-set variant (conv_kernels_{generic,avx2,avx512}.cc).
+// Included once per variant inside `namespace onnx_dc::<variant>`, after
+// conv_kernels_impl.h, with the variant's
+//
+//   struct V { using T; static constexpr unsigned kLanes; Zero, Load, Store, Set1, Fma };
+//   constexpr unsigned kLaneVectors;    // vectors of output channels of the register tile
+//   constexpr unsigned kLanePositions;  // output positions of the register tile
+//
+// Register tile: kLaneVectors vectors of output channels x kLanePositions
+// output positions; per k, kLaneVectors loads of the decoded weight row
+// ([blocks][K][kBlock] floats, channels in lanes) and one broadcast input per position
+// (any stride or dilation: the inputs are scalars at position_sources[p] +
+// offsets[k]). K runs in blocks of kLaneDepth rows (the block's weights,
+// kLaneDepth x the block's channels, stay in L1 while every position tile of
+// the task passes over them); the task's partial sums ([positions][block]
+// floats) start at the bias and, after the last block, get the activation and
+// are transposed into Y's NCHW planes.
+//
+// NOLINT(build/header_guard): deliberately included once per variant.
+
+namespace conv_lanes_detail {
+
+constexpr unsigned kBlock = kLaneVectors * V::kLanes;  // output channels of a block
+#ifndef ONNX_DC_CONV_LANE_DEPTH
+#define ONNX_DC_CONV_LANE_DEPTH 64
+#endif
+constexpr uint64_t kLaneDepth = ONNX_DC_CONV_LANE_DEPTH;  // rows of K per block (16 KiB of weights on AVX-512)
+
+template <unsigned kVectors, unsigned kPositions>
+inline void LanesTile(const ConvLanesJob& job, uint64_t c0, uint64_t p0, uint64_t k0, uint64_t k1,
+                      float* __restrict tile) {
+  typename V::T acc[kPositions][kVectors];
+  if (k0 == 0) {
+#pragma GCC unroll 4
+    for (unsigned v = 0; v < kVectors; ++v) {
+      const typename V::T init = job.bias != nullptr ? V::Load(job.bias + c0 + v * V::kLanes) : V::Zero();
+#pragma GCC unroll 8
+      for (unsigned q = 0; q < kPositions; ++q) acc[q][v] = init;
+    }
+  } else {
+#pragma GCC unroll 8
+    for (unsigned q = 0; q < kPositions; ++q) {
+#pragma GCC unroll 4
+      for (unsigned v = 0; v < kVectors; ++v) acc[q][v] = V::Load(tile + q * kBlock + v * V::kLanes);
+    }
+  }
+  const float* src[kPositions];
+#pragma GCC unroll 8
+  for (unsigned q = 0; q < kPositions; ++q) src[q] = job.source + job.position_sources[p0 + q];
+  // The block's weights: K rows of kBlock floats (contiguous, so a K block stays in L1).
+  const float* __restrict w = job.weights + c0 * job.k_count + k0 * kBlock;
+  const uint64_t* __restrict offsets = job.offsets;
+  for (uint64_t k = k0; k < k1; ++k, w += kBlock) {
+    typename V::T wv[kVectors];
+#pragma GCC unroll 4
+    for (unsigned v = 0; v < kVectors; ++v) wv[v] = V::Load(w + v * V::kLanes);
+    const uint64_t offset = offsets[k];
+#pragma GCC unroll 8
+    for (unsigned q = 0; q < kPositions; ++q) {
+      const typename V::T xv = V::Set1(src[q][offset]);
+#pragma GCC unroll 4
+      for (unsigned v = 0; v < kVectors; ++v) acc[q][v] = V::Fma(wv[v], xv, acc[q][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (unsigned q = 0; q < kPositions; ++q) {
+#pragma GCC unroll 4
+    for (unsigned v = 0; v < kVectors; ++v) V::Store(tile + q * kBlock + v * V::kLanes, acc[q][v]);
+  }
+}
+
+template <unsigned kVectors>
+inline void LanesTilePositions(const ConvLanesJob& job, uint64_t c0, uint64_t p0, unsigned positions, uint64_t k0,
+                               uint64_t k1, float* tile) {
+  switch (positions) {
+#define ONNX_DC_CONV_LANES_CASE(n)                       \
+  case n:                                                \
+    LanesTile<kVectors, n>(job, c0, p0, k0, k1, tile);   \
+    break;
+    ONNX_DC_CONV_LANES_CASE(1)
+    ONNX_DC_CONV_LANES_CASE(2)
+    ONNX_DC_CONV_LANES_CASE(3)
+    ONNX_DC_CONV_LANES_CASE(4)
+#if 6 <= ONNX_DC_CONV_LANE_POSITIONS
+    ONNX_DC_CONV_LANES_CASE(5)
+    ONNX_DC_CONV_LANES_CASE(6)
+#endif
+#undef ONNX_DC_CONV_LANES_CASE
+    default:
+      break;
+  }
+}
+
+}  // namespace conv_lanes_detail
+
+unsigned ConvLaneBlock() { return conv_lanes_detail::kBlock; }
+unsigned ConvLaneWidth() { return V::kLanes; }
+
+void RunConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t first, uint64_t end) {
+  using namespace conv_lanes_detail;  // NOLINT(build/namespaces)
+  const uint64_t c0 = block * kBlock;
+  if (c0 >= job.channels || first >= end) return;
+  const uint64_t channels = std::min<uint64_t>(kBlock, job.channels - c0);
+  // Vectors of this block (the last one may hold fewer channels; ld covers them).
+  const unsigned vectors = static_cast<unsigned>((channels + V::kLanes - 1) / V::kLanes);
+  // The task's partial sums: position p at partial[(p - first) * kBlock].
+  const uint64_t count = end - first;
+  std::unique_ptr<float[]> buffer(new float[static_cast<size_t>(count * kBlock + 16)]);
+  float* partial = conv_detail::AlignTo64(buffer.get());
+  for (uint64_t k0 = 0; k0 < job.k_count; k0 += kLaneDepth) {
+    const uint64_t k1 = std::min(job.k_count, k0 + kLaneDepth);
+    for (uint64_t p0 = first; p0 < end; p0 += kLanePositions) {
+      const unsigned positions = static_cast<unsigned>(std::min<uint64_t>(kLanePositions, end - p0));
+      float* tile = partial + (p0 - first) * kBlock;
+      switch (vectors) {
+        case 1:
+          LanesTilePositions<1>(job, c0, p0, positions, k0, k1, tile);
+          break;
+#if 2 <= ONNX_DC_CONV_LANE_VECTORS
+        case 2:
+          LanesTilePositions<2>(job, c0, p0, positions, k0, k1, tile);
+          break;
+#endif
+#if 3 <= ONNX_DC_CONV_LANE_VECTORS
+        case 3:
+          LanesTilePositions<3>(job, c0, p0, positions, k0, k1, tile);
+          break;
+#endif
+#if 4 <= ONNX_DC_CONV_LANE_VECTORS
+        case 4:
+          LanesTilePositions<4>(job, c0, p0, positions, k0, k1, tile);
+          break;
+#endif
+        default:
+          break;
+      }
+    }
+  }
+  if (job.activation.kind != Activation::kNone) {
+    for (uint64_t q = 0; q < count; ++q) gemm_detail::Activate(partial + q * kBlock, channels, job.activation);
+  }
+  // Transpose: position p's channels to Y's planes.
+  float* y = job.y + c0 * job.positions + first;
+  for (uint64_t m = 0; m < channels; ++m, y += job.positions) {
+    const float* from = partial + m;
+    for (uint64_t q = 0; q < count; ++q) y[q] = from[q * kBlock];
+  }
+}
+
+
