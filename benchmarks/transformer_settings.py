@@ -2,6 +2,7 @@
 
     python benchmarks/transformer_settings.py defaults [--eval-sentences 200] [--settings JSON ...]
     python benchmarks/transformer_settings.py search --min-cosine 0.999 [--calib-sentences 96] [--eval-sentences 200]
+    python benchmarks/transformer_settings.py search [--calib-sentences 96]     # --calib alone, the default settings
 
 ``defaults`` compresses ``minilm-l6`` with each data-free setting (a JSON dict of
 :class:`onnx_dc.api.recipe.Recipe` fields; default: the built-in defaults and a
@@ -120,7 +121,8 @@ def run_defaults(args: argparse.Namespace) -> list[dict]:
 
 
 def run_search(args: argparse.Namespace) -> list[dict]:
-    """``--calib`` with a ``--min-cosine`` budget (held-out part of the calibration sentences), then held-out evaluation."""
+    """``--calib`` with a ``--min-cosine`` budget (held-out part of the calibration sentences), or alone without
+    one, then held-out evaluation."""
     from model_zoo import real
     from model_zoo.real.base import stack_feeds
 
@@ -129,14 +131,17 @@ def run_search(args: argparse.Namespace) -> list[dict]:
     calib = stack_feeds(zoo_model.make_inputs("calib", args.calib_sentences))
     inputs = zoo_model.make_inputs("eval", args.eval_sentences)
     reference = _session(path)
-    recipe = Recipe(search=SearchRecipe(min_cosine=args.min_cosine))
+    recipe = Recipe(search=SearchRecipe(min_cosine=args.min_cosine)) if args.min_cosine is not None else Recipe()
     with tempfile.TemporaryDirectory() as tmp:
         written = str(Path(tmp) / "out.onnx")
         wall, cpu = time.perf_counter(), _cpu_seconds()
         result = onnx_dc.compress(path, written, recipe, calib=calib, progress=True)
         wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
-        print(result.calibration.format_summary(), file=sys.stderr)
-        label = f"--calib ({args.calib_sentences} sentences) --min-cosine {args.min_cosine:g}"
+        if args.min_cosine is not None:
+            print(result.calibration.format_summary(), file=sys.stderr)
+        label = f"--calib ({args.calib_sentences} sentences)" + (
+            f" --min-cosine {args.min_cosine:g}" if args.min_cosine is not None else ""
+        )
         return [_row(label, path, written, onnx_dc.decompress(result.model), zoo_model, reference, inputs, wall, cpu)]
 
 
@@ -146,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = sub.add_parser("defaults", help="data-free settings and int8 quantize_dynamic")
     defaults.add_argument("--settings", nargs="*", metavar="JSON", help="Recipe fields per setting, e.g. '{\"bits\": \"fc=6\"}'")
     defaults.add_argument("--no-int8", action="store_true", help="leave out the int8 quantize_dynamic row")
-    search = sub.add_parser("search", help="--calib with a --min-cosine budget")
-    search.add_argument("--min-cosine", type=float, required=True)
+    search = sub.add_parser("search", help="--calib with a --min-cosine budget, or alone")
+    search.add_argument("--min-cosine", type=float, help="the budget (default: none, --calib alone)")
     search.add_argument("--calib-sentences", type=int, default=96)
     for p in (defaults, search):
         p.add_argument("--eval-sentences", type=int, default=200)

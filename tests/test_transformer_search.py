@@ -251,3 +251,19 @@ def test_embedding_tables_are_searched_and_their_bits_recorded(monkeypatch, ops_
     recorded = result.recipe.settings().resolve("word_embeddings.weight", "other", transformer=True)
     (row,) = [t for t in result.report.tensors if t.name == "word_embeddings.weight"]
     assert recorded.sources["bits"] == "--bits word_embeddings.weight=" + str(row.bits)
+
+
+def test_calib_alone_on_a_transformer_fits_with_its_recipe(ops_library):
+    from onnx_dc.api.recipe import CalibrationRecipe
+    from onnx_dc.calibration.options import CalibrationOptions
+    from onnx_dc.calibration.transformer_search import TRANSFORMER_CALIB_REFIT_ROUNDS, calib_fit_options
+
+    fitted = calib_fit_options(CalibrationOptions())
+    assert (fitted.sequential, fitted.refit_weights, fitted.refit_rounds, fitted.criterion) == (
+        False, False, TRANSFORMER_CALIB_REFIT_ROUNDS, "activation"
+    )
+    result = onnx_dc.compress(load("bert_ts"), calib=bert_inputs(16))
+    assert any(note.startswith("transformer: layers fitted on the original model's statistics") for note in result.report.notes)
+    explicit = Recipe(calibration=CalibrationRecipe(options=CalibrationOptions(refit_rounds=1)))
+    result = onnx_dc.compress(load("bert_ts"), recipe=explicit, calib=bert_inputs(16))
+    assert not any(note.startswith("transformer: layers fitted") for note in result.report.notes)

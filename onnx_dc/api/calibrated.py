@@ -49,6 +49,7 @@ from onnx_dc.calibration.search import (
     default_grids,
 )
 from onnx_dc.calibration.subgraphs import CalibrationView, calibration_view
+from onnx_dc.calibration.transformer_search import calib_fit_options
 from onnx_dc.calibration.sensitivity import DEFAULT_BITS, DEFAULT_SPARSITIES, SensitivityReport, analyze_sensitivity
 from onnx_dc.errors import CalibrationError, LibraryNotFoundError, SettingsError
 from onnx_dc.graph.model_io import ModelSource, check_output_path, constants_to_initializers, load_model, save_model
@@ -150,17 +151,31 @@ def _compress_fitted(
     """Every layer fitted with its settings as given (``recipe.calibration.holdout`` samples left out)."""
     if recipe.calibration.holdout:
         data, _ = data.materialised().split(recipe.calibration.holdout, seed=recipe.seed)
-    compression = view.restore(
-        compress_with_calibration(view.model, data, layer_settings, recipe.calibration.options, progress=progress)
-    )
+    options, note = _fit_options(view.model, recipe.calibration.options)
+    compression = view.restore(compress_with_calibration(view.model, data, layer_settings, options, progress=progress))
     result = compress_model(
         compression.model, recipe, output=output, progress=progress,
         external_data=external_data, tensor_compressor=compression.tensor_compressor(), prepared=prepared,
         jobs=jobs,
     )
-    result.report.notes.extend(calibration_notes(compression))
+    result.report.notes.extend(([note] if note else []) + calibration_notes(compression))
     result.calibration = compression
     return result
+
+
+def _fit_options(model: onnx.ModelProto, options: CalibrationOptions) -> tuple[CalibrationOptions, str]:
+    """The options of ``--calib`` alone: a transformer given the default options is fitted with
+    :func:`~onnx_dc.calibration.transformer_search.calib_fit_options`, said in a note."""
+    defaults = CalibrationOptions()
+    if not is_transformer(model) or replace(options, batch_size=defaults.batch_size,
+                                            max_memory_bytes=defaults.max_memory_bytes) != defaults:
+        return options, ""
+    fitted = calib_fit_options(options)
+    return fitted, (
+        f"transformer: layers fitted on the original model's statistics with activation-aware pruning, k-means "
+        f"and {fitted.refit_rounds} rounds of centroid refit, and the bias correction (no weight refits, no "
+        f"sequential captures); calibration options given explicitly are used as given"
+    )
 
 
 def _compress_searched(

@@ -124,6 +124,7 @@ from onnx_dc.calibration.transformer_search import (  # noqa: F401 - the grid co
     TRANSFORMER_SEARCH_SPARSITIES,
     TRANSFORMER_TABLE_MIN_ELEMENTS,
     bisect_gap,
+    cheap_fit_options,
     embedding_tables,
     table_candidates,
     within_margin,
@@ -284,7 +285,7 @@ def autotune(
     reference, run_seconds = _reference_run(runner)
     baseline = top1_accuracy(reference, labels) if labels is not None else None
     search_options = _search_options(options, len(layers), transformer)
-    final_options = replace(search_options, sequential=False) if transformer else options
+    final_options = cheap_fit_options(options) if transformer else options
     if transformer:
         say("transformer: candidates and the final model fitted with the cheap search recipe (activation-aware "
             "pruning, plain k-means) on the original model's statistics")
@@ -592,7 +593,9 @@ def _layer_choice(layer: LayerSpec, compression: CalibratedCompression) -> Layer
 
 def _search_options(options: CalibrationOptions, n_layers: int, transformer: bool = False) -> CalibrationOptions:
     """The recipe the candidates are fitted with: ``options`` itself, or the cheap one (large models, transformers)."""
-    if n_layers <= MANY_LAYERS and not transformer:
+    if transformer:
+        return cheap_fit_options(options)
+    if n_layers <= MANY_LAYERS:
         return options
     criterion = "activation" if options.criterion in ("auto", "obs") else options.criterion
     return replace(options, criterion=criterion, refit_weights=False, refit_rounds=0)

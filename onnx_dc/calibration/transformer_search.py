@@ -21,7 +21,7 @@ import onnx
 from onnx_dc.calibration.budget import Budget
 from onnx_dc.calibration.metrics import OutputMetrics, compare_outputs
 from onnx_dc.calibration.model_fit import initializer_array, plain_tensor
-from onnx_dc.calibration.options import LayerSettings
+from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
 from onnx_dc.calibration.search_path import Candidate
 from onnx_dc.calibration.weight_swap import WeightSwapRunner
 
@@ -33,7 +33,10 @@ __all__ = [
     "TRANSFORMER_PATH_CHECKS",
     "TRANSFORMER_SEARCH_SPARSITIES",
     "TRANSFORMER_TABLE_MIN_ELEMENTS",
+    "TRANSFORMER_CALIB_REFIT_ROUNDS",
     "bisect_gap",
+    "calib_fit_options",
+    "cheap_fit_options",
     "embedding_tables",
     "table_candidates",
     "within_margin",
@@ -109,3 +112,24 @@ def table_candidates(
         error = compare_outputs(reference, runner.run({name: tensor.quantized})).relative_error
         found.append(Candidate(0.0, int(b), tensor.size_bytes, error, error, tensor.quantized, None, tensor.settings.index_bits))
     return found
+
+
+def cheap_fit_options(options: CalibrationOptions) -> CalibrationOptions:
+    """The recipe a transformer's search fits its candidates and final model with: activation-aware pruning
+    and plain k-means on the original model's statistics, with the bias correction; no least-squares refits,
+    no sequential captures (which take an hour for a 22 M-parameter encoder on two cores)."""
+    criterion = "activation" if options.criterion in ("auto", "obs") else options.criterion
+    return replace(options, criterion=criterion, refit_weights=False, refit_rounds=0, sequential=False)
+
+
+TRANSFORMER_CALIB_REFIT_ROUNDS = 2
+"""Centroid refit rounds of a transformer's ``--calib`` alone: on all-MiniLM-L6-v2 at the transformer
+defaults (96 calibration sentences, 200 held-out ones) embedding cosine 0.9943 and neighbour agreement
+90.5 % against 0.9805 / 86.0 % with plain k-means and 0.988 / 87.0 % data-free, in 2.5 CPU minutes
+(``python benchmarks/transformer_settings.py search``)."""
+
+
+def calib_fit_options(options: CalibrationOptions) -> CalibrationOptions:
+    """The recipe of a transformer's ``--calib`` without a budget (and default options): :func:`cheap_fit_options`
+    with :data:`TRANSFORMER_CALIB_REFIT_ROUNDS` rounds of centroid refit and re-assignment."""
+    return replace(cheap_fit_options(options), refit_rounds=TRANSFORMER_CALIB_REFIT_ROUNDS)
