@@ -12,6 +12,7 @@ per-layer recipe: pruning (:mod:`onnx_dc.calibration.pruning_fit`), then this.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -55,7 +56,8 @@ _ONEHOT_MAX_ELEMENTS = 1 << 18  # _centroid_system builds the one-hot matrix of 
 _ROUND_RTOL = 1e-3  # quantize_layer stops when a whole round gains less than this (relative)
 _FEEDBACK_RESTARTS = 3  # error-feedback starts quantize_layer tries at most (each from the best codebook so far)
 _FEEDBACK_BATCH_BYTES = 1 << 25  # padded factors of single-column groups processed together
-_FEEDBACK_KEEP_BYTES = 1 << 28  # quantize_layer keeps the factors between its restarts up to this size
+_FEEDBACK_CACHE_BYTES = 1 << 29  # factors kept between roundings (restarts, bit widths of one mask), in total
+_FEEDBACK_CACHE_PLANS = 16  # plans kept at most (each holds its layer's Hessian)
 _FEEDBACK_BLOCK_ROWS = 64  # rows per lazy-update block of the error-feedback rounding
 
 
@@ -117,8 +119,7 @@ def quantize_layer(
         return QuantizedLayer(codes, start_centroids, error, history)
     codes, centroids, error = _alternate(problem, codes, start_centroids, error, rounds, history)
     if error_feedback:
-        with single_threaded_blas():
-            plans = [_FeedbackPlan(h, m, _FEEDBACK_KEEP_BYTES) for h, m in zip(problem.hessians, masks)]
+        plans = _feedback_plans(problem, masks)
         feedback_centroids = start_centroids
         for _ in range(_FEEDBACK_RESTARTS):
             trial_codes = _feedback_codes(plans, weights, feedback_centroids)
@@ -353,8 +354,8 @@ class _FeedbackPlan:
                 stop += 1
             self.batches.append(singles[start:stop])
             start = stop
-        factor_bytes = sum(len(b) * b[-1][0].size ** 2 * 8 for b in self.batches)
-        self.factors = [self._factor(b) for b in self.batches] if factor_bytes <= keep_bytes else None
+        self.factor_bytes = sum(len(b) * b[-1][0].size ** 2 * 8 for b in self.batches)
+        self.factors = [self._factor(b) for b in self.batches] if self.factor_bytes <= keep_bytes else None
 
     def _factor(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         size = max(rows.size for rows, _ in batch)
@@ -376,6 +377,62 @@ class _FeedbackPlan:
             for b, (rows, columns) in enumerate(batch):
                 codes[np.ix_(rows, columns)] = rounded[b, : rows.size, : columns.size]
         return codes
+
+
+class _FeedbackPlanCache:
+    """The most recently used :class:`_FeedbackPlan` s with their factors, bounded in bytes and in number.
+
+    A plan depends only on a block's Hessian and mask, so every rounding of one
+    pruning mask (the restarts of :func:`quantize_layer`, and its calls at the
+    other bit widths of one sparsity) reuses the factors instead of computing
+    them again. An entry is found by the identity of the Hessian array (the
+    entry holds a reference, so the identity cannot be reused while it is
+    cached; Hessians are never modified) and the mask's contents. Plans whose
+    factors exceed ``max_bytes`` are not kept: they recompute them per rounding.
+    """
+
+    def __init__(self, max_bytes: int, max_plans: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_plans = max_plans
+        self._plans: collections.OrderedDict[tuple[int, tuple[int, ...], bytes], tuple[np.ndarray, _FeedbackPlan]] = (
+            collections.OrderedDict()
+        )
+        self._bytes = 0
+
+    def plan(self, hessian: np.ndarray, mask: np.ndarray) -> _FeedbackPlan:
+        """The plan of ``(hessian, mask)``: cached, or built (and cached when its factors fit)."""
+        key = (id(hessian), mask.shape, np.packbits(mask).tobytes())
+        entry = self._plans.get(key)
+        if entry is not None and entry[0] is hessian:
+            self._plans.move_to_end(key)
+            return entry[1]
+        with single_threaded_blas():
+            plan = _FeedbackPlan(hessian, mask, self.max_bytes)
+        if plan.factors is not None:
+            if entry is not None:
+                self._remove(key)
+            self._plans[key] = (hessian, plan)
+            self._bytes += plan.factor_bytes
+            while self._plans and (self._bytes > self.max_bytes or len(self._plans) > self.max_plans):
+                self._remove(next(iter(self._plans)))
+        return plan
+
+    def clear(self) -> None:
+        """Forget every plan."""
+        self._plans.clear()
+        self._bytes = 0
+
+    def _remove(self, key: tuple[int, tuple[int, ...], bytes]) -> None:
+        _, plan = self._plans.pop(key)
+        self._bytes -= plan.factor_bytes
+
+
+_FEEDBACK_PLANS = _FeedbackPlanCache(_FEEDBACK_CACHE_BYTES, _FEEDBACK_CACHE_PLANS)
+
+
+def _feedback_plans(problem: LayerProblem, masks: Sequence[np.ndarray]) -> list[_FeedbackPlan]:
+    """The error-feedback plans of ``problem``'s blocks for ``masks`` (shared through :data:`_FEEDBACK_PLANS`)."""
+    return [_FEEDBACK_PLANS.plan(h, m) for h, m in zip(problem.hessians, masks)]
 
 
 def _feedback_codes(
