@@ -53,3 +53,51 @@ class TestFeedbackPlanCache:
         small = sharing_fit._FeedbackPlanCache(8, 4)
         plan = small.plan(p.hessians[0], select_mask(p, 0.5, "magnitude")[0])
         assert plan.factors is None and not small._plans
+
+
+def reassign_row_by_row(
+    hessian: np.ndarray, target: np.ndarray, codes: np.ndarray, centroids: np.ndarray
+) -> np.ndarray:
+    """The coordinate descent visiting every input row in turn (one sweep): the reference."""
+    codes = codes.copy()
+    values = np.where(codes >= 0, centroids[np.maximum(codes, 0)], 0.0)
+    residual = hessian @ (values - target)
+    mid = 0.5 * centroids[:-1] + 0.5 * centroids[1:]
+    for j in range(codes.shape[0]):
+        h_jj = hessian[j, j]
+        cols = np.flatnonzero(codes[j] >= 0)
+        if h_jj <= 0 or cols.size == 0:
+            continue
+        current = values[j, cols]
+        new = np.searchsorted(mid, current - residual[j, cols] / h_jj, side="left")
+        delta = centroids[new] - current
+        move = (delta != 0) & (2.0 * delta * residual[j, cols] + delta * delta * h_jj < 0)
+        cols, new, delta = cols[move], new[move], delta[move]
+        codes[j, cols] = new
+        values[j, cols] += delta
+        residual[:, cols] += np.outer(hessian[:, j], delta)
+    return codes
+
+
+class TestReassignVisitsOnlyMovingRows:
+    @pytest.mark.parametrize("seed", range(6))
+    @pytest.mark.parametrize("n_clusters", [2, 5, 16])
+    def test_the_codes_of_the_row_by_row_sweep(self, seed: int, n_clusters: int) -> None:
+        p = make_problem(seed, k=30, n=12)
+        rng = np.random.default_rng(seed)
+        codes = rng.integers(0, n_clusters, size=p.targets[0].shape).astype(np.int32)
+        codes[rng.random(codes.shape) < 0.3] = -1
+        centroids = np.sort(rng.standard_normal(n_clusters))
+        expected = reassign_row_by_row(p.hessians[0], p.targets[0], codes, centroids)
+        got = sharing_fit.reassign_codes(p, [codes], centroids)[0]
+        np.testing.assert_array_equal(got, expected)
+
+    def test_a_row_without_curvature_never_moves(self) -> None:
+        p = make_problem(3, k=10, n=4)
+        p.hessians[0][4, :] = 0.0
+        p.hessians[0][:, 4] = 0.0
+        codes = np.zeros(p.targets[0].shape, dtype=np.int32)
+        centroids = np.array([-1.0, 0.0, 1.0])
+        got = sharing_fit.reassign_codes(p, [codes], centroids)[0]
+        np.testing.assert_array_equal(got[4], codes[4])
+        np.testing.assert_array_equal(got, reassign_row_by_row(p.hessians[0], p.targets[0], codes, centroids))

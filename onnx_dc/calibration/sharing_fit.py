@@ -53,6 +53,7 @@ __all__ = [
 
 _IMPROVEMENT_RTOL = 1e-9  # a step must lower E by more than this (relative) to count
 _ONEHOT_MAX_ELEMENTS = 1 << 18  # _centroid_system builds the one-hot matrix of blocks up to this size
+_REASSIGN_ROWS = 32  # rows whose coordinate moves reassign_codes computes together
 _ROUND_RTOL = 1e-3  # quantize_layer stops when a whole round gains less than this (relative)
 _FEEDBACK_RESTARTS = 3  # error-feedback starts quantize_layer tries at most (each from the best codebook so far)
 _FEEDBACK_BATCH_BYTES = 1 << 25  # padded factors of single-column groups processed together
@@ -546,34 +547,74 @@ def _centroid_system(
 def _reassign_block(
     hessian: np.ndarray, target: np.ndarray, codes: np.ndarray, centroids: np.ndarray, sweeps: int
 ) -> np.ndarray:
+    """One block of :func:`reassign_codes`: its row-by-row coordinate descent, visiting only rows that move.
+
+    A row moves its weights by the residual ``R`` as the rows before it left it.
+    The rows are taken :data:`_REASSIGN_ROWS` at a time: the moves of all of
+    them are computed at once from ``R``; after row ``j`` moves the weights of
+    columns ``C``, only ``R[:, C]`` changed, so only the moves of the group's
+    later rows in ``C`` are computed again. The rows that move are updated with
+    the arithmetic of a plain row-by-row sweep (the same operations on the same
+    values), so the codes are those of visiting every row in turn.
+    """
     if centroids.size == 0 or not np.any(codes >= 0):
         return codes
     values = _dequantize(codes, centroids)
-    residual = hessian @ (values - target)
+    # R^T, one row per output column: the update of the columns a row moves is then
+    # a product added to whole rows of memory (the same products and sums as on R).
+    residual_t = np.ascontiguousarray((hessian @ (values - target)).T)
     mid = 0.5 * centroids[:-1] + 0.5 * centroids[1:]
     diag = np.diag(hessian)
+    movable = (codes >= 0) & (diag > 0)[:, None]
+    n_rows = codes.shape[0]
     for _ in range(sweeps):
         changed_any = False
-        for j in range(codes.shape[0]):
-            h_jj = diag[j]
-            if h_jj <= 0:
-                continue
-            cols = np.flatnonzero(codes[j] >= 0)
-            if cols.size == 0:
-                continue
-            current = values[j, cols]
-            optimum = current - residual[j, cols] / h_jj
-            new = np.searchsorted(mid, optimum, side="left")
-            delta = centroids[new] - current
-            gain = 2.0 * delta * residual[j, cols] + delta * delta * h_jj  # change of E, <= 0 up to rounding
-            move = (delta != 0) & (gain < 0)
-            if not np.any(move):
-                continue
-            cols, new, delta = cols[move], new[move], delta[move]
-            codes[j, cols] = new
-            values[j, cols] += delta
-            residual[:, cols] += np.outer(hessian[:, j], delta)
-            changed_any = True
+        for begin in range(0, n_rows, _REASSIGN_ROWS):
+            group = slice(begin, min(n_rows, begin + _REASSIGN_ROWS))
+            moves, new_codes = _coordinate_moves(
+                residual_t[:, group].T, values[group], diag[group], movable[group], centroids, mid
+            )
+            moves_per_row = np.count_nonzero(moves, axis=1)
+            row = -1
+            while True:
+                later = np.flatnonzero(moves_per_row[row + 1 :])
+                if later.size == 0:
+                    break
+                row += 1 + int(later[0])
+                j = begin + row
+                cols = np.flatnonzero(moves[row])
+                new = new_codes[row, cols]
+                delta = centroids[new] - values[j, cols]
+                codes[j, cols] = new
+                values[j, cols] += delta
+                residual_t[cols] += np.outer(delta, hessian[:, j])
+                changed_any = True
+                if row + 1 == moves.shape[0]:
+                    break
+                below = slice(row + 1, None)
+                rows_below = slice(j + 1, group.stop)
+                moves[below, cols], new_codes[below, cols] = _coordinate_moves(
+                    residual_t[cols, rows_below].T, values[rows_below, cols], diag[rows_below],
+                    movable[rows_below, cols], centroids, mid,
+                )
+                moves_per_row[below] = np.count_nonzero(moves[below], axis=1)
         if not changed_any:
             break
     return codes
+
+
+def _coordinate_moves(
+    residual: np.ndarray, values: np.ndarray, diag: np.ndarray, movable: np.ndarray, centroids: np.ndarray,
+    mid: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which weights move, and to which code, when each alone takes the centroid that lowers ``E`` most.
+
+    ``residual``, ``values``, ``movable``: ``[rows, columns]``; ``diag``: ``H_jj`` of the rows. The
+    centroid nearest to ``w - R_jn / H_jj``; a weight moves when that changes ``E`` by less than 0.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        optimum = values - residual / diag[:, None]
+    new = np.searchsorted(mid, optimum, side="left")
+    delta = centroids[new] - values
+    gain = 2.0 * delta * residual + delta * delta * diag[:, None]  # change of E, <= 0 up to rounding
+    return movable & (delta != 0) & (gain < 0), new
