@@ -101,3 +101,26 @@ class TestReassignVisitsOnlyMovingRows:
         got = sharing_fit.reassign_codes(p, [codes], centroids)[0]
         np.testing.assert_array_equal(got[4], codes[4])
         np.testing.assert_array_equal(got, reassign_row_by_row(p.hessians[0], p.targets[0], codes, centroids))
+
+
+class TestValueTypesKeptPerStructure:
+    def test_models_differing_in_initializer_values_share_their_types(self) -> None:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+
+        from onnx_dc.calibration import capture
+
+        def model(value: float, cast_to: int = TensorProto.DOUBLE) -> onnx.ModelProto:
+            weight = numpy_helper.from_array(np.full((2, 2), value, np.float32), "w")
+            nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Cast", ["y"], ["z"], to=cast_to)]
+            graph = helper.make_graph(
+                nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                [helper.make_tensor_value_info("z", cast_to, [1, 2])], [weight],
+            )
+            return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+        first = capture._value_types(model(1.0))
+        assert capture._value_types(model(2.0)) is first
+        assert first["y"].type.tensor_type.elem_type == TensorProto.FLOAT
+        other = capture._value_types(model(1.0, TensorProto.FLOAT16))
+        assert other is not first and other["z"].type.tensor_type.elem_type == TensorProto.FLOAT16
