@@ -44,6 +44,15 @@ class TestFeedbackPlanCache:
         assert cache.plan(p.hessians[0].copy(), mask) is not first
         assert cache.plan(p.hessians[0], ~mask) is not first
 
+    def test_an_entry_goes_with_its_hessian(self) -> None:
+        p = make_problem(4)
+        cache = sharing_fit._FeedbackPlanCache(1 << 20, 4)
+        hessian = p.hessians[0].copy()
+        cache.plan(hessian, select_mask(p, 0.5, "magnitude")[0])
+        assert len(cache._plans) == 1 and cache._bytes > 0
+        del hessian
+        assert not cache._plans and cache._bytes == 0
+
     def test_the_cache_stays_within_its_bounds(self) -> None:
         p = make_problem(2)
         cache = sharing_fit._FeedbackPlanCache(1 << 20, 2)

@@ -13,6 +13,7 @@ per-layer recipe: pruning (:mod:`onnx_dc.calibration.pruning_fit`), then this.
 from __future__ import annotations
 
 import collections
+import weakref
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -338,7 +339,7 @@ class _FeedbackPlan:
     """
 
     def __init__(self, hessian: np.ndarray, mask: np.ndarray, keep_bytes: int) -> None:
-        self.hessian = hessian
+        self.hessian: np.ndarray | None = hessian
         self.shape = mask.shape
         diag = np.diag(hessian)
         groups = []
@@ -361,6 +362,7 @@ class _FeedbackPlan:
     def _factor(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         size = max(rows.size for rows, _ in batch)
         padded = np.broadcast_to(np.eye(size), (len(batch), size, size)).copy()
+        assert self.hessian is not None, "a plan without its Hessian keeps its factors"
         for b, (rows, _) in enumerate(batch):
             padded[b, : rows.size, : rows.size] = self.hessian[np.ix_(rows, rows)]
         return _feedback_factor(padded)
@@ -386,33 +388,32 @@ class _FeedbackPlanCache:
     A plan depends only on a block's Hessian and mask, so every rounding of one
     pruning mask (the restarts of :func:`quantize_layer`, and its calls at the
     other bit widths of one sparsity) reuses the factors instead of computing
-    them again. An entry is found by the identity of the Hessian array (the
-    entry holds a reference, so the identity cannot be reused while it is
-    cached; Hessians are never modified) and the mask's contents. Plans whose
-    factors exceed ``max_bytes`` are not kept: they recompute them per rounding.
+    them again. An entry is found by the identity of the Hessian array (held by a
+    weak reference: an entry goes when its Hessian is freed, so a later array
+    with the same identity never finds it; Hessians are never modified) and the
+    mask's contents. Plans whose factors exceed ``max_bytes`` are not kept: they
+    recompute them per rounding.
     """
 
     def __init__(self, max_bytes: int, max_plans: int) -> None:
         self.max_bytes = max_bytes
         self.max_plans = max_plans
-        self._plans: collections.OrderedDict[tuple[int, tuple[int, ...], bytes], tuple[np.ndarray, _FeedbackPlan]] = (
-            collections.OrderedDict()
-        )
+        self._plans: collections.OrderedDict[_PlanKey, tuple[weakref.ref, _FeedbackPlan]] = collections.OrderedDict()
         self._bytes = 0
 
     def plan(self, hessian: np.ndarray, mask: np.ndarray) -> _FeedbackPlan:
         """The plan of ``(hessian, mask)``: cached, or built (and cached when its factors fit)."""
         key = (id(hessian), mask.shape, np.packbits(mask).tobytes())
         entry = self._plans.get(key)
-        if entry is not None and entry[0] is hessian:
+        if entry is not None and entry[0]() is hessian:
             self._plans.move_to_end(key)
             return entry[1]
         with single_threaded_blas():
             plan = _FeedbackPlan(hessian, mask, self.max_bytes)
         if plan.factors is not None:
-            if entry is not None:
-                self._remove(key)
-            self._plans[key] = (hessian, plan)
+            self._remove(key)
+            plan.hessian = None  # the factors are all it needs; the cache must not keep the Hessian alive
+            self._plans[key] = (weakref.ref(hessian, lambda _, key=key: self._remove(key)), plan)
             self._bytes += plan.factor_bytes
             while self._plans and (self._bytes > self.max_bytes or len(self._plans) > self.max_plans):
                 self._remove(next(iter(self._plans)))
@@ -423,11 +424,13 @@ class _FeedbackPlanCache:
         self._plans.clear()
         self._bytes = 0
 
-    def _remove(self, key: tuple[int, tuple[int, ...], bytes]) -> None:
-        _, plan = self._plans.pop(key)
-        self._bytes -= plan.factor_bytes
+    def _remove(self, key: _PlanKey) -> None:
+        entry = self._plans.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[1].factor_bytes
 
 
+_PlanKey = tuple[int, tuple[int, ...], bytes]  # (id of the Hessian, mask shape, packed mask)
 _FEEDBACK_PLANS = _FeedbackPlanCache(_FEEDBACK_CACHE_BYTES, _FEEDBACK_CACHE_PLANS)
 
 
