@@ -181,8 +181,9 @@ def refit_centroids(problem: LayerProblem, codes: Sequence[np.ndarray], centroid
     codes = _check_codes(codes, problem, k)
     system = np.zeros((k, k))
     rhs = np.zeros(k)
-    for hessian, target, c, cw in zip(problem.hessians, problem.targets, codes, problem.column_weights):
-        m_block, r_block = _centroid_system(hessian, target, c, k, cw)
+    blocks = zip(problem.hessians, problem.targets, codes, problem.column_weights, problem.hessian_targets())
+    for hessian, target, c, cw, ht in blocks:
+        m_block, r_block = _centroid_system(hessian, target, c, k, cw, hessian_target=ht)
         system += m_block
         rhs += r_block
     used = np.flatnonzero(np.diag(system) > 0)
@@ -501,16 +502,22 @@ def _improves(new: float, old: float) -> bool:
 
 
 def _centroid_system(
-    hessian: np.ndarray, target: np.ndarray, codes: np.ndarray, k: int, column_weights: np.ndarray | None = None
+    hessian: np.ndarray, target: np.ndarray, codes: np.ndarray, k: int, column_weights: np.ndarray | None = None,
+    *, hessian_target: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(M, r)`` of one block: ``M_cd = tr(A_c^T H A_d S)``, ``r_c = tr(A_c^T H T S)`` (``S`` = diag(column weights))."""
+    """``(M, r)`` of one block: ``M_cd = tr(A_c^T H A_d S)``, ``r_c = tr(A_c^T H T S)`` (``S`` = diag(column weights)).
+
+    ``hessian_target``: ``H T S`` when already known (:meth:`LayerProblem.hessian_targets`).
+    """
     kept = codes >= 0
     system = np.zeros((k, k))
     if not np.any(kept):
         return system, np.zeros(k)
-    ht = hessian @ target
-    if column_weights is not None:
-        ht = ht * column_weights[None, :]
+    ht = hessian_target
+    if ht is None:
+        ht = hessian @ target
+        if column_weights is not None:
+            ht = ht * column_weights[None, :]
     rhs = np.bincount(codes[kept], weights=ht[kept], minlength=k)[:k]
     n_rows, n_cols = codes.shape
     per_column = np.count_nonzero(kept, axis=0).astype(np.float64)
