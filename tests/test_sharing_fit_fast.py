@@ -1,6 +1,6 @@
-"""Tests of the shared work of onnx_dc.calibration.sharing_fit: cached error-feedback factors,
-the centroid system from one sparse product, and the blocked coordinate descent give the fits
-of the direct computations."""
+"""Tests of the work the calibrated fits share: cached error-feedback factors and the coordinate
+descent that visits only moving rows give the fits of the direct computations; the capture's
+inferred element types are kept per model structure."""
 
 from __future__ import annotations
 
