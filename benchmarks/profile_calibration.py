@@ -10,6 +10,7 @@ also runs under cProfile or pyinstrument for the hot lines.
 Usage (from the repository root)::
 
     PYTHONPATH=. python benchmarks/profile_calibration.py lenet-auto            # LeNet-300-100, --max-drop 0.5
+    PYTHONPATH=. python benchmarks/profile_calibration.py lenet-calib           # LeNet-300-100, --calib alone
     PYTHONPATH=. python benchmarks/profile_calibration.py cls-calib  --samples 128  # ppocr-mobile-v2-cls, --calib alone
     PYTHONPATH=. python benchmarks/profile_calibration.py cls-auto   --samples 128  # ... --min-cosine 0.999
     PYTHONPATH=. python benchmarks/profile_calibration.py rec-calib  --samples 64   # ppocrv4-rec, --calib alone
@@ -188,7 +189,7 @@ def case(args: argparse.Namespace) -> tuple[str, Any, Any, Any]:
     from onnx_dc.api.recipe import Recipe, SearchRecipe
 
     budget = Recipe(search=SearchRecipe(min_cosine=args.min_cosine))
-    if args.case == "lenet-auto":
+    if args.case in ("lenet-auto", "lenet-calib"):
         from model_zoo import get_model_path
         from model_zoo.calibration_table import CALIBRATION_SEED, test_halves
         from model_zoo.fashion_mnist import calibration_set, evaluation_set
@@ -196,9 +197,9 @@ def case(args: argparse.Namespace) -> tuple[str, Any, Any, Any]:
         calib = calibration_set(args.samples or 8192, seed=CALIBRATION_SEED)
         test = evaluation_set()
         half_a, _ = test_halves()
-        recipe = Recipe(search=SearchRecipe(max_drop=args.max_drop))
-        return (str(get_model_path("lenet_300_100")), recipe, {"input": calib.images},
-                {"input": test.images[half_a], "labels": test.labels[half_a]})
+        recipe = Recipe(search=SearchRecipe(max_drop=args.max_drop)) if args.case == "lenet-auto" else Recipe()
+        evaluation = {"input": test.images[half_a], "labels": test.labels[half_a]} if recipe.search else None
+        return str(get_model_path("lenet_300_100")), recipe, {"input": calib.images}, evaluation
     name = {"cls": "ppocr-mobile-v2-cls", "rec": "ppocrv4-rec", "minilm": "minilm-l6", "silero": "silero-vad"}[
         args.case.split("-")[0]]
     from model_zoo import real
@@ -208,7 +209,7 @@ def case(args: argparse.Namespace) -> tuple[str, Any, Any, Any]:
     return str(real.get(name).path()), recipe, _zoo_feeds(name, "calib", args.samples or 128), evaluation
 
 
-DEFAULT_SAMPLES = {"lenet-auto": 8192, "cls-calib": 128, "cls-auto": 128, "rec-calib": 64, "minilm-calib": 64,
+DEFAULT_SAMPLES = {"lenet-auto": 8192, "lenet-calib": 8192, "cls-calib": 128, "cls-auto": 128, "rec-calib": 64, "minilm-calib": 64,
                    "minilm-auto": 64, "silero-auto": 256}
 
 

@@ -14,7 +14,9 @@ eighth of it; one sample per run at the least). :func:`run_model` runs a model o
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,7 +62,6 @@ class LayerStatistics:
             column sums and the row count).
         cross: sequential mode only: per block, ``sum a a_ref^T`` with ``a_ref`` the
             reference (original) model's input for the same sample.
-        gram_ref: sequential mode only: per block, ``sum a_ref a_ref^T``.
         n_rows: rows accumulated (samples times positions).
         n_samples: calibration samples seen.
     """
@@ -68,7 +69,6 @@ class LayerStatistics:
     layer: LayerSpec
     gram: list[np.ndarray]
     cross: list[np.ndarray] | None = None
-    gram_ref: list[np.ndarray] | None = None
     n_rows: int = 0
     n_samples: int = 0
 
@@ -77,7 +77,7 @@ class LayerStatistics:
         """Zero statistics for ``layer``."""
         k = layer.n_inputs + 1
         zeros = lambda: [np.zeros((k, k)) for _ in range(layer.groups)]  # noqa: E731
-        return cls(layer, zeros(), zeros() if with_reference else None, zeros() if with_reference else None)
+        return cls(layer, zeros(), zeros() if with_reference else None)
 
     def update(self, activation: np.ndarray, reference: np.ndarray | None = None) -> None:
         """Add one batch of the layer's input (and, in sequential mode, the reference model's).
@@ -97,7 +97,6 @@ class LayerStatistics:
                     if ref_blocks is not None:
                         r = _extend(ref_blocks[g])
                         self.cross[g] += a.T @ r  # type: ignore[index]
-                        self.gram_ref[g] += r.T @ r  # type: ignore[index]
                 self.n_rows += blocks[0].shape[0]
 
     def input_gram(self, block: int = 0, *, centered: bool = False) -> np.ndarray:
@@ -189,6 +188,8 @@ def capture_statistics(
         cached = _REUSE_STACK[-1].get(cache_key)
         if cached is not None:
             return dict(cached[2])
+    # Memory per layer, in statistics: the Gram and cross terms and the reference rows (the plan
+    # of passes and the batch sizes, and so the order of the sums, follow from it).
     factor = 3 if reference is not None else 1
     passes: list[list[LayerSpec]] = [[]]
     used = 0
@@ -395,11 +396,52 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     return copy
 
 
+_VALUE_TYPES: collections.OrderedDict[bytes, dict[str, onnx.ValueInfoProto]] = collections.OrderedDict()
+_VALUE_TYPES_KEPT = 8  # models whose inferred element types are kept (sequential captures: the working and the original)
+
+
 def _value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    """Value infos of the main graph (inferred where possible, without shapes: only the element type matters)."""
+    """Value infos of the main graph (inferred where possible, without shapes: only the element type matters).
+
+    Kept for the last few model structures (:func:`_structure_key`): a sequential capture
+    asks again for every layer about models that differ only in initializer values.
+    The returned dict is shared: callers copy its entries.
+    """
+    small = model.ByteSize() < _SERIALIZE_LIMIT_BYTES
+    key = _structure_key(model, small)
+    infos = _VALUE_TYPES.get(key)
+    if infos is not None:
+        _VALUE_TYPES.move_to_end(key)
+        return infos
+    infos = _inferred_value_types(model, small)
+    _VALUE_TYPES[key] = infos
+    while len(_VALUE_TYPES) > _VALUE_TYPES_KEPT:
+        _VALUE_TYPES.popitem(last=False)
+    return infos
+
+
+def _structure_key(model: onnx.ModelProto, small: bool) -> bytes:
+    """Digest of everything the inferred element types depend on: the model without initializer values."""
+    skeleton = onnx.ModelProto()
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph = model.graph
+    skeleton.graph.node.extend(graph.node)
+    skeleton.graph.input.extend(graph.input)
+    skeleton.graph.output.extend(graph.output)
+    skeleton.graph.value_info.extend(graph.value_info)
+    skeleton.graph.sparse_initializer.extend(graph.sparse_initializer)
+    for tensor in graph.initializer:
+        skeleton.graph.initializer.append(
+            onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        )
+    return hashlib.sha256(skeleton.SerializeToString() + (b"small" if small else b"large")).digest()
+
+
+def _inferred_value_types(model: onnx.ModelProto, small: bool) -> dict[str, onnx.ValueInfoProto]:
     infos: dict[str, onnx.ValueInfoProto] = {}
     try:
-        if model.ByteSize() < _SERIALIZE_LIMIT_BYTES:
+        if small:
             inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
         else:
             inferred = model

@@ -146,6 +146,7 @@ class LayerProblem:
         self.hessians: list[np.ndarray] = []
         self.column_weights: list[np.ndarray | None] = []
         self._output_energy: float | None = None
+        self._hessian_targets: list[np.ndarray] | None = None
         if column_weights is None:
             column_weights = [None] * len(grams)
         elif isinstance(column_weights, np.ndarray):
@@ -182,6 +183,16 @@ class LayerProblem:
     def n_weights(self) -> int:
         """Total number of weights over all blocks."""
         return sum(t.size for t in self.targets)
+
+    def hessian_targets(self) -> list[np.ndarray]:
+        """Per block ``H T`` scaled by the column weights (the right-hand sides of the centroid systems; computed once)."""
+        if self._hessian_targets is None:
+            products = []
+            for h, t, c in zip(self.hessians, self.targets, self.column_weights):
+                product = h @ t
+                products.append(product if c is None else product * c[None, :])
+            self._hessian_targets = products
+        return self._hessian_targets
 
     def error(self, weights: Sequence[np.ndarray]) -> float:
         """The damped objective ``E`` that every fit here minimises."""

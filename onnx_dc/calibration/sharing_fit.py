@@ -12,6 +12,8 @@ per-layer recipe: pruning (:mod:`onnx_dc.calibration.pruning_fit`), then this.
 
 from __future__ import annotations
 
+import collections
+import weakref
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -52,10 +54,12 @@ __all__ = [
 
 _IMPROVEMENT_RTOL = 1e-9  # a step must lower E by more than this (relative) to count
 _ONEHOT_MAX_ELEMENTS = 1 << 18  # _centroid_system builds the one-hot matrix of blocks up to this size
+_REASSIGN_ROWS = 32  # rows whose coordinate moves reassign_codes computes together
 _ROUND_RTOL = 1e-3  # quantize_layer stops when a whole round gains less than this (relative)
 _FEEDBACK_RESTARTS = 3  # error-feedback starts quantize_layer tries at most (each from the best codebook so far)
 _FEEDBACK_BATCH_BYTES = 1 << 25  # padded factors of single-column groups processed together
-_FEEDBACK_KEEP_BYTES = 1 << 28  # quantize_layer keeps the factors between its restarts up to this size
+_FEEDBACK_CACHE_BYTES = 1 << 29  # factors kept between roundings (restarts, bit widths of one mask), in total
+_FEEDBACK_CACHE_PLANS = 16  # plans kept at most (each holds its layer's Hessian)
 _FEEDBACK_BLOCK_ROWS = 64  # rows per lazy-update block of the error-feedback rounding
 
 
@@ -117,8 +121,7 @@ def quantize_layer(
         return QuantizedLayer(codes, start_centroids, error, history)
     codes, centroids, error = _alternate(problem, codes, start_centroids, error, rounds, history)
     if error_feedback:
-        with single_threaded_blas():
-            plans = [_FeedbackPlan(h, m, _FEEDBACK_KEEP_BYTES) for h, m in zip(problem.hessians, masks)]
+        plans = _feedback_plans(problem, masks)
         feedback_centroids = start_centroids
         for _ in range(_FEEDBACK_RESTARTS):
             trial_codes = _feedback_codes(plans, weights, feedback_centroids)
@@ -178,8 +181,9 @@ def refit_centroids(problem: LayerProblem, codes: Sequence[np.ndarray], centroid
     codes = _check_codes(codes, problem, k)
     system = np.zeros((k, k))
     rhs = np.zeros(k)
-    for hessian, target, c, cw in zip(problem.hessians, problem.targets, codes, problem.column_weights):
-        m_block, r_block = _centroid_system(hessian, target, c, k, cw)
+    blocks = zip(problem.hessians, problem.targets, codes, problem.column_weights, problem.hessian_targets())
+    for hessian, target, c, cw, ht in blocks:
+        m_block, r_block = _centroid_system(hessian, target, c, k, cw, hessian_target=ht)
         system += m_block
         rhs += r_block
     used = np.flatnonzero(np.diag(system) > 0)
@@ -336,7 +340,7 @@ class _FeedbackPlan:
     """
 
     def __init__(self, hessian: np.ndarray, mask: np.ndarray, keep_bytes: int) -> None:
-        self.hessian = hessian
+        self.hessian: np.ndarray | None = hessian
         self.shape = mask.shape
         diag = np.diag(hessian)
         groups = []
@@ -353,12 +357,13 @@ class _FeedbackPlan:
                 stop += 1
             self.batches.append(singles[start:stop])
             start = stop
-        factor_bytes = sum(len(b) * b[-1][0].size ** 2 * 8 for b in self.batches)
-        self.factors = [self._factor(b) for b in self.batches] if factor_bytes <= keep_bytes else None
+        self.factor_bytes = sum(len(b) * b[-1][0].size ** 2 * 8 for b in self.batches)
+        self.factors = [self._factor(b) for b in self.batches] if self.factor_bytes <= keep_bytes else None
 
     def _factor(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         size = max(rows.size for rows, _ in batch)
         padded = np.broadcast_to(np.eye(size), (len(batch), size, size)).copy()
+        assert self.hessian is not None, "a plan without its Hessian keeps its factors"
         for b, (rows, _) in enumerate(batch):
             padded[b, : rows.size, : rows.size] = self.hessian[np.ix_(rows, rows)]
         return _feedback_factor(padded)
@@ -376,6 +381,63 @@ class _FeedbackPlan:
             for b, (rows, columns) in enumerate(batch):
                 codes[np.ix_(rows, columns)] = rounded[b, : rows.size, : columns.size]
         return codes
+
+
+class _FeedbackPlanCache:
+    """The most recently used :class:`_FeedbackPlan` s with their factors, bounded in bytes and in number.
+
+    A plan depends only on a block's Hessian and mask, so every rounding of one
+    pruning mask (the restarts of :func:`quantize_layer`, and its calls at the
+    other bit widths of one sparsity) reuses the factors instead of computing
+    them again. An entry is found by the identity of the Hessian array (held by a
+    weak reference: an entry goes when its Hessian is freed, so a later array
+    with the same identity never finds it; Hessians are never modified) and the
+    mask's contents. Plans whose factors exceed ``max_bytes`` are not kept: they
+    recompute them per rounding.
+    """
+
+    def __init__(self, max_bytes: int, max_plans: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_plans = max_plans
+        self._plans: collections.OrderedDict[_PlanKey, tuple[weakref.ref, _FeedbackPlan]] = collections.OrderedDict()
+        self._bytes = 0
+
+    def plan(self, hessian: np.ndarray, mask: np.ndarray) -> _FeedbackPlan:
+        """The plan of ``(hessian, mask)``: cached, or built (and cached when its factors fit)."""
+        key = (id(hessian), mask.shape, np.packbits(mask).tobytes())
+        entry = self._plans.get(key)
+        if entry is not None and entry[0]() is hessian:
+            self._plans.move_to_end(key)
+            return entry[1]
+        with single_threaded_blas():
+            plan = _FeedbackPlan(hessian, mask, self.max_bytes)
+        if plan.factors is not None:
+            self._remove(key)
+            plan.hessian = None  # the factors are all it needs; the cache must not keep the Hessian alive
+            self._plans[key] = (weakref.ref(hessian, lambda _, key=key: self._remove(key)), plan)
+            self._bytes += plan.factor_bytes
+            while self._plans and (self._bytes > self.max_bytes or len(self._plans) > self.max_plans):
+                self._remove(next(iter(self._plans)))
+        return plan
+
+    def clear(self) -> None:
+        """Forget every plan."""
+        self._plans.clear()
+        self._bytes = 0
+
+    def _remove(self, key: _PlanKey) -> None:
+        entry = self._plans.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[1].factor_bytes
+
+
+_PlanKey = tuple[int, tuple[int, ...], bytes]  # (id of the Hessian, mask shape, packed mask)
+_FEEDBACK_PLANS = _FeedbackPlanCache(_FEEDBACK_CACHE_BYTES, _FEEDBACK_CACHE_PLANS)
+
+
+def _feedback_plans(problem: LayerProblem, masks: Sequence[np.ndarray]) -> list[_FeedbackPlan]:
+    """The error-feedback plans of ``problem``'s blocks for ``masks`` (shared through :data:`_FEEDBACK_PLANS`)."""
+    return [_FEEDBACK_PLANS.plan(h, m) for h, m in zip(problem.hessians, masks)]
 
 
 def _feedback_codes(
@@ -440,16 +502,22 @@ def _improves(new: float, old: float) -> bool:
 
 
 def _centroid_system(
-    hessian: np.ndarray, target: np.ndarray, codes: np.ndarray, k: int, column_weights: np.ndarray | None = None
+    hessian: np.ndarray, target: np.ndarray, codes: np.ndarray, k: int, column_weights: np.ndarray | None = None,
+    *, hessian_target: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(M, r)`` of one block: ``M_cd = tr(A_c^T H A_d S)``, ``r_c = tr(A_c^T H T S)`` (``S`` = diag(column weights))."""
+    """``(M, r)`` of one block: ``M_cd = tr(A_c^T H A_d S)``, ``r_c = tr(A_c^T H T S)`` (``S`` = diag(column weights)).
+
+    ``hessian_target``: ``H T S`` when already known (:meth:`LayerProblem.hessian_targets`).
+    """
     kept = codes >= 0
     system = np.zeros((k, k))
     if not np.any(kept):
         return system, np.zeros(k)
-    ht = hessian @ target
-    if column_weights is not None:
-        ht = ht * column_weights[None, :]
+    ht = hessian_target
+    if ht is None:
+        ht = hessian @ target
+        if column_weights is not None:
+            ht = ht * column_weights[None, :]
     rhs = np.bincount(codes[kept], weights=ht[kept], minlength=k)[:k]
     n_rows, n_cols = codes.shape
     per_column = np.count_nonzero(kept, axis=0).astype(np.float64)
@@ -489,34 +557,74 @@ def _centroid_system(
 def _reassign_block(
     hessian: np.ndarray, target: np.ndarray, codes: np.ndarray, centroids: np.ndarray, sweeps: int
 ) -> np.ndarray:
+    """One block of :func:`reassign_codes`: its row-by-row coordinate descent, visiting only rows that move.
+
+    A row moves its weights by the residual ``R`` as the rows before it left it.
+    The rows are taken :data:`_REASSIGN_ROWS` at a time: the moves of all of
+    them are computed at once from ``R``; after row ``j`` moves the weights of
+    columns ``C``, only ``R[:, C]`` changed, so only the moves of the group's
+    later rows in ``C`` are computed again. The rows that move are updated with
+    the arithmetic of a plain row-by-row sweep (the same operations on the same
+    values), so the codes are those of visiting every row in turn.
+    """
     if centroids.size == 0 or not np.any(codes >= 0):
         return codes
     values = _dequantize(codes, centroids)
-    residual = hessian @ (values - target)
+    # R^T, one row per output column: the update of the columns a row moves is then
+    # a product added to whole rows of memory (the same products and sums as on R).
+    residual_t = np.ascontiguousarray((hessian @ (values - target)).T)
     mid = 0.5 * centroids[:-1] + 0.5 * centroids[1:]
     diag = np.diag(hessian)
+    movable = (codes >= 0) & (diag > 0)[:, None]
+    n_rows = codes.shape[0]
     for _ in range(sweeps):
         changed_any = False
-        for j in range(codes.shape[0]):
-            h_jj = diag[j]
-            if h_jj <= 0:
-                continue
-            cols = np.flatnonzero(codes[j] >= 0)
-            if cols.size == 0:
-                continue
-            current = values[j, cols]
-            optimum = current - residual[j, cols] / h_jj
-            new = np.searchsorted(mid, optimum, side="left")
-            delta = centroids[new] - current
-            gain = 2.0 * delta * residual[j, cols] + delta * delta * h_jj  # change of E, <= 0 up to rounding
-            move = (delta != 0) & (gain < 0)
-            if not np.any(move):
-                continue
-            cols, new, delta = cols[move], new[move], delta[move]
-            codes[j, cols] = new
-            values[j, cols] += delta
-            residual[:, cols] += np.outer(hessian[:, j], delta)
-            changed_any = True
+        for begin in range(0, n_rows, _REASSIGN_ROWS):
+            group = slice(begin, min(n_rows, begin + _REASSIGN_ROWS))
+            moves, new_codes = _coordinate_moves(
+                residual_t[:, group].T, values[group], diag[group], movable[group], centroids, mid
+            )
+            moves_per_row = np.count_nonzero(moves, axis=1)
+            row = -1
+            while True:
+                later = np.flatnonzero(moves_per_row[row + 1 :])
+                if later.size == 0:
+                    break
+                row += 1 + int(later[0])
+                j = begin + row
+                cols = np.flatnonzero(moves[row])
+                new = new_codes[row, cols]
+                delta = centroids[new] - values[j, cols]
+                codes[j, cols] = new
+                values[j, cols] += delta
+                residual_t[cols] += np.outer(delta, hessian[:, j])
+                changed_any = True
+                if row + 1 == moves.shape[0]:
+                    break
+                below = slice(row + 1, None)
+                rows_below = slice(j + 1, group.stop)
+                moves[below, cols], new_codes[below, cols] = _coordinate_moves(
+                    residual_t[cols, rows_below].T, values[rows_below, cols], diag[rows_below],
+                    movable[rows_below, cols], centroids, mid,
+                )
+                moves_per_row[below] = np.count_nonzero(moves[below], axis=1)
         if not changed_any:
             break
     return codes
+
+
+def _coordinate_moves(
+    residual: np.ndarray, values: np.ndarray, diag: np.ndarray, movable: np.ndarray, centroids: np.ndarray,
+    mid: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which weights move, and to which code, when each alone takes the centroid that lowers ``E`` most.
+
+    ``residual``, ``values``, ``movable``: ``[rows, columns]``; ``diag``: ``H_jj`` of the rows. The
+    centroid nearest to ``w - R_jn / H_jj``; a weight moves when that changes ``E`` by less than 0.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        optimum = values - residual / diag[:, None]
+    new = np.searchsorted(mid, optimum, side="left")
+    delta = centroids[new] - values
+    gain = 2.0 * delta * residual + delta * delta * diag[:, None]  # change of E, <= 0 up to rounding
+    return movable & (delta != 0) & (gain < 0), new
