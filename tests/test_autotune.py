@@ -133,8 +133,13 @@ class TestSearch:
         assert a.model.SerializeToString() == b.model.SerializeToString()
 
     def test_impossible_budget(self, model, calib):
-        with pytest.raises(CalibrationError, match="cannot be met"):
+        with pytest.raises(CalibrationError, match="cannot be met") as refused:
             onnx_dc.compress(model, recipe=Recipe(search=SearchRecipe(min_cosine=1.0, sparsities=(0.9,), bits=(1,))), calib=calib)
+        # it names the closest configuration's settings, which written without the budget run as they read
+        flags = str(refused.value).split("; ")[-1].removesuffix(" without the budget writes that configuration")
+        assert flags == "--sparsity fc=0.9 --bits fc=1"
+        written = onnx_dc.compress(model, recipe=Recipe(sparsity="fc=0.9", bits="fc=1"), calib=calib)
+        assert {t.bits for t in written.report.tensors if t.kind == "fc"} == {1}
 
     def test_max_drop_needs_labels(self, model, calib):
         with pytest.raises(CalibrationError, match="--eval"):

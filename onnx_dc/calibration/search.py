@@ -334,7 +334,8 @@ def autotune(
     if not budget.met(checked[0], baseline):
         raise CalibrationError(
             f"the budget ({budget.describe()}) cannot be met by any setting of the search grid: the least compressed "
-            f"configuration gives {_describe_metrics(checked[0], baseline)} on {description}"
+            f"configuration gives {_describe_metrics(checked[0], baseline)} on {description}; "
+            f"{_closest_flags(sparsities, bits_fc, bits_conv, layers)} without the budget writes that configuration"
         )
     choice_budget = within_margin(budget) if transformer else budget
     best = _robust_choice(checked, choice_budget, baseline, n_samples=search.n_samples, drop_margin_se=drop_margin_se)
@@ -589,6 +590,16 @@ def _layer_choice(layer: LayerSpec, compression: CalibratedCompression) -> Layer
         layer.weight, layer.op, tuple(layer.weight_shape), r.settings.sparsity, r.settings.bits,
         r.tensor.settings.index_bits, r.tensor.size_bytes, r.tensor.original_size_bytes, r.criterion, r.relative_error,
     )
+
+
+def _closest_flags(
+    sparsities: Sequence[float], bits_fc: Sequence[int], bits_conv: Sequence[int], layers: Sequence[LayerSpec],
+) -> str:
+    """The command-line settings of the grid's least compressed configuration, per kind of searched layer."""
+    kinds = sorted({"conv" if layer.op == "Conv" else "fc" for layer in layers} or {"fc"})
+    bits = {"fc": max(bits_fc), "conv": max(bits_conv)}
+    sparsity = ",".join(f"{kind}={min(sparsities):g}" for kind in kinds)
+    return f"--sparsity {sparsity} --bits " + ",".join(f"{kind}={bits[kind]}" for kind in kinds)
 
 
 def _search_options(options: CalibrationOptions, n_layers: int, transformer: bool = False) -> CalibrationOptions:
