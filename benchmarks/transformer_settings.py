@@ -3,6 +3,7 @@
     python benchmarks/transformer_settings.py defaults [--eval-sentences 200] [--settings JSON ...]
     python benchmarks/transformer_settings.py search --min-cosine 0.999 [--calib-sentences 96] [--eval-sentences 200]
     python benchmarks/transformer_settings.py search [--calib-sentences 96]     # --calib alone, the default settings
+    python benchmarks/transformer_settings.py search --settings '{"bits": "fc=4,other=4"}'   # --calib alone, other settings
 
 ``defaults`` compresses ``minilm-l6`` with each data-free setting (a JSON dict of
 :class:`onnx_dc.api.recipe.Recipe` fields; default: the built-in defaults and a
@@ -131,7 +132,9 @@ def run_search(args: argparse.Namespace) -> list[dict]:
     calib = stack_feeds(zoo_model.make_inputs("calib", args.calib_sentences))
     inputs = zoo_model.make_inputs("eval", args.eval_sentences)
     reference = _session(path)
-    recipe = Recipe(search=SearchRecipe(min_cosine=args.min_cosine)) if args.min_cosine is not None else Recipe()
+    fields = json.loads(args.settings) if args.settings else {}
+    search = SearchRecipe(min_cosine=args.min_cosine) if args.min_cosine is not None else None
+    recipe = Recipe(**fields, search=search)
     with tempfile.TemporaryDirectory() as tmp:
         written = str(Path(tmp) / "out.onnx")
         wall, cpu = time.perf_counter(), _cpu_seconds()
@@ -141,7 +144,7 @@ def run_search(args: argparse.Namespace) -> list[dict]:
             print(result.calibration.format_summary(), file=sys.stderr)
         label = f"--calib ({args.calib_sentences} sentences)" + (
             f" --min-cosine {args.min_cosine:g}" if args.min_cosine is not None else ""
-        )
+        ) + "".join(f" --{k.replace('_', '-')} {v}" for k, v in fields.items())
         return [_row(label, path, written, onnx_dc.decompress(result.model), zoo_model, reference, inputs, wall, cpu)]
 
 
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults.add_argument("--no-int8", action="store_true", help="leave out the int8 quantize_dynamic row")
     search = sub.add_parser("search", help="--calib with a --min-cosine budget, or alone")
     search.add_argument("--min-cosine", type=float, help="the budget (default: none, --calib alone)")
+    search.add_argument("--settings", metavar="JSON", help="Recipe fields, e.g. '{\"bits\": \"fc=4,other=4\"}'")
     search.add_argument("--calib-sentences", type=int, default=96)
     for p in (defaults, search):
         p.add_argument("--eval-sentences", type=int, default=200)

@@ -23,6 +23,8 @@ dense anyway).
 from __future__ import annotations
 
 import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,16 +67,15 @@ def share_duplicate_weights(
     node_names = {n.name for g in iter_graphs(model.graph) for n in g.node if n.name}
     for graph in list(iter_graphs(model.graph)):
         protected = {i.name for i in graph.input} | {o.name for o in graph.output}
+        eligible = [
+            t for t in graph.initializer
+            if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and t.name not in protected
+            and int(np.prod(t.dims)) >= min_elements
+        ]
+        checksums = _checksums(eligible, source_dir)
         seen: dict[tuple, list[str]] = {}  # (dims in order, checksum) -> names kept
-        for tensor in list(graph.initializer):
-            if (
-                tensor.data_type != onnx.TensorProto.FLOAT
-                or len(tensor.dims) != 2
-                or tensor.name in protected
-                or int(np.prod(tensor.dims)) < min_elements
-            ):
-                continue
-            key = (tuple(sorted(int(d) for d in tensor.dims)), _tensor_checksum(tensor, source_dir))
+        for tensor in eligible:
+            key = (tuple(sorted(int(d) for d in tensor.dims)), checksums.get(tensor.name))
             candidates = seen.get(key, [])
             values = tensor_values(tensor, source_dir) if candidates else None
             match = next(((kept, transposed) for transposed in (False, True) for kept in candidates
@@ -85,6 +86,17 @@ def share_duplicate_weights(
             _replace(graph, tensor, match[0], match[1], node_names)
             shared.append(SharedWeight(tensor.name, match[0], match[1]))
     return shared
+
+
+def _checksums(tensors: list[onnx.TensorProto], source_dir: str | os.PathLike | None) -> dict[str, tuple[int, int]]:
+    """:func:`_tensor_checksum` of each tensor that shares its sorted dims with another (the only ones that can
+    be copies), on a thread per core (numpy and file reads release the GIL)."""
+    shapes = Counter(tuple(sorted(int(d) for d in t.dims)) for t in tensors)
+    wanted = [t for t in tensors if shapes[tuple(sorted(int(d) for d in t.dims))] > 1]
+    if len(wanted) < 2:
+        return {t.name: _tensor_checksum(t, source_dir) for t in wanted}
+    with ThreadPoolExecutor(max_workers=min(len(wanted), os.cpu_count() or 1)) as pool:
+        return dict(zip((t.name for t in wanted), pool.map(lambda t: _tensor_checksum(t, source_dir), wanted)))
 
 
 def _tensor_checksum(tensor: onnx.TensorProto, source_dir: str | os.PathLike | None) -> tuple[int, int]:
