@@ -85,6 +85,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         quick_args=("--quick",),
     ),
     Benchmark(
+        "bench_layer_fits",
+        "CPU time of LeNet-300-100 fc1's calibrated fits, with a digest of their results",
+        quick_args=("--samples", "256", "--sparsities", "0.5", "--bits", "4"),
+    ),
+    Benchmark(
         "bench_calibration",
         "calibration time and peak memory against model size and sample count",
         quick_args=("--quick",),
