@@ -12,12 +12,12 @@ setup:
 demo: setup
 	$(PYTHON) -m model_zoo.demo
 
-# The default suite (tests not marked slow): about 5-6 minutes on a 2-core machine.
+# The default suite (tests not marked slow): about 2.5 minutes on a 2-core machine.
 test: setup
 	$(PYTHON) -m pytest -q
 
 # The full suite, what CI runs (.ci/run): sanitizers, fuzzing, benchmarks at a tiny size,
-# long calibration and search runs too. About 31 minutes on a 2-core machine.
+# long calibration and search runs too. About 17-19 minutes on a 2-core machine.
 test-full: setup
 	$(PYTHON) -m pytest -q -m "slow or not slow"
 
