@@ -26,17 +26,10 @@ run is one sample.
 
 Layers and statistics
 ---------------------
-:func:`find_layers` lists the weights whose input activation can be captured:
-``MatMul`` (B), ``Gemm`` (B) and ``Conv`` (W) in the main graph, each weight
-used by exactly one such node. Each layer is seen as ``Y = X W`` with ``X``
-``[rows, K]`` and ``W`` ``[K, N]``: for ``MatMul`` rows are all leading
-positions of A, for ``Gemm`` the rows of A (``A^T`` when ``transA``, times
-``alpha``), for ``Conv`` the im2col patches (one row per output position and
-image, one column per (input channel, kernel offset), honouring strides, pads,
-``auto_pad``, dilations and groups; a grouped convolution is one block per
-group, a depthwise convolution has ``K = kernel size``). Weights used elsewhere
-(``ConvTranspose``, ``Gather`` embeddings, recurrent weights, subgraphs, shared
-weights) have no statistics and are compressed without calibration.
+Which weights get captured statistics, and how each layer's input rows are
+formed (im2col for convolutions), is :mod:`onnx_dc.calibration.layers`'; the
+weights without them are searched by the model's output error
+(:mod:`onnx_dc.calibration.proxies`).
 
 :func:`capture_statistics` runs the model with onnxruntime, with the layers'
 inputs added as graph outputs on a copy, and accumulates per layer and block,
