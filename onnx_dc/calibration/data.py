@@ -27,7 +27,7 @@ run is one sample.
 Layers and statistics
 ---------------------
 Which weights get captured statistics, and how each layer's input rows are
-formed (im2col for convolutions), is :mod:`onnx_dc.calibration.layers`'; the
+formed (im2col for convolutions), is in :mod:`onnx_dc.calibration.layers`; the
 weights without them are searched by the model's output error
 (:mod:`onnx_dc.calibration.proxies`).
 
