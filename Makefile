@@ -17,7 +17,7 @@ test: setup
 	$(PYTHON) -m pytest -q
 
 # The full suite, what CI runs (.ci/run): sanitizers, fuzzing, benchmarks at a tiny size,
-# long calibration and search runs too. About 17-19 minutes on a 2-core machine.
+# long calibration and search runs too. About 13-19 minutes on a 2-core machine.
 test-full: setup
 	$(PYTHON) -m pytest -q -m "slow or not slow"
 
