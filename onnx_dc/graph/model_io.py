@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
 from onnx import external_data_helper, numpy_helper
 
 from onnx_dc.errors import ModelError, first_line
@@ -38,6 +37,7 @@ from onnx_dc.graph.tensor_store import (
     has_references,
     iter_graphs,  # noqa: F401  (re-exported: onnx_dc.graph.model_io.iter_graphs)
     length_delimited,
+    parse_model_bytes,
     read_structure,
     set_location,
     stored_bytes,
@@ -104,11 +104,7 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
             data = f.read()
     except OSError as exc:
         raise ModelError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError):
-        raise ModelError(f"{path}: not an ONNX model (the file is not a valid ModelProto)") from None
+    model = parse_model_bytes(data, path)
     del data
     _check_is_model(model, str(path))
     if has_references(model):

@@ -23,8 +23,8 @@ must be self-contained, e.g. written as one file).
 
 from __future__ import annotations
 
-import mmap
 import errno
+import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +52,7 @@ __all__ = [
     "length_delimited",
     "materialize",
     "open_model",
+    "parse_model_bytes",
     "read_structure",
     "set_location",
     "stored_bytes",
@@ -128,9 +129,14 @@ def read_structure(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except _WireError:
         raise ModelError(f"{path}: not an ONNX model (the file is not a valid ModelProto)") from None
+    return parse_model_bytes(stripped, path)
+
+
+def parse_model_bytes(data: bytes, path: str | os.PathLike) -> onnx.ModelProto:
+    """``data`` parsed as a ModelProto; :class:`ModelError` naming ``path`` when it is not one."""
     model = onnx.ModelProto()
     try:
-        model.ParseFromString(stripped)
+        model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError):
         raise ModelError(f"{path}: not an ONNX model (the file is not a valid ModelProto)") from None
     return model
