@@ -308,3 +308,95 @@ def test_max_memory_flag(tmp_path):
     model = tmp_path / "m.onnx"
     write_matmul_stack(small_spec("m", (64, 48, 32), external=False), model)
     assert main(["compress", str(model), "-o", str(tmp_path / "o.onnx"), "--max-memory", "1G", "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_calibrated_fits_leave_large_weights_in_their_files(tmp_path, monkeypatch, external):
+    """--calib on a model over STREAMED_CALIBRATION_BYTES: opened with its weights left in their files
+    (anchored references, sessions on hard-linked data); the fits match those of the model held in memory
+    (the first layer's exactly; later layers' inputs come from onnxruntime runs without prepacked weights,
+    which round differently)."""
+    import tempfile
+
+    import onnx_dc.api.calibrated as calibrated
+    from onnx_dc.api.recipe import CalibrationRecipe, Recipe
+    from onnx_dc.calibration.options import CalibrationOptions
+
+    source = write_matmul_stack(small_spec("s", (160, 96, 64, 32), external=external, seed=4), tmp_path / "s.onnx")
+    calib = {"x": np.random.default_rng(3).standard_normal((24, 160)).astype(np.float32)}
+    recipe = Recipe(calibration=CalibrationRecipe(options=CalibrationOptions(refit_rounds=1, sequential=False)))
+    in_memory = onnx_dc.compress(source, tmp_path / "memory.onnx", recipe=recipe, calib=calib)
+    monkeypatch.setattr(calibrated, "STREAMED_CALIBRATION_BYTES", 0)
+    opened = []
+    real_open = calibrated.open_model
+    monkeypatch.setattr(calibrated, "open_model", lambda *a, **k: opened.append(k) or real_open(*a, **k))
+    streamed = onnx_dc.compress(source, tmp_path / "streamed.onnx", recipe=recipe, calib=calib)
+    assert opened == [{"anchored": True}]
+
+    def containers(result):
+        return {t.name: bytes(t.raw_data) for t in result.model.graph.initializer if t.name.endswith("__dc")}
+
+    assert list(containers(streamed)) == list(containers(in_memory)) and len(containers(streamed)) == 3
+    assert containers(streamed)["layers.0.weight__dc"] == containers(in_memory)["layers.0.weight__dc"]
+    assert [r.relative_error for r in streamed.calibration.results.values()] == pytest.approx(
+        [r.relative_error for r in in_memory.calibration.results.values()], rel=1e-3
+    )
+    assert streamed.report.original_bytes == in_memory.report.original_bytes
+    assert streamed.report.original_file_bytes == pytest.approx(in_memory.report.original_file_bytes, rel=0.01)
+    assert not any(p.name.startswith("onnx-dc-calib-") for p in Path(tempfile.gettempdir()).iterdir())
+
+
+def test_anchored_references_are_the_loaders_own(stacks, tmp_path):
+    """open_model(anchored=True) writes the directory itself: an anchor in the file is replaced."""
+    from onnx_dc.graph.tensor_store import ANCHOR_KEY, anchor_of, tensor_array
+
+    source = stacks["external"]
+    model = onnx.load(str(source), load_external_data=False)
+    forged = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    entry = forged.external_data.add()
+    entry.key, entry.value = ANCHOR_KEY, "/"
+    copy = tmp_path / "external.onnx"
+    onnx.save(model, str(copy))
+    for data in external_data_files(source):
+        os.link(data, tmp_path / data.name)
+    opened = open_model(copy, anchored=True)
+    tensor = next(t for t in opened.graph.initializer if t.name == forged.name)
+    assert anchor_of(tensor) == str(tmp_path.resolve())
+    assert [e.key for e in tensor.external_data].count(ANCHOR_KEY) == 1
+    np.testing.assert_array_equal(tensor_array(tensor), tensor_values(tensor, tmp_path))
+    with pytest.raises(onnx_dc.errors.ModelError, match="directory is not known"):
+        tensor_array(next(t for t in open_model(copy).graph.initializer if t.name == forged.name))
+
+
+def test_large_layers_get_the_cheap_fits_and_say_so(tmp_path, monkeypatch):
+    """--calib alone on layers over LARGE_FIT_COST: activation-aware pruning and k-means, a note saying so;
+    options given explicitly are used as given."""
+    import onnx_dc.api.calibrated as calibrated
+
+    model = tmp_path / "m.onnx"
+    write_matmul_stack(small_spec("m", (96, 64, 32), external=False), model)
+    calib = {"x": np.random.default_rng(0).standard_normal((32, 96)).astype(np.float32)}
+    full = onnx_dc.compress(model, calib=calib)
+    assert not any("large layers" in note for note in full.report.notes)
+    monkeypatch.setattr(calibrated, "LARGE_FIT_COST", 0.0)
+    cheap = onnx_dc.compress(model, calib=calib)
+    assert any("large layers" in note for note in cheap.report.notes)
+    assert {r.criterion for r in cheap.calibration.results.values()} == {"activation"}
+    from onnx_dc.api.recipe import CalibrationRecipe, Recipe
+    from onnx_dc.calibration.options import CalibrationOptions
+
+    given = onnx_dc.compress(
+        model, recipe=Recipe(calibration=CalibrationRecipe(options=CalibrationOptions(criterion="obs"))), calib=calib
+    )
+    assert {r.criterion for r in given.calibration.results.values()} == {"obs"}
+
+
+def test_calibration_groups_stay_within_the_budget():
+    from onnx_dc.calibration.layers import find_layers
+    from onnx_dc.calibration.model_fit import _groups_within
+    from calibration_models import classifier
+
+    layers = find_layers(classifier(seed=11, sizes=(16, 64, 48, 32, 6)))  # 2.3, 33.8, 19.2, 8.7 kB
+    groups = _groups_within(layers, 40_000)
+    assert [[layer.weight for layer in g] for g in groups] == [["fc0.weight", "fc1.weight"], ["fc2.weight", "fc3.weight"]]
+    assert [len(g) for g in _groups_within(layers, 1)] == [1, 1, 1, 1]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,10 +50,18 @@ from onnx_dc.calibration.search import (
     default_grids,
 )
 from onnx_dc.calibration.subgraphs import CalibrationView, calibration_view
-from onnx_dc.calibration.transformer_search import calib_fit_options
+from onnx_dc.calibration.transformer_search import calib_fit_options, cheap_fit_options
 from onnx_dc.calibration.sensitivity import DEFAULT_BITS, DEFAULT_SPARSITIES, SensitivityReport, analyze_sensitivity
-from onnx_dc.errors import CalibrationError, LibraryNotFoundError, SettingsError
-from onnx_dc.graph.model_io import ModelSource, check_output_path, constants_to_initializers, load_model, save_model
+from onnx_dc.errors import CalibrationError, LibraryNotFoundError, ModelError, SettingsError
+from onnx_dc.graph.model_io import (
+    ModelSource,
+    check_output_path,
+    constants_to_initializers,
+    external_data_files,
+    load_model,
+    save_model,
+)
+from onnx_dc.graph.tensor_store import open_model
 from onnx_dc.graph.restore import decompress_model
 from onnx_dc.graph.transformers import is_transformer
 from onnx_dc.graph.weights import find_weights
@@ -109,11 +118,12 @@ def compress_calibrated(
     """
     if output is not None:
         check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [])
-    loaded = load_model(model)
+    source_dir = _streamed_source_dir(model, recipe)
+    loaded = open_model(model, anchored=True) if source_dir is not None else load_model(model)
     refuse_compressed_input(loaded, model)
     # Weights held in main-graph Constant nodes (PaddlePaddle exports) become initializers, so they get statistics.
     proto = constants_to_initializers(loaded)
-    prepared = prepare_model(proto)  # folded and shared first: the layers are fitted as they will run
+    prepared = prepare_model(proto, source_dir)  # folded and shared first: the layers are fitted as they will run
     data = load_calibration(calib, proto, max_samples=recipe.calibration.samples)
     if recipe.search is None and eval_data is not None:
         raise SettingsError("--eval is used with a budget (--max-drop or --min-cosine)")
@@ -125,7 +135,9 @@ def compress_calibrated(
     # 8 bits costs 1.5e-5 of cosine on all-MiniLM-L6-v2, at the transformer default's 5 bits about 1e-3).
     layer_settings = _layer_settings(view.model, recipe, transformer=recipe.search is None and is_transformer(proto))
     if recipe.search is None:
-        return _compress_fitted(view, recipe, data, layer_settings, output, progress, external_data, prepared, jobs)
+        return _compress_fitted(
+            view, recipe, data, layer_settings, output, progress, external_data, prepared, jobs, source_dir
+        )
     return _compress_searched(view, recipe, data, eval_data, layer_settings, output, progress, external_data, prepared)
 
 
@@ -146,7 +158,8 @@ def _layer_settings(proto: onnx.ModelProto, recipe: Recipe, *, transformer: bool
 
 
 def _compress_fitted(
-    view: CalibrationView, recipe, data, layer_settings, output, progress, external_data, prepared, jobs=None
+    view: CalibrationView, recipe, data, layer_settings, output, progress, external_data, prepared, jobs=None,
+    source_dir=None,
 ) -> CompressionResult:
     """Every layer fitted with its settings as given (``recipe.calibration.holdout`` samples left out)."""
     if recipe.calibration.holdout:
@@ -156,26 +169,64 @@ def _compress_fitted(
     result = compress_model(
         compression.model, recipe, output=output, progress=progress,
         external_data=external_data, tensor_compressor=compression.tensor_compressor(), prepared=prepared,
-        jobs=jobs,
+        jobs=jobs, source_dir=source_dir,
     )
     result.report.notes.extend(([note] if note else []) + calibration_notes(compression))
     result.calibration = compression
     return result
 
 
+STREAMED_CALIBRATION_BYTES = 128 << 20
+"""Model files (with their external data) at least this large are fitted with their weights left in the
+files (:func:`onnx_dc.graph.tensor_store.open_model`), when no search is asked for."""
+
+LARGE_FIT_COST = 3e10
+"""Above this sum of ``K^2 N`` over the fitted layers (``K`` inputs, ``N`` outputs), ``--calib`` alone with the
+default options fits with :func:`~onnx_dc.calibration.transformer_search.cheap_fit_options`: the full
+recipe's per-column weight refits cost about ``N K^3`` per layer (a 2048 x 2048 layer took over three
+minutes), the cheap one a few ``K^2 N`` products. The zoo's convolutional models and LeNets stay below."""
+
+
+def _streamed_source_dir(model: ModelSource, recipe: Recipe) -> Path | None:
+    """The model's directory when it is fitted with its weights left in its files, else None."""
+    if recipe.search is not None or not isinstance(model, (str, os.PathLike)):
+        return None
+    path = Path(model)
+    try:
+        size = path.stat().st_size + sum(p.stat().st_size for p in external_data_files(path))
+    except (OSError, ValueError, ModelError):
+        return None  # load_model says what is wrong with the file
+    return path.resolve().parent if size >= STREAMED_CALIBRATION_BYTES else None
+
+
 def _fit_options(model: onnx.ModelProto, options: CalibrationOptions) -> tuple[CalibrationOptions, str]:
-    """The options of ``--calib`` alone: a transformer given the default options is fitted with
-    :func:`~onnx_dc.calibration.transformer_search.calib_fit_options`, said in a note."""
+    """The options of ``--calib`` alone given the default options: a transformer is fitted with
+    :func:`~onnx_dc.calibration.transformer_search.calib_fit_options`, a model whose layers cost more than
+    :data:`LARGE_FIT_COST` with :func:`~onnx_dc.calibration.transformer_search.cheap_fit_options`, each said
+    in a note."""
     defaults = CalibrationOptions()
-    if not is_transformer(model) or replace(options, batch_size=defaults.batch_size,
-                                            max_memory_bytes=defaults.max_memory_bytes) != defaults:
+    if replace(options, batch_size=defaults.batch_size, max_memory_bytes=defaults.max_memory_bytes) != defaults:
         return options, ""
-    fitted = calib_fit_options(options)
-    return fitted, (
-        f"transformer: layers fitted on the original model's statistics with activation-aware pruning, k-means "
-        f"and {fitted.refit_rounds} rounds of centroid refit, and the bias correction (no weight refits, no "
-        f"sequential captures); calibration options given explicitly are used as given"
+    explicit = "calibration options given explicitly are used as given"
+    if is_transformer(model):
+        fitted = calib_fit_options(options)
+        return fitted, (
+            f"transformer: layers fitted on the original model's statistics with activation-aware pruning, k-means "
+            f"and {fitted.refit_rounds} rounds of centroid refit, and the bias correction (no weight refits, no "
+            f"sequential captures); {explicit}"
+        )
+    cost = sum(_fit_cost(layer) for layer in find_layers(model))
+    if cost <= LARGE_FIT_COST:
+        return options, ""
+    return cheap_fit_options(options), (
+        f"large layers (sum of K^2 N {cost:.1e} over {LARGE_FIT_COST:.0e}): fitted on the original model's "
+        f"statistics with activation-aware pruning, k-means and the bias correction (no weight or centroid "
+        f"refits, no sequential captures: the full recipe would take hours); {explicit}"
     )
+
+
+def _fit_cost(layer) -> float:
+    return float(layer.n_inputs) ** 2 * layer.n_outputs
 
 
 def _compress_searched(

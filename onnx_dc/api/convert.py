@@ -48,6 +48,7 @@ from onnx_dc.graph.tensor_store import (
     has_references,
     materialize,
     open_model,
+    stored_bytes,
     structure_of,
 )
 from onnx_dc.graph.transformers import transformer_evidence
@@ -96,6 +97,7 @@ def compress_model(
     tensor_compressor: TensorCompressor | None = None,
     prepared: list[str] | None = None,
     jobs: int | None = None,
+    source_dir: str | os.PathLike | None = None,
 ) -> CompressionResult:
     """Compress every weight the recipe selects with ``tensor_compressor`` and convert the graph around them.
 
@@ -112,13 +114,15 @@ def compress_model(
     (:func:`not_smaller_reason`). The recipe, the onnx-dc version and how to
     run the model are recorded in its metadata (:func:`record_recipe`,
     :func:`record_runtime_metadata`). Written atomically to ``output`` when given.
+    ``source_dir``: ``model`` is a ModelProto from :func:`~onnx_dc.graph.tensor_store.open_model` whose
+    references are relative to it; it is converted in place instead of being copied.
     """
     if jobs is not None:
         check_jobs(jobs)  # before any progress line: a bad option is the only thing said
     if output is not None:
         check_output_path(output, [model] if not isinstance(model, onnx.ModelProto) else [])
     with running("loading"):
-        proto, source_dir = _open(model, progress)
+        proto, source_dir = (model, Path(source_dir)) if source_dir is not None else _open(model, progress)
     refuse_compressed_input(proto, model)
     original_file_bytes = _source_size_bytes(model)
     transformer = transformer_evidence(proto)
@@ -330,9 +334,10 @@ def _source_size_bytes(model: ModelSource) -> int:
 
 def _serialized_size(model: onnx.ModelProto) -> int:
     try:
-        return model.ByteSize()
+        size = model.ByteSize()
     except Exception:
         return tensor_bytes(model)
+    return size + sum(stored_bytes(t) for t in all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL)
 
 
 def _check_written_model(model: onnx.ModelProto, source: ModelSource) -> list[str]:

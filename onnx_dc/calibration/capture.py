@@ -30,7 +30,9 @@ from onnx_dc.calibration.data import DEFAULT_BATCH_SIZE, CalibrationData
 from onnx_dc.calibration.layer_problem import single_threaded_blas
 from onnx_dc.calibration.layers import _IM2COL_CHUNK_ELEMENTS, LayerSpec, _conv_geometry, _outer_names
 from onnx_dc.errors import CalibrationError, ModelError, first_line
+from onnx_dc.graph.linked_copy import write_linked_copy
 from onnx_dc.graph.model_io import attribute_subgraphs
+from onnx_dc.graph.tensor_store import has_references
 from onnx_dc.progress import progress_bar
 
 __all__ = [
@@ -313,7 +315,15 @@ class _Runner:
             options.register_custom_ops_library(library)
         self._tmp: tempfile.TemporaryDirectory | None = None
         try:
-            if prepared.ByteSize() > _SERIALIZE_LIMIT_BYTES:
+            if has_references(prepared):
+                # Weights left in their files (a large model): linked beside the graph, mapped by onnxruntime,
+                # not prepacked (a prepacked weight is a second copy in memory).
+                self._tmp = tempfile.TemporaryDirectory(prefix="onnx-dc-calib-")
+                path = write_linked_copy(prepared, self._tmp.name)
+                del prepared
+                options.add_session_config_entry("session.disable_prepacking", "1")
+                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            elif prepared.ByteSize() > _SERIALIZE_LIMIT_BYTES:
                 self._tmp = tempfile.TemporaryDirectory(prefix="onnx-dc-calib-")
                 path = Path(self._tmp.name) / "model.onnx"
                 onnx.save_model(prepared, str(path), save_as_external_data=True, location="model.data")

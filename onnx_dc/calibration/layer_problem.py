@@ -249,7 +249,8 @@ class LayerFit:
         quantized: the :class:`QuantizedLayer`.
         error: ``E`` of the final weights.
         relative_error: undamped output error / output energy.
-        errors_by_criterion: ``E`` after pruning (and weight refit) of every criterion tried.
+        errors_by_criterion: ``E`` after pruning (and weight refit) of every criterion compared (empty when one
+            criterion was asked for).
     """
 
     criterion: str

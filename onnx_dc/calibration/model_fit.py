@@ -57,7 +57,7 @@ from onnx_dc.calibration.options import AUTO_INDEX_BITS, CalibrationOptions, Lay
 from onnx_dc.calibration.sharing_fit import fit_layer
 from onnx_dc.calibration.targets import LayerTarget, layer_target
 from onnx_dc.codec.container import encode_container
-from onnx_dc.codec.tensor import CompressedTensor, codebook_in_dtype, compress_tensor, compressed_tensor_from_codes
+from onnx_dc.codec.tensor import CompressedTensor, EncodedTensor, codebook_in_dtype, compress_tensor, compressed_tensor_from_codes
 from onnx_dc.graph.model_io import initializer_array, set_initializer
 from onnx_dc.progress import on_terminal, progress_bar, stage_line
 
@@ -133,7 +133,9 @@ class LayerResult:
 
     Attributes:
         name: the weight.
-        tensor: its :class:`~onnx_dc.codec.tensor.CompressedTensor`.
+        tensor: its :class:`~onnx_dc.codec.tensor.CompressedTensor`, or once fitted layers are
+            done with it, the :class:`~onnx_dc.codec.tensor.EncodedTensor` (the container; the
+            arrays decoded when asked for).
         settings: the :class:`LayerSettings` used.
         calibrated: False for weights without statistics (plain path).
         criterion: pruning criterion chosen (calibrated layers).
@@ -143,7 +145,7 @@ class LayerResult:
     """
 
     name: str
-    tensor: CompressedTensor
+    tensor: CompressedTensor | EncodedTensor
     settings: LayerSettings
     calibrated: bool
     criterion: str | None = None
@@ -250,16 +252,17 @@ def compress_with_calibration(
                 set_initializer(working, name, compressed.quantized)
             tick(name)
 
-        reference = None
+        reference = model if options.sequential else None
         statistics: dict[str, LayerStatistics] = {}
-        if options.sequential:
-            reference = model
-        else:
-            statistics = capture_statistics(
-                model, data, layers, batch_size=options.batch_size,
-                max_memory_bytes=options.max_memory_bytes, progress=show, description="calibrating",
-            )
+        # Without sequential terms the layers are captured a budget's worth at a time (one pass over the
+        # data per group), each group fitted and freed before the next is captured.
+        starts = {} if options.sequential else {group[0].weight: group for group in _groups_within(layers, budget)}
         for layer in layers:
+            if layer.weight in starts:
+                statistics = capture_statistics(
+                    model, data, starts[layer.weight], batch_size=options.batch_size,
+                    max_memory_bytes=options.max_memory_bytes, progress=show, description="calibrating",
+                )
             if options.sequential:
                 statistics = capture_statistics(
                     working, data, [layer], reference=None if layer.weight in without_reference else reference,
@@ -279,15 +282,49 @@ def compress_with_calibration(
                 set_initializer(working, layer.bias, new_bias)
             if not options.sequential:
                 statistics.pop(layer.weight, None)  # free its memory
+            layer_result.tensor = _container_only(layer_result.tensor)
             tick(layer.weight)
     finally:
         if bar is not None:
             bar.close()
     # Hand back the original dense weights (the converter compresses them from the
-    # precomputed tensors) with the refitted biases.
-    for name in result.results:
-        set_initializer(working, name, initializer_array(model, name))
+    # precomputed tensors) with the refitted biases; only sequential mode replaced them.
+    if options.sequential:
+        for name in result.results:
+            _restore_tensor(working, model, name)
     return result
+
+
+def _groups_within(layers: Sequence[LayerSpec], budget: int) -> list[list[LayerSpec]]:
+    """Consecutive layers whose statistics take at most ``budget`` bytes together (one layer at the least)."""
+    groups: list[list[LayerSpec]] = []
+    used = budget + 1
+    for layer in layers:
+        if used + layer.statistics_bytes > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(layer)
+        used += layer.statistics_bytes
+    return groups
+
+
+def _container_only(tensor: CompressedTensor) -> EncodedTensor:
+    """The fitted tensor held as its container (the arrays are decoded again when asked for): a
+    layer's codes, mask and values would otherwise stay in memory for every layer until the model is written."""
+    return EncodedTensor(tensor.container, tuple(tensor.codes.shape), tensor.codebook.dtype, tensor.n_kept,
+                         tensor.codebook, tensor.settings)
+
+
+def _restore_tensor(working: onnx.ModelProto, model: onnx.ModelProto, name: str) -> None:
+    """Put ``model``'s tensor ``name`` (initializer or Constant) back into ``working`` as it was (a reference stays one)."""
+    source = {t.name: t for t in model.graph.initializer}.get(name)
+    if source is None:
+        set_initializer(working, name, initializer_array(model, name))
+        return
+    for tensor in working.graph.initializer:
+        if tensor.name == name:
+            tensor.CopyFrom(source)
+            return
 
 
 def fit_one_layer(

@@ -13,6 +13,7 @@ per-layer recipe: pruning (:mod:`onnx_dc.calibration.pruning_fit`), then this.
 from __future__ import annotations
 
 import collections
+import math
 import weakref
 from collections.abc import Mapping, Sequence
 
@@ -279,6 +280,9 @@ def fit_layer(
                     t * m for t, m in zip(problem.targets, masks)
                 ]
             seen.append(masks)
+            if len(candidates) == 1:  # nothing to compare: E after pruning is not needed (a K^2 N product)
+                best_pruned = (math.nan, name, masks, weights)
+                continue
             errors[name] = problem.error(weights)
             if best_pruned is None or errors[name] < best_pruned[0]:
                 best_pruned = (errors[name], name, masks, weights)

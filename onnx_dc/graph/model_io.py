@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import external_data_helper, numpy_helper
+from onnx import external_data_helper, helper, numpy_helper
 
 from onnx_dc.errors import ModelError, first_line
 from onnx_dc.graph.tensor_store import (
@@ -41,6 +41,7 @@ from onnx_dc.graph.tensor_store import (
     read_structure,
     set_location,
     stored_bytes,
+    tensor_array,
     tensor_nbytes,
 )
 
@@ -505,7 +506,7 @@ def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
     """The value of a main-graph initializer or Constant node output. Raises :class:`ModelError`."""
     for tensor in model.graph.initializer:
         if tensor.name == name:
-            return numpy_helper.to_array(tensor)
+            return tensor_array(tensor)
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output and node.output[0] == name:
             for attr in node.attribute:
@@ -530,8 +531,9 @@ def set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> Non
 
 
 def _tensor_like(template: onnx.TensorProto, value: np.ndarray) -> onnx.TensorProto:
-    old = numpy_helper.to_array(template)
-    new = numpy_helper.from_array(np.asarray(value).astype(old.dtype).reshape(old.shape), template.name)
+    dtype = helper.tensor_dtype_to_np_dtype(template.data_type)
+    shape = tuple(int(d) for d in template.dims)
+    new = numpy_helper.from_array(np.asarray(value).astype(dtype).reshape(shape), template.name)
     if template.doc_string:
         new.doc_string = template.doc_string
     for entry in template.metadata_props:

@@ -19,6 +19,13 @@ Either way the references are valid ONNX relative to the model's directory.
 pages come from the page cache and are dropped when the array is), and
 :func:`materialize` reads references back into the proto (for a model that
 must be self-contained, e.g. written as one file).
+
+A model opened with ``open_model(path, anchored=True)`` also records in every
+reference the directory it is relative to (the entry :data:`ANCHOR_KEY`, which
+the loader writes itself and never takes from the file), so that
+:func:`tensor_array` reads any of its tensors without being told where the
+model came from: the calibrated path passes such a model through code written
+for models held in memory.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from onnx import helper, numpy_helper
 from onnx_dc.errors import ModelError
 
 __all__ = [
+    "ANCHOR_KEY",
     "MIN_REFERENCE_BYTES",
     "PLACEHOLDER",
     "TensorLocation",
@@ -57,6 +65,7 @@ __all__ = [
     "set_location",
     "stored_bytes",
     "structure_of",
+    "tensor_array",
     "tensor_bytes_of",
     "tensor_nbytes",
     "tensor_values",
@@ -64,6 +73,9 @@ __all__ = [
 
 #: The file name :func:`structure_of` points data-less tensors at.
 PLACEHOLDER = "onnx_dc_placeholder.bin"
+
+#: The external-data entry :func:`open_model` (``anchored=True``) writes: the directory of the model file.
+ANCHOR_KEY = "onnx_dc.base_dir"
 
 #: Inline tensors at least this large are left in the model file by :func:`open_model`.
 MIN_REFERENCE_BYTES = 64 * 1024
@@ -88,8 +100,11 @@ class TensorLocation:
     length: int
 
 
-def open_model(path: str | os.PathLike) -> onnx.ModelProto:
+def open_model(path: str | os.PathLike, *, anchored: bool = False) -> onnx.ModelProto:
     """Load an ONNX model file leaving every large initializer's data in its file (see the module docstring).
+
+    ``anchored``: every reference also records the model's directory (:data:`ANCHOR_KEY`), so that
+    :func:`tensor_array` reads it.
 
     Raises:
         ModelError: a missing or unreadable file, not an ONNX model, or external data
@@ -108,7 +123,38 @@ def open_model(path: str | os.PathLike) -> onnx.ModelProto:
                 f"{path}: cannot load external data: tensor {tensor.name!r} has {location.length} bytes "
                 f"of data, its shape and type need {expected}"
             )
+        _set_anchor(tensor, base if anchored else None)  # an anchor read from the file is never kept
     return model
+
+
+def _set_anchor(tensor: onnx.TensorProto, base: Path | None) -> None:
+    entries = [(e.key, e.value) for e in tensor.external_data if e.key != ANCHOR_KEY]
+    if base is None and len(entries) == len(tensor.external_data):
+        return
+    del tensor.external_data[:]
+    for key, value in entries + ([(ANCHOR_KEY, str(base))] if base is not None else []):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def anchor_of(tensor: onnx.TensorProto) -> str | None:
+    """The directory an anchored reference is relative to (None: not anchored)."""
+    for entry in tensor.external_data:
+        if entry.key == ANCHOR_KEY:
+            return entry.value
+    return None
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """A tensor's values: ``numpy_helper.to_array`` of an inline tensor, a read-only memory map of an
+    anchored reference (:func:`open_model` with ``anchored=True``).
+
+    Raises:
+        ModelError: a reference that is not anchored (the model's directory is not known).
+    """
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    return tensor_values(tensor, anchor_of(tensor))
 
 
 def read_structure(path: str | os.PathLike) -> onnx.ModelProto:

@@ -28,9 +28,9 @@ from typing import Literal
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnx_dc.graph.model_io import attribute_subgraphs
+from onnx_dc.graph.tensor_store import tensor_array
 
 WeightKind = Literal["fc", "conv", "other"]
 ConsumerRole = Literal["matmul_b", "gemm_b", "conv_w", "contrib_fc", "bias", "other", "graph_output"]
@@ -126,8 +126,9 @@ class Weight:
         return self.n_elements * (8 if self.dtype == "float64" else 4 if self.dtype == "float32" else 2)
 
     def to_array(self) -> np.ndarray:
-        """The tensor's values as a numpy array of its dtype and shape."""
-        return numpy_helper.to_array(self.tensor)
+        """The tensor's values as a numpy array of its dtype and shape (a memory map of an anchored
+        reference, :func:`onnx_dc.graph.tensor_store.tensor_array`)."""
+        return tensor_array(self.tensor)
 
 
 def find_weights(model: onnx.ModelProto, *, min_elements: int = 0) -> list[Weight]:
