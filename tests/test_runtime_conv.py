@@ -83,8 +83,13 @@ KERNEL_CASES = [
     # channels in lanes (rows narrower than a panel, at least 4 vectors of channels): 70 channels (a block of
     # 64 / 16 / 8 and a remainder of 6), 100 positions (tasks of 60 and 40, tiles of 6 / 4 positions and
     # remainders), K = 360 (blocks of 64 and a remainder), stride 2 with asymmetric pads (AVX2 and baseline),
-    # groups of 36 channels with dilations (AVX2 and baseline)
+    # groups of 36 channels with dilations (AVX2 and baseline); these decode the weight per task (one task per
+    # block of channels), block by block of K; the weight decoded whole per call: 323 positions (4 tasks per
+    # block of channels), 66 channels (a remainder of 2), and one block of 64 channels of 132 positions
+    # (AVX-512; AVX2: 4 blocks, per task)
     ("lanes_small_map", 40, 70, 10, 10, (3, 3), {"pads": [1, 1, 1, 1]}),
+    ("lanes_whole", 24, 66, 19, 17, (3, 3), {"pads": [1, 1, 1, 1]}),
+    ("lanes_one_block", 16, 64, 12, 11, (3, 3), {"pads": [1, 1, 1, 1]}),
     ("lanes_strided", 24, 36, 21, 19, (3, 3), {"strides": [2, 2], "pads": [1, 0, 1, 1]}),
     ("lanes_groups", 32, 72, 9, 9, (3, 3), {"group": 2, "dilations": [2, 2], "pads": [2, 2, 2, 2]}),
 ]

@@ -746,6 +746,9 @@ struct CodeTilesRun {
   std::vector<float> lane_bias;
   std::vector<ConvLanesJob> lane_jobs;
   void (*lanes_fn)(const ConvLanesJob&, uint64_t, uint64_t, uint64_t);
+  void (*lanes_decode)(const ConvLanesJob&, uint64_t, uint64_t, uint64_t, float*);
+  std::vector<uint8_t> planes;  // byte-plane order: the codebook's byte planes (ConvCodePlanes)
+  uint64_t lane_depth = 0;
 };
 
 // Padded columns [q_begin, q_end) of a row (src indexed by padded column)
@@ -842,47 +845,19 @@ void CodeTilesTask(void* context, size_t index) {
   }
 }
 
-// Task (group, tile): the tile's codes ([K][rows], contiguous) decoded and
-// written into the group's [ld / B][K][B] channels-in-lanes weights (B =
-// run.lane_block; a tile of 8 channels lies in one block); the group's last
-// tile also zeroes the lanes past its channels. Byte-plane order decodes
-// whole chunks of 64 (the codes and the mask are padded to them).
+// Task (group, block of channels, block of ConvLaneDepth() rows of K): the
+// rows decoded into the group's [ld / B][K][B] channels-in-lanes weights (B =
+// run.lane_block; zero lanes past the group's channels).
 void LanesDecodeTask(void* context, size_t index) {
   CodeTilesRun& run = *static_cast<CodeTilesRun*>(context);
-  const ConvWeights& w = *run.w;
-  const uint64_t per_group = w.out_channels / w.group, k_count = w.patch_size;
-  const uint64_t tiles = (per_group + kConvTileRows - 1) / kConvTileRows;
-  const uint64_t group = index / tiles, m0 = index % tiles * kConvTileRows;
-  const uint64_t rows = std::min<uint64_t>(kConvTileRows, per_group - m0);
-  const uint64_t first = (group * per_group + m0) * k_count, end = first + rows * k_count;
-  uint64_t begin = first, stop = end;
-  if (w.plane_order) {
-    begin = first / 64 * 64;
-    stop = std::min<uint64_t>(w.codes.size(), (end + 63) / 64 * 64);
-  }
-  std::unique_ptr<float[]> tile(new float[static_cast<size_t>(stop - begin)]);
-  run.expand(w.codes.data(), begin, stop - begin, w.nibbles, w.codebook.data(), w.code_limit,
-             w.pruned_mask.empty() ? nullptr : w.pruned_mask.data(), tile.get());
-  const float* from = tile.get() + (first - begin);
-  const uint64_t block = run.lane_block;
-  float* const group_weights = run.lane_weights.get() + group * k_count * run.ld;
-  float* to = group_weights + m0 / block * k_count * block + m0 % block;
-  const bool last = m0 + rows == per_group;
-  if (rows == kConvTileRows) {
-    for (uint64_t k = 0; k < k_count; ++k, from += kConvTileRows, to += block) {
-      for (unsigned r = 0; r < kConvTileRows; ++r) to[r] = from[r];
-    }
-  } else {
-    for (uint64_t k = 0; k < k_count; ++k, from += rows, to += block) {
-      for (uint64_t r = 0; r < rows; ++r) to[r] = from[r];
-    }
-  }
-  if (last && per_group % block != 0) {
-    const uint64_t used = per_group % block;
-    to = group_weights + per_group / block * k_count * block + used;
-    for (uint64_t k = 0; k < k_count; ++k, to += block)
-      std::memset(to, 0, static_cast<size_t>(block - used) * sizeof(float));
-  }
+  const uint64_t k_count = run.w->patch_size;
+  const uint64_t blocks = run.ld / run.lane_block;
+  const uint64_t depths = (k_count + run.lane_depth - 1) / run.lane_depth;
+  const uint64_t group = index / (blocks * depths), block = index / depths % blocks;
+  const uint64_t k0 = index % depths * run.lane_depth, k1 = std::min(k_count, k0 + run.lane_depth);
+  float* out = run.lane_weights.get() + group * k_count * run.ld + block * run.lane_block * k_count +
+               k0 * run.lane_block;
+  run.lanes_decode(run.lane_jobs[group], block, k0, k1, out);
 }
 
 // Whether a layer runs channels in lanes rather than the GEMM panels
@@ -934,10 +909,11 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
                               : isa == GemmIsa::kAvx2 ? avx2::ConvLaneBlock()
                                                       : generic::ConvLaneBlock();
   // Channels in lanes: the weight decoded whole into its [ld / block][K][block] layout (at
-  // most kConvWholeDecode floats with the zero lanes); the GEMM panels: in the codes' order.
+  // most kConvWholeDecode floats with the zero lanes) when each block of channels is read by
+  // more than kLaneDecodeTasks tasks, else decoded by each task into L1 as it goes; the GEMM
+  // panels: in the codes' order.
   const uint64_t lane_floats = w.group * k_count * ((per_group + lane_block - 1) / lane_block * lane_block);
-  run.lanes = !few && lane_floats <= kConvWholeDecode &&
-              ChannelLanesChosen(pointwise, per_group, g.out_w, positions, nr, lane_width);
+  run.lanes = !few && ChannelLanesChosen(pointwise, per_group, g.out_w, positions, nr, lane_width);
   if (!run.lanes && code_count <= kConvWholeDecode) {
     run.decoded.reset(new float[code_count]);
     run.decoded_size = code_count;
@@ -1039,13 +1015,15 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
     // bias padded to ld; tasks: a block of channels x up to 48 positions.
     run.ld = (per_group + lane_block - 1) / lane_block * lane_block;
     run.lane_block = lane_block;
-    run.lane_weights.reset(new float[static_cast<size_t>(w.group * k_count * run.ld)]);
     run.lanes_fn = isa >= GemmIsa::kAvx512 ? &avx512::RunConvLanes
                    : isa == GemmIsa::kAvx2 ? &avx2::RunConvLanes
                                            : &generic::RunConvLanes;
-    const uint64_t tiles = (per_group + kConvTileRows - 1) / kConvTileRows;
-    const std::string error = parallel_for(runner, static_cast<size_t>(w.group * tiles), &LanesDecodeTask, &run);
-    if (!error.empty()) return error;
+    run.lanes_decode = isa >= GemmIsa::kAvx512 ? &avx512::DecodeConvLanes
+                       : isa == GemmIsa::kAvx2 ? &avx2::DecodeConvLanes
+                                               : &generic::DecodeConvLanes;
+    run.lane_depth = isa >= GemmIsa::kAvx512 ? avx512::ConvLaneDepth()
+                     : isa == GemmIsa::kAvx2 ? avx2::ConvLaneDepth()
+                                             : generic::ConvLaneDepth();
     if (bias != nullptr) {
       run.lane_bias.assign(static_cast<size_t>(w.group * run.ld), 0.0f);
       for (uint64_t group = 0; group < w.group; ++group)
@@ -1056,13 +1034,40 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
 #ifndef ONNX_DC_CONV_LANE_TASK_POSITIONS
 #define ONNX_DC_CONV_LANE_TASK_POSITIONS 96
 #endif
-    const uint64_t position_tasks =
-        (positions + ONNX_DC_CONV_LANE_TASK_POSITIONS - 1) / ONNX_DC_CONV_LANE_TASK_POSITIONS;
+    uint64_t position_tasks = (positions + ONNX_DC_CONV_LANE_TASK_POSITIONS - 1) / ONNX_DC_CONV_LANE_TASK_POSITIONS;
+    // Few positions (at most 2 tasks' worth) and several blocks of channels: one task per block,
+    // which decodes the block's weights into L1 once, as it goes (measured: a separate decode
+    // pass, or a block decoded by two tasks, took 5-10 % longer on nudenet's 10x10 layers).
+    // Otherwise the weight is decoded whole, once per call, when it fits kConvWholeDecode.
+#ifndef ONNX_DC_CONV_LANE_DECODE_TASKS
+#define ONNX_DC_CONV_LANE_DECODE_TASKS 2
+#endif
+    const uint64_t lane_blocks = w.group * (run.ld / lane_block);
+    const bool in_task = (position_tasks <= ONNX_DC_CONV_LANE_DECODE_TASKS && lane_blocks >= 2) ||
+                         lane_floats > kConvWholeDecode;
+    if (in_task && position_tasks <= ONNX_DC_CONV_LANE_DECODE_TASKS) position_tasks = 1;
     const uint64_t per_task = ((positions + position_tasks - 1) / position_tasks + 11) / 12 * 12;
+    const bool whole = !in_task;
+    if (whole) run.lane_weights.reset(new float[static_cast<size_t>(lane_floats)]);
     run.lane_jobs.resize(static_cast<size_t>(w.group));
+    const ConvExpandFn expand = run.expand;
+    if (w.plane_order) {
+      run.planes.resize(4 * 256);
+      avx512::ConvCodePlanes(w.codebook.data(), run.planes.data());
+    }
     for (uint64_t group = 0; group < w.group; ++group) {
       ConvLanesJob& job = run.lane_jobs[group];
-      job.weights = run.lane_weights.get() + group * k_count * run.ld;
+      job.weights = whole ? run.lane_weights.get() + group * k_count * run.ld : nullptr;
+      job.codes = w.codes.data();
+      job.code_first = group * per_group * k_count;
+      job.code_count = w.codes.size();
+      job.nibbles = w.nibbles;
+      job.plane_order = w.plane_order;
+      job.codebook = w.codebook.data();
+      job.code_limit = w.code_limit;
+      job.pruned_mask = w.pruned_mask.empty() ? nullptr : w.pruned_mask.data();
+      job.expand = expand;
+      job.planes = w.plane_order ? run.planes.data() : nullptr;
       job.ld = run.ld;
       job.channels = per_group;
       job.k_count = k_count;
@@ -1075,6 +1080,12 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
         for (uint64_t first = 0; first < positions; first += per_task)
           run.tasks.push_back(CodeTilesRun::Task{group, first, std::min(positions, first + per_task), block});
       }
+    }
+    if (whole) {
+      const uint64_t depths = (k_count + run.lane_depth - 1) / run.lane_depth;
+      const std::string error = parallel_for(runner, static_cast<size_t>(w.group * (run.ld / lane_block) * depths),
+                                             &LanesDecodeTask, &run);
+      if (!error.empty()) return error;
     }
   }
   // Tasks: a few panels of one group, so that their inputs (K x NR floats a

@@ -94,10 +94,30 @@ struct ConvGemmJob {
 // position's input broadcast per k, so no lane is spent on a row's remainder
 // and strides cost nothing. One (image, group); tasks are (block of
 // ConvLaneBlock() channels, range of output positions).
+// Decodes codes [first, first + count) of a weight (bytes or nibbles, optionally in byte-plane order
+// with first and count multiples of 64) into floats (ExpandConvCodes, ExpandConvCodesVbmi).
+using ConvExpandFn = void (*)(const uint8_t* codes, uint64_t first, uint64_t count, bool nibbles,
+                              const float* codebook, uint32_t limit, const uint8_t* mask, float* out);
+
 struct ConvLanesJob {
   // The group's weight decoded as [ld / B][K][B] floats (B = ConvLaneBlock()):
-  // channel m at block m / B, lane m % B; 0 past M/group.
+  // channel m at block m / B, lane m % B; 0 past M/group. Null: each task
+  // decodes its block of channels kLaneDepth rows of K at a time from the
+  // codes below into an L1 buffer (DecodeConvLanes).
   const float* weights = nullptr;
+  // The weight's codes (ConvWeights: tiles of kConvTileRows channels, [K][rows] each).
+  const uint8_t* codes = nullptr;
+  uint64_t code_first = 0;   // the group's first code
+  uint64_t code_count = 0;   // every code of the weight (plane order: padded to 64)
+  bool nibbles = false;
+  bool plane_order = false;  // byte-plane order: decoded in whole chunks of 64
+  const float* codebook = nullptr;
+  uint32_t code_limit = 256;
+  const uint8_t* pruned_mask = nullptr;
+  ConvExpandFn expand = nullptr;
+  // Byte-plane order with AVX-512 VBMI: the codebook's byte planes (ConvCodePlanes), decoded by
+  // avx512::ExpandConvCodesVbmiPlanes instead of `expand`; else null.
+  const uint8_t* planes = nullptr;
   uint64_t ld = 0;                 // M/group rounded up to a multiple of ConvLaneBlock()
   uint64_t channels = 0;           // output channels of the group (M / group)
   uint64_t k_count = 0;            // C / group * kh * kw
@@ -143,6 +163,10 @@ unsigned ConvLaneBlock();  // output channels per block of the channels-in-lanes
 unsigned ConvLaneWidth();  // lanes per vector
 // Channels [block * ConvLaneBlock(), +ConvLaneBlock()) x output positions [first, end).
 void RunConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t first, uint64_t end);
+// Rows [k0, k1) of block `block`'s weights decoded from job's codes into out[k1 - k0][ConvLaneBlock()]
+// (0 past the group's channels); k1 - k0 <= ConvLaneDepth().
+void DecodeConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t k0, uint64_t k1, float* out);
+unsigned ConvLaneDepth();  // rows of K per block of the channels-in-lanes kernel
 void RunDepthwise(const DepthwiseJob& job, uint64_t task);
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation);
 }  // namespace generic
@@ -160,6 +184,10 @@ unsigned ConvLaneBlock();  // output channels per block of the channels-in-lanes
 unsigned ConvLaneWidth();  // lanes per vector
 // Channels [block * ConvLaneBlock(), +ConvLaneBlock()) x output positions [first, end).
 void RunConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t first, uint64_t end);
+// Rows [k0, k1) of block `block`'s weights decoded from job's codes into out[k1 - k0][ConvLaneBlock()]
+// (0 past the group's channels); k1 - k0 <= ConvLaneDepth().
+void DecodeConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t k0, uint64_t k1, float* out);
+unsigned ConvLaneDepth();  // rows of K per block of the channels-in-lanes kernel
 void RunDepthwise(const DepthwiseJob& job, uint64_t task);
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation);
 }  // namespace avx2
@@ -168,6 +196,11 @@ namespace avx512 {
 // count a multiple of 64; built for AVX-512 VBMI, called only on such CPUs).
 void ExpandConvCodesVbmi(const uint8_t* codes, uint64_t first, uint64_t count, bool nibbles, const float* codebook,
                          uint32_t limit, const uint8_t* mask, float* out);
+// The four byte planes of the 256 codebook values (planes[256 p + i] = byte p of value i), and
+// ExpandConvCodesVbmi with them given (built once per call rather than per decode).
+void ConvCodePlanes(const float* codebook, uint8_t* planes);
+void ExpandConvCodesVbmiPlanes(const uint8_t* codes, uint64_t first, uint64_t count, const uint8_t* planes,
+                               const uint8_t* mask, float* out);
 unsigned ConvPanelWidth();
 // even[i] = src[2 i], odd[i] = src[2 i + 1] for i < pairs (stride-2 phases).
 void SplitPhases2(const float* src, uint64_t pairs, float* even, float* odd);
@@ -181,6 +214,10 @@ unsigned ConvLaneBlock();  // output channels per block of the channels-in-lanes
 unsigned ConvLaneWidth();  // lanes per vector
 // Channels [block * ConvLaneBlock(), +ConvLaneBlock()) x output positions [first, end).
 void RunConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t first, uint64_t end);
+// Rows [k0, k1) of block `block`'s weights decoded from job's codes into out[k1 - k0][ConvLaneBlock()]
+// (0 past the group's channels); k1 - k0 <= ConvLaneDepth().
+void DecodeConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t k0, uint64_t k1, float* out);
+unsigned ConvLaneDepth();  // rows of K per block of the channels-in-lanes kernel
 void RunDepthwise(const DepthwiseJob& job, uint64_t task);
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation);
 }  // namespace avx512

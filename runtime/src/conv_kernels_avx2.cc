@@ -104,6 +104,10 @@ unsigned ConvLaneWidth() { return generic::ConvLaneWidth(); }
 void RunConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t first, uint64_t end) {
   generic::RunConvLanes(job, block, first, end);
 }
+void DecodeConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t k0, uint64_t k1, float* out) {
+  generic::DecodeConvLanes(job, block, k0, k1, out);
+}
+unsigned ConvLaneDepth() { return generic::ConvLaneDepth(); }
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation) {
   generic::ConvEpilogue(y, count, bias, activation);
 }

@@ -97,23 +97,25 @@ constexpr unsigned kLanePositions = 6;
 #define ONNX_DC_CONV_LANE_POSITIONS 6
 #include "conv_lanes_impl.h"
 
+void ConvCodePlanes(const float* codebook, uint8_t* planes) {
+  for (unsigned i = 0; i < 256; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, codebook + i, sizeof(bits));
+    for (unsigned p = 0; p < 4; ++p) planes[p * 256 + i] = static_cast<uint8_t>(bits >> (8 * p));
+  }
+}
+
 // 64 indices at a time: each of the four bytes of the 256 codebook values is
 // a 256-byte plane in 4 zmm; two byte permutes and a blend on bit 7 look up
 // one plane, and two rounds of byte / word interleaving assemble the floats
 // (the panel GEMM's VBMI decoder, gemm_kernels_avx512.cc).
-__attribute__((target("avx512vbmi"))) void ExpandConvCodesVbmi(const uint8_t* all_codes, uint64_t first,
-                                                                uint64_t count, bool, const float* codebook,
-                                                                uint32_t, const uint8_t* mask, float* out) {
+__attribute__((target("avx512vbmi"))) void ExpandConvCodesVbmiPlanes(const uint8_t* all_codes, uint64_t first,
+                                                                      uint64_t count, const uint8_t* planes,
+                                                                      const uint8_t* mask, float* out) {
   const uint8_t* codes = all_codes + first;  // first: a multiple of 64
-  alignas(64) uint8_t planes[4][256];
-  for (unsigned i = 0; i < 256; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, codebook + i, sizeof(bits));
-    for (unsigned p = 0; p < 4; ++p) planes[p][i] = static_cast<uint8_t>(bits >> (8 * p));
-  }
   __m512i t[4][4];
   for (unsigned p = 0; p < 4; ++p) {
-    for (unsigned j = 0; j < 4; ++j) t[p][j] = _mm512_load_si512(planes[p] + 64 * j);
+    for (unsigned j = 0; j < 4; ++j) t[p][j] = _mm512_loadu_si512(planes + 256 * p + 64 * j);
   }
   for (uint64_t i = 0; i + 64 <= count; i += 64) {
     const __m512i idx = _mm512_loadu_si512(codes + i);
@@ -133,9 +135,18 @@ __attribute__((target("avx512vbmi"))) void ExpandConvCodesVbmi(const uint8_t* al
   if (mask != nullptr) conv_detail::MaskPruned(mask, first, count, out);
 }
 
+void ExpandConvCodesVbmi(const uint8_t* all_codes, uint64_t first, uint64_t count, bool, const float* codebook,
+                         uint32_t, const uint8_t* mask, float* out) {
+  alignas(64) uint8_t planes[4 * 256];
+  ConvCodePlanes(codebook, planes);
+  ExpandConvCodesVbmiPlanes(all_codes, first, count, planes, mask, out);
+}
+
 }  // namespace avx512
 }  // namespace onnx_dc
 #else  // not x86: never selected (DetectGemmIsa), forwards to the baseline kernels
+#include <cstring>
+
 #include "conv_kernels.h"
 
 namespace onnx_dc {
@@ -152,6 +163,27 @@ void ExpandConvCodesVbmi(const uint8_t* codes, uint64_t first, uint64_t count, b
                          uint32_t limit, const uint8_t* mask, float* out) {
   generic::ExpandConvCodes(codes, first, count, nibbles, codebook, limit, mask, out);
 }
+void ConvCodePlanes(const float* codebook, uint8_t* planes) {
+  for (unsigned i = 0; i < 256; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, codebook + i, sizeof(bits));
+    for (unsigned p = 0; p < 4; ++p) planes[p * 256 + i] = static_cast<uint8_t>(bits >> (8 * p));
+  }
+}
+void ExpandConvCodesVbmiPlanes(const uint8_t* codes, uint64_t first, uint64_t count, const uint8_t* planes,
+                               const uint8_t* mask, float* out) {
+  // Byte-plane order: position 16 L + 4 q + e of a chunk of 64 holds weight 16 q + 4 L + e.
+  for (uint64_t i = 0; i < count; ++i) {
+    const uint64_t in_chunk = i % 64, l = in_chunk / 16, q = in_chunk / 4 % 4, e = in_chunk % 4;
+    const uint8_t code = codes[first + i];
+    uint32_t bits = 0;
+    for (unsigned p = 0; p < 4; ++p) bits |= uint32_t{planes[p * 256 + code]} << (8 * p);
+    std::memcpy(out + (i - in_chunk) + 16 * q + 4 * l + e, &bits, sizeof(bits));
+  }
+  for (uint64_t i = 0; mask != nullptr && i < count; ++i) {
+    if ((mask[(first + i) / 8] >> ((first + i) % 8)) & 1u) out[i] = 0.0f;
+  }
+}
 void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) { generic::RunConvGemm(job, first, end); }
 void RunDepthwise(const DepthwiseJob& job, uint64_t task) { generic::RunDepthwise(job, task); }
 unsigned ConvLaneBlock() { return generic::ConvLaneBlock(); }
@@ -159,6 +191,10 @@ unsigned ConvLaneWidth() { return generic::ConvLaneWidth(); }
 void RunConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t first, uint64_t end) {
   generic::RunConvLanes(job, block, first, end);
 }
+void DecodeConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t k0, uint64_t k1, float* out) {
+  generic::DecodeConvLanes(job, block, k0, k1, out);
+}
+unsigned ConvLaneDepth() { return generic::ConvLaneDepth(); }
 void ConvEpilogue(float* y, uint64_t count, const float* bias, const ActivationSpec& activation) {
   generic::ConvEpilogue(y, count, bias, activation);
 }

@@ -27,9 +27,10 @@ constexpr unsigned kBlock = kLaneVectors * V::kLanes;  // output channels of a b
 #endif
 constexpr uint64_t kLaneDepth = ONNX_DC_CONV_LANE_DEPTH;  // rows of K per block (16 KiB of weights on AVX-512)
 
+// w: the block's weights of rows [k0, k1), [k1 - k0][kBlock] floats.
 template <unsigned kVectors, unsigned kPositions>
-inline void LanesTile(const ConvLanesJob& job, uint64_t c0, uint64_t p0, uint64_t k0, uint64_t k1,
-                      float* __restrict tile) {
+inline void LanesTile(const ConvLanesJob& job, const float* __restrict w, uint64_t c0, uint64_t p0, uint64_t k0,
+                      uint64_t k1, float* __restrict tile) {
   typename V::T acc[kPositions][kVectors];
   if (k0 == 0) {
 #pragma GCC unroll 4
@@ -48,8 +49,6 @@ inline void LanesTile(const ConvLanesJob& job, uint64_t c0, uint64_t p0, uint64_
   const float* src[kPositions];
 #pragma GCC unroll 8
   for (unsigned q = 0; q < kPositions; ++q) src[q] = job.source + job.position_sources[p0 + q];
-  // The block's weights: K rows of kBlock floats (contiguous, so a K block stays in L1).
-  const float* __restrict w = job.weights + c0 * job.k_count + k0 * kBlock;
   const uint64_t* __restrict offsets = job.offsets;
   for (uint64_t k = k0; k < k1; ++k, w += kBlock) {
     typename V::T wv[kVectors];
@@ -71,12 +70,12 @@ inline void LanesTile(const ConvLanesJob& job, uint64_t c0, uint64_t p0, uint64_
 }
 
 template <unsigned kVectors>
-inline void LanesTilePositions(const ConvLanesJob& job, uint64_t c0, uint64_t p0, unsigned positions, uint64_t k0,
-                               uint64_t k1, float* tile) {
+inline void LanesTilePositions(const ConvLanesJob& job, const float* w, uint64_t c0, uint64_t p0, unsigned positions,
+                               uint64_t k0, uint64_t k1, float* tile) {
   switch (positions) {
 #define ONNX_DC_CONV_LANES_CASE(n)                       \
   case n:                                                \
-    LanesTile<kVectors, n>(job, c0, p0, k0, k1, tile);   \
+    LanesTile<kVectors, n>(job, w, c0, p0, k0, k1, tile);   \
     break;
     ONNX_DC_CONV_LANES_CASE(1)
     ONNX_DC_CONV_LANES_CASE(2)
@@ -96,6 +95,45 @@ inline void LanesTilePositions(const ConvLanesJob& job, uint64_t c0, uint64_t p0
 
 unsigned ConvLaneBlock() { return conv_lanes_detail::kBlock; }
 unsigned ConvLaneWidth() { return V::kLanes; }
+unsigned ConvLaneDepth() { return static_cast<unsigned>(conv_lanes_detail::kLaneDepth); }
+
+void DecodeConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t k0, uint64_t k1, float* out) {
+  using namespace conv_lanes_detail;  // NOLINT(build/namespaces)
+  const uint64_t c0 = block * kBlock;
+  if (c0 >= job.channels || k0 >= k1) return;
+  const uint64_t channels = std::min<uint64_t>(kBlock, job.channels - c0);
+  const uint64_t depth = std::min<uint64_t>(kLaneDepth, k1 - k0);
+  // One tile's codes of the rows at a time ([depth][rows], contiguous), plus up to 63 codes on
+  // either side for the byte-plane order's whole chunks.
+  alignas(64) float piece[kLaneDepth * kConvTileRows + 128];
+  for (uint64_t t = 0; t < channels; t += kConvTileRows) {
+    const uint64_t rows = std::min<uint64_t>(kConvTileRows, channels - t);
+    const uint64_t first = job.code_first + (c0 + t) * job.k_count + k0 * rows;
+    uint64_t begin = first, stop = first + depth * rows;
+    if (job.plane_order) {
+      begin = first / 64 * 64;
+      stop = std::min<uint64_t>(job.code_count, (stop + 63) / 64 * 64);
+    }
+    if (job.planes != nullptr) {
+      avx512::ExpandConvCodesVbmiPlanes(job.codes, begin, stop - begin, job.planes, job.pruned_mask, piece);
+    } else {
+      job.expand(job.codes, begin, stop - begin, job.nibbles, job.codebook, job.code_limit, job.pruned_mask, piece);
+    }
+    const float* from = piece + (first - begin);
+    float* to = out + t;
+    if (rows == kConvTileRows) {
+      for (uint64_t k = 0; k < depth; ++k, from += kConvTileRows, to += kBlock)
+        std::memcpy(to, from, kConvTileRows * sizeof(float));
+    } else {
+      for (uint64_t k = 0; k < depth; ++k, from += rows, to += kBlock)
+        std::memcpy(to, from, static_cast<size_t>(rows) * sizeof(float));
+    }
+  }
+  if (channels < kBlock) {
+    for (uint64_t k = 0; k < depth; ++k)
+      std::memset(out + k * kBlock + channels, 0, static_cast<size_t>(kBlock - channels) * sizeof(float));
+  }
+}
 
 void RunConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t first, uint64_t end) {
   using namespace conv_lanes_detail;  // NOLINT(build/namespaces)
@@ -106,30 +144,39 @@ void RunConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t first, uint6
   const unsigned vectors = static_cast<unsigned>((channels + V::kLanes - 1) / V::kLanes);
   // The task's partial sums: position p at partial[(p - first) * kBlock].
   const uint64_t count = end - first;
-  std::unique_ptr<float[]> buffer(new float[static_cast<size_t>(count * kBlock + 16)]);
-  float* partial = conv_detail::AlignTo64(buffer.get());
+  // Without decoded weights, the block's rows of K are decoded kLaneDepth at a time into `decoded`.
+  const uint64_t decoded_floats = job.weights != nullptr ? 0 : kLaneDepth * kBlock;
+  std::unique_ptr<float[]> buffer(new float[static_cast<size_t>(decoded_floats + count * kBlock + 16)]);
+  float* decoded = conv_detail::AlignTo64(buffer.get());
+  float* partial = decoded + decoded_floats;
   for (uint64_t k0 = 0; k0 < job.k_count; k0 += kLaneDepth) {
     const uint64_t k1 = std::min(job.k_count, k0 + kLaneDepth);
+    const float* w = decoded;
+    if (job.weights != nullptr) {
+      w = job.weights + c0 * job.k_count + k0 * kBlock;
+    } else {
+      DecodeConvLanes(job, block, k0, k1, decoded);
+    }
     for (uint64_t p0 = first; p0 < end; p0 += kLanePositions) {
       const unsigned positions = static_cast<unsigned>(std::min<uint64_t>(kLanePositions, end - p0));
       float* tile = partial + (p0 - first) * kBlock;
       switch (vectors) {
         case 1:
-          LanesTilePositions<1>(job, c0, p0, positions, k0, k1, tile);
+          LanesTilePositions<1>(job, w, c0, p0, positions, k0, k1, tile);
           break;
 #if 2 <= ONNX_DC_CONV_LANE_VECTORS
         case 2:
-          LanesTilePositions<2>(job, c0, p0, positions, k0, k1, tile);
+          LanesTilePositions<2>(job, w, c0, p0, positions, k0, k1, tile);
           break;
 #endif
 #if 3 <= ONNX_DC_CONV_LANE_VECTORS
         case 3:
-          LanesTilePositions<3>(job, c0, p0, positions, k0, k1, tile);
+          LanesTilePositions<3>(job, w, c0, p0, positions, k0, k1, tile);
           break;
 #endif
 #if 4 <= ONNX_DC_CONV_LANE_VECTORS
         case 4:
-          LanesTilePositions<4>(job, c0, p0, positions, k0, k1, tile);
+          LanesTilePositions<4>(job, w, c0, p0, positions, k0, k1, tile);
           break;
 #endif
         default:
