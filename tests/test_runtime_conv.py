@@ -415,7 +415,8 @@ def test_every_isa_matches_and_threads_agree_bit_for_bit(library: str, name: str
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-@pytest.mark.parametrize("name", ["pw_tail", "k_blocks", "strided_rows", "few_3x3", "dw_5x5"])
+@pytest.mark.parametrize("name", ["pw_tail", "k_blocks", "strided_rows", "few_3x3", "dw_5x5", "lanes_small_map",
+                                  "lanes_whole", "lanes_strided"])
 def test_fused_activations_match_numpy(library: str, name: str, activation: str, isa: str) -> None:
     """DCConv's fused activation (after the bias) on every kernel against float64 numpy on the decoded weight."""
     params = ACTIVATIONS[activation]
