@@ -872,9 +872,15 @@ bool ChannelLanesChosen(bool pointwise, uint64_t channels, uint64_t out_w, uint6
   if (ONNX_DC_CONV_LANES == 2) return true;
   // Rows narrower than a panel (every panel gathered, lanes wasted on the
   // rows' remainders) and at least 4 vectors of channels (AVX-512: 64); a
-  // 1x1 stride-1 convolution reads its flat positions in place: never.
-  (void)positions;
-  return !pointwise && out_w < nr && channels >= 4 * lane_width;
+  // 1x1 stride-1 convolution reads its flat positions in place: only on
+  // small maps (at most 192 positions, where the weight is decoded per task;
+  // measured on nudenet's 1x1 layers at 10x10: 0.16-0.30 ms -> 0.06-0.21 ms,
+  // no gain at 20x20).
+#ifndef ONNX_DC_CONV_POINTWISE_LANE_POSITIONS
+#define ONNX_DC_CONV_POINTWISE_LANE_POSITIONS 192
+#endif
+  if (pointwise) return positions <= ONNX_DC_CONV_POINTWISE_LANE_POSITIONS && channels >= 4 * lane_width;
+  return out_w < nr && channels >= 4 * lane_width;
 }
 
 std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
