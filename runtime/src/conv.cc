@@ -731,6 +731,9 @@ struct CodeTilesRun {
   // Padded input of the image (not pointwise): channel c at padded[c * plane].
   std::unique_ptr<float[]> padded;
   uint64_t rows = 0, row_floats = 0, phase_floats = 0, plane = 0;
+  // Phases of a padded row: stride_w for the GEMM panels (contiguous vectors of an output row's
+  // inputs), 1 for channels in lanes (scalar inputs at any stride: no split).
+  uint64_t phases = 1;
   std::vector<ConvGemmJob> jobs;  // per group
   struct Task {
     uint64_t job, first, end;
@@ -767,15 +770,14 @@ void SplitRowPhases2(void (*split2)(const float*, uint64_t, float*, float*), con
 }
 
 // Task c: input channel c of the current image into the padded buffer (rows
-// of row_floats; with stride_w > 1 split into phases of phase_floats).
+// of row_floats; with run.phases > 1 split into phases of phase_floats).
 void PadChannel(void* context, size_t c) {
   CodeTilesRun& run = *static_cast<CodeTilesRun*>(context);
-  const ConvWeights& w = *run.w;
   const ConvGeometry& g = *run.g;
   const float* plane = run.x + (run.image * g.in_channels + c) * g.in_h * g.in_w;
   float* out = run.padded.get() + c * run.plane;
   const int64_t in_h = static_cast<int64_t>(g.in_h), in_w = static_cast<int64_t>(g.in_w);
-  const uint64_t sw = static_cast<uint64_t>(w.stride_w);
+  const uint64_t sw = run.phases;
   const uint64_t columns = sw == 1 ? run.row_floats : run.phase_floats * sw;
   const int64_t q_begin = std::max<int64_t>(0, g.pad_left);
   const int64_t q_end = std::min<int64_t>(static_cast<int64_t>(columns), in_w + g.pad_left);
@@ -936,10 +938,12 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
     // The rows and columns the output reads (< 2^42 each, see ComputeConvGeometry).
     run.rows = (g.out_h - 1) * sh + (w.kernel_h - 1) * dh + 1;
     const uint64_t columns = (g.out_w - 1) * sw + (w.kernel_w - 1) * dw + 1;
-    run.phase_floats = (columns + sw - 1) / sw;
-    run.row_floats = sw * run.phase_floats;
+    const uint64_t phases = run.lanes ? 1 : sw;
+    run.phases = phases;
+    run.phase_floats = (columns + phases - 1) / phases;
+    run.row_floats = phases * run.phase_floats;
     run.plane = run.rows * run.row_floats;
-    if (run.row_floats / sw != run.phase_floats || run.plane / run.rows != run.row_floats ||
+    if (run.row_floats / phases != run.phase_floats || run.plane / run.rows != run.row_floats ||
         run.plane > kMaxPaddedFloats / g.in_channels)
       return "the padded input (" + std::to_string(g.in_channels) + " channels of " + std::to_string(run.rows) +
              " x " + std::to_string(columns) + ") is larger than 2^28 values; check the pads and strides";
@@ -948,7 +952,7 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
       for (uint64_t i = 0; i < w.kernel_h; ++i) {
         for (uint64_t j = 0; j < w.kernel_w; ++j) {
           const uint64_t column = j * dw;
-          offsets[k++] = c * run.plane + i * dh * run.row_floats + (column % sw) * run.phase_floats + column / sw;
+          offsets[k++] = c * run.plane + i * dh * run.row_floats + (column % phases) * run.phase_floats + column / phases;
         }
       }
     }
@@ -967,7 +971,7 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
     position_sources.resize(static_cast<size_t>(positions));
     for (uint64_t oh = 0, p = 0; oh < g.out_h; ++oh) {
       for (uint64_t ow = 0; ow < g.out_w; ++ow, ++p)
-        position_sources[p] = pointwise ? p : oh * sh * run.row_floats + ow;
+        position_sources[p] = pointwise ? p : oh * sh * run.row_floats + ow * (sw / run.phases);
     }
   } else {
     if (pointwise) {
