@@ -219,17 +219,25 @@ inline void PackPanel(const float* src, const uint64_t* __restrict offsets, uint
 // gathered runs, a contiguous source, or a contiguous source and offsets.
 inline void PackGathered(const ConvGemmJob& job, const ConvPanel& panel, uint64_t k0, uint64_t depth,
                          float* __restrict out) {
+  // Run by run (its source, lane and width fixed over the rows of K).
   const ConvSegment* segments = job.segments + panel.first_segment;
-  for (uint64_t k = 0; k < depth; ++k) {
-    const float* b = job.source + job.offsets[k0 + k];
-    float* row = out + k * kPanel;
-    for (uint64_t s = 0; s < panel.segments; ++s) {
-      const float* from = b + segments[s].source;
-      float* to = row + segments[s].lane;
-      const unsigned width = segments[s].width;
-      unsigned u = 0;
-      for (; u + V::kLanes <= width; u += V::kLanes) V::Store(to + u, V::Load(from + u));
-      if (u < width) V::CopyN(to + u, from + u, width - u);
+  const uint64_t* __restrict offsets = job.offsets + k0;
+  for (uint64_t s = 0; s < panel.segments; ++s) {
+    const float* source = job.source + segments[s].source;
+    float* to = out + segments[s].lane;
+    const unsigned width = segments[s].width;
+    const unsigned whole = width / V::kLanes * V::kLanes;
+    if (whole == width) {
+      for (uint64_t k = 0; k < depth; ++k, to += kPanel) {
+        const float* from = source + offsets[k];
+        for (unsigned u = 0; u < whole; u += V::kLanes) V::Store(to + u, V::Load(from + u));
+      }
+    } else {
+      for (uint64_t k = 0; k < depth; ++k, to += kPanel) {
+        const float* from = source + offsets[k];
+        for (unsigned u = 0; u < whole; u += V::kLanes) V::Store(to + u, V::Load(from + u));
+        V::CopyN(to + whole, from + whole, width - whole);
+      }
     }
   }
 }
