@@ -92,10 +92,11 @@ KERNEL_CASES = [
     ("lanes_one_block", 16, 64, 12, 11, (3, 3), {"pads": [1, 1, 1, 1]}),
     ("lanes_strided", 24, 36, 21, 19, (3, 3), {"strides": [2, 2], "pads": [1, 0, 1, 1]}),
     ("lanes_groups", 32, 72, 9, 9, (3, 3), {"group": 2, "dilations": [2, 2], "pads": [2, 2, 2, 2]}),
-    # 1x1 stride-1 convolutions on small maps (at most 192 positions) also run channels in lanes, reading X in
-    # place: 99 positions, 70 channels; two groups of 66 channels on 7 x 13
-    ("lanes_pointwise", 40, 70, 9, 11, (1, 1), {}),
-    ("lanes_pointwise_groups", 48, 132, 7, 13, (1, 1), {"group": 2}),
+    # 1x1 stride-1 convolutions on small maps (at most 192 positions, at least 128 input channels) also run
+    # channels in lanes, reading X in place: 99 positions, 70 channels, K = 130 (blocks of 64 and a remainder);
+    # two groups of 66 channels on 7 x 13, K = 128
+    ("lanes_pointwise", 130, 70, 9, 11, (1, 1), {}),
+    ("lanes_pointwise_groups", 256, 132, 7, 13, (1, 1), {"group": 2}),
 ]
 CASES = CASES + KERNEL_CASES
 # 0, 0.3 and 0.5 pruned: code tiles (at least 25 % kept); 0.9 and 1.0: the index layout (depthwise: always its kernel)

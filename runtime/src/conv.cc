@@ -865,8 +865,8 @@ void LanesDecodeTask(void* context, size_t index) {
 // Whether a layer runs channels in lanes rather than the GEMM panels
 // (measured: docs/OPERATORS.md, "DCConv: layouts and kernels"). A build can
 // force it (-DONNX_DC_CONV_LANES=0: never, 2: wherever it can run).
-bool ChannelLanesChosen(bool pointwise, uint64_t channels, uint64_t out_w, uint64_t positions, uint64_t nr,
-                        uint64_t lane_width) {
+bool ChannelLanesChosen(bool pointwise, uint64_t channels, uint64_t k_count, uint64_t out_w, uint64_t positions,
+                        uint64_t nr, uint64_t lane_width) {
 #ifndef ONNX_DC_CONV_LANES
 #define ONNX_DC_CONV_LANES 1
 #endif
@@ -875,13 +875,16 @@ bool ChannelLanesChosen(bool pointwise, uint64_t channels, uint64_t out_w, uint6
   // Rows narrower than a panel (every panel gathered, lanes wasted on the
   // rows' remainders) and at least 4 vectors of channels (AVX-512: 64); a
   // 1x1 stride-1 convolution reads its flat positions in place: only on
-  // small maps (at most 192 positions, where the weight is decoded per task;
-  // measured on nudenet's 1x1 layers at 10x10: 0.16-0.30 ms -> 0.06-0.21 ms,
-  // no gain at 20x20).
+  // small maps (at most 192 positions, where the weight is decoded per task)
+  // with at least 128 input channels (measured, per-node profiles: nudenet's
+  // 1x1 layers at 10x10, K = 256-512: 0.08-0.30 ms -> 0.06-0.21 ms; no gain
+  // at 20x20; ppocr-mobile-v2-cls's 1x1 16->88 and 32->200 on small maps,
+  // K = 16-32: 15 -> 20 us and 26 -> 49 us, slower).
 #ifndef ONNX_DC_CONV_POINTWISE_LANE_POSITIONS
 #define ONNX_DC_CONV_POINTWISE_LANE_POSITIONS 192
 #endif
-  if (pointwise) return positions <= ONNX_DC_CONV_POINTWISE_LANE_POSITIONS && channels >= 4 * lane_width;
+  if (pointwise)
+    return positions <= ONNX_DC_CONV_POINTWISE_LANE_POSITIONS && k_count >= 128 && channels >= 4 * lane_width;
   return out_w < nr && channels >= 4 * lane_width;
 }
 
@@ -921,7 +924,7 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
   // more than kLaneDecodeTasks tasks, else decoded by each task into L1 as it goes; the GEMM
   // panels: in the codes' order.
   const uint64_t lane_floats = w.group * k_count * ((per_group + lane_block - 1) / lane_block * lane_block);
-  run.lanes = !few && ChannelLanesChosen(pointwise, per_group, g.out_w, positions, nr, lane_width);
+  run.lanes = !few && ChannelLanesChosen(pointwise, per_group, k_count, g.out_w, positions, nr, lane_width);
   if (!run.lanes && code_count <= kConvWholeDecode) {
     run.decoded.reset(new float[code_count]);
     run.decoded_size = code_count;
