@@ -92,6 +92,11 @@ KERNEL_CASES = [
     ("lanes_one_block", 16, 64, 12, 11, (3, 3), {"pads": [1, 1, 1, 1]}),
     ("lanes_strided", 24, 36, 21, 19, (3, 3), {"strides": [2, 2], "pads": [1, 0, 1, 1]}),
     ("lanes_groups", 32, 72, 9, 9, (3, 3), {"group": 2, "dilations": [2, 2], "pads": [2, 2, 2, 2]}),
+    # 1x1 stride-1 convolutions on small maps (at most 192 positions, at least 128 input channels) also run
+    # channels in lanes, reading X in place: 99 positions, 70 channels, K = 130 (blocks of 64 and a remainder);
+    # two groups of 66 channels on 7 x 13, K = 128
+    ("lanes_pointwise", 130, 70, 9, 11, (1, 1), {}),
+    ("lanes_pointwise_groups", 256, 132, 7, 13, (1, 1), {"group": 2}),
 ]
 CASES = CASES + KERNEL_CASES
 # 0, 0.3 and 0.5 pruned: code tiles (at least 25 % kept); 0.9 and 1.0: the index layout (depthwise: always its kernel)
@@ -415,7 +420,8 @@ def test_every_isa_matches_and_threads_agree_bit_for_bit(library: str, name: str
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-@pytest.mark.parametrize("name", ["pw_tail", "k_blocks", "strided_rows", "few_3x3", "dw_5x5"])
+@pytest.mark.parametrize("name", ["pw_tail", "k_blocks", "strided_rows", "few_3x3", "dw_5x5", "lanes_small_map",
+                                  "lanes_whole", "lanes_strided", "lanes_pointwise"])
 def test_fused_activations_match_numpy(library: str, name: str, activation: str, isa: str) -> None:
     """DCConv's fused activation (after the bias) on every kernel against float64 numpy on the decoded weight."""
     params = ACTIVATIONS[activation]

@@ -47,6 +47,10 @@ def activate(y: np.ndarray, activation: str) -> np.ndarray:
         return 0.5 * y * (1.0 + _erf(y / math.sqrt(2.0)))
     if activation == "gelu_tanh":
         return 0.5 * y * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * y**3)))
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-y))
+    if activation == "silu":
+        return y / (1.0 + np.exp(-y))
     return y
 
 
@@ -116,12 +120,12 @@ def test_activations_on_the_index_layout(library: str, activation: str, sparse_i
 
 
 def test_activation_extremes(library: str) -> None:
-    """GELU forms far in the tails (exp clamped) and at 0; NaN propagates."""
+    """GELU forms, SiLU and sigmoid far in the tails (exp clamped) and at 0; NaN propagates."""
     codebook = np.array([1.0], np.float32)
     container = encode_container(np.zeros((1, 1), np.int16), codebook, bits=1, index_bits=1)
     values = np.array([[-200.0], [-30.0], [-5.0], [-1e-3], [0.0], [1e-3], [5.0], [30.0], [200.0], [np.nan]],
                       np.float32)
-    for activation in ("gelu", "gelu_tanh", "relu"):
+    for activation in ("gelu", "gelu_tanh", "relu", "silu", "sigmoid"):
         (y,) = make_session(gemm_model(container, activation=activation), library).run(None, {"x": values})
         expected = activate(values.astype(np.float64), activation)
         assert np.isnan(y[-1, 0])

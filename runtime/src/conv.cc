@@ -731,6 +731,9 @@ struct CodeTilesRun {
   // Padded input of the image (not pointwise): channel c at padded[c * plane].
   std::unique_ptr<float[]> padded;
   uint64_t rows = 0, row_floats = 0, phase_floats = 0, plane = 0;
+  // Phases of a padded row: stride_w for the GEMM panels (contiguous vectors of an output row's
+  // inputs), 1 for channels in lanes (scalar inputs at any stride: no split).
+  uint64_t phases = 1;
   std::vector<ConvGemmJob> jobs;  // per group
   struct Task {
     uint64_t job, first, end;
@@ -767,15 +770,14 @@ void SplitRowPhases2(void (*split2)(const float*, uint64_t, float*, float*), con
 }
 
 // Task c: input channel c of the current image into the padded buffer (rows
-// of row_floats; with stride_w > 1 split into phases of phase_floats).
+// of row_floats; with run.phases > 1 split into phases of phase_floats).
 void PadChannel(void* context, size_t c) {
   CodeTilesRun& run = *static_cast<CodeTilesRun*>(context);
-  const ConvWeights& w = *run.w;
   const ConvGeometry& g = *run.g;
   const float* plane = run.x + (run.image * g.in_channels + c) * g.in_h * g.in_w;
   float* out = run.padded.get() + c * run.plane;
   const int64_t in_h = static_cast<int64_t>(g.in_h), in_w = static_cast<int64_t>(g.in_w);
-  const uint64_t sw = static_cast<uint64_t>(w.stride_w);
+  const uint64_t sw = run.phases;
   const uint64_t columns = sw == 1 ? run.row_floats : run.phase_floats * sw;
   const int64_t q_begin = std::max<int64_t>(0, g.pad_left);
   const int64_t q_end = std::min<int64_t>(static_cast<int64_t>(columns), in_w + g.pad_left);
@@ -863,8 +865,8 @@ void LanesDecodeTask(void* context, size_t index) {
 // Whether a layer runs channels in lanes rather than the GEMM panels
 // (measured: docs/OPERATORS.md, "DCConv: layouts and kernels"). A build can
 // force it (-DONNX_DC_CONV_LANES=0: never, 2: wherever it can run).
-bool ChannelLanesChosen(bool pointwise, uint64_t channels, uint64_t out_w, uint64_t positions, uint64_t nr,
-                        uint64_t lane_width) {
+bool ChannelLanesChosen(bool pointwise, uint64_t channels, uint64_t k_count, uint64_t out_w, uint64_t positions,
+                        uint64_t nr, uint64_t lane_width) {
 #ifndef ONNX_DC_CONV_LANES
 #define ONNX_DC_CONV_LANES 1
 #endif
@@ -872,9 +874,18 @@ bool ChannelLanesChosen(bool pointwise, uint64_t channels, uint64_t out_w, uint6
   if (ONNX_DC_CONV_LANES == 2) return true;
   // Rows narrower than a panel (every panel gathered, lanes wasted on the
   // rows' remainders) and at least 4 vectors of channels (AVX-512: 64); a
-  // 1x1 stride-1 convolution reads its flat positions in place: never.
-  (void)positions;
-  return !pointwise && out_w < nr && channels >= 4 * lane_width;
+  // 1x1 stride-1 convolution reads its flat positions in place: only on
+  // small maps (at most 192 positions, where the weight is decoded per task)
+  // with at least 128 input channels (measured, per-node profiles: nudenet's
+  // 1x1 layers at 10x10, K = 256-512: 0.08-0.30 ms -> 0.06-0.21 ms; no gain
+  // at 20x20; ppocr-mobile-v2-cls's 1x1 16->88 and 32->200 on small maps,
+  // K = 16-32: 15 -> 20 us and 26 -> 49 us, slower).
+#ifndef ONNX_DC_CONV_POINTWISE_LANE_POSITIONS
+#define ONNX_DC_CONV_POINTWISE_LANE_POSITIONS 192
+#endif
+  if (pointwise)
+    return positions <= ONNX_DC_CONV_POINTWISE_LANE_POSITIONS && k_count >= 128 && channels >= 4 * lane_width;
+  return out_w < nr && channels >= 4 * lane_width;
 }
 
 std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
@@ -913,7 +924,7 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
   // more than kLaneDecodeTasks tasks, else decoded by each task into L1 as it goes; the GEMM
   // panels: in the codes' order.
   const uint64_t lane_floats = w.group * k_count * ((per_group + lane_block - 1) / lane_block * lane_block);
-  run.lanes = !few && ChannelLanesChosen(pointwise, per_group, g.out_w, positions, nr, lane_width);
+  run.lanes = !few && ChannelLanesChosen(pointwise, per_group, k_count, g.out_w, positions, nr, lane_width);
   if (!run.lanes && code_count <= kConvWholeDecode) {
     run.decoded.reset(new float[code_count]);
     run.decoded_size = code_count;
@@ -930,10 +941,12 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
     // The rows and columns the output reads (< 2^42 each, see ComputeConvGeometry).
     run.rows = (g.out_h - 1) * sh + (w.kernel_h - 1) * dh + 1;
     const uint64_t columns = (g.out_w - 1) * sw + (w.kernel_w - 1) * dw + 1;
-    run.phase_floats = (columns + sw - 1) / sw;
-    run.row_floats = sw * run.phase_floats;
+    const uint64_t phases = run.lanes ? 1 : sw;
+    run.phases = phases;
+    run.phase_floats = (columns + phases - 1) / phases;
+    run.row_floats = phases * run.phase_floats;
     run.plane = run.rows * run.row_floats;
-    if (run.row_floats / sw != run.phase_floats || run.plane / run.rows != run.row_floats ||
+    if (run.row_floats / phases != run.phase_floats || run.plane / run.rows != run.row_floats ||
         run.plane > kMaxPaddedFloats / g.in_channels)
       return "the padded input (" + std::to_string(g.in_channels) + " channels of " + std::to_string(run.rows) +
              " x " + std::to_string(columns) + ") is larger than 2^28 values; check the pads and strides";
@@ -942,7 +955,7 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
       for (uint64_t i = 0; i < w.kernel_h; ++i) {
         for (uint64_t j = 0; j < w.kernel_w; ++j) {
           const uint64_t column = j * dw;
-          offsets[k++] = c * run.plane + i * dh * run.row_floats + (column % sw) * run.phase_floats + column / sw;
+          offsets[k++] = c * run.plane + i * dh * run.row_floats + (column % phases) * run.phase_floats + column / phases;
         }
       }
     }
@@ -961,7 +974,7 @@ std::string RunCodeTilesConv(const ConvWeights& w, const ConvGeometry& g, const 
     position_sources.resize(static_cast<size_t>(positions));
     for (uint64_t oh = 0, p = 0; oh < g.out_h; ++oh) {
       for (uint64_t ow = 0; ow < g.out_w; ++ow, ++p)
-        position_sources[p] = pointwise ? p : oh * sh * run.row_floats + ow;
+        position_sources[p] = pointwise ? p : oh * sh * run.row_floats + ow * (sw / run.phases);
     }
   } else {
     if (pointwise) {

@@ -199,6 +199,13 @@ inline float* AlignTo64(float* p) {
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
 }
 
+// dst[i] = src[i] for i < n (short runs: no library call).
+inline void CopyFloats(float* __restrict dst, const float* __restrict src, uint64_t n) {
+  uint64_t u = 0;
+  for (; u + V::kLanes <= n; u += V::kLanes) V::Store(dst + u, V::Load(src + u));
+  if (u < n) V::CopyN(dst + u, src + u, static_cast<unsigned>(n - u));
+}
+
 // The panel's K rows of kPanel floats, copied one after the other.
 inline void PackPanel(const float* src, const uint64_t* __restrict offsets, uint64_t k_count, float* __restrict out) {
   for (uint64_t k = 0; k < k_count; ++k) {
@@ -212,17 +219,25 @@ inline void PackPanel(const float* src, const uint64_t* __restrict offsets, uint
 // gathered runs, a contiguous source, or a contiguous source and offsets.
 inline void PackGathered(const ConvGemmJob& job, const ConvPanel& panel, uint64_t k0, uint64_t depth,
                          float* __restrict out) {
+  // Run by run (its source, lane and width fixed over the rows of K).
   const ConvSegment* segments = job.segments + panel.first_segment;
-  for (uint64_t k = 0; k < depth; ++k) {
-    const float* b = job.source + job.offsets[k0 + k];
-    float* row = out + k * kPanel;
-    for (uint64_t s = 0; s < panel.segments; ++s) {
-      const float* from = b + segments[s].source;
-      float* to = row + segments[s].lane;
-      const unsigned width = segments[s].width;
-      unsigned u = 0;
-      for (; u + V::kLanes <= width; u += V::kLanes) V::Store(to + u, V::Load(from + u));
-      if (u < width) V::CopyN(to + u, from + u, width - u);
+  const uint64_t* __restrict offsets = job.offsets + k0;
+  for (uint64_t s = 0; s < panel.segments; ++s) {
+    const float* source = job.source + segments[s].source;
+    float* to = out + segments[s].lane;
+    const unsigned width = segments[s].width;
+    const unsigned whole = width / V::kLanes * V::kLanes;
+    if (whole == width) {
+      for (uint64_t k = 0; k < depth; ++k, to += kPanel) {
+        const float* from = source + offsets[k];
+        for (unsigned u = 0; u < whole; u += V::kLanes) V::Store(to + u, V::Load(from + u));
+      }
+    } else {
+      for (uint64_t k = 0; k < depth; ++k, to += kPanel) {
+        const float* from = source + offsets[k];
+        for (unsigned u = 0; u < whole; u += V::kLanes) V::Store(to + u, V::Load(from + u));
+        V::CopyN(to + whole, from + whole, width - whole);
+      }
     }
   }
 }
@@ -325,27 +340,25 @@ void RunConvGemm(const ConvGemmJob& job, uint64_t first, uint64_t end) {
         }
       }
     }
-    const bool activate = job.activation.kind != Activation::kNone;
+    // The activation runs over the panel's outputs while they are in L1: in Y for the panels
+    // written straight there, else in the partial sums before their runs are copied out.
     if (panel.kind == PanelSource::kInPlace || (panel.kind == PanelSource::kGather && panel.width == kPanel)) {
-      if (activate) {
-        for (uint64_t m = 0; m < job.channels; ++m)
-          gemm_detail::Activate(job.y + m * job.positions + panel.output, panel.width, job.activation);
-      }
+      gemm_detail::ActivateRows(job.y + panel.output, job.positions, job.channels, panel.width, job.activation);
     } else if (panel.kind == PanelSource::kGather) {
       const ConvSegment* segments = job.segments + panel.first_segment;
+      uint64_t lanes = 0;  // the lanes the runs fill
+      for (uint64_t s = 0; s < panel.segments; ++s) lanes = std::max<uint64_t>(lanes, segments[s].lane + segments[s].width);
+      gemm_detail::ActivateRows(partial, kPanel, job.channels, lanes, job.activation);
       for (uint64_t m = 0; m < job.channels; ++m) {
         for (uint64_t s = 0; s < panel.segments; ++s) {
-          float* dst = job.y + m * job.positions + segments[s].output;
-          std::memcpy(dst, partial + m * kPanel + segments[s].lane, segments[s].width * sizeof(float));
-          if (activate) gemm_detail::Activate(dst, segments[s].width, job.activation);
+          CopyFloats(job.y + m * job.positions + segments[s].output, partial + m * kPanel + segments[s].lane,
+                     segments[s].width);
         }
       }
     } else {
-      for (uint64_t m = 0; m < job.channels; ++m) {
-        float* dst = job.y + m * job.positions + panel.output;
-        std::memcpy(dst, partial + m * kPanel, panel.width * sizeof(float));
-        if (activate) gemm_detail::Activate(dst, panel.width, job.activation);
-      }
+      gemm_detail::ActivateRows(partial, kPanel, job.channels, panel.width, job.activation);
+      for (uint64_t m = 0; m < job.channels; ++m)
+        CopyFloats(job.y + m * job.positions + panel.output, partial + m * kPanel, panel.width);
     }
   }
 }

@@ -91,6 +91,45 @@ inline void LanesTilePositions(const ConvLanesJob& job, const float* w, uint64_t
   }
 }
 
+#if defined(__AVX512F__)
+// y[c * ld_y + q] = partial[q * kBlock + c] for q < n <= 16, c < channels <= 16: a 16 x 16
+// transposition in registers (32-bit and 64-bit interleaves, then two 128-bit lane shuffles).
+inline void Transpose16(const float* __restrict partial, unsigned n, unsigned channels, float* __restrict y,
+                        uint64_t ld_y) {
+  __m512 r[16], t[16];
+  for (unsigned q = 0; q < 16; ++q) r[q] = q < n ? _mm512_loadu_ps(partial + q * kBlock) : _mm512_setzero_ps();
+  for (unsigned i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (unsigned i = 0; i < 4; ++i) {  // r[4i + e], 128-bit lane j: channel 4j + e of positions 4i .. 4i + 3
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
+  for (unsigned e = 0; e < 4; ++e) {
+    const __m512 x0 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0x44), x1 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0xEE);
+    const __m512 y0 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0x44);
+    const __m512 y1 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0xEE);
+    const __m512 out[4] = {_mm512_shuffle_f32x4(x0, y0, 0x88), _mm512_shuffle_f32x4(x0, y0, 0xDD),
+                           _mm512_shuffle_f32x4(x1, y1, 0x88), _mm512_shuffle_f32x4(x1, y1, 0xDD)};
+    for (unsigned j = 0; j < 4; ++j) {
+      const unsigned c = 4 * j + e;
+      if (c >= channels) continue;
+      if (n == 16) {
+        _mm512_storeu_ps(y + c * ld_y, out[j]);
+      } else {
+        _mm512_mask_storeu_ps(y + c * ld_y, mask, out[j]);
+      }
+    }
+  }
+}
+#endif
+
 }  // namespace conv_lanes_detail
 
 unsigned ConvLaneBlock() { return conv_lanes_detail::kBlock; }
@@ -184,15 +223,23 @@ void RunConvLanes(const ConvLanesJob& job, uint64_t block, uint64_t first, uint6
       }
     }
   }
-  if (job.activation.kind != Activation::kNone) {
-    for (uint64_t q = 0; q < count; ++q) gemm_detail::Activate(partial + q * kBlock, channels, job.activation);
-  }
+  gemm_detail::ActivateRows(partial, kBlock, count, channels, job.activation);
   // Transpose: position p's channels to Y's planes.
   float* y = job.y + c0 * job.positions + first;
+#if defined(__AVX512F__)
+  for (uint64_t c = 0; c < channels; c += 16) {
+    const unsigned lanes = static_cast<unsigned>(std::min<uint64_t>(16, channels - c));
+    for (uint64_t q = 0; q < count; q += 16) {
+      Transpose16(partial + q * kBlock + c, static_cast<unsigned>(std::min<uint64_t>(16, count - q)), lanes,
+                  y + c * job.positions + q, job.positions);
+    }
+  }
+#else
   for (uint64_t m = 0; m < channels; ++m, y += job.positions) {
     const float* from = partial + m;
     for (uint64_t q = 0; q < count; ++q) y[q] = from[q * kBlock];
   }
+#endif
 }
 
 
