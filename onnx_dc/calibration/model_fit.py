@@ -280,9 +280,9 @@ def compress_with_calibration(
                 set_initializer(working, layer.weight, layer_result.tensor.quantized)
             if new_bias is not None:
                 set_initializer(working, layer.bias, new_bias)
-            if not options.sequential:
-                statistics.pop(layer.weight, None)  # free its memory
+            statistics.pop(layer.weight, None)  # free its memory
             layer_result.tensor = _container_only(layer_result.tensor)
+            del target, stats, weight  # the layer's problem (Gram, Hessian, targets) before the next capture
             tick(layer.weight)
     finally:
         if bar is not None:
