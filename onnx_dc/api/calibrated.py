@@ -49,20 +49,20 @@ from onnx_dc.calibration.search import (
     autotune,
     default_grids,
 )
+from onnx_dc.calibration.sensitivity import DEFAULT_BITS, DEFAULT_SPARSITIES, SensitivityReport, analyze_sensitivity
 from onnx_dc.calibration.subgraphs import CalibrationView, calibration_view
 from onnx_dc.calibration.transformer_search import calib_fit_options, cheap_fit_options
-from onnx_dc.calibration.sensitivity import DEFAULT_BITS, DEFAULT_SPARSITIES, SensitivityReport, analyze_sensitivity
 from onnx_dc.errors import CalibrationError, LibraryNotFoundError, ModelError, SettingsError
 from onnx_dc.graph.model_io import (
     ModelSource,
     check_output_path,
     constants_to_initializers,
-    external_data_files,
     load_model,
+    model_file_bytes,
     save_model,
 )
-from onnx_dc.graph.tensor_store import open_model
 from onnx_dc.graph.restore import decompress_model
+from onnx_dc.graph.tensor_store import open_model
 from onnx_dc.graph.transformers import is_transformer
 from onnx_dc.graph.weights import find_weights
 
@@ -191,12 +191,11 @@ def _streamed_source_dir(model: ModelSource, recipe: Recipe) -> Path | None:
     """The model's directory when it is fitted with its weights left in its files, else None."""
     if recipe.search is not None or not isinstance(model, (str, os.PathLike)):
         return None
-    path = Path(model)
     try:
-        size = path.stat().st_size + sum(p.stat().st_size for p in external_data_files(path))
+        size = model_file_bytes(model)
     except (OSError, ValueError, ModelError):
         return None  # load_model says what is wrong with the file
-    return path.resolve().parent if size >= STREAMED_CALIBRATION_BYTES else None
+    return Path(model).resolve().parent if size >= STREAMED_CALIBRATION_BYTES else None
 
 
 def _fit_options(model: onnx.ModelProto, options: CalibrationOptions) -> tuple[CalibrationOptions, str]:

@@ -32,8 +32,8 @@ from onnx_dc.graph.model_io import (
     ModelSource,
     SavedModel,
     check_output_path,
-    external_data_files,
     load_model,
+    model_file_bytes,
     save_model,
     tensor_bytes,
 )
@@ -298,7 +298,7 @@ def _open(model: ModelSource, progress: object) -> tuple[onnx.ModelProto, Path |
         return load_model(model), None  # a ModelProto is copied; load_model reports a wrong type
     path = Path(model)
     with contextlib.suppress(OSError):
-        size = path.stat().st_size + sum(p.stat().st_size for p in external_data_files(path))
+        size = model_file_bytes(path)
         if size >= _LONG_STEP_BYTES:
             stage_line(progress, f"loading {path} ({format_bytes(size)}, one tensor at a time)")
     return open_model(path), path.resolve().parent
@@ -323,13 +323,10 @@ def _point_at_containers(model: onnx.ModelProto, summary: RewriteSummary, compre
 def _source_size_bytes(model: ModelSource) -> int:
     if isinstance(model, onnx.ModelProto):
         return _serialized_size(model)
-    path = Path(model)
-    total = path.stat().st_size
     try:
-        total += sum(p.stat().st_size for p in external_data_files(path))
+        return model_file_bytes(model)
     except (OSError, ValueError):
-        pass
-    return total
+        return Path(model).stat().st_size
 
 
 def _serialized_size(model: onnx.ModelProto) -> int:

@@ -20,7 +20,6 @@ import hashlib
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -315,18 +314,16 @@ class _Runner:
             options.register_custom_ops_library(library)
         self._tmp: tempfile.TemporaryDirectory | None = None
         try:
-            if has_references(prepared):
-                # Weights left in their files (a large model): linked beside the graph, mapped by onnxruntime,
-                # not prepacked (a prepacked weight is a second copy in memory).
+            referenced = has_references(prepared)
+            if referenced or prepared.ByteSize() > _SERIALIZE_LIMIT_BYTES:
+                # The graph in a directory of its own, large weights beside it (linked where they stay in their
+                # files); weights left in their files are mapped by onnxruntime and not prepacked (a prepacked
+                # weight is a second copy in memory).
                 self._tmp = tempfile.TemporaryDirectory(prefix="onnx-dc-calib-")
                 path = write_linked_copy(prepared, self._tmp.name)
                 del prepared
-                options.add_session_config_entry("session.disable_prepacking", "1")
-                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            elif prepared.ByteSize() > _SERIALIZE_LIMIT_BYTES:
-                self._tmp = tempfile.TemporaryDirectory(prefix="onnx-dc-calib-")
-                path = Path(self._tmp.name) / "model.onnx"
-                onnx.save_model(prepared, str(path), save_as_external_data=True, location="model.data")
+                if referenced:
+                    options.add_session_config_entry("session.disable_prepacking", "1")
                 self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             else:
                 self.session = ort.InferenceSession(prepared.SerializeToString(), options, providers=["CPUExecutionProvider"])

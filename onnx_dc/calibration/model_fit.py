@@ -43,7 +43,7 @@ compressed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,7 +57,13 @@ from onnx_dc.calibration.options import AUTO_INDEX_BITS, CalibrationOptions, Lay
 from onnx_dc.calibration.sharing_fit import fit_layer
 from onnx_dc.calibration.targets import LayerTarget, layer_target
 from onnx_dc.codec.container import encode_container
-from onnx_dc.codec.tensor import CompressedTensor, EncodedTensor, codebook_in_dtype, compress_tensor, compressed_tensor_from_codes
+from onnx_dc.codec.tensor import (
+    CompressedTensor,
+    EncodedTensor,
+    codebook_in_dtype,
+    compress_tensor,
+    compressed_tensor_from_codes,
+)
 from onnx_dc.graph.model_io import initializer_array, set_initializer
 from onnx_dc.progress import on_terminal, progress_bar, stage_line
 
@@ -281,7 +287,9 @@ def compress_with_calibration(
             if new_bias is not None:
                 set_initializer(working, layer.bias, new_bias)
             statistics.pop(layer.weight, None)  # free its memory
-            layer_result.tensor = _container_only(layer_result.tensor)
+            # Held as its container: a layer's codes, mask and values would otherwise stay in memory for every
+            # layer until the model is written.
+            layer_result.tensor = layer_result.tensor.container_only()
             del target, stats, weight  # the layer's problem (Gram, Hessian, targets) before the next capture
             tick(layer.weight)
     finally:
@@ -290,8 +298,7 @@ def compress_with_calibration(
     # Hand back the original dense weights (the converter compresses them from the
     # precomputed tensors) with the refitted biases; only sequential mode replaced them.
     if options.sequential:
-        for name in result.results:
-            _restore_tensor(working, model, name)
+        _restore_tensors(working, model, result.results)
     return result
 
 
@@ -308,23 +315,15 @@ def _groups_within(layers: Sequence[LayerSpec], budget: int) -> list[list[LayerS
     return groups
 
 
-def _container_only(tensor: CompressedTensor) -> EncodedTensor:
-    """The fitted tensor held as its container (the arrays are decoded again when asked for): a
-    layer's codes, mask and values would otherwise stay in memory for every layer until the model is written."""
-    return EncodedTensor(tensor.container, tuple(tensor.codes.shape), tensor.codebook.dtype, tensor.n_kept,
-                         tensor.codebook, tensor.settings)
-
-
-def _restore_tensor(working: onnx.ModelProto, model: onnx.ModelProto, name: str) -> None:
-    """Put ``model``'s tensor ``name`` (initializer or Constant) back into ``working`` as it was (a reference stays one)."""
-    source = {t.name: t for t in model.graph.initializer}.get(name)
-    if source is None:
-        set_initializer(working, name, initializer_array(model, name))
-        return
+def _restore_tensors(working: onnx.ModelProto, model: onnx.ModelProto, names: Collection[str]) -> None:
+    """Put ``model``'s tensors ``names`` (initializers or Constants) back into ``working`` as they were (a
+    reference stays one)."""
+    originals = {t.name: t for t in model.graph.initializer if t.name in names}
     for tensor in working.graph.initializer:
-        if tensor.name == name:
-            tensor.CopyFrom(source)
-            return
+        if tensor.name in originals:
+            tensor.CopyFrom(originals[tensor.name])
+    for name in set(names) - set(originals):
+        set_initializer(working, name, initializer_array(model, name))
 
 
 def fit_one_layer(

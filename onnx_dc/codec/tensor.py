@@ -159,6 +159,11 @@ class CompressedTensor:
         """Size of the uncompressed tensor's data (elements times item size)."""
         return self.n_weights * self.quantized.dtype.itemsize
 
+    def container_only(self) -> EncodedTensor:
+        """The same tensor held as its container only (its arrays decoded again when asked for)."""
+        return EncodedTensor(self.container, tuple(self.codes.shape), self.codebook.dtype, self.n_kept, self.codebook,
+                             self.settings)
+
     @property
     def ratio(self) -> float:
         """Compression ratio, original_size_bytes / size_bytes."""
@@ -224,8 +229,7 @@ def encode_tensor(weights: np.ndarray, settings: TensorSettings) -> EncodedTenso
     if not isinstance(settings, TensorSettings):
         raise SettingsError(f"settings must be a TensorSettings, got {type(settings).__name__}")
     if not _takes_fast_path(weights):
-        full = compress_tensor(weights, settings)
-        return EncodedTensor(full.container, full.codes.shape, full.codebook.dtype, full.n_kept, full.codebook, settings)
+        return compress_tensor(weights, settings).container_only()
     symbols, codebook, keep, counts = _fast_symbols(weights, settings, None)
     n_kept = int(np.count_nonzero(keep))
     del keep

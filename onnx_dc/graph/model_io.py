@@ -116,6 +116,15 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
     return model
 
 
+def model_file_bytes(path: str | os.PathLike) -> int:
+    """Bytes of an ONNX model file and of the external data files it refers to.
+
+    Raises ``OSError`` or ``ValueError`` (an unreadable file) and :class:`ModelError` (not a model).
+    """
+    path = Path(path)
+    return path.stat().st_size + sum(p.stat().st_size for p in external_data_files(path))
+
+
 def external_data_files(path: str | os.PathLike) -> list[Path]:
     """Resolved paths of the external data files an ONNX model file refers to (may be empty).
 
