@@ -223,6 +223,22 @@ def test_check_targets_verdicts():
     assert not targets["preserved"]["met"]  # preserved, but below 8x
 
 
+def test_check_targets_faithful_for_transformers_only():
+    rows = [
+        _row("original", "original", 1.0, 1.0),
+        _row("quantize_dynamic int8", "peer", 4.0, 0.75),
+        _row("onnx-dc near-lossless", "onnx-dc", 6.03, 0.97),
+        _row("onnx-dc defaults", "onnx-dc", 6.95, 0.87),
+    ]
+    assert "faithful" not in compare.check_targets(rows)
+    faithful = compare.check_targets(rows, transformer=True)["faithful"]
+    assert faithful["met"] and faithful["best_onnx_dc"] == "onnx-dc near-lossless"  # 6.95x is below 0.95
+    rows[2]["ratio"] = 5.9
+    assert not compare.check_targets(rows, transformer=True)["faithful"]["met"]
+    rows[2]["metric"] = 0.94
+    assert compare.check_targets(rows, transformer=True)["faithful"]["best_onnx_dc"] is None
+
+
 def test_check_targets_without_a_runnable_peer():
     rows = [_row("original", "original", 1.0, 1.0), _row("onnx-dc tuned", "onnx-dc", 9.0, 1.0)]
     rows.append({"method": "quantize_dynamic int8", "family": "peer", "status": "ValueError: x", "ratio": None})
