@@ -76,7 +76,7 @@ FULL_SIZES: dict[str, SplitSizes] = {
     "nudenet-320n": SplitSizes(calib=16, eval=64),
     # 256 sentences = 128 synopsis/description pairs; 64 windows of 64 tokens = 4096 tokens;
     # 16 Whisper windows of 4-20 s (about 60 tokens a window); 16 Silero streams of 32 chunks.
-    "minilm-l6": SplitSizes(calib=64, eval=256),
+    "minilm-l6": SplitSizes(calib=96, eval=256),
     "smollm2-135m": SplitSizes(calib=32, eval=64),
     "whisper-tiny-encoder": SplitSizes(calib=8, eval=16),
     "vit-s-focus": SplitSizes(calib=16, eval=64),
