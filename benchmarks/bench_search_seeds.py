@@ -87,9 +87,9 @@ def search_row(name: str, seed: str, path: Path | None, max_drop: float, quick: 
     (row,) = model_rows(name, calib_samples=CALIB_SAMPLES, quick=quick, max_drops=[max_drop], margin_drops=[],
                         automatic_only=True, model_path=path, search_logs=log)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    drop_a = 2 * row.drop_full - row.drop_b  # the halves are the same size
+    drop_a = 2 * row.drop_full - row.drop_final  # the halves are the same size
     return SeedRow(name, seed, row.accuracy_full + row.drop_full / 100, row.ratio, row.drop_full, drop_a,
-                   row.drop_b, row.settings, wall, cpu, f"{load_before:.1f}-{os.getloadavg()[0]:.1f}")
+                   row.drop_final, row.settings, wall, cpu, f"{load_before:.1f}-{os.getloadavg()[0]:.1f}")
 
 
 def format_table(rows: list[SeedRow], max_drop: float) -> str:
