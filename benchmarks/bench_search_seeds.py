@@ -117,7 +117,8 @@ def format_table(rows: list[SeedRow], max_drop: float) -> str:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS),
+                        help="models to search (none: only print the --merge files' rows)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[1], help="training seeds (the zoo's is 0)")
     parser.add_argument("--no-zoo", action="store_true", help="do not search the zoo models (use --merge for them)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the trained models are kept")
