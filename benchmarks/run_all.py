@@ -110,6 +110,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         quick_args=("--models", "bert_ort_opt1"),
     ),
     Benchmark(
+        "bench_search_seeds",
+        "the automatic --max-drop 0.5 search on LeNets trained with other seeds beside the zoo models (issue 21)",
+        quick_args=("--quick", "--models", "lenet_300_100", "--no-zoo"),
+    ),
+    Benchmark(
         "compare",
         "onnx-dc beside zstd, quantize_dynamic and MatMulNBits on the zoo and real models",
         quick_args=("--quick",),

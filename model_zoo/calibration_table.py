@@ -192,25 +192,28 @@ def _in_table_order(rows: list[Row]) -> list[Row]:
 def model_rows(
     name: str, *, calib_samples: int, quick: bool = False, max_drops: tuple[float, ...] | list[float] = MAX_DROPS,
     automatic_only: bool = False, margin_drops: tuple[float, ...] | list[float] = MARGIN_MAX_DROPS,
-    search_data: str = "test", fixed_only: bool = False,
+    search_data: str = "test", fixed_only: bool = False, model_path: Path | None = None,
+    search_logs: list[str] | None = None,
 ) -> list[Row]:
     """All rows of one zoo model (``automatic_only``: the calibrated automatic rows alone;
     ``fixed_only``: the original and the fixed-settings rows alone).
 
     ``search_data="train"`` measures the automatic rows' budgets on held-out training
-    images instead of test half A (module docstring).
+    images instead of test half A (module docstring). ``model_path``: another model of the
+    architecture ``name`` (e.g. one trained with another seed) instead of the zoo's file;
+    ``search_logs``: when a list, each automatic row's method and its search's log lines
+    (:attr:`onnx_dc.calibration.search.AutotuneResult.steps`) are appended to it.
     """
-    from onnx_dc.api.convert import compress_model
     from onnx_dc.api.calibrated import compress_calibrated
-    from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
-    from onnx_dc.calibration.model_fit import compress_with_calibration
-    from onnx_dc.calibration.data import load_calibration
-    from onnx_dc.calibration.capture import run_model
-    from onnx_dc.graph.restore import decompress_model
+    from onnx_dc.api.convert import compress_model
     from onnx_dc.api.recipe import CalibrationRecipe, Recipe, SearchRecipe
+    from onnx_dc.calibration.capture import run_model
+    from onnx_dc.calibration.data import load_calibration
+    from onnx_dc.calibration.model_fit import compress_with_calibration
+    from onnx_dc.calibration.options import CalibrationOptions, LayerSettings
+    from onnx_dc.graph.restore import decompress_model
 
-    path = get_model_path(name)
-    model = onnx.load(str(path))
+    model = onnx.load(str(model_path or get_model_path(name)))
     calib = calibration_set(calib_samples, seed=CALIBRATION_SEED)  # TRAINING split only (first rows)
     test = evaluation_set()  # TEST split
     half_a, half_b = test_halves()
@@ -294,6 +297,8 @@ def model_rows(
         )
         result = compress_calibrated(model, recipe, calib_data, eval_data=search_inputs)
         tuned = result.calibration
+        if search_logs is not None:
+            search_logs.extend([f"{name}: {method}", *tuned.steps])
         chosen = ", ".join(f"{c.name.split('.')[0]} {100 * (1 - c.sparsity):.0f}%/{c.bits}b" for c in tuned.choices)
         search_drop = 100 * (tuned.baseline_accuracy - tuned.metrics.accuracy)
         rows.append(row(method, chosen, result, time.perf_counter() - start,
