@@ -110,6 +110,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         quick_args=("--models", "bert_ort_opt1"),
     ),
     Benchmark(
+        "bench_transformer_latency",
+        "whole transformers at 1 x 64, 1 x 128 and 8 x 64 tokens beside int8 and MatMulNBits, 1 and 2 threads",
+        quick_args=("--models", "minilm-l6", "--threads", "1", "--seconds", "2"),
+    ),
+    Benchmark(
         "bench_search_seeds",
         "the automatic --max-drop 0.5 search on LeNets trained with other seeds beside the zoo models (issue 21)",
         quick_args=("--quick", "--models", "lenet_300_100", "--no-zoo"),
