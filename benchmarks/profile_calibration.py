@@ -173,15 +173,16 @@ def _timed(function: Callable[..., Any], label: Label) -> Callable[..., Any]:
 # Cases: (model path, recipe, calibration data, evaluation data or None)
 
 
-def _zoo_feeds(name: str, split: str, n: int) -> dict[str, np.ndarray]:
+def zoo_feeds(name: str, split: str, n: int) -> dict[str, np.ndarray]:
     """``n`` samples of a real zoo model's ``split`` as arrays keyed by input (the axis-0 rule)."""
     from model_zoo import real
     from model_zoo.real.base import stack_feeds
+    from onnx_dc.errors import CalibrationError
 
     feeds = [s.feed for s in real.get(name).make_samples(split, n)]
     try:
         return stack_feeds(feeds)
-    except Exception:  # scalar or unbatched inputs (Silero VAD): one complete feed per sample, axis 0 added
+    except CalibrationError:  # scalar or unbatched inputs (Silero VAD): one complete feed per sample, axis 0 added
         return {k: np.stack([np.asarray(f[k]) for f in feeds]) for k in feeds[0]}
 
 
@@ -200,17 +201,20 @@ def case(args: argparse.Namespace) -> tuple[str, Any, Any, Any]:
         recipe = Recipe(search=SearchRecipe(max_drop=args.max_drop)) if args.case == "lenet-auto" else Recipe()
         evaluation = {"input": test.images[half_a], "labels": test.labels[half_a]} if recipe.search else None
         return str(get_model_path("lenet_300_100")), recipe, {"input": calib.images}, evaluation
-    name = {"cls": "ppocr-mobile-v2-cls", "rec": "ppocrv4-rec", "minilm": "minilm-l6", "silero": "silero-vad"}[
-        args.case.split("-")[0]]
+    name = ZOO_CASES[args.case.split("-")[0]]
     from model_zoo import real
 
     recipe = budget if args.case.endswith("-auto") else Recipe()
-    evaluation = _zoo_feeds(name, "eval", args.eval_samples) if args.eval_samples and recipe.search else None
-    return str(real.get(name).path()), recipe, _zoo_feeds(name, "calib", args.samples or 128), evaluation
+    evaluation = zoo_feeds(name, "eval", args.eval_samples) if args.eval_samples and recipe.search else None
+    return str(real.get(name).path()), recipe, zoo_feeds(name, "calib", args.samples or 128), evaluation
 
 
-DEFAULT_SAMPLES = {"lenet-auto": 8192, "lenet-calib": 8192, "cls-calib": 128, "cls-auto": 128, "rec-calib": 64, "minilm-calib": 64,
-                   "minilm-auto": 64, "silero-auto": 256}
+ZOO_CASES = {"cls": "ppocr-mobile-v2-cls", "rec": "ppocrv4-rec", "det": "ppocrv4-det", "nudenet": "nudenet-320n",
+             "minilm": "minilm-l6", "vit": "vit-s-focus", "whisper": "whisper-tiny-encoder", "silero": "silero-vad"}
+DEFAULT_SAMPLES = {"lenet-auto": 8192, "lenet-calib": 8192, "cls-calib": 128, "cls-auto": 128, "rec-calib": 64, "rec-auto": 32,
+                   "det-calib": 8, "det-auto": 8, "nudenet-calib": 16, "nudenet-auto": 16, "minilm-calib": 64,
+                   "minilm-auto": 64, "vit-calib": 16, "vit-auto": 16, "whisper-calib": 8, "whisper-auto": 8,
+                   "silero-auto": 256}
 
 
 class _Stop(Exception):
