@@ -69,6 +69,8 @@ STAGES: list[tuple[str, str, Label]] = [
     ("onnx_dc.calibration.capture", "capture_statistics",
      lambda model, data, layers, **k: "capture: statistics, "
      + ("sequential (1 layer, 2 models)" if k.get("reference") is not None else f"{len(layers)} layer(s) at once")),
+    ("onnx_dc.calibration.sequential_capture", "SequentialCapture.capture",
+     "capture: statistics, sequential from cached values (1 layer, 2 models)"),
     ("onnx_dc.calibration.capture", "_Runner.__init__", "capture: session build (model copy, shape inference)"),
     ("onnx_dc.calibration.capture", "_Runner.run", "capture: onnxruntime run"),
     ("onnx_dc.calibration.capture", "LayerStatistics.update", lambda self, *a, **k: f"capture: Gram update [{_shape(self.layer)}]"),
