@@ -17,7 +17,8 @@ Over a chain of layers this runs the model about once in all instead of once per
 layer. The statistics are the same sums over the same rows: the batches are those
 of one :meth:`CalibrationData.feeds` pass (the first batch of a one-layer capture,
 so identical for up to ``batch_size`` samples), and each node computes from the
-same inputs. When the cached values would exceed the memory budget, or the model has
+same inputs. When the cached values exceed the memory budget after a capture they
+are dropped (the next layer starts from the model inputs); when the model has
 subgraphs (``If``, ``Loop``), :meth:`SequentialCapture.capture` returns None and the
 caller captures the usual way.
 """
@@ -81,8 +82,8 @@ class SequentialCapture:
         data: the calibration samples.
         layers: the layers to be captured, in the order they will be.
         batch_size: samples per run.
-        max_memory_bytes: at most this many bytes of cached values (both models); beyond, the cache is
-            given up and :meth:`capture` returns None from then on.
+        max_memory_bytes: at most this many bytes of cached values (both models) are kept after a capture;
+            beyond, they are all dropped and the next layer starts from the model inputs again.
     """
 
     def __init__(
@@ -113,8 +114,8 @@ class SequentialCapture:
             stats.n_samples += count
         self._evict(self.order[layer.weight])
         if sum(cache.n_bytes for cache in self.caches.values()) > self.max_memory_bytes:
-            self.enabled = False
-            self.caches.clear()
+            for cache in self.caches.values():  # the next layer starts from the model inputs again
+                cache.values.clear()
         return stats
 
     def changed(self, names: Iterable[str | None]) -> None:
