@@ -14,7 +14,7 @@ and the zoo's task metric (``RealModel.task_metric``, its primary key). Each row
 runs in a fresh process with the stage timers of ``profile_calibration.py``
 (wall and CPU time per stage), and prints: wall and CPU seconds of the compression
 (the process and its finished children), the mean 1-minute load average while it
-ran (the machine may be shared), the ratio, the held-out budget cosine and task
+ran (the machine may be shared), the peak resident memory of the process, the ratio, the held-out budget cosine and task
 metric, and the three stages with the most exclusive CPU time.
 
 Usage (from the repository root)::
@@ -173,7 +173,8 @@ def run_row(name: str, setting: str, calib_samples: int, eval_samples: int, limi
     wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
     row = {"model": name, "setting": setting, "status": status, "calib_samples": calib_samples,
            "eval_samples": eval_samples, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-           "load": round(load.stop(), 1), "top_stages": top_stages(timers.report())}
+           "load": round(load.stop(), 1), "top_stages": top_stages(timers.report()),
+           "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     if result is not None:
         row["ratio"] = round(result.report.ratio, 3)
         if min_cosine is not None:
@@ -199,7 +200,7 @@ def _stages_text(row: dict[str, Any]) -> str:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     """The table: one line per (model, setting)."""
-    print(f"\n{'model':<22} {'params':>11} {'setting':<8} {'samples':>8} {'wall s':>7} {'CPU s':>7} {'load':>5} "
+    print(f"\n{'model':<22} {'params':>11} {'setting':<8} {'samples':>8} {'wall s':>7} {'CPU s':>7} {'load':>5} {'MiB':>6} "
           f"{'ratio':>7} {'cosine':>9} {'metric':>24}  top stages (exclusive CPU s)")
     for row in rows:
         ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "-"
@@ -207,7 +208,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         metric = f"{row['metric_name']} {row['metric']:.4f}" if "metric" in row else row["status"]
         print(f"{row['model']:<22} {row['params']:>11,} {row['setting']:<8} "
               f"{row['calib_samples']:>3}/{row['eval_samples']:<4} {row['wall_s']:>7.1f} {row['cpu_s']:>7.1f} "
-              f"{row['load']:>5.1f} {ratio:>7} {cosine:>9} {metric:>24}  {_stages_text(row)}", flush=True)
+              f"{row['load']:>5.1f} {row.get('peak_rss_mib', 0):>6} {ratio:>7} {cosine:>9} {metric:>24}  {_stages_text(row)}", flush=True)
 
 
 def _child(args: argparse.Namespace, name: str, setting: str) -> dict[str, Any]:
