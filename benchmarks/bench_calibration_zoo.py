@@ -24,7 +24,9 @@ Usage (from the repository root)::
     python benchmarks/bench_calibration_zoo.py --models ppocrv4-det --limit-seconds 900 --json det.json
     python benchmarks/bench_calibration_zoo.py --onnx-dc /path/to/other/checkout ...   # that checkout's package
 
-``--limit-seconds S`` stops a compression after S seconds of wall time (the row
+``--fixed-runs`` makes the searches of models of more than 12 layers independent of
+the machine's speed (they size their model runs by the measured time of one pass
+otherwise, so rows at different loads can choose differently). ``--limit-seconds S`` stops a compression after S seconds of wall time (the row
 says so, with the stages so far); ``--calib-samples`` / ``--eval-samples`` override
 the per-model counts of :data:`SAMPLES`.
 """
@@ -144,6 +146,15 @@ class _Stop(BaseException):
     its own errors)."""
 
 
+def fix_model_runs(path_checks: int = 100) -> None:
+    """Make the search of a model of many layers independent of the machine's speed: every candidate measured and
+    ``path_checks`` path configurations checked (instead of numbers sized by the measured time of one pass)."""
+    from onnx_dc.calibration import search
+
+    search._runs_per_layer = lambda *args: None
+    search._max_path_checks = lambda *args: path_checks
+
+
 def run_row(name: str, setting: str, calib_samples: int, eval_samples: int, limit: float | None) -> dict[str, Any]:
     """Compress ``name`` with ``setting`` in this process, timed by stage; then its held-out fidelity."""
     import profile_calibration
@@ -219,6 +230,7 @@ def _child(args: argparse.Namespace, name: str, setting: str) -> dict[str, Any]:
                "--eval-samples", str(eval_samples)]
     command += ["--limit-seconds", str(args.limit_seconds)] if args.limit_seconds else []
     command += ["--onnx-dc", args.onnx_dc] if args.onnx_dc else []
+    command += ["--fixed-runs"] if args.fixed_runs else []
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode != 0:
         return {"model": name, "setting": setting, "status": f"failed (exit {done.returncode})", "calib_samples": calib_samples,
@@ -235,11 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-samples", type=int, help="held-out evaluation samples (default: per model)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--onnx-dc", metavar="DIR", help="import onnx_dc from this checkout (default: this one)")
+    parser.add_argument("--fixed-runs", action="store_true",
+                        help="every search candidate measured and 100 path checks, whatever the machine's speed")
     parser.add_argument("--row", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sys.path[:0] = [str(Path(__file__).parent)] + ([args.onnx_dc] if args.onnx_dc else []) + [str(ROOT)]
     importlib.import_module("onnx_dc")  # now: profile_calibration puts this checkout first on sys.path
     if args.row:
+        if args.fixed_runs:
+            fix_model_runs()
         row = run_row(*args.row, args.calib_samples, args.eval_samples, args.limit_seconds)
         print(json.dumps(row))
         return 0
