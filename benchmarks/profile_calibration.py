@@ -69,6 +69,8 @@ STAGES: list[tuple[str, str, Label]] = [
     ("onnx_dc.calibration.capture", "capture_statistics",
      lambda model, data, layers, **k: "capture: statistics, "
      + ("sequential (1 layer, 2 models)" if k.get("reference") is not None else f"{len(layers)} layer(s) at once")),
+    ("onnx_dc.calibration.sequential_capture", "SequentialCapture.capture",
+     "capture: statistics, sequential from cached values (1 layer, 2 models)"),
     ("onnx_dc.calibration.capture", "_Runner.__init__", "capture: session build (model copy, shape inference)"),
     ("onnx_dc.calibration.capture", "_Runner.run", "capture: onnxruntime run"),
     ("onnx_dc.calibration.capture", "LayerStatistics.update", lambda self, *a, **k: f"capture: Gram update [{_shape(self.layer)}]"),
@@ -144,7 +146,10 @@ TIMERS = Timers()
 def instrument(stages: list[tuple[str, str, Label]] = STAGES) -> None:
     """Wrap every stage's function with a timer, in its module and wherever a module of onnx_dc imported it."""
     for module_name, attribute, label in stages:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:  # an older checkout (bench_calibration_zoo.py --onnx-dc): not timed there
+            continue
         owner: Any = module
         *path, name = attribute.split(".")
         for part in path:
@@ -173,15 +178,16 @@ def _timed(function: Callable[..., Any], label: Label) -> Callable[..., Any]:
 # Cases: (model path, recipe, calibration data, evaluation data or None)
 
 
-def _zoo_feeds(name: str, split: str, n: int) -> dict[str, np.ndarray]:
+def zoo_feeds(name: str, split: str, n: int) -> dict[str, np.ndarray]:
     """``n`` samples of a real zoo model's ``split`` as arrays keyed by input (the axis-0 rule)."""
     from model_zoo import real
     from model_zoo.real.base import stack_feeds
+    from onnx_dc.errors import CalibrationError
 
     feeds = [s.feed for s in real.get(name).make_samples(split, n)]
     try:
         return stack_feeds(feeds)
-    except Exception:  # scalar or unbatched inputs (Silero VAD): one complete feed per sample, axis 0 added
+    except CalibrationError:  # scalar or unbatched inputs (Silero VAD): one complete feed per sample, axis 0 added
         return {k: np.stack([np.asarray(f[k]) for f in feeds]) for k in feeds[0]}
 
 
@@ -200,21 +206,25 @@ def case(args: argparse.Namespace) -> tuple[str, Any, Any, Any]:
         recipe = Recipe(search=SearchRecipe(max_drop=args.max_drop)) if args.case == "lenet-auto" else Recipe()
         evaluation = {"input": test.images[half_a], "labels": test.labels[half_a]} if recipe.search else None
         return str(get_model_path("lenet_300_100")), recipe, {"input": calib.images}, evaluation
-    name = {"cls": "ppocr-mobile-v2-cls", "rec": "ppocrv4-rec", "minilm": "minilm-l6", "silero": "silero-vad"}[
-        args.case.split("-")[0]]
+    name = ZOO_CASES[args.case.split("-")[0]]
     from model_zoo import real
 
     recipe = budget if args.case.endswith("-auto") else Recipe()
-    evaluation = _zoo_feeds(name, "eval", args.eval_samples) if args.eval_samples and recipe.search else None
-    return str(real.get(name).path()), recipe, _zoo_feeds(name, "calib", args.samples or 128), evaluation
+    evaluation = zoo_feeds(name, "eval", args.eval_samples) if args.eval_samples and recipe.search else None
+    return str(real.get(name).path()), recipe, zoo_feeds(name, "calib", args.samples or 128), evaluation
 
 
-DEFAULT_SAMPLES = {"lenet-auto": 8192, "lenet-calib": 8192, "cls-calib": 128, "cls-auto": 128, "rec-calib": 64, "minilm-calib": 64,
-                   "minilm-auto": 64, "silero-auto": 256}
+ZOO_CASES = {"cls": "ppocr-mobile-v2-cls", "rec": "ppocrv4-rec", "det": "ppocrv4-det", "nudenet": "nudenet-320n",
+             "minilm": "minilm-l6", "vit": "vit-s-focus", "whisper": "whisper-tiny-encoder", "silero": "silero-vad"}
+DEFAULT_SAMPLES = {"lenet-auto": 8192, "lenet-calib": 8192, "cls-calib": 128, "cls-auto": 128, "rec-calib": 64, "rec-auto": 32,
+                   "det-calib": 8, "det-auto": 8, "nudenet-calib": 16, "nudenet-auto": 16, "minilm-calib": 64,
+                   "minilm-auto": 64, "vit-calib": 16, "vit-auto": 16, "whisper-calib": 8, "whisper-auto": 8,
+                   "silero-auto": 256}
 
 
-class _Stop(Exception):
-    pass
+class _Stop(BaseException):
+    """The wall-time limit (not an ``Exception``: the package turns those raised inside onnxruntime runs into
+    its own errors)."""
 
 
 def grouped(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

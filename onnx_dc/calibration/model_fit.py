@@ -54,6 +54,7 @@ from onnx_dc.calibration.data import CalibrationData
 from onnx_dc.calibration.layer_problem import CRITERIA, LayerFit
 from onnx_dc.calibration.layers import LayerSpec, find_layers
 from onnx_dc.calibration.options import AUTO_INDEX_BITS, CalibrationOptions, LayerSettings
+from onnx_dc.calibration.sequential_capture import SequentialCapture
 from onnx_dc.calibration.sharing_fit import fit_layer
 from onnx_dc.calibration.targets import LayerTarget, layer_target
 from onnx_dc.codec.container import encode_container
@@ -259,6 +260,9 @@ def compress_with_calibration(
             tick(name)
 
         reference = model if options.sequential else None
+        sequential = SequentialCapture(
+            model, data, layers, batch_size=options.batch_size, max_memory_bytes=budget,
+        ) if options.sequential else None
         statistics: dict[str, LayerStatistics] = {}
         # Without sequential terms the layers are captured a budget's worth at a time (one pass over the
         # data per group), each group fitted and freed before the next is captured.
@@ -269,11 +273,10 @@ def compress_with_calibration(
                     model, data, starts[layer.weight], batch_size=options.batch_size,
                     max_memory_bytes=options.max_memory_bytes, progress=show, description="calibrating",
                 )
-            if options.sequential:
-                statistics = capture_statistics(
-                    working, data, [layer], reference=None if layer.weight in without_reference else reference,
-                    batch_size=options.batch_size, max_memory_bytes=budget,
-                    progress=show, description=f"calibrating {layer.weight}",
+            if sequential is not None:
+                statistics = _sequential_statistics(
+                    sequential, working, data, layer, None if layer.weight in without_reference else reference,
+                    options, show,
                 )
             stats = statistics[layer.weight]
             weight = initializer_array(model, layer.weight)
@@ -286,6 +289,8 @@ def compress_with_calibration(
                 set_initializer(working, layer.weight, layer_result.tensor.quantized)
             if new_bias is not None:
                 set_initializer(working, layer.bias, new_bias)
+            if sequential is not None:
+                sequential.changed([layer.weight, layer.bias if new_bias is not None else None])
             statistics.pop(layer.weight, None)  # free its memory
             # Held as its container: a layer's codes, mask and values would otherwise stay in memory for every
             # layer until the model is written.
@@ -300,6 +305,21 @@ def compress_with_calibration(
     if options.sequential:
         _restore_tensors(working, model, result.results)
     return result
+
+
+def _sequential_statistics(
+    sequential: SequentialCapture, working: onnx.ModelProto, data: CalibrationData, layer: LayerSpec,
+    reference: onnx.ModelProto | None, options: CalibrationOptions, show: bool,
+) -> dict[str, LayerStatistics]:
+    """One layer's sequential statistics: from the cached values of the layers before it, or captured anew
+    when the cache cannot serve (:class:`~onnx_dc.calibration.sequential_capture.SequentialCapture`)."""
+    stats = sequential.capture(working, layer, with_reference=reference is not None)
+    if stats is not None:
+        return {layer.weight: stats}
+    return capture_statistics(
+        working, data, [layer], reference=reference, batch_size=options.batch_size,
+        max_memory_bytes=options.max_memory_bytes, progress=show, description=f"calibrating {layer.weight}",
+    )
 
 
 def _groups_within(layers: Sequence[LayerSpec], budget: int) -> list[list[LayerSpec]]:
