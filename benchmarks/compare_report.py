@@ -53,23 +53,9 @@ def check_targets(rows: list[dict], *, transformer: bool = False) -> dict:
             "ratio_multiple": best["ratio"] / peer["ratio"] if best else None,
             "met": bool(best and best["ratio"] >= RATIO_VS_QDYN_TARGET * peer["ratio"]),
         }
-    preserved = [r for r in dc if r["metric"] >= PRESERVED_METRIC]
-    best_preserved = max(preserved, key=lambda r: r["ratio"]) if preserved else None
-    result["preserved"] = {
-        "best_onnx_dc": best_preserved["method"] if best_preserved else None,
-        "ratio": best_preserved["ratio"] if best_preserved else None,
-        "metric": best_preserved["metric"] if best_preserved else None,
-        "met": bool(best_preserved and best_preserved["ratio"] >= PRESERVED_RATIO_TARGET),
-    }
+    result["preserved"] = _most_compressed_at(dc, PRESERVED_METRIC, PRESERVED_RATIO_TARGET)
     if transformer:
-        faithful = [r for r in dc if r["metric"] >= FAITHFUL_METRIC]
-        best_faithful = max(faithful, key=lambda r: r["ratio"]) if faithful else None
-        result["faithful"] = {
-            "best_onnx_dc": best_faithful["method"] if best_faithful else None,
-            "ratio": best_faithful["ratio"] if best_faithful else None,
-            "metric": best_faithful["metric"] if best_faithful else None,
-            "met": bool(best_faithful and best_faithful["ratio"] >= FAITHFUL_RATIO_TARGET),
-        }
+        result["faithful"] = _most_compressed_at(dc, FAITHFUL_METRIC, FAITHFUL_RATIO_TARGET)
     result["latency"] = {
         r["method"]: {
             "library_rel": r.get("latency_rel"),
@@ -79,6 +65,18 @@ def check_targets(rows: list[dict], *, transformer: bool = False) -> dict:
         for r in dc
     }
     return result
+
+
+def _most_compressed_at(dc: list[dict], min_metric: float, ratio_target: float) -> dict:
+    """The highest-ratio onnx-dc row at metric >= ``min_metric``, and whether it reaches ``ratio_target``."""
+    eligible = [r for r in dc if r["metric"] >= min_metric]
+    best = max(eligible, key=lambda r: r["ratio"]) if eligible else None
+    return {
+        "best_onnx_dc": best["method"] if best else None,
+        "ratio": best["ratio"] if best else None,
+        "metric": best["metric"] if best else None,
+        "met": bool(best and best["ratio"] >= ratio_target),
+    }
 
 
 # --------------------------------------------------------------------------- output
