@@ -157,3 +157,48 @@ def test_iter_scopes_lists_every_graph():
 def test_every_builder_has_weights_with_consumers(name):
     weights = find_weights(gb.ALL_BUILDERS[name]())
     assert weights and all(w.consumers for w in weights)
+
+
+def _position_table_model() -> onnx.ModelProto:
+    """A ViT-style position table (1 x 64 x 8) reshaped to 8 x 8, transposed to NCHW and resized (cubic,
+    antialiased) to the input's 4 x 4 grid, added to the patch features; and a MatMul weight."""
+    rng = np.random.default_rng(0)
+    table = nh.from_array(rng.standard_normal((1, 64, 8)).astype(np.float32), "pos_table")
+    w = nh.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    grid = nh.from_array(np.array([1, 8, 8, 8], np.int64), "grid")
+    sizes = nh.from_array(np.array([1, 8, 4, 4], np.int64), "sizes")
+    flat = nh.from_array(np.array([1, 8, 16], np.int64), "flat")
+    nodes = [
+        h.make_node("Reshape", ["pos_table", "grid"], ["pos_grid"]),
+        h.make_node("Transpose", ["pos_grid"], ["pos_nchw"], perm=[0, 3, 1, 2]),
+        h.make_node("Resize", ["pos_nchw", "", "", "sizes"], ["pos_small"], mode="cubic", antialias=1),
+        h.make_node("Reshape", ["pos_small", "flat"], ["pos_tokens_t"]),
+        h.make_node("Transpose", ["pos_tokens_t"], ["pos_tokens"], perm=[0, 2, 1]),
+        h.make_node("Add", ["x", "pos_tokens"], ["xp"]),
+        h.make_node("MatMul", ["xp", "w"], ["y"]),
+    ]
+    graph = h.make_graph(nodes, "vit_pos", [h.make_tensor_value_info("x", T.FLOAT, [1, 16, 8])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [1, 16, 8])], [table, w, grid, sizes, flat])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+
+
+def test_a_table_read_by_a_resize_is_marked_and_left_dense():
+    import onnxruntime as ort
+
+    import onnx_dc
+    from onnx_dc.api.recipe import Recipe
+
+    model = _position_table_model()
+    weights = _by_name(model)
+    assert weights["pos_table"].feeds_resize and not weights["w"].feeds_resize
+    result = onnx_dc.compress(model, recipe=Recipe(min_elements=1, sparsity="fc=0", bits="fc=8"))
+    assert any("read by a Resize" in note for note in result.report.notes)
+    kept = {t.name for t in result.model.graph.initializer}
+    assert "pos_table" in kept  # dense; w is compressed
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(onnx_dc.ops_library_path())
+    x = np.random.default_rng(1).standard_normal((1, 16, 8)).astype(np.float32)
+    got = ort.InferenceSession(result.model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()

@@ -214,6 +214,11 @@ class CompressionSettings:
             return None
         if weight.is_bias:
             return "bias"
+        if weight.feeds_resize:
+            # onnxruntime folds a constant table's reshapes and Resize into one constant; computed at run time
+            # from a compressed table, its layout optimizer moves a Transpose into a cubic antialiased Resize,
+            # which then fails (timm ViTs' position tables).
+            return "read by a Resize (onnxruntime folds it into a constant; it stays one)"
         if len(weight.shape) <= 1:
             # Biases of MatMul + Add, normalisation scales and shifts: a few bytes each, and a
             # compressed one costs a DCDecompress node on every run.

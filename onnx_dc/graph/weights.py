@@ -104,6 +104,9 @@ class Weight:
     is_bias: bool
     consumers: list[Consumer] = field(default_factory=list)
     is_graph_input: bool = False
+    feeds_resize: bool = False
+    """The weight reaches a ``Resize``'s data input, directly or through shape-only ops (a position table
+    interpolated to the input's size)."""
 
     @property
     def dtype(self) -> str:
@@ -151,6 +154,7 @@ def find_weights(model: onnx.ModelProto, *, min_elements: int = 0) -> list[Weigh
             continue
         weight.kind = _kind_of(weight)
         weight.is_bias = all(c.role == "bias" for c in weight.consumers)
+        weight.feeds_resize = any(_reaches_resize(c.scope.graph, c.node, c.input_index, 0) for c in weight.consumers)
         result.append(weight)
     return result
 
@@ -322,6 +326,21 @@ def _kind_of(weight: Weight) -> WeightKind:
     if roles & {"matmul_b", "gemm_b", "contrib_fc"}:
         return "fc"
     return "other"
+
+
+def _reaches_resize(graph: onnx.GraphProto, node: onnx.NodeProto | None, slot: int, depth: int) -> bool:
+    """True when input ``slot`` of ``node`` is a ``Resize``'s data, or feeds one through shape-only ops."""
+    if node is None or depth > 8 or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Resize":
+        return slot == 0
+    if node.op_type not in _SHAPE_ONLY_OPS or slot != 0:
+        return False
+    produced = set(node.output)
+    return any(
+        _reaches_resize(graph, other, index, depth + 1)
+        for other in graph.node for index, name in enumerate(other.input) if name in produced
+    )
 
 
 def _roles_through_shape_ops(graph: onnx.GraphProto, node: onnx.NodeProto, depth: int) -> set[str]:
