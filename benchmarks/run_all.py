@@ -110,6 +110,12 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         quick_args=("--models", "bert_ort_opt1"),
     ),
     Benchmark(
+        "bench_calibration_zoo",
+        "--calib and --calib --min-cosine 0.999 on every real zoo model up to 25 M weights: time and where it goes",
+        quick_args=("--models", "ppocr-mobile-v2-cls", "--settings", "calib", "--calib-samples", "8",
+                    "--eval-samples", "8"),
+    ),
+    Benchmark(
         "bench_transformer_latency",
         "whole transformers at 1 x 64, 1 x 128 and 8 x 64 tokens beside int8 and MatMulNBits, 1 and 2 threads",
         quick_args=("--models", "minilm-l6", "--threads", "1", "--seconds", "2"),
