@@ -225,6 +225,8 @@ def build_candidates(
     calibrated = settings.calibrated
     if settings.skip_calibrated:
         candidates.append(methods.Candidate("onnx-dc calibrated", "onnx-dc", failure=settings.skip_calibrated))
+        if settings.compact is not None:
+            candidates.append(methods.Candidate("onnx-dc calibrated compact", "onnx-dc", failure=settings.skip_calibrated))
         candidates.append(methods.Candidate("onnx-dc automatic", "onnx-dc", failure=settings.skip_calibrated))
         return candidates
     log("  onnx-dc calibrated ...")
@@ -236,6 +238,17 @@ def build_candidates(
             notes=[f"{calibrated.describe()}; {case.sizes.calib} calibration inputs. Why: {calibrated.why}"],
         )
     )
+    compact = settings.compact
+    if compact is not None:
+        log("  onnx-dc calibrated compact ...")
+        candidates.append(
+            methods.onnx_dc_candidate(
+                "onnx-dc calibrated compact",
+                model,
+                lambda m: onnx_dc.compress(m, recipe=compact.recipe(), calib=case.calib_feeds),
+                notes=[f"{compact.describe()}; {case.sizes.calib} calibration inputs. Why: {compact.why}"],
+            )
+        )
     automatic = settings.automatic
     if automatic is None or quick:
         reason = "not run in --quick mode (the search takes minutes)" if quick else settings.automatic_skipped

@@ -261,6 +261,15 @@ def test_settings_registry_covers_every_benchmark_model():
             assert entry.automatic.why and entry.automatic.why != "initial"
             assert (entry.automatic.min_cosine is None) != (entry.automatic.max_drop is None)
     assert "*dfl*" in settings_for("nudenet-320n").calibrated.exclude
+    # The transformers' compact row (twice int8's ratio at its fidelity) keeps every model exclusion.
+    from benchmarks.compare_cases import TRANSFORMER_MODELS
+
+    for name in TRANSFORMER_MODELS:
+        entry = settings_for(name)
+        if entry.compact is not None:
+            assert entry.compact.why and entry.compact.recipe().search is None
+            assert set(entry.exclude) <= set(entry.compact.exclude)
+    assert settings_for("whisper-tiny-encoder").compact.bits == 4
 
 
 def test_case_caches_only_its_own_feeds():

@@ -184,6 +184,20 @@ def _main_module_hidden() -> Iterator[None]:
                 del main.__spec__
 
 
+def _close_result_writer(executor: ProcessPoolExecutor) -> None:
+    """Close this process's copy of the write end of ``executor``'s result pipe (every worker stopped).
+
+    A worker terminated while it was sending a result leaves a partial message in the pipe, and the
+    pool's manager thread then waits for the rest forever (``shutdown`` and interpreter exit with it:
+    a SIGTERM at the wrong moment hung ``compress``). With no writer left the wait ends at end of
+    file, and the pool shuts down as broken.
+    """
+    writer = getattr(getattr(executor, "_result_queue", None), "_writer", None)
+    if writer is not None:
+        with contextlib.suppress(OSError):
+            writer.close()
+
+
 class TensorWorkers:
     """Runs :class:`TensorTask` s on ``jobs`` processes (or inline for ``jobs=1``); a context manager."""
 
@@ -273,6 +287,7 @@ class TensorWorkers:
                     process.terminate()
                 for process in processes:  # gone before the queues' semaphores are
                     process.join()
+                _close_result_writer(executor)
             executor.shutdown(wait=True, cancel_futures=True)
         if self._spill is not None:
             self._spill.cleanup()
