@@ -60,6 +60,20 @@ class TestLayerProblem:
         assert p.relative_error(w) == pytest.approx(1.0)
         assert p.relative_error(p.targets) == 0.0
 
+    def test_damped_relative_error_charges_unexcited_inputs(self):
+        """Removing the weights of an input the data never excite is free by the plain error, not the damped one."""
+        gram = np.diag([4.0, 1.0, 0.0])
+        target = np.array([[1.0, -2.0], [0.5, 1.0], [3.0, 3.0]])
+        p = LayerProblem([gram], [target], damping=0.01)
+        silent_removed = target.copy()
+        silent_removed[2] = 0.0
+        assert p.relative_error([silent_removed]) == 0.0
+        lam = 0.01 * np.mean(np.diag(gram))
+        expected = lam * 18.0 / np.trace(target.T @ (gram + lam * np.eye(3)) @ target)
+        assert p.damped_relative_error([silent_removed]) == pytest.approx(expected, rel=1e-12)
+        assert p.damped_relative_error([np.zeros_like(target)]) == pytest.approx(1.0)
+        assert p.damped_relative_error([target]) == 0.0
+
     def test_rejects_bad_shapes_and_values(self):
         with pytest.raises(InvalidTensorError):
             LayerProblem([np.eye(3)], [np.ones((4, 2))])

@@ -45,6 +45,31 @@ def stacks(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def test_aborting_workers_while_a_result_is_half_sent_does_not_hang(tmp_path):
+    """A worker terminated in the middle of sending its result (a SIGTERM at that moment hung compress):
+    the pool's manager thread must not wait forever for the rest of the message."""
+    script = tmp_path / "half_sent.py"
+    script.write_text(textwrap.dedent("""
+        import os, struct
+        import numpy as np
+        from onnx_dc.api.parallel import TensorWorkers
+        from onnx_dc.codec.tensor import TensorSettings
+
+        if __name__ == "__main__":
+            workers = TensorWorkers(2)
+            values = np.arange(64, dtype=np.float32).reshape(8, 8)
+            task = workers.task("w", values, TensorSettings(), shape=values.shape, dtype=values.dtype)
+            assert len(list(workers.run([task]))) == 1
+            # What a worker stopped mid-send leaves: a message header promising more bytes than follow.
+            os.write(workers._executor._result_queue._writer.fileno(), struct.pack("!i", 1000) + b"x" * 10)
+            workers.close(abort=True)
+            print("closed")
+    """))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert completed.returncode == 0 and completed.stdout.strip() == "closed", completed.stderr
+
+
 @pytest.mark.parametrize("kind", ["inline", "external"])
 def test_serial_and_parallel_outputs_are_identical(stacks, tmp_path, kind):
     source = stacks[kind]

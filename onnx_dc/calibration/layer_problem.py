@@ -146,6 +146,7 @@ class LayerProblem:
         self.hessians: list[np.ndarray] = []
         self.column_weights: list[np.ndarray | None] = []
         self._output_energy: float | None = None
+        self._damped_energy: float | None = None
         self._hessian_targets: list[np.ndarray] | None = None
         if column_weights is None:
             column_weights = [None] * len(grams)
@@ -215,6 +216,20 @@ class LayerProblem:
         """:meth:`output_error` divided by :meth:`output_energy` (0 when the energy is 0)."""
         energy = self.output_energy()
         return self.output_error(weights) / energy if energy > 0 else 0.0
+
+    def damped_relative_error(self, weights: Sequence[np.ndarray]) -> float:
+        """:meth:`error` relative to its value at all-zero weights (0 when that is 0).
+
+        Unlike :meth:`relative_error`, a weight on an input channel that the calibration data never
+        excite is not free to remove: it costs its share of the damping term (``lambda ||w||^2``),
+        as in the fits' own objective.
+        """
+        if self._damped_energy is None:
+            self._damped_energy = math.fsum(
+                _quadratic(h, t, c) for h, t, c in zip(self.hessians, self.targets, self.column_weights)
+            )
+        scale = self._damped_energy
+        return self.error(weights) / scale if scale > 0 else 0.0
 
 
 @dataclass
