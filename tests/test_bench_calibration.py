@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_loader import load_benchmark
 
 pytestmark = pytest.mark.slow  # the full suite only: a benchmark at a tiny size
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_calibration.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_calibration", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_bench_calibration_runs_and_prints_its_tables(tmp_path, capsys):
-    bench = _load()
+    bench = load_benchmark("bench_calibration")
     out = tmp_path / "rows.json"
     assert bench.main(["--quick", "--json", str(out)]) == 0
     text = capsys.readouterr().out

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_codec.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_codec", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from bench_loader import load_benchmark
 
 
 def test_bench_codec_runs_and_prints_its_table(capsys):
-    bench = _load()
+    bench = load_benchmark("bench_codec")
     assert bench.main(["--sizes", "5000", "--repeats", "1"]) == 0
     output = capsys.readouterr().out
     assert "encode Mw/s" in output and "decode Mw/s" in output
@@ -28,7 +15,7 @@ def test_bench_codec_runs_and_prints_its_table(capsys):
 
 
 def test_bench_rows_describe_the_containers():
-    bench = _load()
+    bench = load_benchmark("bench_codec")
     rows = bench.run((3000,), repeats=1)
     assert [row.case for row in rows] == [case.name for case in bench.CASES]
     pruned, unpruned = rows

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kmeans.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_kmeans", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from bench_loader import load_benchmark
 
 
 def test_bench_kmeans_runs_and_prints_its_table(capsys):
-    bench = _load()
+    bench = load_benchmark("bench_kmeans")
     assert bench.main(["--sizes", "3000", "--clusters", "4", "16", "--repeats", "1", "--converge-iter", "2000"]) == 0
     output = capsys.readouterr().out
     lines = [line for line in output.splitlines() if line.startswith("| 3,000 |")]
@@ -33,7 +19,7 @@ def test_bench_kmeans_runs_and_prints_its_table(capsys):
 
 
 def test_same_inertia_row_is_the_fewest_iterations_reaching_sklearn():
-    bench = _load()
+    bench = load_benchmark("bench_kmeans")
     weights = bench.pruned_gaussian(4000, seed=1)
     assert weights.dtype == np.float32 and np.all(np.abs(weights) > 1.6 * bench.SIGMA)
     init = bench.initial_centroids(weights, 8, "linear")
@@ -46,7 +32,7 @@ def test_same_inertia_row_is_the_fewest_iterations_reaching_sklearn():
 
 
 def test_sklearn_iterations_are_capped_to_the_time_budget():
-    bench = _load()
+    bench = load_benchmark("bench_kmeans")
     weights = bench.pruned_gaussian(3000, seed=2)
     init = bench.initial_centroids(weights, 4, "linear")
     row = bench.run_sklearn(weights, init, max_iter=300, budget_s=0.0)

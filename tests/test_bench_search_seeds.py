@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import asdict
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_search_seeds.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_search_seeds", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from bench_loader import load_benchmark
 
 
 def _row(bench, model, seed, ratio, drop_full, drop_b):
@@ -26,7 +14,7 @@ def _row(bench, model, seed, ratio, drop_full, drop_b):
 
 
 def test_table_marks_a_ratio_below_85_percent_of_the_zoo_models_and_a_drop_over_the_budget():
-    bench = _load()
+    bench = load_benchmark("bench_search_seeds")
     rows = [
         _row(bench, "lenet5", "1", 30.0, 0.30, 0.20),     # 75 % of the zoo's ratio
         _row(bench, "lenet5", "zoo", 40.0, 0.29, 0.26),
@@ -46,7 +34,7 @@ def test_table_marks_a_ratio_below_85_percent_of_the_zoo_models_and_a_drop_over_
 
 
 def test_rows_of_earlier_runs_are_merged_without_searching(tmp_path, capsys):
-    bench = _load()
+    bench = load_benchmark("bench_search_seeds")
     earlier = tmp_path / "earlier.json"
     earlier.write_text(json.dumps([asdict(_row(bench, "lenet5", "zoo", 40.0, 0.29, 0.26)),
                                    asdict(_row(bench, "lenet5", "1", 38.0, 0.35, 0.40))]))

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
+from bench_loader import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import bench_transformer_latency as bench  # noqa: E402
+bench = load_benchmark("bench_transformer_latency")
 
 
 def test_every_variant_is_timed_at_every_shape_and_thread_count():
