@@ -121,6 +121,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         quick_args=("--models", "minilm-l6", "--threads", "1", "--seconds", "2"),
     ),
     Benchmark(
+        "bench_search_budgets",
+        "the automatic search at --min-cosine 0.999, 0.995 and 0.99 on zoo transformers, checked on evaluation inputs",
+        quick_args=("--quick", "--budgets", "0.99"),
+    ),
+    Benchmark(
         "bench_search_seeds",
         "the automatic --max-drop 0.5 search on LeNets trained with other seeds beside the zoo models (issue 21)",
         quick_args=("--quick", "--models", "lenet_300_100", "--no-zoo"),
