@@ -222,31 +222,21 @@ def build_candidates(
             notes=["data-free, no pruning, 8-bit weight sharing" + excluded],
         )
     )
-    calibrated = settings.calibrated
+    calibrated_rows = [("onnx-dc calibrated", settings.calibrated)]
+    if settings.compact is not None:
+        calibrated_rows.append(("onnx-dc calibrated compact", settings.compact))
     if settings.skip_calibrated:
-        candidates.append(methods.Candidate("onnx-dc calibrated", "onnx-dc", failure=settings.skip_calibrated))
-        if settings.compact is not None:
-            candidates.append(methods.Candidate("onnx-dc calibrated compact", "onnx-dc", failure=settings.skip_calibrated))
-        candidates.append(methods.Candidate("onnx-dc automatic", "onnx-dc", failure=settings.skip_calibrated))
+        for method in [name for name, _ in calibrated_rows] + ["onnx-dc automatic"]:
+            candidates.append(methods.Candidate(method, "onnx-dc", failure=settings.skip_calibrated))
         return candidates
-    log("  onnx-dc calibrated ...")
-    candidates.append(
-        methods.onnx_dc_candidate(
-            "onnx-dc calibrated",
-            model,
-            lambda m: onnx_dc.compress(m, recipe=calibrated.recipe(), calib=case.calib_feeds),
-            notes=[f"{calibrated.describe()}; {case.sizes.calib} calibration inputs. Why: {calibrated.why}"],
-        )
-    )
-    compact = settings.compact
-    if compact is not None:
-        log("  onnx-dc calibrated compact ...")
+    for method, dc in calibrated_rows:
+        log(f"  {method} ...")
         candidates.append(
             methods.onnx_dc_candidate(
-                "onnx-dc calibrated compact",
+                method,
                 model,
-                lambda m: onnx_dc.compress(m, recipe=compact.recipe(), calib=case.calib_feeds),
-                notes=[f"{compact.describe()}; {case.sizes.calib} calibration inputs. Why: {compact.why}"],
+                lambda m, dc=dc: onnx_dc.compress(m, recipe=dc.recipe(), calib=case.calib_feeds),
+                notes=[f"{dc.describe()}; {case.sizes.calib} calibration inputs. Why: {dc.why}"],
             )
         )
     automatic = settings.automatic
