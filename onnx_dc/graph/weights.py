@@ -22,7 +22,7 @@ with :attr:`Weight.is_bias` and left dense by the converter, as in the paper.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -152,9 +152,13 @@ def find_weights(model: onnx.ModelProto, *, min_elements: int = 0) -> list[Weigh
     for weight in order:
         if not weight.consumers or weight.n_elements < min_elements:
             continue
-        weight.kind = _kind_of(weight)
+        uses = [
+            use for c in weight.consumers if c.node is not None
+            for use in _uses_behind_shape_ops(c.scope.graph, c.node, c.input_index)
+        ]
+        weight.kind = _kind_of(uses)
         weight.is_bias = all(c.role == "bias" for c in weight.consumers)
-        weight.feeds_resize = any(_reaches_resize(c.scope.graph, c.node, c.input_index, 0) for c in weight.consumers)
+        weight.feeds_resize = _feeds_resize(uses)
         result.append(weight)
     return result
 
@@ -316,11 +320,8 @@ def _role(node: onnx.NodeProto, slot: int) -> ConsumerRole:
     return "other"
 
 
-def _kind_of(weight: Weight) -> WeightKind:
-    roles = {c.role for c in weight.consumers}
-    for consumer in weight.consumers:
-        if consumer.node is not None and consumer.role == "other":
-            roles |= _roles_through_shape_ops(consumer.scope.graph, consumer.node, depth=0)
+def _kind_of(uses: Sequence[_ShapeOpUse]) -> WeightKind:
+    roles = {_role(use.node, use.slot) for use in uses}
     if "conv_w" in roles:
         return "conv"
     if roles & {"matmul_b", "gemm_b", "contrib_fc"}:
@@ -328,32 +329,36 @@ def _kind_of(weight: Weight) -> WeightKind:
     return "other"
 
 
-def _reaches_resize(graph: onnx.GraphProto, node: onnx.NodeProto | None, slot: int, depth: int) -> bool:
-    """True when input ``slot`` of ``node`` is a ``Resize``'s data, or feeds one through shape-only ops."""
-    if node is None or depth > 8 or node.domain not in ("", "ai.onnx"):
-        return False
-    if node.op_type == "Resize":
-        return slot == 0
-    if node.op_type not in _SHAPE_ONLY_OPS or slot != 0:
-        return False
-    produced = set(node.output)
+def _feeds_resize(uses: Sequence[_ShapeOpUse]) -> bool:
+    """A use is a ``Resize``'s data input, reached through the data inputs of shape-only ops only."""
     return any(
-        _reaches_resize(graph, other, index, depth + 1)
-        for other in graph.node for index, name in enumerate(other.input) if name in produced
+        use.node.op_type == "Resize" and use.node.domain in ("", "ai.onnx") and use.slot == 0 and use.through_data
+        and use.depth <= 8
+        for use in uses
     )
 
 
-def _roles_through_shape_ops(graph: onnx.GraphProto, node: onnx.NodeProto, depth: int) -> set[str]:
-    """Roles of the weight's uses behind a chain of shape-only ops (same graph only)."""
+@dataclass(frozen=True)
+class _ShapeOpUse:
+    """Input ``slot`` of ``node``, a weight's consumer (``depth`` 0) or a use behind ``depth`` shape-only ops
+    (``through_data``: each of them entered by its data input, slot 0)."""
+
+    node: onnx.NodeProto
+    slot: int
+    depth: int
+    through_data: bool
+
+
+def _uses_behind_shape_ops(
+    graph: onnx.GraphProto, node: onnx.NodeProto, slot: int, depth: int = 0, through_data: bool = True
+) -> Iterator[_ShapeOpUse]:
+    """Input ``slot`` of ``node``, then, when ``node`` is a standard shape-only op at most 8 deep, every use of
+    its outputs, recursively (same graph only)."""
+    yield _ShapeOpUse(node, slot, depth, through_data)
     if depth > 8 or node.op_type not in _SHAPE_ONLY_OPS or node.domain not in ("", "ai.onnx"):
-        return set()
-    roles: set[str] = set()
+        return
     produced = set(node.output)
     for other in graph.node:
-        for slot, name in enumerate(other.input):
+        for index, name in enumerate(other.input):
             if name in produced:
-                role = _role(other, slot)
-                roles.add(role)
-                if role == "other":
-                    roles |= _roles_through_shape_ops(graph, other, depth + 1)
-    return roles
+                yield from _uses_behind_shape_ops(graph, other, index, depth + 1, through_data and slot == 0)
