@@ -225,9 +225,7 @@ class LayerProblem:
         as in the fits' own objective.
         """
         if self._damped_energy is None:
-            self._damped_energy = math.fsum(
-                _quadratic(h, t, c) for h, t, c in zip(self.hessians, self.targets, self.column_weights)
-            )
+            self._damped_energy = self.error([np.zeros_like(t) for t in self.targets])
         scale = self._damped_energy
         return self.error(weights) / scale if scale > 0 else 0.0
 
