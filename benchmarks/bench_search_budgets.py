@@ -28,20 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 DEFAULT_MODELS = ("whisper-tiny-encoder",)
 DEFAULT_BUDGETS = (0.999, 0.995, 0.99)
-
-
-def overall_cosine(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
-    """One cosine over every value of every output (float64)."""
-    a = np.concatenate([np.ravel(x) for x in reference]).astype(np.float64)
-    b = np.concatenate([np.ravel(x) for x in candidate]).astype(np.float64)
-    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return float(a @ b / norms) if norms > 0 else float(np.array_equal(a, b))
 
 
 def _runner(model: onnx.ModelProto):
@@ -52,6 +43,7 @@ def _runner(model: onnx.ModelProto):
 def measure(name: str, min_cosine: float, *, quick: bool = False) -> dict:
     """One row: the automatic search of ``name`` at ``min_cosine``, measured on the evaluation split."""
     import onnx_dc
+    from benchmarks.compare import output_fidelity
     from benchmarks.compare_cases import load_case
     from benchmarks.dc_settings import settings_for
 
@@ -68,7 +60,7 @@ def measure(name: str, min_cosine: float, *, quick: bool = False) -> dict:
     restored = onnx_dc.decompress(result.model)
     reference = _runner(model)
     evaluation = case.evaluate(reference, _runner(restored))
-    cosine = overall_cosine(case.reference_outputs(reference), evaluation.outputs)
+    cosine, _ = output_fidelity(case.reference_outputs(reference), evaluation.outputs)
     return {
         "model": name, "min_cosine": min_cosine, "ratio": len(case.original_bytes) / len(result.model.SerializeToString()),
         "eval_cosine": cosine, "budget_held": cosine >= min_cosine, "metric_name": case.metric_name,
