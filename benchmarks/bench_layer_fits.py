@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 TIMED: list[tuple[str, str]] = [
     ("onnx_dc.calibration.sharing_fit", "refit_centroids"),
     ("onnx_dc.calibration.sharing_fit", "reassign_codes"),
-    ("onnx_dc.calibration.sharing_fit", "_feedback_codes"),
-    ("onnx_dc.calibration.sharing_fit", "_feedback_plans"),
+    ("onnx_dc.calibration.error_feedback", "feedback_codes"),
+    ("onnx_dc.calibration.error_feedback", "feedback_plans"),
     ("onnx_dc.calibration.layer_problem", "LayerProblem.error"),
 ]
 

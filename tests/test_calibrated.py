@@ -68,6 +68,27 @@ def test_containers_hold_the_fitted_weights_and_biases_are_refitted(model, calib
         np.testing.assert_array_equal(initializer_array(compression.model, name), initializer_array(model, name))
 
 
+@pytest.mark.parametrize("max_memory_bytes", [None, 3_300_000])  # one capture group, or two (fc0 alone)
+def test_fits_in_parallel_give_the_serial_results_in_order(max_memory_bytes):
+    """Without sequential capture the layers are fitted ``jobs`` at once; the containers, biases and
+    progress order are those of the serial run (a 640-input layer runs multi-threaded BLAS serially)."""
+    wide = classifier(seed=5, sizes=(640, 48, 32, 6))
+    data = load_calibration({"x": inputs(300, seed=6, k=640)}, wide)
+    settings = {f"fc{i}.weight": LayerSettings(sparsity=0.5, bits=4) for i in range(3)}
+    extra = {} if max_memory_bytes is None else {"max_memory_bytes": max_memory_bytes}
+    options = CalibrationOptions(sequential=False, **extra)
+    runs = {}
+    for jobs in (1, 2):
+        ticks: list[str] = []
+        result = compress_with_calibration(wide, data, settings, options, jobs=jobs,
+                                           progress=lambda done, total, name, ticks=ticks: ticks.append(name))
+        containers = {name: bytes(r.tensor.container) for name, r in result.results.items()}
+        biases = {name: initializer_array(result.model, f"{name[:-len('weight')]}bias").tobytes() for name in settings}
+        runs[jobs] = (list(result.results), containers, biases, ticks)
+    assert runs[1][0] == runs[2][0] == [f"fc{i}.weight" for i in range(3)]
+    assert runs[1] == runs[2]
+
+
 def test_each_refinement_lowers_the_held_out_output_error(model, calib, held_out):
     plain = CalibrationOptions(criterion="magnitude", refit_weights=False, refit_rounds=0, sequential=False, bias_correction=False)
     steps = [

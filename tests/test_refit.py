@@ -242,6 +242,37 @@ class TestCentroids:
         assert np.all(m_onehot[6:] == 0) and np.any(m_onehot[:6] != 0)
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 9), changed=st.floats(0.0, 0.3), weighted=st.booleans())
+def test_centroid_systems_updated_from_changed_codes_equal_rebuilt_ones(seed, k, changed, weighted):
+    """_CentroidSystems: a refit after a few changed codes (and after a renumbering of the codes) gives
+    the system and centroids that building it again gives."""
+    from onnx_dc.calibration import sharing_fit as refit
+
+    base = make_problem(seed, k=14, n=9, blocks=2)
+    rng = np.random.default_rng(seed)
+    weights = [rng.random(t.shape[1]) + 0.1 for t in base.targets] if weighted else None
+    p = LayerProblem(base.grams, base.targets, column_weights=weights)
+    codes = [np.where(rng.random(t.shape) < 0.3, -1, rng.integers(0, k, t.shape)).astype(np.int32) for t in p.targets]
+    centroids = np.sort(rng.standard_normal(k))
+    systems = refit._CentroidSystems(p)
+    systems.refit(codes, centroids)
+    rank = rng.permutation(k)
+    systems.relabel(rank)
+    codes = [refit._relabelled(c, rank) for c in codes]
+    new_codes = []
+    for c in codes:
+        n = c.copy()
+        move = (rng.random(c.shape) < changed) & (c >= 0)
+        n[move] = rng.integers(0, k, int(move.sum()))
+        new_codes.append(n)
+    updated = systems.refit(new_codes, centroids)
+    np.testing.assert_allclose(updated, refit_centroids(p, new_codes, centroids), rtol=1e-8, atol=1e-10)
+    for matrix, h, t, c, w in zip(systems.matrices, p.hessians, p.targets, new_codes, p.column_weights):
+        rebuilt, _ = refit._centroid_system(h, t, c, k, w)
+        np.testing.assert_allclose(matrix, rebuilt, rtol=1e-9, atol=1e-9 * np.max(np.abs(rebuilt)))
+
+
 def test_single_threaded_blas_restores_the_thread_count():
     from threadpoolctl import threadpool_info
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_dc.calibration import sharing_fit
+from onnx_dc.calibration import error_feedback, sharing_fit
 from onnx_dc.calibration.layer_problem import LayerProblem
 from onnx_dc.calibration.pruning_fit import refit_weights, select_mask
 from onnx_dc.calibration.sharing_fit import quantize_layer
@@ -25,11 +25,11 @@ class TestFeedbackPlanCache:
         p = make_problem(0)
         masks = select_mask(p, 0.5, "magnitude")
         weights = refit_weights(p, masks)
-        sharing_fit._FEEDBACK_PLANS.clear()
+        error_feedback._FEEDBACK_PLANS.clear()
         cached = [quantize_layer(p, weights, masks, 2**bits) for bits in (2, 3, 4)]
         fresh = []
         for bits in (2, 3, 4):
-            sharing_fit._FEEDBACK_PLANS.clear()
+            error_feedback._FEEDBACK_PLANS.clear()
             fresh.append(quantize_layer(p, weights, masks, 2**bits))
         for a, b in zip(cached, fresh):
             np.testing.assert_array_equal(a.codes[0], b.codes[0])
@@ -37,7 +37,7 @@ class TestFeedbackPlanCache:
 
     def test_one_plan_per_mask_and_hessian(self) -> None:
         p = make_problem(1)
-        cache = sharing_fit._FeedbackPlanCache(1 << 20, 4)
+        cache = error_feedback._FeedbackPlanCache(1 << 20, 4)
         mask = select_mask(p, 0.5, "magnitude")[0]
         first = cache.plan(p.hessians[0], mask)
         assert cache.plan(p.hessians[0], mask.copy()) is first
@@ -46,7 +46,7 @@ class TestFeedbackPlanCache:
 
     def test_an_entry_goes_with_its_hessian(self) -> None:
         p = make_problem(4)
-        cache = sharing_fit._FeedbackPlanCache(1 << 20, 4)
+        cache = error_feedback._FeedbackPlanCache(1 << 20, 4)
         hessian = p.hessians[0].copy()
         cache.plan(hessian, select_mask(p, 0.5, "magnitude")[0])
         assert len(cache._plans) == 1 and cache._bytes > 0
@@ -55,13 +55,32 @@ class TestFeedbackPlanCache:
 
     def test_the_cache_stays_within_its_bounds(self) -> None:
         p = make_problem(2)
-        cache = sharing_fit._FeedbackPlanCache(1 << 20, 2)
+        cache = error_feedback._FeedbackPlanCache(1 << 20, 2)
         for sparsity in (0.2, 0.4, 0.6):
             cache.plan(p.hessians[0], select_mask(p, sparsity, "magnitude")[0])
         assert len(cache._plans) == 2
-        small = sharing_fit._FeedbackPlanCache(8, 4)
+        small = error_feedback._FeedbackPlanCache(8, 4)
         plan = small.plan(p.hessians[0], select_mask(p, 0.5, "magnitude")[0])
         assert plan.factors is None and not small._plans
+
+
+def test_the_plan_cache_is_shared_safely_by_threads() -> None:
+    """Layers are fitted in threads (compress_with_calibration's jobs): concurrent lookups, inserts and
+    evictions keep the cache's entries and byte count consistent."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    problems = [make_problem(seed) for seed in range(8)]
+    masks = [select_mask(p, 0.5, "magnitude")[0] for p in problems]
+    cache = error_feedback._FeedbackPlanCache(1 << 20, 3)
+
+    def request(i: int) -> None:
+        for _ in range(20):
+            assert cache.plan(problems[i % 8].hessians[0], masks[i % 8]).factors is not None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(request, range(16)))
+    assert len(cache._plans) <= 3
+    assert cache._bytes == sum(plan.factor_bytes for _, plan in cache._plans.values())
 
 
 def reassign_row_by_row(
@@ -133,3 +152,28 @@ class TestValueTypesKeptPerStructure:
         assert first["y"].type.tensor_type.elem_type == TensorProto.FLOAT
         other = capture._value_types(model(1.0, TensorProto.FLOAT16))
         assert other is not first and other["z"].type.tensor_type.elem_type == TensorProto.FLOAT16
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 65, 200])
+def test_feedback_factor_is_the_upper_cholesky_factor_of_the_inverse(size: int) -> None:
+    rng = np.random.default_rng(size)
+    stack = []
+    for _ in range(3):
+        x = rng.standard_normal((2 * size + 3, size)) * rng.gamma(1.0, 1.0, size)
+        stack.append(x.T @ x + 1e-3 * np.eye(size))
+    stack = np.stack(stack)
+    factors = error_feedback._feedback_factor(stack)
+    expected = np.swapaxes(np.linalg.cholesky(np.linalg.inv(stack)), -1, -2)
+    assert np.allclose(factors, expected, rtol=1e-9, atol=1e-9 * np.max(np.abs(expected)))
+    assert np.all(np.tril(factors, -1) == 0)
+
+
+def test_feedback_factor_gives_the_identity_to_a_matrix_that_is_not_positive_definite() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 100))
+    good = x.T @ x
+    bad = good.copy()
+    bad[70, 70] = -1.0  # not positive definite, found only in the second half of the recursion
+    factors = error_feedback._feedback_factor(np.stack([good, bad]))
+    assert np.array_equal(factors[1], np.eye(100))
+    assert np.allclose(factors[0], np.linalg.cholesky(np.linalg.inv(good)).T, rtol=1e-8, atol=1e-12)

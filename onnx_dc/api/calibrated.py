@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from onnx_dc.api.convert import CompressionResult, compress_model, prepare_model, record_recipe, refuse_compressed_input
+from onnx_dc.api.parallel import default_jobs
 from onnx_dc.api.recipe import Recipe
 from onnx_dc.calibration.data import (
     DEFAULT_MAX_SAMPLES,
@@ -165,7 +166,10 @@ def _compress_fitted(
     if recipe.calibration.holdout:
         data, _ = data.materialised().split(recipe.calibration.holdout, seed=recipe.seed)
     options, note = _fit_options(view.model, recipe.calibration.options)
-    compression = view.restore(compress_with_calibration(view.model, data, layer_settings, options, progress=progress))
+    fit_jobs = default_jobs() if jobs is None else jobs
+    compression = view.restore(
+        compress_with_calibration(view.model, data, layer_settings, options, progress=progress, jobs=fit_jobs)
+    )
     result = compress_model(
         compression.model, recipe, output=output, progress=progress,
         external_data=external_data, tensor_compressor=compression.tensor_compressor(), prepared=prepared,

@@ -44,6 +44,7 @@ compressed.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,7 +52,7 @@ import onnx
 
 from onnx_dc.calibration.capture import LayerStatistics, capture_statistics
 from onnx_dc.calibration.data import CalibrationData
-from onnx_dc.calibration.layer_problem import CRITERIA, LayerFit
+from onnx_dc.calibration.layer_problem import CRITERIA, LayerFit, single_threaded_blas
 from onnx_dc.calibration.layers import LayerSpec, find_layers
 from onnx_dc.calibration.options import AUTO_INDEX_BITS, CalibrationOptions, LayerSettings
 from onnx_dc.calibration.sequential_capture import SequentialCapture
@@ -206,6 +207,7 @@ def compress_with_calibration(
     options: CalibrationOptions = CalibrationOptions(),
     *,
     progress: bool | ProgressCallback = False,
+    jobs: int = 1,
 ) -> CalibratedCompression:
     """Compress the weights named in ``settings`` using calibration data.
 
@@ -215,6 +217,8 @@ def compress_with_calibration(
         settings: per weight name, its :class:`LayerSettings`; weights not named are left alone.
         options: :class:`CalibrationOptions`.
         progress: ``True`` for tqdm bars on a terminal, or a callable ``(done, total, name)``.
+        jobs: without sequential capture, layers fitted at once (threads, one BLAS thread each; the fits
+            do not depend on each other, and the results do not depend on ``jobs``).
 
     Raises:
         ModelError: a named weight is not an initializer of the main graph or a Constant.
@@ -259,44 +263,12 @@ def compress_with_calibration(
                 set_initializer(working, name, compressed.quantized)
             tick(name)
 
-        reference = model if options.sequential else None
-        sequential = SequentialCapture(
-            model, data, layers, batch_size=options.batch_size, max_memory_bytes=budget,
-        ) if options.sequential else None
-        statistics: dict[str, LayerStatistics] = {}
-        # Without sequential terms the layers are captured a budget's worth at a time (one pass over the
-        # data per group), each group fitted and freed before the next is captured.
-        starts = {} if options.sequential else {group[0].weight: group for group in _groups_within(layers, budget)}
-        for layer in layers:
-            if layer.weight in starts:
-                statistics = capture_statistics(
-                    model, data, starts[layer.weight], batch_size=options.batch_size,
-                    max_memory_bytes=options.max_memory_bytes, progress=show, description="calibrating",
-                )
-            if sequential is not None:
-                statistics = _sequential_statistics(
-                    sequential, working, data, layer, None if layer.weight in without_reference else reference,
-                    options, show,
-                )
-            stats = statistics[layer.weight]
-            weight = initializer_array(model, layer.weight)
-            bias = initializer_array(model, layer.bias) if layer.bias is not None else None
-            target = layer_target(model, layer, stats, weight, bias, options, layers=all_layers)
-            layer_result, new_bias = fit_one_layer(target, weight, bias, settings[layer.weight], options)
-            result.results[layer.weight] = layer_result
-            result.n_samples = max(result.n_samples, stats.n_samples)
-            if options.sequential:
-                set_initializer(working, layer.weight, layer_result.tensor.quantized)
-            if new_bias is not None:
-                set_initializer(working, layer.bias, new_bias)
-            if sequential is not None:
-                sequential.changed([layer.weight, layer.bias if new_bias is not None else None])
-            statistics.pop(layer.weight, None)  # free its memory
-            # Held as its container: a layer's codes, mask and values would otherwise stay in memory for every
-            # layer until the model is written.
-            layer_result.tensor = layer_result.tensor.container_only()
-            del target, stats, weight  # the layer's problem (Gram, Hessian, targets) before the next capture
-            tick(layer.weight)
+        if options.sequential:
+            _fit_sequentially(model, working, data, layers, all_layers, settings, options, budget, without_reference,
+                              result, show, tick)
+        else:
+            _fit_in_groups(model, working, data, layers, all_layers, settings, options, budget, result, show, tick,
+                           jobs)
     finally:
         if bar is not None:
             bar.close()
@@ -305,6 +277,77 @@ def compress_with_calibration(
     if options.sequential:
         _restore_tensors(working, model, result.results)
     return result
+
+
+def _fit_sequentially(
+    model, working, data, layers, all_layers, settings, options, budget, without_reference, result, show, tick,
+) -> None:
+    """Each layer captured on the working model with the layers before it compressed, then fitted."""
+    sequential = SequentialCapture(model, data, layers, batch_size=options.batch_size, max_memory_bytes=budget)
+    for layer in layers:
+        reference = None if layer.weight in without_reference else model
+        stats = _sequential_statistics(sequential, working, data, layer, reference, options, show)[layer.weight]
+        layer_result, new_bias = _fit_captured(model, layer, stats, all_layers, settings, options)
+        result.n_samples = max(result.n_samples, stats.n_samples)
+        del stats  # the layer's statistics before the next capture
+        set_initializer(working, layer.weight, layer_result.tensor.quantized)
+        if new_bias is not None:
+            set_initializer(working, layer.bias, new_bias)
+        sequential.changed([layer.weight, layer.bias if new_bias is not None else None])
+        _record(result, layer, layer_result, tick)
+
+
+def _fit_in_groups(model, working, data, layers, all_layers, settings, options, budget, result, show, tick, jobs) -> None:
+    """The layers captured a budget's worth at a time (one pass over the data per group) on the original
+    model, each group fitted (``jobs`` layers at once) and freed before the next is captured."""
+    for group in _groups_within(layers, budget):
+        statistics = capture_statistics(
+            model, data, group, batch_size=options.batch_size, max_memory_bytes=options.max_memory_bytes,
+            progress=show, description="calibrating",
+        )
+
+        def fit(layer: LayerSpec, statistics: dict[str, LayerStatistics] = statistics):
+            stats = statistics[layer.weight]
+            return (*_fit_captured(model, layer, stats, all_layers, settings, options), stats.n_samples)
+
+        for layer, (layer_result, new_bias, n_samples) in zip(group, _map_in_order(fit, group, jobs)):
+            result.n_samples = max(result.n_samples, n_samples)
+            if new_bias is not None:
+                set_initializer(working, layer.bias, new_bias)
+            statistics.pop(layer.weight, None)  # free its memory
+            _record(result, layer, layer_result, tick)
+
+
+def _fit_captured(model, layer, stats, all_layers, settings, options) -> tuple[LayerResult, np.ndarray | None]:
+    """One layer's fit from its statistics."""
+    weight = initializer_array(model, layer.weight)
+    bias = initializer_array(model, layer.bias) if layer.bias is not None else None
+    target = layer_target(model, layer, stats, weight, bias, options, layers=all_layers)
+    return fit_one_layer(target, weight, bias, settings[layer.weight], options)
+
+
+def _record(result, layer, layer_result, tick) -> None:
+    # Held as its container: a layer's codes, mask and values would otherwise stay in memory for every
+    # layer until the model is written.
+    layer_result.tensor = layer_result.tensor.container_only()
+    result.results[layer.weight] = layer_result
+    tick(layer.weight)
+
+
+def _map_in_order(function, items, jobs: int):
+    """``function`` over ``items``, results in order; ``jobs > 1`` runs that many at once in threads with
+    BLAS pinned to one thread (numpy releases the GIL in its heavy work)."""
+    if jobs <= 1 or len(items) <= 1:
+        yield from map(function, items)
+        return
+    with single_threaded_blas(), ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(function, item) for item in items]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 def _sequential_statistics(

@@ -12,13 +12,13 @@ per-layer recipe: pruning (:mod:`onnx_dc.calibration.pruning_fit`), then this.
 
 from __future__ import annotations
 
-import collections
 import math
-import weakref
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from onnx_dc.calibration import error_feedback as feedback_rounding  # (quantize_layer has an error_feedback flag)
+from onnx_dc.calibration.error_feedback import assign_with_error_feedback
 from onnx_dc.calibration.layer_problem import (
     CRITERIA,
     LayerFit,
@@ -35,7 +35,6 @@ from onnx_dc.calibration.layer_problem import (
 )
 from onnx_dc.calibration.pruning_fit import (
     DEFAULT_OBS_RATE,
-    _column_groups,
     prune_iteratively,
     refit_weights,
     select_mask,
@@ -55,13 +54,10 @@ __all__ = [
 
 _IMPROVEMENT_RTOL = 1e-9  # a step must lower E by more than this (relative) to count
 _ONEHOT_MAX_ELEMENTS = 1 << 18  # _centroid_system builds the one-hot matrix of blocks up to this size
+_UPDATE_MAX_CHANGED = 0.25  # _CentroidSystems updates M when at most this fraction of a block's codes changed
 _REASSIGN_ROWS = 32  # rows whose coordinate moves reassign_codes computes together
 _ROUND_RTOL = 1e-3  # quantize_layer stops when a whole round gains less than this (relative)
 _FEEDBACK_RESTARTS = 3  # error-feedback starts quantize_layer tries at most (each from the best codebook so far)
-_FEEDBACK_BATCH_BYTES = 1 << 25  # padded factors of single-column groups processed together
-_FEEDBACK_CACHE_BYTES = 1 << 29  # factors kept between roundings (restarts, bit widths of one mask), in total
-_FEEDBACK_CACHE_PLANS = 16  # plans kept at most (each holds its layer's Hessian)
-_FEEDBACK_BLOCK_ROWS = 64  # rows per lazy-update block of the error-feedback rounding
 
 
 # ---------------------------------------------------------------------------
@@ -122,10 +118,10 @@ def quantize_layer(
         return QuantizedLayer(codes, start_centroids, error, history)
     codes, centroids, error = _alternate(problem, codes, start_centroids, error, rounds, history)
     if error_feedback:
-        plans = _feedback_plans(problem, masks)
+        plans = feedback_rounding.feedback_plans(problem, masks)
         feedback_centroids = start_centroids
         for _ in range(_FEEDBACK_RESTARTS):
-            trial_codes = _feedback_codes(plans, weights, feedback_centroids)
+            trial_codes = feedback_rounding.feedback_codes(plans, weights, feedback_centroids)
             trial_error = problem.error([_dequantize(c, feedback_centroids) for c in trial_codes])
             trial_codes, trial_centroids, trial_error = _alternate(
                 problem, trial_codes, feedback_centroids, trial_error, rounds, []
@@ -138,37 +134,6 @@ def quantize_layer(
     return QuantizedLayer(codes, centroids, error, history)
 
 
-def assign_with_error_feedback(
-    problem: LayerProblem, weights: Sequence[np.ndarray], masks: Sequence[np.ndarray], centroids: np.ndarray
-) -> list[np.ndarray]:
-    """Codes from rounding the kept weights one input row at a time, compensating each rounding error.
-
-    Per output column ``n`` with kept rows ``S`` the rows are visited in
-    decreasing order of ``H_jj``; each weight is rounded to its nearest centroid
-    and the rows not yet rounded are moved by the change that minimises ``E``
-    given the rounded ones (Optimal Brain Quantization; with ``U`` the upper
-    Cholesky factor of ``H_SS^-1`` the update after row ``i`` is
-    ``w_>i -= (w_i - q_i) / U_ii * U_i,>i``, as in GPTQ). Nearest rounding
-    ignores that the rounding errors of correlated inputs can cancel; this
-    assignment lets later weights absorb earlier errors. It is a start for the
-    alternation of :func:`quantize_layer`, not a minimiser by itself. ``weights``
-    should minimise ``E`` for ``masks`` (:func:`refit_weights`): the updates are
-    exact only from that point. Columns whose ``H_SS`` is singular are rounded
-    without compensation. ``centroids`` must be sorted increasing; pruned weights
-    get code ``-1``.
-    """
-    centroids = np.asarray(centroids, dtype=np.float64).reshape(-1)
-    if centroids.size == 0:
-        raise SettingsError("assign_with_error_feedback needs at least one centroid")
-    if np.any(np.diff(centroids) < 0):
-        raise SettingsError("assign_with_error_feedback needs centroids sorted in increasing order")
-    masks = _check_masks(masks, problem)
-    weights = _blocks(weights, problem)
-    with single_threaded_blas():
-        plans = [_FeedbackPlan(h, m, 0) for h, m in zip(problem.hessians, masks)]
-    return _feedback_codes(plans, weights, centroids)
-
-
 def refit_centroids(problem: LayerProblem, codes: Sequence[np.ndarray], centroids: np.ndarray) -> np.ndarray:
     """Centroids minimising ``E`` for fixed assignments (the ``k x k`` system ``M mu = r``).
 
@@ -177,29 +142,7 @@ def refit_centroids(problem: LayerProblem, codes: Sequence[np.ndarray], centroid
     minimum-norm least-squares solution is used; :func:`quantize_layer` still
     checks that ``E`` went down.
     """
-    centroids = np.asarray(centroids, dtype=np.float64).reshape(-1)
-    k = centroids.size
-    codes = _check_codes(codes, problem, k)
-    system = np.zeros((k, k))
-    rhs = np.zeros(k)
-    blocks = zip(problem.hessians, problem.targets, codes, problem.column_weights, problem.hessian_targets())
-    for hessian, target, c, cw, ht in blocks:
-        m_block, r_block = _centroid_system(hessian, target, c, k, cw, hessian_target=ht)
-        system += m_block
-        rhs += r_block
-    used = np.flatnonzero(np.diag(system) > 0)
-    result = centroids.copy()
-    if used.size == 0:
-        return result
-    sub = system[np.ix_(used, used)]
-    sub = 0.5 * (sub + sub.T)
-    try:
-        solution = np.linalg.solve(sub, rhs[used])
-    except np.linalg.LinAlgError:
-        solution = np.linalg.lstsq(sub, rhs[used], rcond=None)[0]
-    if np.all(np.isfinite(solution)):
-        result[used] = solution
-    return result
+    return _CentroidSystems(problem).refit(codes, centroids)
 
 
 def reassign_codes(
@@ -297,17 +240,84 @@ def fit_layer(
 
 
 
-def _sorted_codebook(codes: list[np.ndarray], centroids: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+def _sorted_codebook(
+    codes: list[np.ndarray], centroids: np.ndarray
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Codes and centroids with the centroids sorted increasing, and ``rank`` (old code -> new code)."""
     order = np.argsort(centroids, kind="stable")
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
-    new_codes = []
-    for c in codes:
-        n = c.copy()
-        kept = c >= 0
-        n[kept] = rank[c[kept]]
-        new_codes.append(n)
-    return new_codes, centroids[order]
+    return [_relabelled(c, rank) for c in codes], centroids[order], rank
+
+
+def _relabelled(codes: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    new = codes.copy()
+    kept = codes >= 0
+    new[kept] = rank[codes[kept]]
+    return new
+
+
+class _CentroidSystems:
+    """The blocks' centroid systems ``M`` of the last refit and the codes they were built for.
+
+    A refit after few changed assignments (the next round of :func:`_alternate`,
+    after :func:`reassign_codes`) updates ``M`` from the changed weights alone
+    (:func:`_centroid_system_change`, work proportional to their number times
+    ``K k``) instead of rebuilding it (``k`` products of ``H`` with ``K x N``
+    matrices); the right-hand sides are recomputed (one pass over the codes).
+    """
+
+    def __init__(self, problem: LayerProblem) -> None:
+        self.problem = problem
+        self.codes: list[np.ndarray] | None = None
+        self.matrices: list[np.ndarray] = []
+
+    def refit(self, codes: Sequence[np.ndarray], centroids: np.ndarray) -> np.ndarray:
+        """:func:`refit_centroids` of ``codes``, from the systems kept since the last call when that is cheaper."""
+        problem = self.problem
+        centroids = np.asarray(centroids, dtype=np.float64).reshape(-1)
+        k = centroids.size
+        codes = _check_codes(codes, problem, k)
+        blocks = zip(problem.hessians, problem.targets, codes, problem.column_weights, problem.hessian_targets())
+        previous = self.codes if self.codes is not None and self.matrices[0].shape[0] == k else None
+        matrices, system, rhs = [], np.zeros((k, k)), np.zeros(k)
+        for b, (hessian, target, c, cw, ht) in enumerate(blocks):
+            old = previous[b] if previous is not None else None
+            if (old is not None and np.count_nonzero(old != c) <= _UPDATE_MAX_CHANGED * c.size
+                    and np.array_equal(old < 0, c < 0)):
+                m_block = self.matrices[b] + _centroid_system_change(hessian, old, c, k, cw)
+                r_block = _centroid_rhs(hessian, target, c, k, cw, ht)
+            else:
+                m_block, r_block = _centroid_system(hessian, target, c, k, cw, hessian_target=ht)
+            matrices.append(m_block)
+            system += m_block
+            rhs += r_block
+        self.codes, self.matrices = [c.copy() for c in codes], matrices
+        return _solve_centroids(system, rhs, centroids)
+
+    def relabel(self, rank: np.ndarray) -> None:
+        """Follow a renumbering of the codes (old code ``c`` is now ``rank[c]``)."""
+        if self.codes is None:
+            return
+        self.codes = [_relabelled(c, rank) for c in self.codes]
+        order = np.argsort(rank)
+        self.matrices = [m[np.ix_(order, order)] for m in self.matrices]
+
+
+def _solve_centroids(system: np.ndarray, rhs: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    used = np.flatnonzero(np.diag(system) > 0)
+    result = centroids.copy()
+    if used.size == 0:
+        return result
+    sub = system[np.ix_(used, used)]
+    sub = 0.5 * (sub + sub.T)
+    try:
+        solution = np.linalg.solve(sub, rhs[used])
+    except np.linalg.LinAlgError:
+        solution = np.linalg.lstsq(sub, rhs[used], rcond=None)[0]
+    if np.all(np.isfinite(solution)):
+        result[used] = solution
+    return result
 
 
 def _alternate(
@@ -315,13 +325,15 @@ def _alternate(
     history: list[float],
 ) -> tuple[list[np.ndarray], np.ndarray, float]:
     """Alternate centroid refit and re-assignment from ``codes``; accepted errors appended to ``history``."""
+    systems = _CentroidSystems(problem)
     for _ in range(rounds):
         start = error
-        new_centroids = refit_centroids(problem, codes, centroids)
+        new_centroids = systems.refit(codes, centroids)
         new_error = problem.error([_dequantize(c, new_centroids) for c in codes])
         if _improves(new_error, error):
             centroids, error = new_centroids, new_error
-            codes, centroids = _sorted_codebook(codes, centroids)
+            codes, centroids, rank = _sorted_codebook(codes, centroids)
+            systems.relabel(rank)
             history.append(error)
         new_codes = reassign_codes(problem, codes, centroids)
         new_error = problem.error([_dequantize(c, centroids) for c in new_codes])
@@ -331,174 +343,6 @@ def _alternate(
         if not error < start * (1.0 - _ROUND_RTOL):
             break
     return codes, centroids, error
-
-
-class _FeedbackPlan:
-    """Row orders and Cholesky factors of one block's column groups, for rounding it repeatedly.
-
-    Columns with the same mask form one group (one factor, all columns rounded
-    together); single-column groups (sparse layers: every column its own mask)
-    are batched, padded to a common size: padded rows have an identity factor
-    and feed nothing back. The factors are kept between roundings when they take
-    at most ``keep_bytes``, and recomputed for every rounding otherwise.
-    """
-
-    def __init__(self, hessian: np.ndarray, mask: np.ndarray, keep_bytes: int) -> None:
-        self.hessian: np.ndarray | None = hessian
-        self.shape = mask.shape
-        diag = np.diag(hessian)
-        groups = []
-        for columns in _column_groups(mask):
-            rows = np.flatnonzero(mask[:, columns[0]])
-            if rows.size:
-                groups.append((rows[np.argsort(-diag[rows], kind="stable")], columns))
-        self.batches: list[list[tuple[np.ndarray, np.ndarray]]] = [[g] for g in groups if g[1].size > 1]
-        singles = sorted((g for g in groups if g[1].size == 1), key=lambda g: g[0].size)
-        start = 0
-        while start < len(singles):
-            stop = start + 1
-            while stop < len(singles) and (stop - start + 1) * singles[stop][0].size ** 2 * 8 <= _FEEDBACK_BATCH_BYTES:
-                stop += 1
-            self.batches.append(singles[start:stop])
-            start = stop
-        self.factor_bytes = sum(len(b) * b[-1][0].size ** 2 * 8 for b in self.batches)
-        self.factors = [self._factor(b) for b in self.batches] if self.factor_bytes <= keep_bytes else None
-
-    def _factor(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        size = max(rows.size for rows, _ in batch)
-        padded = np.broadcast_to(np.eye(size), (len(batch), size, size)).copy()
-        assert self.hessian is not None, "a plan without its Hessian keeps its factors"
-        for b, (rows, _) in enumerate(batch):
-            padded[b, : rows.size, : rows.size] = self.hessian[np.ix_(rows, rows)]
-        return _feedback_factor(padded)
-
-    def codes(self, weights: np.ndarray, centroids: np.ndarray, mid: np.ndarray) -> np.ndarray:
-        """Codes of the block's kept ``weights`` (``-1`` where pruned)."""
-        codes = np.full(self.shape, -1, dtype=np.int32)
-        for i, batch in enumerate(self.batches):
-            factors = self.factors[i] if self.factors is not None else self._factor(batch)
-            width = max(columns.size for _, columns in batch)
-            padded = np.zeros((len(batch), factors.shape[-1], width))
-            for b, (rows, columns) in enumerate(batch):
-                padded[b, : rows.size, : columns.size] = weights[np.ix_(rows, columns)]
-            rounded = _round_with_feedback(padded, factors, centroids, mid)
-            for b, (rows, columns) in enumerate(batch):
-                codes[np.ix_(rows, columns)] = rounded[b, : rows.size, : columns.size]
-        return codes
-
-
-class _FeedbackPlanCache:
-    """The most recently used :class:`_FeedbackPlan` s with their factors, bounded in bytes and in number.
-
-    A plan depends only on a block's Hessian and mask, so every rounding of one
-    pruning mask (the restarts of :func:`quantize_layer`, and its calls at the
-    other bit widths of one sparsity) reuses the factors instead of computing
-    them again. An entry is found by the identity of the Hessian array (held by a
-    weak reference: an entry goes when its Hessian is freed, so a later array
-    with the same identity never finds it; Hessians are never modified) and the
-    mask's contents. Plans whose factors exceed ``max_bytes`` are not kept: they
-    recompute them per rounding.
-    """
-
-    def __init__(self, max_bytes: int, max_plans: int) -> None:
-        self.max_bytes = max_bytes
-        self.max_plans = max_plans
-        self._plans: collections.OrderedDict[_PlanKey, tuple[weakref.ref, _FeedbackPlan]] = collections.OrderedDict()
-        self._bytes = 0
-
-    def plan(self, hessian: np.ndarray, mask: np.ndarray) -> _FeedbackPlan:
-        """The plan of ``(hessian, mask)``: cached, or built (and cached when its factors fit)."""
-        key = (id(hessian), mask.shape, np.packbits(mask).tobytes())
-        entry = self._plans.get(key)
-        if entry is not None and entry[0]() is hessian:
-            self._plans.move_to_end(key)
-            return entry[1]
-        with single_threaded_blas():
-            plan = _FeedbackPlan(hessian, mask, self.max_bytes)
-        if plan.factors is not None:
-            self._remove(key)
-            plan.hessian = None  # the factors are all it needs; the cache must not keep the Hessian alive
-            self._plans[key] = (weakref.ref(hessian, lambda _, key=key: self._remove(key)), plan)
-            self._bytes += plan.factor_bytes
-            while self._plans and (self._bytes > self.max_bytes or len(self._plans) > self.max_plans):
-                self._remove(next(iter(self._plans)))
-        return plan
-
-    def clear(self) -> None:
-        """Forget every plan."""
-        self._plans.clear()
-        self._bytes = 0
-
-    def _remove(self, key: _PlanKey) -> None:
-        entry = self._plans.pop(key, None)
-        if entry is not None:
-            self._bytes -= entry[1].factor_bytes
-
-
-_PlanKey = tuple[int, tuple[int, ...], bytes]  # (id of the Hessian, mask shape, packed mask)
-_FEEDBACK_PLANS = _FeedbackPlanCache(_FEEDBACK_CACHE_BYTES, _FEEDBACK_CACHE_PLANS)
-
-
-def _feedback_plans(problem: LayerProblem, masks: Sequence[np.ndarray]) -> list[_FeedbackPlan]:
-    """The error-feedback plans of ``problem``'s blocks for ``masks`` (shared through :data:`_FEEDBACK_PLANS`)."""
-    return [_FEEDBACK_PLANS.plan(h, m) for h, m in zip(problem.hessians, masks)]
-
-
-def _feedback_codes(
-    plans: Sequence[_FeedbackPlan], weights: Sequence[np.ndarray], centroids: np.ndarray
-) -> list[np.ndarray]:
-    mid = 0.5 * centroids[:-1] + 0.5 * centroids[1:]
-    with single_threaded_blas():
-        return [plan.codes(w, centroids, mid) for plan, w in zip(plans, weights)]
-
-
-def _feedback_factor(stack: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factors ``U`` of ``H^-1`` (``H^-1 = U^T U``) of a stack of matrices ``[B, s, s]``.
-
-    A matrix that is not positive definite gets the identity: its weights are
-    rounded without compensation.
-    """
-    try:
-        factors = np.swapaxes(np.linalg.cholesky(np.linalg.inv(stack)), -1, -2)
-        ok = np.all(np.isfinite(factors), axis=(1, 2))
-    except np.linalg.LinAlgError:
-        factors = np.empty_like(stack)
-        ok = np.zeros(len(stack), dtype=bool)
-        for b, h in enumerate(stack):
-            try:
-                factors[b] = np.linalg.cholesky(np.linalg.inv(h)).T
-                ok[b] = np.all(np.isfinite(factors[b]))
-            except np.linalg.LinAlgError:
-                pass
-    if not np.all(ok):
-        factors[~ok] = np.eye(stack.shape[-1])
-    return factors
-
-
-def _round_with_feedback(weights: np.ndarray, factors: np.ndarray, centroids: np.ndarray, mid: np.ndarray) -> np.ndarray:
-    """Codes of ``weights`` ``[B, s, c]`` rounded row by row with the factors ``[B, s, s]``.
-
-    Rows are taken in blocks: inside a block every rounding error updates the
-    block's remaining rows at once; the rows after the block receive the whole
-    block's errors in one matrix product (GPTQ's lazy batch updates, the same
-    arithmetic in a different order).
-    """
-    w = weights.copy()
-    codes = np.empty(w.shape, dtype=np.int32)
-    n_rows = w.shape[1]
-    for begin in range(0, n_rows, _FEEDBACK_BLOCK_ROWS):
-        end = min(n_rows, begin + _FEEDBACK_BLOCK_ROWS)
-        errors = np.empty((w.shape[0], end - begin, w.shape[2]))
-        for i in range(begin, end):
-            q = np.searchsorted(mid, w[:, i, :], side="left")
-            codes[:, i, :] = q
-            err = (w[:, i, :] - centroids[q]) / factors[:, i, i][:, None]
-            errors[:, i - begin, :] = err
-            if i + 1 < end:
-                w[:, i + 1 : end, :] -= factors[:, i, i + 1 : end][:, :, None] * err[:, None, :]
-        if end < n_rows:
-            w[:, end:, :] -= np.matmul(np.swapaxes(factors[:, begin:end, end:], 1, 2), errors)
-    return codes
 
 
 def _improves(new: float, old: float) -> bool:
@@ -517,12 +361,7 @@ def _centroid_system(
     system = np.zeros((k, k))
     if not np.any(kept):
         return system, np.zeros(k)
-    ht = hessian_target
-    if ht is None:
-        ht = hessian @ target
-        if column_weights is not None:
-            ht = ht * column_weights[None, :]
-    rhs = np.bincount(codes[kept], weights=ht[kept], minlength=k)[:k]
+    rhs = _centroid_rhs(hessian, target, codes, k, column_weights, hessian_target)
     n_rows, n_cols = codes.shape
     per_column = np.count_nonzero(kept, axis=0).astype(np.float64)
     # Measured costs: k products H @ A_d (BLAS) against one gather of H_SS and a
@@ -557,6 +396,44 @@ def _centroid_system(
                 system += scale * (onehot.T @ (hessian[np.ix_(rows, rows)] @ onehot))
     return 0.5 * (system + system.T), rhs
 
+
+
+def _centroid_rhs(
+    hessian: np.ndarray, target: np.ndarray, codes: np.ndarray, k: int, column_weights: np.ndarray | None,
+    hessian_target: np.ndarray | None,
+) -> np.ndarray:
+    """``r_c = tr(A_c^T H T S)`` of one block (``hessian_target``: ``H T S`` when already known)."""
+    kept = codes >= 0
+    ht = hessian_target
+    if ht is None:
+        ht = hessian @ target
+        if column_weights is not None:
+            ht = ht * column_weights[None, :]
+    return np.bincount(codes[kept], weights=ht[kept], minlength=k)[:k]
+
+
+def _centroid_system_change(
+    hessian: np.ndarray, old: np.ndarray, new: np.ndarray, k: int, column_weights: np.ndarray | None
+) -> np.ndarray:
+    """``M(new) - M(old)`` of one block whose codes changed at a few kept weights (the mask is the same).
+
+    With ``B_n`` the one-hot assignments of column ``n`` and ``D_n = B'_n - B_n``,
+    ``B'^T H B' - B^T H B = sum_n s_n (D_n^T H B'_n + B_n^T H D_n)``; ``D_n`` has
+    two entries per changed weight, and ``H B'_n = H B_n + H D_n``: column ``n`` costs one product
+    of the changed rows of ``H`` with ``B_n`` (``|changed| K k``).
+    """
+    change = np.zeros((k, k))
+    one_hot = np.vstack([np.eye(k), np.zeros((1, k))])  # code -1 (a pruned weight): zeros
+    with single_threaded_blas():  # many small products
+        for n in np.flatnonzero(np.any(old != new, axis=0)):
+            rows = np.flatnonzero(old[:, n] != new[:, n])
+            h_rows = hessian[rows]
+            before = h_rows @ one_hot[old[:, n]]  # H_j B_n for the changed rows j
+            moved = one_hot[new[rows, n]] - one_hot[old[rows, n]]  # D_n on those rows
+            after = before + hessian[np.ix_(rows, rows)] @ moved  # H_j B'_n = H_j (B_n + D_n)
+            column = moved.T @ after + before.T @ moved
+            change += column if column_weights is None else column_weights[n] * column
+    return 0.5 * (change + change.T)
 
 def _reassign_block(
     hessian: np.ndarray, target: np.ndarray, codes: np.ndarray, centroids: np.ndarray, sweeps: int
