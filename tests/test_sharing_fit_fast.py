@@ -62,6 +62,9 @@ class TestFeedbackPlanCache:
         small = error_feedback._FeedbackPlanCache(8, 4)
         plan = small.plan(p.hessians[0], select_mask(p, 0.5, "magnitude")[0])
         assert plan.factors is None and not small._plans
+        for_the_call = error_feedback._FeedbackPlanCache(8, 4, call_bytes=1 << 20)
+        plan = for_the_call.plan(p.hessians[0], select_mask(p, 0.5, "magnitude")[0])
+        assert plan.factors is not None and not for_the_call._plans  # kept by its caller only
 
 
 def test_the_plan_cache_is_shared_safely_by_threads() -> None:

@@ -26,6 +26,7 @@ __all__ = ["assign_with_error_feedback", "feedback_codes", "feedback_plans"]
 _FEEDBACK_BATCH_BYTES = 1 << 25  # padded factors of single-column groups processed together
 _FEEDBACK_CACHE_BYTES = 1 << 29  # factors kept between roundings (restarts, bit widths of one mask), in total
 _FEEDBACK_CACHE_PLANS = 16  # plans kept at most (each holds its layer's Hessian)
+_FEEDBACK_CALL_BYTES = 1 << 30  # factors of a plan too large for the cache, kept for one quantize_layer call
 _FEEDBACK_BLOCK_ROWS = 64  # rows per lazy-update block of the error-feedback rounding
 _CHOLESKY_BLOCK = 64  # _inverse_cholesky factors matrices up to this size directly, larger ones by halves
 
@@ -119,18 +120,21 @@ class _FeedbackPlanCache:
     """The most recently used :class:`_FeedbackPlan` s with their factors, bounded in bytes and in number.
 
     A plan depends only on a block's Hessian and mask, so every rounding of one
-    pruning mask (the restarts of :func:`quantize_layer`, and its calls at the
+    pruning mask (the restarts of :func:`~onnx_dc.calibration.sharing_fit.quantize_layer`, and its calls at the
     other bit widths of one sparsity) reuses the factors instead of computing
     them again. An entry is found by the identity of the Hessian array (held by a
     weak reference: an entry goes when its Hessian is freed, so a later array
     with the same identity never finds it; Hessians are never modified) and the
-    mask's contents. Plans whose factors exceed ``max_bytes`` are not kept: they
+    mask's contents. Plans whose factors exceed ``max_bytes`` are not kept: up to
+    ``call_bytes`` they hold their factors for their caller (the restarts of one
+    :func:`~onnx_dc.calibration.sharing_fit.quantize_layer`), beyond it they
     recompute them per rounding.
     """
 
-    def __init__(self, max_bytes: int, max_plans: int) -> None:
+    def __init__(self, max_bytes: int, max_plans: int, call_bytes: int = 0) -> None:
         self.max_bytes = max_bytes
         self.max_plans = max_plans
+        self.call_bytes = call_bytes
         self._plans: collections.OrderedDict[_PlanKey, tuple[weakref.ref, _FeedbackPlan]] = collections.OrderedDict()
         self._bytes = 0
         self._lock = threading.RLock()  # layers are fitted in threads; a weakref callback may run inside
@@ -144,8 +148,8 @@ class _FeedbackPlanCache:
                 self._plans.move_to_end(key)
                 return entry[1]
         with single_threaded_blas():
-            plan = _FeedbackPlan(hessian, mask, self.max_bytes)
-        if plan.factors is not None:
+            plan = _FeedbackPlan(hessian, mask, max(self.max_bytes, self.call_bytes))
+        if plan.factors is not None and plan.factor_bytes <= self.max_bytes:
             plan.hessian = None  # the factors are all it needs; the cache must not keep the Hessian alive
             with self._lock:
                 self._remove(key)
@@ -169,7 +173,7 @@ class _FeedbackPlanCache:
 
 
 _PlanKey = tuple[int, tuple[int, ...], bytes]  # (id of the Hessian, mask shape, packed mask)
-_FEEDBACK_PLANS = _FeedbackPlanCache(_FEEDBACK_CACHE_BYTES, _FEEDBACK_CACHE_PLANS)
+_FEEDBACK_PLANS = _FeedbackPlanCache(_FEEDBACK_CACHE_BYTES, _FEEDBACK_CACHE_PLANS, _FEEDBACK_CALL_BYTES)
 
 
 def feedback_plans(problem: LayerProblem, masks: Sequence[np.ndarray]) -> list[_FeedbackPlan]:
