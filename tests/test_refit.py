@@ -273,6 +273,26 @@ def test_centroid_systems_updated_from_changed_codes_equal_rebuilt_ones(seed, k,
         np.testing.assert_allclose(matrix, rebuilt, rtol=1e-9, atol=1e-9 * np.max(np.abs(rebuilt)))
 
 
+@pytest.mark.parametrize("size", [1, 64, 65, 150])
+def test_inverse_cholesky_and_the_solves_built_on_it(size):
+    from onnx_dc.calibration.layer_problem import _inverse_spd, _solve_spd, inverse_cholesky
+
+    rng = np.random.default_rng(size)
+    x = rng.standard_normal((2 * size + 5, size))
+    matrix = x.T @ x + 0.1 * np.eye(size)
+    inverse_lower = inverse_cholesky(matrix[None])[0]
+    np.testing.assert_allclose(inverse_lower, np.linalg.inv(np.linalg.cholesky(matrix)), rtol=1e-9, atol=1e-12)
+    assert np.all(np.triu(inverse_lower, 1) == 0)
+    rhs = rng.standard_normal((size, 3))
+    np.testing.assert_allclose(_solve_spd(matrix, rhs), np.linalg.solve(matrix, rhs), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(_inverse_spd(matrix), np.linalg.inv(matrix), rtol=1e-8, atol=1e-10)
+    singular = np.zeros((size, size))
+    singular[0, 0] = 1.0 if size > 1 else 0.0  # not positive definite: the pseudo-inverse
+    np.testing.assert_allclose(_inverse_spd(singular), np.linalg.pinv(singular))
+    with pytest.raises(np.linalg.LinAlgError):
+        inverse_cholesky(singular[None])
+
+
 def test_single_threaded_blas_restores_the_thread_count():
     from threadpoolctl import threadpool_info
 

@@ -17,7 +17,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from onnx_dc.calibration.layer_problem import LayerProblem, _blocks, _check_masks, single_threaded_blas
+from onnx_dc.calibration.layer_problem import (
+    LayerProblem,
+    _blocks,
+    _check_masks,
+    inverse_cholesky,
+    single_threaded_blas,
+)
 from onnx_dc.calibration.pruning_fit import _column_groups
 from onnx_dc.errors import SettingsError
 
@@ -28,7 +34,6 @@ _FEEDBACK_CACHE_BYTES = 1 << 29  # factors kept between roundings (restarts, bit
 _FEEDBACK_CACHE_PLANS = 16  # plans kept at most (each holds its layer's Hessian)
 _FEEDBACK_CALL_BYTES = 1 << 30  # factors of a plan too large for the cache, kept for one quantize_layer call
 _FEEDBACK_BLOCK_ROWS = 64  # rows per lazy-update block of the error-feedback rounding
-_CHOLESKY_BLOCK = 64  # _inverse_cholesky factors matrices up to this size directly, larger ones by halves
 
 
 def assign_with_error_feedback(
@@ -195,20 +200,20 @@ def _feedback_factor(stack: np.ndarray) -> np.ndarray:
 
     With ``J`` the reversal of the rows and ``J H J = L L^T``, ``U = J L^-1 J``:
     one Cholesky factorisation and one triangular inverse, by halves in matrix
-    products (:func:`_inverse_cholesky`), instead of inverting ``H`` and
+    products (:func:`~onnx_dc.calibration.layer_problem.inverse_cholesky`), instead of inverting ``H`` and
     factoring the inverse. A matrix that is not positive definite gets the
     identity: its weights are rounded without compensation.
     """
     reversed_stack = np.ascontiguousarray(stack[:, ::-1, ::-1])
     try:
-        inverse = _inverse_cholesky(reversed_stack)
+        inverse = inverse_cholesky(reversed_stack)
         ok = np.ones(len(stack), dtype=bool)
     except np.linalg.LinAlgError:
         inverse = np.empty_like(reversed_stack)
         ok = np.zeros(len(stack), dtype=bool)
         for b in range(len(stack)):
             try:
-                inverse[b] = _inverse_cholesky(reversed_stack[b : b + 1])[0]
+                inverse[b] = inverse_cholesky(reversed_stack[b : b + 1])[0]
                 ok[b] = True
             except np.linalg.LinAlgError:
                 pass
@@ -217,31 +222,6 @@ def _feedback_factor(stack: np.ndarray) -> np.ndarray:
     if not np.all(ok):
         factors[~ok] = np.eye(stack.shape[-1])
     return factors
-
-
-def _inverse_cholesky(stack: np.ndarray) -> np.ndarray:
-    """``L^-1`` for the lower Cholesky factors ``L`` of a stack of symmetric matrices ``[B, s, s]``.
-
-    By halves: with ``H = [[A, B^T], [B, C]]``, ``A = L_A L_A^T``, ``X = B L_A^-T``
-    and ``C - X X^T = L_C L_C^T``, ``L^-1 = [[L_A^-1, 0], [-L_C^-1 X L_A^-1, L_C^-1]]``
-    (matrix products, where numpy's own factorisation of large matrices is slow).
-
-    Raises:
-        numpy.linalg.LinAlgError: a matrix of the stack is not positive definite.
-    """
-    size = stack.shape[-1]
-    if size <= _CHOLESKY_BLOCK:
-        return np.tril(np.linalg.inv(np.linalg.cholesky(stack)))  # inv leaves rounding noise above the diagonal
-    half = size // 2
-    top = _inverse_cholesky(stack[:, :half, :half])
-    below = np.matmul(stack[:, half:, :half], np.swapaxes(top, 1, 2))
-    schur = stack[:, half:, half:] - np.matmul(below, np.swapaxes(below, 1, 2))
-    bottom = _inverse_cholesky(0.5 * (schur + np.swapaxes(schur, 1, 2)))
-    inverse = np.zeros_like(stack)
-    inverse[:, :half, :half] = top
-    inverse[:, half:, half:] = bottom
-    inverse[:, half:, :half] = -np.matmul(bottom, np.matmul(below, top))
-    return inverse
 
 
 def _round_with_feedback(weights: np.ndarray, factors: np.ndarray, centroids: np.ndarray, mid: np.ndarray) -> np.ndarray:

@@ -92,6 +92,7 @@ __all__ = [
     "LayerFit",
     "LayerProblem",
     "QuantizedLayer",
+    "inverse_cholesky",
     "single_threaded_blas",
 ]
 
@@ -357,11 +358,11 @@ def _inverse_spd(matrix: np.ndarray) -> np.ndarray:
     if matrix.size == 0:
         return matrix.copy()
     try:
-        np.linalg.cholesky(matrix)  # cheap check of positive definiteness
-        inverse = np.linalg.inv(matrix)
-        return 0.5 * (inverse + inverse.T)
+        inverse_lower = inverse_cholesky(matrix[None])[0]
     except np.linalg.LinAlgError:
         return np.linalg.pinv(matrix, hermitian=True)
+    inverse = inverse_lower.T @ inverse_lower
+    return 0.5 * (inverse + inverse.T)
 
 
 @contextlib.contextmanager
@@ -382,6 +383,7 @@ def single_threaded_blas() -> Iterator[None]:
 
 
 _SMALL_BLOCK_INPUTS = 512  # below this block width, one BLAS thread is faster (many small operations)
+_CHOLESKY_BLOCK = 64  # inverse_cholesky factors matrices up to this size directly, larger ones by halves
 
 
 def _blas_threads_for(problem: LayerProblem) -> contextlib.AbstractContextManager:
@@ -412,6 +414,31 @@ def _solve_spd(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         return np.linalg.solve(lower.T, np.linalg.solve(lower, rhs))
     except np.linalg.LinAlgError:
         return np.linalg.lstsq(matrix, rhs, rcond=None)[0]
+
+
+def inverse_cholesky(stack: np.ndarray) -> np.ndarray:
+    """``L^-1`` for the lower Cholesky factors ``L`` of a stack of symmetric matrices ``[B, s, s]``.
+
+    By halves: with ``H = [[A, B^T], [B, C]]``, ``A = L_A L_A^T``, ``X = B L_A^-T``
+    and ``C - X X^T = L_C L_C^T``, ``L^-1 = [[L_A^-1, 0], [-L_C^-1 X L_A^-1, L_C^-1]]``
+    (matrix products, where numpy's own factorisation of large matrices is slow).
+
+    Raises:
+        numpy.linalg.LinAlgError: a matrix of the stack is not positive definite.
+    """
+    size = stack.shape[-1]
+    if size <= _CHOLESKY_BLOCK:
+        return np.tril(np.linalg.inv(np.linalg.cholesky(stack)))  # inv leaves rounding noise above the diagonal
+    half = size // 2
+    top = inverse_cholesky(stack[:, :half, :half])
+    below = np.matmul(stack[:, half:, :half], np.swapaxes(top, 1, 2))
+    schur = stack[:, half:, half:] - np.matmul(below, np.swapaxes(below, 1, 2))
+    bottom = inverse_cholesky(0.5 * (schur + np.swapaxes(schur, 1, 2)))
+    inverse = np.zeros_like(stack)
+    inverse[:, :half, :half] = top
+    inverse[:, half:, half:] = bottom
+    inverse[:, half:, :half] = -np.matmul(bottom, np.matmul(below, top))
+    return inverse
 
 
 def _int(value: object, name: str, low: int) -> int:
