@@ -178,6 +178,25 @@ class TestRefitWeights:
         np.testing.assert_allclose(w[s], expected, rtol=1e-9, atol=1e-9)
 
 
+    @pytest.mark.parametrize("batch_bytes", [1 << 25, 2_000])  # all single columns in one stack, or a few per stack
+    def test_single_columns_solved_in_padded_stacks_equal_their_own_solves(self, monkeypatch, batch_bytes):
+        from onnx_dc.calibration import pruning_fit
+
+        monkeypatch.setattr(pruning_fit, "_REFIT_BATCH_BYTES", batch_bytes)
+        p = make_problem(11, k=12, n=9)
+        rng = np.random.default_rng(11)
+        mask = rng.random((12, 9)) < 0.7  # (almost) every column its own mask
+        mask[:, 8] = mask[:, 7]  # two columns sharing one
+        mask[:, 6] = False  # a column with nothing kept
+        w = refit_weights(p, [mask])[0]
+        h, ht = p.hessians[0], p.hessians[0] @ p.targets[0]
+        for n in range(9):
+            s = np.flatnonzero(mask[:, n])
+            if s.size:
+                np.testing.assert_allclose(w[s, n], np.linalg.solve(h[np.ix_(s, s)], ht[s, n]), rtol=1e-8, atol=1e-10)
+            assert np.all(w[~mask[:, n], n] == 0)
+
+
 class TestCentroids:
     @settings(max_examples=40, deadline=None)
     @given(seed=seeds, k=st.integers(1, 9), density=st.floats(0.05, 1.0))

@@ -24,7 +24,7 @@ from onnx_dc.calibration.layer_problem import (
     inverse_cholesky,
     single_threaded_blas,
 )
-from onnx_dc.calibration.pruning_fit import _column_groups
+from onnx_dc.calibration.pruning_fit import _column_groups, column_batches
 from onnx_dc.errors import SettingsError
 
 __all__ = ["assign_with_error_feedback", "feedback_codes", "feedback_plans"]
@@ -86,15 +86,7 @@ class _FeedbackPlan:
             rows = np.flatnonzero(mask[:, columns[0]])
             if rows.size:
                 groups.append((rows[np.argsort(-diag[rows], kind="stable")], columns))
-        self.batches: list[list[tuple[np.ndarray, np.ndarray]]] = [[g] for g in groups if g[1].size > 1]
-        singles = sorted((g for g in groups if g[1].size == 1), key=lambda g: g[0].size)
-        start = 0
-        while start < len(singles):
-            stop = start + 1
-            while stop < len(singles) and (stop - start + 1) * singles[stop][0].size ** 2 * 8 <= _FEEDBACK_BATCH_BYTES:
-                stop += 1
-            self.batches.append(singles[start:stop])
-            start = stop
+        self.batches = column_batches(groups, _FEEDBACK_BATCH_BYTES)
         self.factor_bytes = sum(len(b) * b[-1][0].size ** 2 * 8 for b in self.batches)
         self.factors = [self._factor(b) for b in self.batches] if self.factor_bytes <= keep_bytes else None
 

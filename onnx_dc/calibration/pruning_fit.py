@@ -24,6 +24,7 @@ from onnx_dc.calibration.layer_problem import (
     _check_masks,
     _inverse_spd,
     _solve_spd,
+    inverse_cholesky,
     single_threaded_blas,
 )
 from onnx_dc.codec._checks import finite_real, fraction
@@ -38,6 +39,8 @@ __all__ = [
     "refit_weights",
     "select_mask",
 ]
+
+_REFIT_BATCH_BYTES = 1 << 25  # padded Hessians of single-column groups solved together
 
 
 DEFAULT_OBS_RATE = 0.15
@@ -197,14 +200,53 @@ def _refit_block(hessian: np.ndarray, target: np.ndarray, mask: np.ndarray) -> n
     if target.size == 0:
         return result
     ht = hessian @ target
+    groups = [(np.flatnonzero(mask[:, columns[0]]), columns) for columns in _column_groups(mask)]
     with single_threaded_blas():
-        for columns in _column_groups(mask):
-            rows = np.flatnonzero(mask[:, columns[0]])
-            if rows.size == 0:
-                continue
-            sub = hessian[np.ix_(rows, rows)]
-            result[np.ix_(rows, columns)] = _solve_spd(sub, ht[np.ix_(rows, columns)])
+        for batch in column_batches([g for g in groups if g[0].size], _REFIT_BATCH_BYTES):
+            if len(batch) == 1:
+                rows, columns = batch[0]
+                result[np.ix_(rows, columns)] = _solve_spd(hessian[np.ix_(rows, rows)], ht[np.ix_(rows, columns)])
+            else:
+                _solve_padded(hessian, ht, batch, result)
     return result
+
+
+def column_batches(
+    groups: Sequence[tuple[np.ndarray, np.ndarray]], max_bytes: int
+) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """Groups of columns ``(rows, columns)`` for work on ``H_SS`` in stacks: a group of several columns
+    alone, single columns together, by number of rows, while ``count * rows^2 * 8`` bytes stay within ``max_bytes``."""
+    batches = [[g] for g in groups if g[1].size > 1]
+    singles = sorted((g for g in groups if g[1].size == 1), key=lambda g: g[0].size)
+    start = 0
+    while start < len(singles):
+        stop = start + 1
+        while stop < len(singles) and (stop - start + 1) * singles[stop][0].size ** 2 * 8 <= max_bytes:
+            stop += 1
+        batches.append(singles[start:stop])
+        start = stop
+    return batches
+
+
+def _solve_padded(
+    hessian: np.ndarray, ht: np.ndarray, batch: Sequence[tuple[np.ndarray, np.ndarray]], result: np.ndarray
+) -> None:
+    """``w_S = H_SS^-1 (H t)_S`` of single columns at once, each ``H_SS`` padded with an identity block."""
+    size = max(rows.size for rows, _ in batch)
+    stack = np.broadcast_to(np.eye(size), (len(batch), size, size)).copy()
+    rhs = np.zeros((len(batch), size, 1))
+    for b, (rows, columns) in enumerate(batch):
+        stack[b, : rows.size, : rows.size] = hessian[np.ix_(rows, rows)]
+        rhs[b, : rows.size] = ht[np.ix_(rows, columns)]
+    try:
+        inverse_lower = inverse_cholesky(stack)
+    except np.linalg.LinAlgError:  # one of them is singular: each on its own (least squares where needed)
+        for rows, columns in batch:
+            result[np.ix_(rows, columns)] = _solve_spd(hessian[np.ix_(rows, rows)], ht[np.ix_(rows, columns)])
+        return
+    solved = np.matmul(np.swapaxes(inverse_lower, 1, 2), np.matmul(inverse_lower, rhs))
+    for b, (rows, columns) in enumerate(batch):
+        result[np.ix_(rows, columns)] = solved[b, : rows.size]
 
 
 def _refit_with_saliency(hessian: np.ndarray, target: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
