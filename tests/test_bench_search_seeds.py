@@ -43,3 +43,27 @@ def test_rows_of_earlier_runs_are_merged_without_searching(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| lenet5 | 1 |" in table and "| 95 % |" in table
     assert [(r["model"], r["seed"]) for r in json.loads(out.read_text())] == [("lenet5", "zoo"), ("lenet5", "1")]
+
+
+def test_a_margin_row_is_its_own_row_and_runs_the_tables_margin_search(monkeypatch):
+    """--margin: the calibration table's 1-SE margin row (max_drops empty, margin_drops the budget), listed
+    beside the plain row of the same seed and compared with the zoo's plain row."""
+    import model_zoo.calibration_table as table
+
+    bench = load_benchmark("bench_search_seeds")
+    asked = {}
+
+    def fake_rows(name, **kwargs):
+        asked.update(kwargs)
+        row = type("Row", (), {"accuracy_full": 91.0, "drop_full": 0.4, "drop_final": 0.45, "ratio": 36.0,
+                               "settings": "conv1 100%/6b"})
+        return [row]
+
+    monkeypatch.setattr(table, "model_rows", fake_rows)
+    row = bench.search_row("lenet5", "1", None, 0.5, False, [], margin=True)
+    assert asked["max_drops"] == [] and asked["margin_drops"] == [0.5] and row.margin_se == table.MARGIN_SE
+    plain = _row(bench, "lenet5", "1", 39.4, 0.53, 0.70)
+    lines = bench.format_table([row, plain, _row(bench, "lenet5", "zoo", 40.0, 0.29, 0.26)], 0.5).splitlines()[2:]
+    assert [line.split("|")[2] for line in lines] == [" zoo ", " 1 ", " 1 (1-SE margin) "]
+    assert "| 90 % |" in lines[2] and lines[2].rstrip().endswith("| ok |")
+    assert lines[1].rstrip().endswith("| misses budget |")
