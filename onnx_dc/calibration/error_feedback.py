@@ -24,7 +24,7 @@ from onnx_dc.calibration.layer_problem import (
     inverse_cholesky,
     single_threaded_blas,
 )
-from onnx_dc.calibration.pruning_fit import _column_groups, column_batches
+from onnx_dc.calibration.pruning_fit import _column_groups, column_batches, padded_hessians
 from onnx_dc.errors import SettingsError
 
 __all__ = ["assign_with_error_feedback", "feedback_codes", "feedback_plans"]
@@ -91,12 +91,8 @@ class _FeedbackPlan:
         self.factors = [self._factor(b) for b in self.batches] if self.factor_bytes <= keep_bytes else None
 
     def _factor(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        size = max(rows.size for rows, _ in batch)
-        padded = np.broadcast_to(np.eye(size), (len(batch), size, size)).copy()
         assert self.hessian is not None, "a plan without its Hessian keeps its factors"
-        for b, (rows, _) in enumerate(batch):
-            padded[b, : rows.size, : rows.size] = self.hessian[np.ix_(rows, rows)]
-        return _feedback_factor(padded)
+        return _feedback_factor(padded_hessians(self.hessian, batch))
 
     def codes(self, weights: np.ndarray, centroids: np.ndarray, mid: np.ndarray) -> np.ndarray:
         """Codes of the block's kept ``weights`` (``-1`` where pruned)."""

@@ -228,15 +228,22 @@ def column_batches(
     return batches
 
 
+def padded_hessians(hessian: np.ndarray, batch: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """``H_SS`` of each group of a :func:`column_batches` batch, padded with an identity block to a common size
+    ``[len(batch), s, s]`` (a padded row is independent of the others and of its group's rows)."""
+    size = max(rows.size for rows, _ in batch)
+    stack = np.broadcast_to(np.eye(size), (len(batch), size, size)).copy()
+    for b, (rows, _) in enumerate(batch):
+        stack[b, : rows.size, : rows.size] = hessian[np.ix_(rows, rows)]
+    return stack
+
 def _solve_padded(
     hessian: np.ndarray, ht: np.ndarray, batch: Sequence[tuple[np.ndarray, np.ndarray]], result: np.ndarray
 ) -> None:
     """``w_S = H_SS^-1 (H t)_S`` of single columns at once, each ``H_SS`` padded with an identity block."""
-    size = max(rows.size for rows, _ in batch)
-    stack = np.broadcast_to(np.eye(size), (len(batch), size, size)).copy()
-    rhs = np.zeros((len(batch), size, 1))
+    stack = padded_hessians(hessian, batch)
+    rhs = np.zeros((len(batch), stack.shape[-1], 1))
     for b, (rows, columns) in enumerate(batch):
-        stack[b, : rows.size, : rows.size] = hessian[np.ix_(rows, rows)]
         rhs[b, : rows.size] = ht[np.ix_(rows, columns)]
     try:
         inverse_lower = inverse_cholesky(stack)

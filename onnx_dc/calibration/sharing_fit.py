@@ -435,6 +435,7 @@ def _centroid_system_change(
             change += column if column_weights is None else column_weights[n] * column
     return 0.5 * (change + change.T)
 
+
 def _reassign_block(
     hessian: np.ndarray, target: np.ndarray, codes: np.ndarray, centroids: np.ndarray, sweeps: int
 ) -> np.ndarray:
