@@ -158,17 +158,27 @@ class TestValueTypesKeptPerStructure:
 
 
 @pytest.mark.parametrize("size", [1, 7, 64, 65, 200])
-def test_feedback_factor_is_the_upper_cholesky_factor_of_the_inverse(size: int) -> None:
+def test_feedback_factor_gives_gptq_s_factor_of_the_inverse(size: int) -> None:
     rng = np.random.default_rng(size)
     stack = []
     for _ in range(3):
         x = rng.standard_normal((2 * size + 3, size)) * rng.gamma(1.0, 1.0, size)
         stack.append(x.T @ x + 1e-3 * np.eye(size))
     stack = np.stack(stack)
-    factors = error_feedback._feedback_factor(stack)
-    expected = np.swapaxes(np.linalg.cholesky(np.linalg.inv(stack)), -1, -2)
-    assert np.allclose(factors, expected, rtol=1e-9, atol=1e-9 * np.max(np.abs(expected)))
-    assert np.all(np.tril(factors, -1) == 0)
+    lower = error_feedback._feedback_factor(np.ascontiguousarray(stack[:, ::-1, ::-1]))
+    assert np.all(np.triu(lower, 1) == 0)
+    upper = lower[:, ::-1, ::-1]  # V = J L J, H = V V^T
+    assert np.allclose(upper @ np.swapaxes(upper, -1, -2), stack, rtol=1e-9, atol=1e-9 * np.max(np.abs(stack)))
+    gptq = np.swapaxes(np.linalg.cholesky(np.linalg.inv(stack)), -1, -2)  # U, H^-1 = U^T U
+    assert np.allclose(np.linalg.inv(upper), gptq, rtol=1e-7, atol=1e-9 * np.max(np.abs(gptq)))
+
+
+def test_reversed_padded_hessians_put_the_identity_first_and_reverse_the_rows() -> None:
+    hessian = np.arange(36.0).reshape(6, 6)
+    batch = [(np.array([4, 1, 2]), np.array([0])), (np.array([5]), np.array([1]))]
+    stack = error_feedback.reversed_padded_hessians(hessian, batch)
+    assert np.array_equal(stack[0], hessian[np.ix_([2, 1, 4], [2, 1, 4])])
+    assert np.array_equal(stack[1], np.diag([1.0, 1.0, hessian[5, 5]]))
 
 
 def test_feedback_factor_gives_the_identity_to_a_matrix_that_is_not_positive_definite() -> None:
@@ -176,7 +186,7 @@ def test_feedback_factor_gives_the_identity_to_a_matrix_that_is_not_positive_def
     x = rng.standard_normal((300, 100))
     good = x.T @ x
     bad = good.copy()
-    bad[70, 70] = -1.0  # not positive definite, found only in the second half of the recursion
+    bad[70, 70] = -1.0  # not positive definite
     factors = error_feedback._feedback_factor(np.stack([good, bad]))
     assert np.array_equal(factors[1], np.eye(100))
-    assert np.allclose(factors[0], np.linalg.cholesky(np.linalg.inv(good)).T, rtol=1e-8, atol=1e-12)
+    assert np.allclose(factors[0] @ factors[0].T, good, rtol=1e-9, atol=1e-9 * np.max(np.abs(good)))

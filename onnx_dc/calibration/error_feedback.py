@@ -21,10 +21,9 @@ from onnx_dc.calibration.layer_problem import (
     LayerProblem,
     _blocks,
     _check_masks,
-    inverse_cholesky,
     single_threaded_blas,
 )
-from onnx_dc.calibration.pruning_fit import _column_groups, column_batches, padded_hessians
+from onnx_dc.calibration.pruning_fit import _column_groups, column_batches
 from onnx_dc.errors import SettingsError
 
 __all__ = ["assign_with_error_feedback", "feedback_codes", "feedback_plans"]
@@ -92,20 +91,21 @@ class _FeedbackPlan:
 
     def _factor(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         assert self.hessian is not None, "a plan without its Hessian keeps its factors"
-        return _feedback_factor(padded_hessians(self.hessian, batch))
+        return _feedback_factor(reversed_padded_hessians(self.hessian, batch))
 
     def codes(self, weights: np.ndarray, centroids: np.ndarray, mid: np.ndarray) -> np.ndarray:
         """Codes of the block's kept ``weights`` (``-1`` where pruned)."""
         codes = np.full(self.shape, -1, dtype=np.int32)
         for i, batch in enumerate(self.batches):
             factors = self.factors[i] if self.factors is not None else self._factor(batch)
+            size = factors.shape[-1]
             width = max(columns.size for _, columns in batch)
-            padded = np.zeros((len(batch), factors.shape[-1], width))
+            padded = np.zeros((len(batch), size, width))
             for b, (rows, columns) in enumerate(batch):
-                padded[b, : rows.size, : columns.size] = weights[np.ix_(rows, columns)]
+                padded[b, size - rows.size :, : columns.size] = weights[np.ix_(rows[::-1], columns)]
             rounded = _round_with_feedback(padded, factors, centroids, mid)
             for b, (rows, columns) in enumerate(batch):
-                codes[np.ix_(rows, columns)] = rounded[b, : rows.size, : columns.size]
+                codes[np.ix_(rows[::-1], columns)] = rounded[b, size - rows.size :, : columns.size]
         return codes
 
 
@@ -183,58 +183,70 @@ def feedback_codes(
         return [plan.codes(w, centroids, mid) for plan, w in zip(plans, weights)]
 
 
-def _feedback_factor(stack: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factors ``U`` of ``H^-1`` (``H^-1 = U^T U``) of a stack of matrices ``[B, s, s]``.
+def reversed_padded_hessians(hessian: np.ndarray, batch: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """``J H_SS J`` of each group of a :func:`~onnx_dc.calibration.pruning_fit.column_batches` batch (rows in
+    reverse visiting order), padded with a leading identity block to a common size ``[len(batch), s, s]``."""
+    size = max(rows.size for rows, _ in batch)
+    stack = np.broadcast_to(np.eye(size), (len(batch), size, size)).copy()
+    for b, (rows, _) in enumerate(batch):
+        backwards = rows[::-1]
+        stack[b, size - rows.size :, size - rows.size :] = hessian[np.ix_(backwards, backwards)]
+    return stack
 
-    With ``J`` the reversal of the rows and ``J H J = L L^T``, ``U = J L^-1 J``:
-    one Cholesky factorisation and one triangular inverse, by halves in matrix
-    products (:func:`~onnx_dc.calibration.layer_problem.inverse_cholesky`), instead of inverting ``H`` and
-    factoring the inverse. A matrix that is not positive definite gets the
-    identity: its weights are rounded without compensation.
+
+def _feedback_factor(stack: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factors ``L`` (``J H J = L L^T``) of a stack ``[B, s, s]`` of reversed matrices ``J H J``.
+
+    ``V = J L J`` is upper triangular with ``H = V V^T``, and ``V^-1`` is the upper Cholesky
+    factor ``U`` of ``H^-1`` that GPTQ's updates use; the rounding (:func:`_round_with_feedback`)
+    works with ``L`` itself, so one factorisation serves and no triangular inverse is needed.
+    A matrix that is not positive definite gets the identity: its weights are rounded
+    without compensation.
     """
-    reversed_stack = np.ascontiguousarray(stack[:, ::-1, ::-1])
     try:
-        inverse = inverse_cholesky(reversed_stack)
+        factors = np.linalg.cholesky(stack)
         ok = np.ones(len(stack), dtype=bool)
     except np.linalg.LinAlgError:
-        inverse = np.empty_like(reversed_stack)
+        factors = np.empty_like(stack)
         ok = np.zeros(len(stack), dtype=bool)
         for b in range(len(stack)):
             try:
-                inverse[b] = inverse_cholesky(reversed_stack[b : b + 1])[0]
+                factors[b] = np.linalg.cholesky(stack[b])
                 ok[b] = True
             except np.linalg.LinAlgError:
                 pass
-    factors = np.ascontiguousarray(inverse[:, ::-1, ::-1])
-    ok &= np.all(np.isfinite(factors), axis=(1, 2))
+    ok &= np.all(np.isfinite(factors), axis=(1, 2)) & np.all(np.diagonal(factors, axis1=1, axis2=2) > 0, axis=1)
     if not np.all(ok):
         factors[~ok] = np.eye(stack.shape[-1])
     return factors
 
 
 def _round_with_feedback(weights: np.ndarray, factors: np.ndarray, centroids: np.ndarray, mid: np.ndarray) -> np.ndarray:
-    """Codes of ``weights`` ``[B, s, c]`` rounded row by row with the factors ``[B, s, s]``.
+    """Codes of ``weights`` ``[B, s, c]`` (rows in reverse visiting order) rounded with the factors ``L`` ``[B, s, s]``.
 
-    Rows are taken in blocks: inside a block every rounding error updates the
-    block's remaining rows at once; the rows after the block receive the whole
-    block's errors in one matrix product (GPTQ's lazy batch updates, the same
-    arithmetic in a different order).
+    In visiting order GPTQ moves the rows after ``i`` by ``-(w_i - q_i) / U_ii * U_i,>i``
+    (``U = V^-1``, ``V = J L J``); summed up, row ``i`` is rounded from
+    ``w_i + V_<i,i . d_<i / V_ii``, where ``d_j = w_j - q_j`` is the rounding error of an
+    earlier row: Babai's nearest plane on ``V``, the same arithmetic in another order. Here
+    row ``r`` (visited ``s - 1 - r``-th) is rounded from ``w_r + L_>r,r . d_>r / L_rr``, the rows
+    from the last to the first, in blocks: inside a block each error is added to the block's
+    remaining rows at once; a block receives the errors of the rows after it in one matrix product.
     """
-    w = weights.copy()
-    codes = np.empty(w.shape, dtype=np.int32)
-    n_rows = w.shape[1]
-    for begin in range(0, n_rows, _FEEDBACK_BLOCK_ROWS):
-        end = min(n_rows, begin + _FEEDBACK_BLOCK_ROWS)
-        errors = np.empty((w.shape[0], end - begin, w.shape[2]))
-        for i in range(begin, end):
-            q = np.searchsorted(mid, w[:, i, :], side="left")
-            codes[:, i, :] = q
-            err = (w[:, i, :] - centroids[q]) / factors[:, i, i][:, None]
-            errors[:, i - begin, :] = err
-            if i + 1 < end:
-                w[:, i + 1 : end, :] -= factors[:, i, i + 1 : end][:, :, None] * err[:, None, :]
-        if end < n_rows:
-            w[:, end:, :] -= np.matmul(np.swapaxes(factors[:, begin:end, end:], 1, 2), errors)
+    codes = np.empty(weights.shape, dtype=np.int32)
+    errors = np.empty(weights.shape)
+    n_rows = weights.shape[1]
+    for stop in range(n_rows, 0, -_FEEDBACK_BLOCK_ROWS):
+        start = max(0, stop - _FEEDBACK_BLOCK_ROWS)
+        if stop < n_rows:
+            shift = np.matmul(np.swapaxes(factors[:, stop:, start:stop], 1, 2), errors[:, stop:, :])
+        else:
+            shift = np.zeros((weights.shape[0], stop - start, weights.shape[2]))
+        for r in range(stop - 1, start - 1, -1):
+            row = weights[:, r, :]
+            moved = row + shift[:, r - start, :] / factors[:, r, r][:, None]
+            q = np.searchsorted(mid, moved, side="left")
+            codes[:, r, :] = q
+            errors[:, r, :] = row - centroids[q]
+            if r > start:
+                shift[:, : r - start, :] += factors[:, r, start:r][:, :, None] * errors[:, r, None, :]
     return codes
-
-
