@@ -89,6 +89,39 @@ def test_fits_in_parallel_give_the_serial_results_in_order(max_memory_bytes):
     assert runs[1] == runs[2]
 
 
+def test_parallel_fits_start_costliest_first_and_return_in_order():
+    """Layers fitted in threads start by decreasing cost, so that a long fit does not start last."""
+    import threading
+
+    from onnx_dc.calibration import model_fit
+
+    started: list[int] = []
+    lock = threading.Lock()
+    both_started = threading.Barrier(2, timeout=10)
+
+    def work(item: int) -> int:
+        with lock:
+            started.append(item)
+            first_two = len(started) <= 2
+        if first_two:  # neither thread takes a third item before both took one
+            both_started.wait()
+        return 10 * item
+
+    costs = {0: 1.0, 1: 50.0, 2: 3.0, 3: 70.0, 4: 2.0}
+    assert list(model_fit._map_in_order(work, list(costs), 2, cost=costs.__getitem__)) == [0, 10, 20, 30, 40]
+    assert set(started[:2]) == {1, 3} and sorted(started) == [0, 1, 2, 3, 4]
+
+
+def test_fit_cost_puts_wide_layers_first():
+    from onnx_dc.calibration.layers import LayerSpec
+    from onnx_dc.calibration.model_fit import _fit_cost
+
+    wide = LayerSpec("w", "Conv", "n", "x", (60, 960, 1, 3))
+    square = LayerSpec("s", "Conv", "n", "x", (480, 480, 1, 1))
+    depthwise = LayerSpec("d", "Conv", "n", "x", (480, 1, 5, 5), groups=480)
+    assert _fit_cost(wide) > _fit_cost(square) > _fit_cost(depthwise) > 0
+
+
 def test_each_refinement_lowers_the_held_out_output_error(model, calib, held_out):
     plain = CalibrationOptions(criterion="magnitude", refit_weights=False, refit_rounds=0, sequential=False, bias_correction=False)
     steps = [

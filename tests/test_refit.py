@@ -247,6 +247,25 @@ class TestCentroids:
                 m_ref2[c, d] = np.sum((sparse_codes == c) * (p.hessians[0] @ (sparse_codes == d)))
         np.testing.assert_allclose(m_sparse, m_ref2, rtol=1e-9, atol=1e-12)
 
+    @pytest.mark.parametrize("seed", range(6))
+    def test_per_column_system_path_sums_h_ss_by_code(self, seed, monkeypatch):
+        # the path of sparse layers: per column, H_SS summed over the runs of each code (column weights too)
+        from onnx_dc.calibration import sharing_fit as refit
+
+        monkeypatch.setattr(refit, "_per_column_is_cheaper", lambda *args: True)
+        rng = np.random.default_rng(seed)
+        p, _ = weighted_problem(seed, k=25, n=9)
+        k = int(rng.integers(2, 12))
+        codes = rng.integers(0, k, size=(25, 9))
+        codes[rng.random(codes.shape) < [0.0, 0.3, 0.9][seed % 3]] = -1
+        codes[:, seed % 9] = -1  # a column with every weight pruned
+        system, _ = refit._centroid_system(p.hessians[0], p.targets[0], codes, k, p.column_weights[0])
+        expected = np.zeros((k, k))
+        for c in range(k):
+            for d in range(k):
+                expected[c, d] = np.sum((codes == c) * (p.hessians[0] @ (codes == d)) * p.column_weights[0][None, :])
+        np.testing.assert_allclose(system, expected, rtol=1e-9, atol=1e-12)
+
     def test_one_hot_and_per_centroid_dense_paths_agree(self, monkeypatch):
         # small blocks build one one-hot matrix; larger ones loop over the centroids in use
         from onnx_dc.calibration import sharing_fit as refit

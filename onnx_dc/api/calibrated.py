@@ -139,7 +139,9 @@ def compress_calibrated(
         return _compress_fitted(
             view, recipe, data, layer_settings, output, progress, external_data, prepared, jobs, source_dir
         )
-    return _compress_searched(view, recipe, data, eval_data, layer_settings, output, progress, external_data, prepared)
+    return _compress_searched(
+        view, recipe, data, eval_data, layer_settings, output, progress, external_data, prepared, jobs
+    )
 
 
 def _layer_settings(proto: onnx.ModelProto, recipe: Recipe, *, transformer: bool) -> dict[str, LayerSettings]:
@@ -233,7 +235,8 @@ def _fit_cost(layer) -> float:
 
 
 def _compress_searched(
-    view: CalibrationView, recipe, data, eval_data, layer_settings, output, progress, external_data, prepared
+    view: CalibrationView, recipe, data, eval_data, layer_settings, output, progress, external_data, prepared,
+    jobs=None,
 ):
     """The automatic search of :mod:`onnx_dc.calibration.search`, then the chosen model written.
 
@@ -283,7 +286,7 @@ def _compress_searched(
         bits_conv=search_recipe.bits if search_recipe.bits is not None else grid_bits_conv,
         drop_margin_se=search_recipe.drop_margin_se,
         options=recipe.calibration.options, seed=recipe.seed, progress=progress is True,
-        transformer=transformer, metric=metric,
+        transformer=transformer, metric=metric, jobs=default_jobs() if jobs is None else jobs,
     )
     result = tuned.built
     for name in kept_settings:  # the embedding tables a transformer search chose bits for

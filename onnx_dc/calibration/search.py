@@ -220,6 +220,7 @@ def autotune(
     forward_steps: int | None = None,
     transformer: bool = False,
     metric: TaskMetric | None = None,
+    jobs: int = 1,
 ) -> AutotuneResult:
     """Search per-layer sparsity and bits for the smallest model within ``budget`` (module docstring).
 
@@ -257,6 +258,8 @@ def autotune(
             :data:`TRANSFORMER_GAP_CHECKS` bisection runs between the chosen configuration and the next
             checked one: :func:`_bisect_gap`), not timed.
         metric: the user's task metric, measured on every checked configuration (``budget.min_metric``).
+        jobs: layers of a final model fitted at once when it is not fitted sequentially
+            (:func:`~onnx_dc.calibration.model_fit.compress_with_calibration`; the result does not depend on it).
 
     Raises:
         CalibrationError: ``max_drop`` without labels, or the budget cannot be met by any
@@ -360,7 +363,8 @@ def autotune(
         for config in path
     ]
     finals = _FinalModels(
-        model, calibration, fixed, path_settings, final_options, build, search, reference, labels, baseline, say, metric
+        model, calibration, fixed, path_settings, final_options, build, search, reference, labels, baseline, say, metric,
+        jobs,
     )
     best = finals.refine(best, budget, forward_steps, drop_margin_se)
     final = finals.results[best]
@@ -554,19 +558,22 @@ class _FinalModels:
     """Path configurations compressed for real on demand, each once; and the walk along the path with them."""
 
     def __init__(
-        self, model, calibration, fixed, path_settings, options, build, search, reference, labels, baseline, say, metric
+        self, model, calibration, fixed, path_settings, options, build, search, reference, labels, baseline, say, metric,
+        jobs,
     ):
         self.model, self.calibration, self.fixed = model, calibration, fixed
         self.path_settings, self.options, self.build = path_settings, options, build
         self.search, self.reference, self.labels, self.baseline, self.say = search, reference, labels, baseline, say
-        self.metric = metric
+        self.metric, self.jobs = metric, jobs
         self.results: dict[int, _FinalModel] = {}
 
     def get(self, i: int) -> _FinalModel:
         """Configuration ``i`` compressed, converted and measured (cached)."""
         if i not in self.results:
             chosen = dict(self.path_settings[i])
-            compression = compress_with_calibration(self.model, self.calibration, {**self.fixed, **chosen}, self.options)
+            compression = compress_with_calibration(
+                self.model, self.calibration, {**self.fixed, **chosen}, self.options, jobs=self.jobs
+            )
             kept, runnable, library = self.build(compression)
             outputs = run_model(runnable, self.search, batch_size=self.options.batch_size, library=library)
             metrics = compare_outputs(self.reference, {k: outputs[k] for k in self.reference}, self.labels, self.metric)

@@ -363,12 +363,7 @@ def _centroid_system(
         return system, np.zeros(k)
     rhs = _centroid_rhs(hessian, target, codes, k, column_weights, hessian_target)
     n_rows, n_cols = codes.shape
-    per_column = np.count_nonzero(kept, axis=0).astype(np.float64)
-    # Measured costs: k products H @ A_d (BLAS) against one gather of H_SS and a
-    # small product per column (dominated by the gather and per-column overhead).
-    dense_seconds = 1.5e-10 * k * n_rows * n_rows * n_cols
-    sparse_seconds = 1.5e-8 * float(np.sum(per_column**2)) + 2e-4 * n_cols
-    if dense_seconds <= sparse_seconds:
+    if not _per_column_is_cheaper(k, n_rows, np.count_nonzero(kept, axis=0)):
         flat_codes = codes[kept]
         if codes.size * k <= _ONEHOT_MAX_ELEMENTS:
             # Small blocks (e.g. depthwise convolutions): all centroids in one product.
@@ -385,17 +380,28 @@ def _centroid_system(
                     product *= column_weights[None, :]
                 system[:, d] = np.bincount(flat_codes, weights=product[kept], minlength=k)[:k]
     else:
-        with single_threaded_blas():
-            for n in range(n_cols):
-                rows = np.flatnonzero(kept[:, n])
-                if rows.size == 0:
-                    continue
-                onehot = np.zeros((rows.size, k))
-                onehot[np.arange(rows.size), codes[rows, n]] = 1.0
-                scale = 1.0 if column_weights is None else column_weights[n]
-                system += scale * (onehot.T @ (hessian[np.ix_(rows, rows)] @ onehot))
+        for n in range(n_cols):
+            rows = np.flatnonzero(kept[:, n])
+            if rows.size == 0:
+                continue
+            # B_n^T H_SS B_n: H_SS with its rows and columns in code order, summed over each code's run.
+            order = rows[np.argsort(codes[rows, n], kind="stable")]
+            sorted_codes = codes[order, n]
+            starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+            block = np.add.reduceat(np.add.reduceat(hessian[np.ix_(order, order)], starts, axis=1), starts, axis=0)
+            used = sorted_codes[starts]
+            scale = 1.0 if column_weights is None else column_weights[n]
+            system[np.ix_(used, used)] += scale * block
     return 0.5 * (system + system.T), rhs
 
+
+
+def _per_column_is_cheaper(k: int, n_rows: int, kept_per_column: np.ndarray) -> bool:
+    """Whether :func:`_centroid_system` should sum ``H_SS`` by code column by column rather than take ``k``
+    dense products ``H A_d``: measured costs, BLAS products against one gather of ``H_SS`` per column."""
+    dense_seconds = 1.5e-10 * k * n_rows * n_rows * kept_per_column.size
+    per_column_seconds = 9e-9 * float(np.sum(kept_per_column.astype(np.float64) ** 2)) + 2e-4 * kept_per_column.size
+    return per_column_seconds < dense_seconds
 
 
 def _centroid_rhs(
