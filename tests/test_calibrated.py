@@ -89,6 +89,37 @@ def test_fits_in_parallel_give_the_serial_results_in_order(max_memory_bytes):
     assert runs[1] == runs[2]
 
 
+def test_sequential_fits_give_the_same_model_with_column_threads(monkeypatch):
+    """With sequential capture one layer is fitted at a time and ``jobs`` threads share its per-column
+    solves (weight refits, OBS saliencies, error-feedback factors, centroid systems): same containers."""
+    from onnx_dc.calibration import error_feedback, layer_problem, pruning_fit, sharing_fit
+
+    pools: list[int] = []
+
+    class CountedPool(layer_problem.ThreadPoolExecutor):
+        def __init__(self, max_workers: int) -> None:
+            pools.append(max_workers)
+            super().__init__(max_workers=max_workers)
+
+    monkeypatch.setattr(layer_problem, "ThreadPoolExecutor", CountedPool)
+    monkeypatch.setattr(pruning_fit, "_REFIT_BATCH_BYTES", 1 << 14)  # several padded batches per layer
+    monkeypatch.setattr(error_feedback, "_FEEDBACK_BATCH_BYTES", 1 << 14)
+    monkeypatch.setattr(sharing_fit, "_per_column_is_cheaper", lambda *args: True)
+    net = classifier(seed=7, sizes=(96, 40, 24, 6))
+    data = load_calibration({"x": inputs(200, seed=8, k=96)}, net)
+    settings = {f"fc{i}.weight": LayerSettings(sparsity=0.3, bits=6) for i in range(3)}
+    runs = {}
+    for jobs in (1, 2):
+        pools.clear()
+        result = compress_with_calibration(net, data, settings, CalibrationOptions(sequential=True), jobs=jobs)
+        runs[jobs] = {name: bytes(r.tensor.container) for name, r in result.results.items()}
+        if jobs == 1:
+            assert pools == []
+        else:
+            assert pools and max(pools) == 2
+    assert runs[1] == runs[2]
+
+
 def test_parallel_fits_start_costliest_first_and_return_in_order():
     """Layers fitted in threads start by decreasing cost, so that a long fit does not start last."""
     import threading

@@ -21,6 +21,7 @@ from onnx_dc.calibration.layer_problem import (
     LayerProblem,
     _blocks,
     _check_masks,
+    map_columns,
     single_threaded_blas,
 )
 from onnx_dc.calibration.pruning_fit import _column_groups, column_batches
@@ -87,7 +88,7 @@ class _FeedbackPlan:
                 groups.append((rows[np.argsort(-diag[rows], kind="stable")], columns))
         self.batches = column_batches(groups, _FEEDBACK_BATCH_BYTES)
         self.factor_bytes = sum(len(b) * b[-1][0].size ** 2 * 8 for b in self.batches)
-        self.factors = [self._factor(b) for b in self.batches] if self.factor_bytes <= keep_bytes else None
+        self.factors = map_columns(self._factor, self.batches) if self.factor_bytes <= keep_bytes else None
 
     def _factor(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         assert self.hessian is not None, "a plan without its Hessian keeps its factors"
@@ -96,7 +97,9 @@ class _FeedbackPlan:
     def codes(self, weights: np.ndarray, centroids: np.ndarray, mid: np.ndarray) -> np.ndarray:
         """Codes of the block's kept ``weights`` (``-1`` where pruned)."""
         codes = np.full(self.shape, -1, dtype=np.int32)
-        for i, batch in enumerate(self.batches):
+
+        def round_batch(i: int) -> None:  # each batch writes its own columns
+            batch = self.batches[i]
             factors = self.factors[i] if self.factors is not None else self._factor(batch)
             size = factors.shape[-1]
             width = max(columns.size for _, columns in batch)
@@ -106,6 +109,8 @@ class _FeedbackPlan:
             rounded = _round_with_feedback(padded, factors, centroids, mid)
             for b, (rows, columns) in enumerate(batch):
                 codes[np.ix_(rows[::-1], columns)] = rounded[b, size - rows.size :, : columns.size]
+
+        map_columns(round_batch, range(len(self.batches)))
         return codes
 
 

@@ -76,8 +76,10 @@ The stages, all numpy:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from numbers import Integral
 
@@ -92,7 +94,9 @@ __all__ = [
     "LayerFit",
     "LayerProblem",
     "QuantizedLayer",
+    "column_threads",
     "inverse_cholesky",
+    "map_columns",
     "single_threaded_blas",
 ]
 
@@ -372,7 +376,7 @@ def single_threaded_blas() -> Iterator[None]:
     Many small products and factorisations are slower multi-threaded (thread
     start-up and, on a busy machine, threads spinning for a core): on 2 shared
     cores the Gram updates of depthwise convolutions ran 10x slower with two
-    BLAS threads. threadpoolctl comes with scikit-learn; without it this does nothing.
+    BLAS threads. Needs threadpoolctl (a dependency); without it this does nothing.
     """
     controller = _blas_controller()
     if controller is None:
@@ -380,6 +384,34 @@ def single_threaded_blas() -> Iterator[None]:
         return
     with controller.limit(limits=1, user_api="blas"):
         yield
+
+
+_COLUMN_JOBS: contextvars.ContextVar[int] = contextvars.ContextVar("column_jobs", default=1)
+
+
+@contextlib.contextmanager
+def column_threads(jobs: int) -> Iterator[None]:
+    """Let :func:`map_columns` run ``jobs`` pieces of one layer's fit at once inside the block (this thread only:
+    threads started elsewhere, e.g. layers fitted at once, keep one)."""
+    token = _COLUMN_JOBS.set(max(1, int(jobs)))
+    try:
+        yield
+    finally:
+        _COLUMN_JOBS.reset(token)
+
+
+def map_columns(function: Callable, items: Sequence) -> list:
+    """``function`` over independent pieces of one layer's fit (column groups, padded batches), results in order.
+
+    Inside :func:`column_threads` they run that many at once in threads, BLAS pinned to one thread
+    (numpy releases the GIL in its heavy work); the result does not depend on the number of threads.
+    A layer fitted alone (sequential captures) thus uses every core on its per-column solves.
+    """
+    jobs = _COLUMN_JOBS.get()
+    if jobs <= 1 or len(items) <= 1:
+        return [function(item) for item in items]
+    with single_threaded_blas(), ThreadPoolExecutor(max_workers=min(jobs, len(items))) as pool:
+        return list(pool.map(function, items))
 
 
 _SMALL_BLOCK_INPUTS = 512  # below this block width, one BLAS thread is faster (many small operations)

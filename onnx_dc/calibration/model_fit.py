@@ -52,7 +52,7 @@ import onnx
 
 from onnx_dc.calibration.capture import LayerStatistics, capture_statistics
 from onnx_dc.calibration.data import CalibrationData
-from onnx_dc.calibration.layer_problem import CRITERIA, LayerFit, single_threaded_blas
+from onnx_dc.calibration.layer_problem import CRITERIA, LayerFit, column_threads, single_threaded_blas
 from onnx_dc.calibration.layers import LayerSpec, find_layers
 from onnx_dc.calibration.options import AUTO_INDEX_BITS, CalibrationOptions, LayerSettings
 from onnx_dc.calibration.sequential_capture import SequentialCapture
@@ -217,8 +217,9 @@ def compress_with_calibration(
         settings: per weight name, its :class:`LayerSettings`; weights not named are left alone.
         options: :class:`CalibrationOptions`.
         progress: ``True`` for tqdm bars on a terminal, or a callable ``(done, total, name)``.
-        jobs: without sequential capture, layers fitted at once (threads, one BLAS thread each; the fits
-            do not depend on each other, and the results do not depend on ``jobs``).
+        jobs: threads: without sequential capture, layers fitted at once (one BLAS thread each; the fits
+            do not depend on each other); with it, the per-column solves of the layer being fitted
+            (:func:`~onnx_dc.calibration.layer_problem.map_columns`). The results do not depend on ``jobs``.
 
     Raises:
         ModelError: a named weight is not an initializer of the main graph or a Constant.
@@ -264,8 +265,9 @@ def compress_with_calibration(
             tick(name)
 
         if options.sequential:
-            _fit_sequentially(model, working, data, layers, all_layers, settings, options, budget, without_reference,
-                              result, show, tick)
+            with column_threads(jobs):  # one layer at a time: its per-column solves share the threads
+                _fit_sequentially(model, working, data, layers, all_layers, settings, options, budget,
+                                  without_reference, result, show, tick)
         else:
             _fit_in_groups(model, working, data, layers, all_layers, settings, options, budget, result, show, tick,
                            jobs)

@@ -25,6 +25,7 @@ from onnx_dc.calibration.layer_problem import (
     _inverse_spd,
     _solve_spd,
     inverse_cholesky,
+    map_columns,
     single_threaded_blas,
 )
 from onnx_dc.codec._checks import finite_real, fraction
@@ -201,13 +202,16 @@ def _refit_block(hessian: np.ndarray, target: np.ndarray, mask: np.ndarray) -> n
         return result
     ht = hessian @ target
     groups = [(np.flatnonzero(mask[:, columns[0]]), columns) for columns in _column_groups(mask)]
+
+    def solve(batch: list[tuple[np.ndarray, np.ndarray]]) -> None:  # each batch writes its own columns
+        if len(batch) == 1:
+            rows, columns = batch[0]
+            result[np.ix_(rows, columns)] = _solve_spd(hessian[np.ix_(rows, rows)], ht[np.ix_(rows, columns)])
+        else:
+            _solve_padded(hessian, ht, batch, result)
+
     with single_threaded_blas():
-        for batch in column_batches([g for g in groups if g[0].size], _REFIT_BATCH_BYTES):
-            if len(batch) == 1:
-                rows, columns = batch[0]
-                result[np.ix_(rows, columns)] = _solve_spd(hessian[np.ix_(rows, rows)], ht[np.ix_(rows, columns)])
-            else:
-                _solve_padded(hessian, ht, batch, result)
+        map_columns(solve, column_batches([g for g in groups if g[0].size], _REFIT_BATCH_BYTES))
     return result
 
 
@@ -267,15 +271,18 @@ def _refit_with_saliency(hessian: np.ndarray, target: np.ndarray, mask: np.ndarr
     if target.size == 0:
         return weights, scores
     ht = hessian @ target
+
+    def refit(columns: np.ndarray) -> None:  # each group writes its own columns
+        rows = np.flatnonzero(mask[:, columns[0]])
+        if rows.size == 0:
+            return
+        inverse = _inverse_spd(hessian[np.ix_(rows, rows)])
+        w = inverse @ ht[np.ix_(rows, columns)]
+        weights[np.ix_(rows, columns)] = w
+        scores[np.ix_(rows, columns)] = w * w / np.diag(inverse)[:, None]
+
     with single_threaded_blas():
-        for columns in _column_groups(mask):
-            rows = np.flatnonzero(mask[:, columns[0]])
-            if rows.size == 0:
-                continue
-            inverse = _inverse_spd(hessian[np.ix_(rows, rows)])
-            w = inverse @ ht[np.ix_(rows, columns)]
-            weights[np.ix_(rows, columns)] = w
-            scores[np.ix_(rows, columns)] = w * w / np.diag(inverse)[:, None]
+        map_columns(refit, _column_groups(mask))
     return weights, scores
 
 

@@ -93,6 +93,7 @@ import onnx
 from onnx_dc.calibration.budget import Budget, _describe_metrics, _robust_choice, _step_back, _step_forward
 from onnx_dc.calibration.capture import capture_statistics, reused_statistics, run_model
 from onnx_dc.calibration.data import CalibrationData
+from onnx_dc.calibration.layer_problem import column_threads
 from onnx_dc.calibration.layers import LayerSpec, find_layers
 from onnx_dc.calibration.metrics import OutputMetrics, TaskMetric, compare_outputs, top1_accuracy
 from onnx_dc.calibration.model_fit import (
@@ -258,8 +259,9 @@ def autotune(
             :data:`TRANSFORMER_GAP_CHECKS` bisection runs between the chosen configuration and the next
             checked one: :func:`_bisect_gap`), not timed.
         metric: the user's task metric, measured on every checked configuration (``budget.min_metric``).
-        jobs: layers of a final model fitted at once when it is not fitted sequentially
-            (:func:`~onnx_dc.calibration.model_fit.compress_with_calibration`; the result does not depend on it).
+        jobs: threads for the fits: the per-column solves of each layer's candidates, and those of the final
+            models (:func:`~onnx_dc.calibration.model_fit.compress_with_calibration`); the result does not
+            depend on it.
 
     Raises:
         CalibrationError: ``max_drop`` without labels, or the budget cannot be met by any
@@ -309,10 +311,11 @@ def autotune(
     candidates: dict[str, list[Candidate]] = {}
     for index, layer in enumerate(layers):
         grid_bits = bits_conv if layer.op == "Conv" else bits_fc
-        found, measured = _layer_candidates(
-            model, layer, stats.pop(layer.weight), all_layers, options, search_options, sparsities, grid_bits,
-            seed, runner, reference, per_layer, damped=transformer,
-        )
+        with column_threads(jobs):
+            found, measured = _layer_candidates(
+                model, layer, stats.pop(layer.weight), all_layers, options, search_options, sparsities, grid_bits,
+                seed, runner, reference, per_layer, damped=transformer,
+            )
         candidates[layer.weight] = found
         say(f"layer {index + 1}/{len(layers)} {layer.weight}: {len(found)} candidates ({measured} measured)",
             detail=not transformer)
