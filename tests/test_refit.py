@@ -266,6 +266,27 @@ class TestCentroids:
                 expected[c, d] = np.sum((codes == c) * (p.hessians[0] @ (codes == d)) * p.column_weights[0][None, :])
         np.testing.assert_allclose(system, expected, rtol=1e-9, atol=1e-12)
 
+    @pytest.mark.parametrize("seed", range(6))
+    def test_many_small_blocks_sum_their_pairs_in_one_system(self, seed):
+        # grouped and depthwise convolutions: one bincount over every block's pairs of kept rows
+        from onnx_dc.calibration import sharing_fit as refit
+
+        rng = np.random.default_rng(seed)
+        p, plain = weighted_problem(seed, blocks=2 + seed, k=9, n=[1, 3][seed % 2])
+        problem = p if seed % 3 else plain  # with and without column weights
+        assert refit._pair_sums_apply(problem)
+        k = int(rng.integers(2, 40))
+        codes = [rng.integers(-1, k, size=t.shape).astype(np.int32) for t in problem.targets]
+        system, rhs = refit._small_blocks_system(problem, codes, k)
+        expected_m, expected_r = np.zeros((k, k)), np.zeros(k)
+        for h, t, c, w in zip(problem.hessians, problem.targets, codes, problem.column_weights):
+            m_block, r_block = refit._centroid_system(h, t, c, k, w)
+            expected_m += m_block
+            expected_r += r_block
+        np.testing.assert_allclose(system, expected_m, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(rhs, expected_r, rtol=1e-9, atol=1e-12)
+        assert not refit._pair_sums_apply(make_problem(seed, k=9, n=3))  # one block: the kept systems
+
     def test_one_hot_and_per_centroid_dense_paths_agree(self, monkeypatch):
         # small blocks build one one-hot matrix; larger ones loop over the centroids in use
         from onnx_dc.calibration import sharing_fit as refit

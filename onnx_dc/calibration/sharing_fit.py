@@ -31,6 +31,7 @@ from onnx_dc.calibration.layer_problem import (
     _check_masks,
     _dequantize,
     _int,
+    map_columns,
     single_threaded_blas,
 )
 from onnx_dc.calibration.pruning_fit import (
@@ -54,6 +55,7 @@ __all__ = [
 
 _IMPROVEMENT_RTOL = 1e-9  # a step must lower E by more than this (relative) to count
 _ONEHOT_MAX_ELEMENTS = 1 << 18  # _centroid_system builds the one-hot matrix of blocks up to this size
+_PAIR_SUMS_MAX_ENTRIES = 1 << 22  # _small_blocks_system's pairs (G K^2 N) at most; larger layers go block by block
 _UPDATE_MAX_CHANGED = 0.25  # _CentroidSystems updates M when at most this fraction of a block's codes changed
 _REASSIGN_ROWS = 32  # rows whose coordinate moves reassign_codes computes together
 _ROUND_RTOL = 1e-3  # quantize_layer stops when a whole round gains less than this (relative)
@@ -278,6 +280,9 @@ class _CentroidSystems:
         centroids = np.asarray(centroids, dtype=np.float64).reshape(-1)
         k = centroids.size
         codes = _check_codes(codes, problem, k)
+        if _pair_sums_apply(problem):
+            system, rhs = _small_blocks_system(problem, codes, k)
+            return _solve_centroids(system, rhs, centroids)
         blocks = zip(problem.hessians, problem.targets, codes, problem.column_weights, problem.hessian_targets())
         previous = self.codes if self.codes is not None and self.matrices[0].shape[0] == k else None
         matrices, system, rhs = [], np.zeros((k, k)), np.zeros(k)
@@ -302,6 +307,32 @@ class _CentroidSystems:
         self.codes = [_relabelled(c, rank) for c in self.codes]
         order = np.argsort(rank)
         self.matrices = [m[np.ix_(order, order)] for m in self.matrices]
+
+
+def _pair_sums_apply(problem: LayerProblem) -> bool:
+    """Whether :func:`_small_blocks_system` serves ``problem``: several blocks of one shape (grouped and depthwise
+    convolutions), ``G K^2 N`` at most :data:`_PAIR_SUMS_MAX_ENTRIES`."""
+    shapes = {t.shape for t in problem.targets}
+    if len(problem.targets) < 2 or len(shapes) != 1:
+        return False
+    (n_rows, n_cols), = shapes
+    return len(problem.targets) * n_rows * n_rows * n_cols <= _PAIR_SUMS_MAX_ENTRIES
+
+
+def _small_blocks_system(problem: LayerProblem, codes: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(M, r)`` summed over many small blocks at once: ``M_cd`` adds ``s_n H_ij`` over every block, column ``n``
+    and pair of kept rows ``(i, j)`` with codes ``(c, d)`` (one ``bincount`` over all pairs, instead of a
+    ``k x k`` system per block; a depthwise convolution has hundreds of 25-input blocks)."""
+    hessians = np.stack(problem.hessians)  # [G, K, K]
+    stacked = np.stack(codes)  # [G, K, N]
+    weights = np.stack([np.ones(stacked.shape[2]) if w is None else w for w in problem.column_weights])  # [G, N]
+    pairs = stacked[:, :, None, :] * k + stacked[:, None, :, :]  # [G, K, K, N]
+    kept = (stacked[:, :, None, :] >= 0) & (stacked[:, None, :, :] >= 0)
+    values = hessians[..., None] * weights[:, None, None, :]
+    system = np.bincount(pairs[kept], weights=values[kept], minlength=k * k)[: k * k].reshape(k, k)
+    targets = np.stack(problem.hessian_targets())  # H T S per block, [G, K, N]
+    rhs = np.bincount(stacked[stacked >= 0], weights=targets[stacked >= 0], minlength=k)[:k]
+    return 0.5 * (system + system.T), rhs
 
 
 def _solve_centroids(system: np.ndarray, rhs: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -380,20 +411,33 @@ def _centroid_system(
                     product *= column_weights[None, :]
                 system[:, d] = np.bincount(flat_codes, weights=product[kept], minlength=k)[:k]
     else:
-        for n in range(n_cols):
-            rows = np.flatnonzero(kept[:, n])
-            if rows.size == 0:
-                continue
-            # B_n^T H_SS B_n: H_SS with its rows and columns in code order, summed over each code's run.
-            order = rows[np.argsort(codes[rows, n], kind="stable")]
-            sorted_codes = codes[order, n]
-            starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
-            block = np.add.reduceat(np.add.reduceat(hessian[np.ix_(order, order)], starts, axis=1), starts, axis=0)
-            used = sorted_codes[starts]
-            scale = 1.0 if column_weights is None else column_weights[n]
-            system[np.ix_(used, used)] += scale * block
+        chunks = [range(n, min(n_cols, n + _SYSTEM_CHUNK_COLUMNS)) for n in range(0, n_cols, _SYSTEM_CHUNK_COLUMNS)]
+        for part in map_columns(lambda chunk: _per_column_system(hessian, codes, k, column_weights, chunk), chunks):
+            system += part  # in chunk order, whatever the threads
     return 0.5 * (system + system.T), rhs
 
+
+def _per_column_system(
+    hessian: np.ndarray, codes: np.ndarray, k: int, column_weights: np.ndarray | None, columns: range
+) -> np.ndarray:
+    """``sum_n s_n B_n^T H_SS B_n`` over ``columns``: per column, ``H_SS`` with its rows and columns in code
+    order, summed over each code's run."""
+    system = np.zeros((k, k))
+    for n in columns:
+        rows = np.flatnonzero(codes[:, n] >= 0)
+        if rows.size == 0:
+            continue
+        order = rows[np.argsort(codes[rows, n], kind="stable")]
+        sorted_codes = codes[order, n]
+        starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+        block = np.add.reduceat(np.add.reduceat(hessian[np.ix_(order, order)], starts, axis=1), starts, axis=0)
+        used = sorted_codes[starts]
+        system[np.ix_(used, used)] += block if column_weights is None else column_weights[n] * block
+    return system
+
+
+
+_SYSTEM_CHUNK_COLUMNS = 8  # columns summed per piece of the per-column centroid system (a fixed order)
 
 
 def _per_column_is_cheaper(k: int, n_rows: int, kept_per_column: np.ndarray) -> bool:
