@@ -339,6 +339,35 @@ class TestStatistics:
         out = out + np.concatenate(layer.bias_to_blocks(b))
         np.testing.assert_allclose(out.reshape(5, -1, 6).transpose(0, 2, 1).reshape(y.shape), y, rtol=1e-4, atol=1e-4)
 
+    @pytest.mark.parametrize("op", ["conv", "mlp"])
+    def test_row_chunks_in_threads_give_the_serial_sums(self, op, monkeypatch):
+        """Row chunks are formed and multiplied in threads (column_threads), then added in order."""
+        from onnx_dc.calibration import capture
+        from onnx_dc.calibration.layer_problem import column_threads
+
+        monkeypatch.setattr(capture, "_IM2COL_CHUNK_ELEMENTS", 60)  # many chunks per batch
+        if op == "conv":
+            model = conv_model(group=2, strides=[2, 2], pads=[1, 1, 1, 1])
+            x = RNG.standard_normal((7, 4, 9, 9)).astype(np.float32)
+        else:
+            model = mlp_model()
+            x = RNG.standard_normal((70, 6)).astype(np.float32)
+        data = load_calibration({"x": x}, model)
+        layers = find_layers(model)
+        runs = []
+        for jobs in (1, 2):
+            with column_threads(jobs):
+                runs.append(capture_statistics(model, data, layers, batch_size=35 if op == "mlp" else 3, reference=model))
+        for name, serial in runs[0].items():
+            threaded = runs[1][name]
+            assert serial.n_rows == threaded.n_rows > 0
+            for a, b in zip(serial.gram + serial.cross, threaded.gram + threaded.cross):
+                np.testing.assert_array_equal(a, b)
+        if op == "conv":
+            blocks = im2col(x, **layers[0].conv, group=2)
+            for g in range(2):
+                np.testing.assert_allclose(runs[1][layers[0].weight].input_gram(g), blocks[g].T @ blocks[g], rtol=1e-6, atol=1e-6)
+
     def test_several_passes_give_the_same_statistics(self):
         model = mlp_model()
         data = load_calibration({"x": RNG.standard_normal((20, 6)).astype(np.float32)}, model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import itertools
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import onnx
 from onnx import helper
 
 from onnx_dc.calibration.data import DEFAULT_BATCH_SIZE, CalibrationData
-from onnx_dc.calibration.layer_problem import single_threaded_blas
+from onnx_dc.calibration.layer_problem import map_columns, single_threaded_blas
 from onnx_dc.calibration.layers import _IM2COL_CHUNK_ELEMENTS, LayerSpec, _conv_geometry, _outer_names
 from onnx_dc.errors import CalibrationError, ModelError, first_line
 from onnx_dc.graph.linked_copy import write_linked_copy
@@ -91,14 +92,15 @@ class LayerStatistics:
         # Narrow blocks (depthwise convolutions: many tiny products) run faster on one BLAS thread.
         narrow = self.layer.n_inputs + 1 < _NARROW_INPUTS
         with single_threaded_blas() if narrow else contextlib.nullcontext():
-            for blocks, ref_blocks in _row_chunks(self.layer, activation, reference):
-                for g, rows in enumerate(blocks):
-                    a = _extend(rows)
-                    self.gram[g] += a.T @ a
-                    if ref_blocks is not None:
-                        r = _extend(ref_blocks[g])
-                        self.cross[g] += a.T @ r  # type: ignore[index]
-                self.n_rows += blocks[0].shape[0]
+            chunks = _row_chunks(self.layer, activation, reference)
+            while window := list(itertools.islice(chunks, _CHUNKS_AT_ONCE)):
+                # Chunks are formed and multiplied in threads (map_columns), then added in order: the same sums.
+                for grams, crosses, n_rows in map_columns(_chunk_products, window):
+                    for g, product in enumerate(grams):
+                        self.gram[g] += product
+                        if crosses is not None:
+                            self.cross[g] += crosses[g]  # type: ignore[index]
+                    self.n_rows += n_rows
 
     def input_gram(self, block: int = 0, *, centered: bool = False) -> np.ndarray:
         """``X^T X`` of one block; ``centered``: of ``X`` minus its column means (the bias absorbs the mean)."""
@@ -120,8 +122,24 @@ class LayerStatistics:
         return g[k, :k] / n if n > 0 else np.zeros(k)
 
 
+_CHUNKS_AT_ONCE = 2  # row chunks formed at once by LayerStatistics.update (at most this many threads)
+
+
+def _chunk_products(chunk: Callable[[], tuple[list[np.ndarray], list[np.ndarray] | None]]):
+    """``(a^T a per block, a^T r per block or None, rows)`` of one chunk of :func:`_row_chunks`."""
+    blocks, ref_blocks = chunk()
+    grams, crosses = [], None if ref_blocks is None else []
+    for g, rows in enumerate(blocks):
+        a = _extend(rows)
+        grams.append(a.T @ a)
+        if crosses is not None:
+            crosses.append(a.T @ _extend(ref_blocks[g]))  # type: ignore[index]
+    return grams, crosses, blocks[0].shape[0]
+
+
 def _row_chunks(layer: LayerSpec, activation: np.ndarray, reference: np.ndarray | None):
-    """Yield ``(blocks, reference blocks or None)`` over chunks of at most about ``_IM2COL_CHUNK_ELEMENTS`` values."""
+    """Yield functions giving ``(blocks, reference blocks or None)`` over chunks of at most about
+    ``_IM2COL_CHUNK_ELEMENTS`` values (called in the thread that multiplies them)."""
     activation = np.asarray(activation)
     if reference is not None:
         reference = np.asarray(reference)
@@ -134,16 +152,18 @@ def _row_chunks(layer: LayerSpec, activation: np.ndarray, reference: np.ndarray 
         per_sample = int(np.prod(geometry.out_shape)) * layer.n_inputs * layer.groups
         step = max(1, _IM2COL_CHUNK_ELEMENTS // max(1, per_sample))
         for start in range(0, activation.shape[0], step):
-            part = layer.rows(activation[start : start + step])
-            ref = layer.rows(reference[start : start + step]) if reference is not None else None
-            yield part, ref
+            yield lambda start=start: (
+                layer.rows(activation[start : start + step]),
+                layer.rows(reference[start : start + step]) if reference is not None else None,
+            )
         return
     blocks = layer.rows(activation)
     ref_blocks = layer.rows(reference) if reference is not None else None
     step = max(1, _IM2COL_CHUNK_ELEMENTS // max(1, layer.n_inputs))
     for start in range(0, blocks[0].shape[0], step):
-        yield [b[start : start + step] for b in blocks], (
-            None if ref_blocks is None else [b[start : start + step] for b in ref_blocks]
+        yield lambda start=start: (
+            [b[start : start + step] for b in blocks],
+            None if ref_blocks is None else [b[start : start + step] for b in ref_blocks],
         )
 
 

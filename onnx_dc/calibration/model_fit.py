@@ -303,10 +303,11 @@ def _fit_in_groups(model, working, data, layers, all_layers, settings, options, 
     """The layers captured a budget's worth at a time (one pass over the data per group) on the original
     model, each group fitted (``jobs`` layers at once) and freed before the next is captured."""
     for group in _groups_within(layers, budget):
-        statistics = capture_statistics(
-            model, data, group, batch_size=options.batch_size, max_memory_bytes=options.max_memory_bytes,
-            progress=show, description="calibrating",
-        )
+        with column_threads(jobs):  # the Gram products of row chunks, in threads
+            statistics = capture_statistics(
+                model, data, group, batch_size=options.batch_size, max_memory_bytes=options.max_memory_bytes,
+                progress=show, description="calibrating",
+            )
 
         def fit(layer: LayerSpec, statistics: dict[str, LayerStatistics] = statistics):
             stats = statistics[layer.weight]

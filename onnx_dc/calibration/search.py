@@ -282,7 +282,10 @@ def autotune(
         forward_steps = STEP_FORWARD if len(layers) <= MANY_LAYERS and not transformer else 0
 
     say(f"capturing statistics of {len(layers)} layer(s) on {calibration.n_samples} samples")
-    stats = capture_statistics(model, calibration, layers, batch_size=options.batch_size, max_memory_bytes=options.max_memory_bytes)
+    with column_threads(jobs):
+        stats = capture_statistics(
+            model, calibration, layers, batch_size=options.batch_size, max_memory_bytes=options.max_memory_bytes
+        )
     tables = embedding_tables(model, fixed) if transformer else []
     runner = WeightSwapRunner(
         model, _swapped(layers) + [p.weight for p in proxies] + tables, search, batch_size=options.batch_size
