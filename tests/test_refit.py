@@ -468,6 +468,31 @@ def feedback_reference(problem: LayerProblem, weights, masks, centroids):
     return codes
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_refits_through_the_pruned_rows_match_the_kept_rows_solves(seed, monkeypatch):
+    """Lightly pruned columns are refitted from H^-1 and their pruned rows (OBS's set removal), with the
+    saliencies [H_SS^-1]_jj from the same complement: equal to solving H_SS directly."""
+    from onnx_dc.calibration import pruning_fit
+
+    p = make_problem(seed, k=30, n=8, rows=90)
+    masks = select_mask(p, [0.05, 0.2, 0.45][seed % 3], ["activation", "magnitude"][seed % 2])
+    if seed % 4 == 3:  # identical column masks form one group of several columns
+        masks = [np.repeat(m[:, :1], m.shape[1], axis=1) for m in masks]
+    assert any(pruning_fit._by_complement(int(np.count_nonzero(c)), masks[0].shape[0]) for c in masks[0].T)
+    fast = pruning_fit.refit_weights(p, masks)
+    fast_saliency = pruning_fit._refit_all_with_saliency(p, masks)
+    monkeypatch.setattr(pruning_fit, "_by_complement", lambda *args: False)
+    direct = pruning_fit.refit_weights(p, masks)
+    direct_saliency = pruning_fit._refit_all_with_saliency(p, masks)
+    for a, b, m in zip(fast, direct, masks):
+        np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9 * np.max(np.abs(b)))
+        assert np.all(a[~m] == 0)
+    for (wa, sa), (wb, sb) in zip(fast_saliency, direct_saliency):
+        np.testing.assert_allclose(wa, wb, rtol=1e-7, atol=1e-9 * np.max(np.abs(wb)))
+        np.testing.assert_array_equal(np.isfinite(sa), np.isfinite(sb))
+        np.testing.assert_allclose(sa[np.isfinite(sa)], sb[np.isfinite(sb)], rtol=1e-6)
+
+
 class TestErrorFeedback:
     @pytest.mark.parametrize("seed", range(8))
     def test_matches_the_exact_sequential_least_squares(self, seed):
