@@ -26,7 +26,7 @@ def test_every_subpackage_is_listed_for_the_wheel():
 def test_the_runtime_dependencies_are_what_the_package_imports():
     """Nothing only the tests or benchmarks use (scikit-learn, matplotlib) is installed for every user."""
     names = {dep.split(">")[0].split("<")[0].split("=")[0].strip() for dep in PYPROJECT["project"]["dependencies"]}
-    assert names == {"numpy", "ml_dtypes", "onnx", "onnxruntime", "protobuf", "tqdm"}
+    assert names == {"numpy", "ml_dtypes", "onnx", "onnxruntime", "protobuf", "threadpoolctl", "tqdm"}
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert any(dep.startswith("scikit-learn") for dep in extras["test"])
     assert any(dep.startswith("matplotlib") for dep in extras["plot"])

@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.add_argument("--no-progress", action="store_true", help=_PROGRESS_HELP)
     p.add_argument("--jobs", metavar="N", type=int,
-                   help="worker processes compressing tensors at once, and layers fitted at once by a calibration "
-                   "without sequential capture (default: every core; the output is the same)")
+                   help="worker processes compressing tensors at once, and threads of a calibration's fits "
+                   "(default: every core; the output is the same)")
     _add_calibration_arguments(p)
     p.add_argument("--eval", metavar="E.npz", help="held-out inputs and 'labels' for the budget (not used for fitting)")
     p.add_argument("--min-cosine", metavar="Y", type=float, help="budget: search settings keeping every output's cosine >= Y")

@@ -68,9 +68,9 @@ def compress(
         progress: ``True`` shows a bar on a terminal (weights, their rate, the time left) and one line
             per stage on stderr otherwise (:mod:`onnx_dc.progress`); a callable gets ``(done, total, name)``.
         external_data: force (True) or forbid (False) external data for the output.
-        jobs: worker processes compressing tensors at once, and layers fitted at once by a calibration
-            without sequential capture (default: every core). An execution option, not part of the
-            recipe: the output is the same for every value.
+        jobs: worker processes compressing tensors at once, and threads of a calibration's fits (layers
+            at once without sequential capture, a layer's column solves with it; default: every core).
+            An execution option, not part of the recipe: the output is the same for every value.
 
     Returns:
         The :class:`~onnx_dc.api.convert.CompressionResult`: model, per-layer report, and
