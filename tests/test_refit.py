@@ -493,6 +493,22 @@ def test_refits_through_the_pruned_rows_match_the_kept_rows_solves(seed, monkeyp
         np.testing.assert_allclose(sa[np.isfinite(sa)], sb[np.isfinite(sb)], rtol=1e-6)
 
 
+def test_refits_of_a_singular_layer_fall_back_to_the_direct_solves():
+    """Without damping a silent input makes H singular: no complement through H^-1, the direct (least-squares) path."""
+    from onnx_dc.calibration import pruning_fit
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((60, 12))
+    x[:, 4] = 0.0  # an input that is always zero
+    p = LayerProblem([x.T @ x], [rng.standard_normal((12, 5))], damping=0.0)
+    masks = select_mask(p, 0.2, "magnitude")
+    (weights,) = refit_weights(p, masks)
+    ((obs_weights, saliency),) = pruning_fit._refit_all_with_saliency(p, masks)
+    assert np.all(np.isfinite(weights)) and np.all(weights[~masks[0]] == 0)
+    np.testing.assert_allclose(obs_weights, weights, rtol=1e-6, atol=1e-9)
+    assert p.error([weights]) <= p.error([p.targets[0] * masks[0]]) * (1 + 1e-9)
+
+
 class TestErrorFeedback:
     @pytest.mark.parametrize("seed", range(8))
     def test_matches_the_exact_sequential_least_squares(self, seed):

@@ -203,8 +203,10 @@ def _refit_block(hessian: np.ndarray, target: np.ndarray, mask: np.ndarray) -> n
     groups = [(np.flatnonzero(mask[:, columns[0]]), columns) for columns in _column_groups(mask)]
     lightly_pruned = [g for g in groups if _by_complement(g[0].size, mask.shape[0])]
     groups = [g for g in groups if g[0].size and not _by_complement(g[0].size, mask.shape[0])]
-    if lightly_pruned:
-        inverse = _inverse_spd(hessian)
+    inverse = _definite_inverse(hessian) if lightly_pruned else None
+    if inverse is None:  # not positive definite (no damping): every group solved directly, least squares if need be
+        groups += [g for g in lightly_pruned if g[0].size]
+    else:
         with single_threaded_blas():
             map_columns(lambda group: _refit_by_complement(inverse, target, mask, *group, result), lightly_pruned)
     if not groups:
@@ -221,6 +223,16 @@ def _refit_block(hessian: np.ndarray, target: np.ndarray, mask: np.ndarray) -> n
     with single_threaded_blas():
         map_columns(solve, column_batches(groups, _REFIT_BATCH_BYTES))
     return result
+
+
+def _definite_inverse(hessian: np.ndarray) -> np.ndarray | None:
+    """``H^-1`` through its Cholesky factorisation, or None when ``H`` is not positive definite."""
+    try:
+        inverse_lower = inverse_cholesky(hessian[None])[0]
+    except np.linalg.LinAlgError:
+        return None
+    inverse = inverse_lower.T @ inverse_lower
+    return 0.5 * (inverse + inverse.T)
 
 
 def _by_complement(n_kept: int, n_rows: int) -> bool:
@@ -314,7 +326,7 @@ def _refit_with_saliency(hessian: np.ndarray, target: np.ndarray, mask: np.ndarr
     groups = _column_groups(mask)
     full_inverse = None
     if any(_by_complement(int(np.count_nonzero(mask[:, c[0]])), mask.shape[0]) for c in groups):
-        full_inverse = _inverse_spd(hessian)
+        full_inverse = _definite_inverse(hessian)  # None: every group solved directly
 
     def refit(columns: np.ndarray) -> None:  # each group writes its own columns
         rows = np.flatnonzero(mask[:, columns[0]])
