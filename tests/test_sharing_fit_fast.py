@@ -174,9 +174,11 @@ def test_feedback_factor_gives_gptq_s_factor_of_the_inverse(size: int) -> None:
 
 
 def test_reversed_padded_hessians_put_the_identity_first_and_reverse_the_rows() -> None:
+    from onnx_dc.calibration.pruning_fit import padded_hessians
+
     hessian = np.arange(36.0).reshape(6, 6)
     batch = [(np.array([4, 1, 2]), np.array([0])), (np.array([5]), np.array([1]))]
-    stack = error_feedback.reversed_padded_hessians(hessian, batch)
+    stack = padded_hessians(hessian, batch, reverse=True)
     assert np.array_equal(stack[0], hessian[np.ix_([2, 1, 4], [2, 1, 4])])
     assert np.array_equal(stack[1], np.diag([1.0, 1.0, hessian[5, 5]]))
 

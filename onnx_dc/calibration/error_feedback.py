@@ -24,7 +24,7 @@ from onnx_dc.calibration.layer_problem import (
     map_columns,
     single_threaded_blas,
 )
-from onnx_dc.calibration.pruning_fit import _column_groups, column_batches
+from onnx_dc.calibration.pruning_fit import _column_groups, column_batches, padded_hessians
 from onnx_dc.errors import SettingsError
 
 __all__ = ["assign_with_error_feedback", "feedback_codes", "feedback_plans"]
@@ -92,7 +92,7 @@ class _FeedbackPlan:
 
     def _factor(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         assert self.hessian is not None, "a plan without its Hessian keeps its factors"
-        return _feedback_factor(reversed_padded_hessians(self.hessian, batch))
+        return _feedback_factor(padded_hessians(self.hessian, batch, reverse=True))
 
     def codes(self, weights: np.ndarray, centroids: np.ndarray, mid: np.ndarray) -> np.ndarray:
         """Codes of the block's kept ``weights`` (``-1`` where pruned)."""
@@ -186,17 +186,6 @@ def feedback_codes(
     mid = 0.5 * centroids[:-1] + 0.5 * centroids[1:]
     with single_threaded_blas():
         return [plan.codes(w, centroids, mid) for plan, w in zip(plans, weights)]
-
-
-def reversed_padded_hessians(hessian: np.ndarray, batch: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """``J H_SS J`` of each group of a :func:`~onnx_dc.calibration.pruning_fit.column_batches` batch (rows in
-    reverse visiting order), padded with a leading identity block to a common size ``[len(batch), s, s]``."""
-    size = max(rows.size for rows, _ in batch)
-    stack = np.broadcast_to(np.eye(size), (len(batch), size, size)).copy()
-    for b, (rows, _) in enumerate(batch):
-        backwards = rows[::-1]
-        stack[b, size - rows.size :, size - rows.size :] = hessian[np.ix_(backwards, backwards)]
-    return stack
 
 
 def _feedback_factor(stack: np.ndarray) -> np.ndarray:

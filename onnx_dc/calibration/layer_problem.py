@@ -361,10 +361,16 @@ def _inverse_spd(matrix: np.ndarray) -> np.ndarray:
     """Inverse of a symmetric positive-definite matrix (pseudo-inverse if it is singular)."""
     if matrix.size == 0:
         return matrix.copy()
+    inverse = _definite_inverse(matrix)
+    return np.linalg.pinv(matrix, hermitian=True) if inverse is None else inverse
+
+
+def _definite_inverse(matrix: np.ndarray) -> np.ndarray | None:
+    """``matrix^-1`` through its Cholesky factorisation, or None when it is not positive definite."""
     try:
         inverse_lower = inverse_cholesky(matrix[None])[0]
     except np.linalg.LinAlgError:
-        return np.linalg.pinv(matrix, hermitian=True)
+        return None
     inverse = inverse_lower.T @ inverse_lower
     return 0.5 * (inverse + inverse.T)
 

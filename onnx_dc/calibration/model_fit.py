@@ -264,13 +264,15 @@ def compress_with_calibration(
                 set_initializer(working, name, compressed.quantized)
             tick(name)
 
-        if options.sequential:
-            with column_threads(jobs):  # one layer at a time: its per-column solves share the threads
+        # A layer fitted in this thread (sequential mode, a group of one) splits its per-column solves and its
+        # statistics' row chunks among the threads; layers fitted in threads of their own use one each.
+        with column_threads(jobs):
+            if options.sequential:
                 _fit_sequentially(model, working, data, layers, all_layers, settings, options, budget,
                                   without_reference, result, show, tick)
-        else:
-            _fit_in_groups(model, working, data, layers, all_layers, settings, options, budget, result, show, tick,
-                           jobs)
+            else:
+                _fit_in_groups(model, working, data, layers, all_layers, settings, options, budget, result, show,
+                               tick, jobs)
     finally:
         if bar is not None:
             bar.close()
@@ -303,11 +305,10 @@ def _fit_in_groups(model, working, data, layers, all_layers, settings, options, 
     """The layers captured a budget's worth at a time (one pass over the data per group) on the original
     model, each group fitted (``jobs`` layers at once) and freed before the next is captured."""
     for group in _groups_within(layers, budget):
-        with column_threads(jobs):  # the Gram products of row chunks, in threads
-            statistics = capture_statistics(
-                model, data, group, batch_size=options.batch_size, max_memory_bytes=options.max_memory_bytes,
-                progress=show, description="calibrating",
-            )
+        statistics = capture_statistics(
+            model, data, group, batch_size=options.batch_size, max_memory_bytes=options.max_memory_bytes,
+            progress=show, description="calibrating",
+        )
 
         def fit(layer: LayerSpec, statistics: dict[str, LayerStatistics] = statistics):
             stats = statistics[layer.weight]

@@ -22,6 +22,7 @@ from onnx_dc.calibration.layer_problem import (
     _blocks,
     _check_criterion,
     _check_masks,
+    _definite_inverse,
     _inverse_spd,
     _solve_spd,
     inverse_cholesky,
@@ -205,7 +206,7 @@ def _refit_block(hessian: np.ndarray, target: np.ndarray, mask: np.ndarray) -> n
     groups = [g for g in groups if g[0].size and not _by_complement(g[0].size, mask.shape[0])]
     inverse = _definite_inverse(hessian) if lightly_pruned else None
     if inverse is None:  # not positive definite (no damping): every group solved directly, least squares if need be
-        groups += [g for g in lightly_pruned if g[0].size]
+        groups += lightly_pruned
     else:
         with single_threaded_blas():
             map_columns(lambda group: _refit_by_complement(inverse, target, mask, *group, result), lightly_pruned)
@@ -223,16 +224,6 @@ def _refit_block(hessian: np.ndarray, target: np.ndarray, mask: np.ndarray) -> n
     with single_threaded_blas():
         map_columns(solve, column_batches(groups, _REFIT_BATCH_BYTES))
     return result
-
-
-def _definite_inverse(hessian: np.ndarray) -> np.ndarray | None:
-    """``H^-1`` through its Cholesky factorisation, or None when ``H`` is not positive definite."""
-    try:
-        inverse_lower = inverse_cholesky(hessian[None])[0]
-    except np.linalg.LinAlgError:
-        return None
-    inverse = inverse_lower.T @ inverse_lower
-    return 0.5 * (inverse + inverse.T)
 
 
 def _by_complement(n_kept: int, n_rows: int) -> bool:
@@ -284,14 +275,24 @@ def column_batches(
     return batches
 
 
-def padded_hessians(hessian: np.ndarray, batch: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+def padded_hessians(
+    hessian: np.ndarray, batch: Sequence[tuple[np.ndarray, np.ndarray]], *, reverse: bool = False
+) -> np.ndarray:
     """``H_SS`` of each group of a :func:`column_batches` batch, padded with an identity block to a common size
-    ``[len(batch), s, s]`` (a padded row is independent of the others and of its group's rows)."""
+    ``[len(batch), s, s]`` (a padded row is independent of the others and of its group's rows).
+
+    ``reverse``: ``J H_SS J`` (the group's rows in reverse order) after a leading identity block instead.
+    """
     size = max(rows.size for rows, _ in batch)
     stack = np.broadcast_to(np.eye(size), (len(batch), size, size)).copy()
     for b, (rows, _) in enumerate(batch):
-        stack[b, : rows.size, : rows.size] = hessian[np.ix_(rows, rows)]
+        if reverse:
+            backwards = rows[::-1]
+            stack[b, size - rows.size :, size - rows.size :] = hessian[np.ix_(backwards, backwards)]
+        else:
+            stack[b, : rows.size, : rows.size] = hessian[np.ix_(rows, rows)]
     return stack
+
 
 def _solve_padded(
     hessian: np.ndarray, ht: np.ndarray, batch: Sequence[tuple[np.ndarray, np.ndarray]], result: np.ndarray

@@ -55,6 +55,7 @@ __all__ = [
 
 _IMPROVEMENT_RTOL = 1e-9  # a step must lower E by more than this (relative) to count
 _ONEHOT_MAX_ELEMENTS = 1 << 18  # _centroid_system builds the one-hot matrix of blocks up to this size
+_SYSTEM_CHUNK_COLUMNS = 8  # columns summed per piece of the per-column centroid system (a fixed order)
 _PAIR_SUMS_MAX_ENTRIES = 1 << 22  # _small_blocks_system's pairs (G K^2 N) at most; larger layers go block by block
 _UPDATE_MAX_CHANGED = 0.25  # _CentroidSystems updates M when at most this fraction of a block's codes changed
 _REASSIGN_ROWS = 32  # rows whose coordinate moves reassign_codes computes together
@@ -434,10 +435,6 @@ def _per_column_system(
         used = sorted_codes[starts]
         system[np.ix_(used, used)] += block if column_weights is None else column_weights[n] * block
     return system
-
-
-
-_SYSTEM_CHUNK_COLUMNS = 8  # columns summed per piece of the per-column centroid system (a fixed order)
 
 
 def _per_column_is_cheaper(k: int, n_rows: int, kept_per_column: np.ndarray) -> bool:
