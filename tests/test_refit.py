@@ -308,10 +308,12 @@ def test_centroid_systems_updated_from_changed_codes_equal_rebuilt_ones(seed, k,
     the system and centroids that building it again gives."""
     from onnx_dc.calibration import sharing_fit as refit
 
-    base = make_problem(seed, k=14, n=9, blocks=2)
+    first, second = make_problem(seed, k=14, n=9), make_problem(seed + 1, k=10, n=7)  # shapes differ: block by block
+    grams, targets = first.grams + second.grams, first.targets + second.targets
     rng = np.random.default_rng(seed)
-    weights = [rng.random(t.shape[1]) + 0.1 for t in base.targets] if weighted else None
-    p = LayerProblem(base.grams, base.targets, column_weights=weights)
+    weights = [rng.random(t.shape[1]) + 0.1 for t in targets] if weighted else None
+    p = LayerProblem(grams, targets, column_weights=weights)
+    assert not refit._pair_sums_apply(p)
     codes = [np.where(rng.random(t.shape) < 0.3, -1, rng.integers(0, k, t.shape)).astype(np.int32) for t in p.targets]
     centroids = np.sort(rng.standard_normal(k))
     systems = refit._CentroidSystems(p)
@@ -384,6 +386,61 @@ class TestReassign:
         p = make_problem(10)
         with pytest.raises(SettingsError):
             reassign_codes(p, random_codes(p, 2, 0), np.array([1.0, -1.0]))
+
+
+class TestManyClusters:
+    """From _FEEDBACK_ONLY_CLUSTERS centroids (7-8 bits) quantize_layer starts from error feedback alone."""
+
+    @staticmethod
+    def recorded_starts(monkeypatch: pytest.MonkeyPatch, ef_error: float | None = None) -> list[str]:
+        from onnx_dc.calibration import sharing_fit
+
+        starts: list[str] = []
+        alternate = sharing_fit._alternate
+
+        def recording(problem, codes, centroids, error, rounds, history):
+            nearest = bool(history)  # the nearest run's history holds the k-means E; the feedback runs' starts empty
+            starts.append("nearest" if nearest else "feedback")
+            result = alternate(problem, codes, centroids, error, rounds, history)
+            return result if nearest or ef_error is None else (result[0], result[1], ef_error)
+
+        monkeypatch.setattr(sharing_fit, "_alternate", recording)
+        return starts
+
+    @staticmethod
+    def layer():
+        p = make_problem(5, k=40, n=9, rows=120)
+        masks = select_mask(p, 0.1, "magnitude")
+        return p, refit_weights(p, masks), masks
+
+    def test_the_nearest_run_only_below_the_threshold(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        p, weights, masks = self.layer()
+        starts = self.recorded_starts(monkeypatch)
+        q = quantize_layer(p, weights, masks, 128)
+        assert starts and set(starts) == {"feedback"}
+        assert len(q.history) <= 1 + len(starts)  # the k-means E, then each lower E a feedback run ended with
+        starts.clear()
+        quantize_layer(p, weights, masks, 64)
+        assert starts[0] == "nearest" and "feedback" in starts
+
+    def test_restarts_stop_once_one_gains_less_than_a_round(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from onnx_dc.calibration import sharing_fit
+
+        p, weights, masks = self.layer()
+        starts = self.recorded_starts(monkeypatch)
+        monkeypatch.setattr(sharing_fit, "_ROUND_RTOL", 1.0)  # every restart gains "less than a round"
+        quantize_layer(p, weights, masks, 128)
+        assert starts == ["feedback", "feedback"]  # the first restart always, the second gained too little
+
+    def test_the_nearest_run_when_error_feedback_never_lowers_e(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        p, weights, masks = self.layer()
+        nearest_only = quantize_layer(p, weights, masks, 128, error_feedback=False)
+        starts = self.recorded_starts(monkeypatch, ef_error=float("inf"))
+        q = quantize_layer(p, weights, masks, 128)
+        assert starts == ["feedback", "nearest"]
+        assert q.history == nearest_only.history
+        for a, b in zip(q.codes, nearest_only.codes):
+            np.testing.assert_array_equal(a, b)
 
 
 class TestQuantizeAndFit:

@@ -65,7 +65,29 @@ class TestFeedbackPlanCache:
         for_the_call = error_feedback._FeedbackPlanCache(8, 4, call_bytes=1 << 20)
         plan = for_the_call.plan(p.hessians[0], select_mask(p, 0.5, "magnitude")[0])
         assert plan.factors is not None and not for_the_call._plans  # kept by its caller only
+        assert plan.compact and all(f.dtype == np.float32 for f in plan.factors)  # in half the memory
 
+    def test_compact_factors_round_as_the_full_ones(self) -> None:
+        p = make_problem(3, k=60, n=12)
+        masks = select_mask(p, 0.3, "magnitude")
+        weights = refit_weights(p, masks)[0]
+        compact = error_feedback._FeedbackPlan(p.hessians[0], masks[0], 8, 1 << 20)
+        full = error_feedback._FeedbackPlan(p.hessians[0], masks[0], 1 << 20)
+        assert compact.compact and not full.compact
+        centroids = np.quantile(weights[masks[0]], np.linspace(0.02, 0.98, 16))
+        mid = 0.5 * (centroids[1:] + centroids[:-1])
+        np.testing.assert_array_equal(compact.codes(weights, centroids, mid), full.codes(weights, centroids, mid))
+
+
+    def test_factors_computed_a_few_columns_at_a_time_equal_one_stack(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        p = make_problem(6, k=50, n=10)
+        mask = select_mask(p, 0.4, "magnitude")[0]
+        whole = error_feedback._FeedbackPlan(p.hessians[0], mask, 1 << 30)
+        monkeypatch.setattr(error_feedback, "_FACTOR_CHUNK_BYTES", 1)  # one column per factorisation
+        chunked = error_feedback._FeedbackPlan(p.hessians[0], mask, 1 << 30)
+        assert len(whole.batches) == 1 and len(whole.batches[0]) == p.targets[0].shape[1]  # one padded stack
+        assert len({rows.size for rows, _ in whole.batches[0]}) > 1  # of columns padded by different amounts
+        np.testing.assert_allclose(chunked.factors[0], whole.factors[0], rtol=0, atol=1e-12)
 
 def test_the_plan_cache_is_shared_safely_by_threads() -> None:
     """Layers are fitted in threads (compress_with_calibration's jobs): concurrent lookups, inserts and

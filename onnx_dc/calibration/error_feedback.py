@@ -29,10 +29,11 @@ from onnx_dc.errors import SettingsError
 
 __all__ = ["assign_with_error_feedback", "feedback_codes", "feedback_plans"]
 
-_FEEDBACK_BATCH_BYTES = 1 << 25  # padded factors of single-column groups processed together
+_FEEDBACK_BATCH_BYTES = 1 << 25  # padded factors of single-column groups rounded together
+_FACTOR_CHUNK_BYTES = 1 << 23  # ... and factorised together (see pruning_fit._REFIT_BATCH_BYTES)
 _FEEDBACK_CACHE_BYTES = 1 << 29  # factors kept between roundings (restarts, bit widths of one mask), in total
 _FEEDBACK_CACHE_PLANS = 16  # plans kept at most (each holds its layer's Hessian)
-_FEEDBACK_CALL_BYTES = 1 << 30  # factors of a plan too large for the cache, kept for one quantize_layer call
+_FEEDBACK_CALL_BYTES = 1 << 31  # float32 factors of a plan too large for the cache, kept for one quantize_layer call
 _FEEDBACK_BLOCK_ROWS = 64  # rows per lazy-update block of the error-feedback rounding
 
 
@@ -74,10 +75,12 @@ class _FeedbackPlan:
     together); single-column groups (sparse layers: every column its own mask)
     are batched, padded to a common size: padded rows have an identity factor
     and feed nothing back. The factors are kept between roundings when they take
-    at most ``keep_bytes``, and recomputed for every rounding otherwise.
+    at most ``keep_bytes`` in float64 (``factor_bytes``), else in float32 (``compact``:
+    half the memory, for a large layer whose factors cost more than its roundings)
+    when that takes at most ``compact_bytes``, and are recomputed for every rounding otherwise.
     """
 
-    def __init__(self, hessian: np.ndarray, mask: np.ndarray, keep_bytes: int) -> None:
+    def __init__(self, hessian: np.ndarray, mask: np.ndarray, keep_bytes: int, compact_bytes: int = 0) -> None:
         self.hessian: np.ndarray | None = hessian
         self.shape = mask.shape
         diag = np.diag(hessian)
@@ -88,11 +91,25 @@ class _FeedbackPlan:
                 groups.append((rows[np.argsort(-diag[rows], kind="stable")], columns))
         self.batches = column_batches(groups, _FEEDBACK_BATCH_BYTES)
         self.factor_bytes = sum(len(b) * b[-1][0].size ** 2 * 8 for b in self.batches)
-        self.factors = map_columns(self._factor, self.batches) if self.factor_bytes <= keep_bytes else None
+        self.compact = keep_bytes < self.factor_bytes <= 2 * compact_bytes
+        kept = self.factor_bytes <= keep_bytes or self.compact
+        self.factors = map_columns(self._factor, self.batches) if kept else None
 
     def _factor(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """The padded factors of ``batch`` (rows by increasing count), factorised a few columns at a time."""
         assert self.hessian is not None, "a plan without its Hessian keeps its factors"
-        return _feedback_factor(padded_hessians(self.hessian, batch, reverse=True))
+        size = max(rows.size for rows, _ in batch)
+        dtype = np.float32 if self.compact else np.float64
+        factors = np.broadcast_to(np.eye(size, dtype=dtype), (len(batch), size, size)).copy()
+        begin = 0
+        while begin < len(batch):
+            end = begin + 1
+            while end < len(batch) and (end - begin + 1) * batch[end][0].size ** 2 * 8 <= _FACTOR_CHUNK_BYTES:
+                end += 1
+            part = _feedback_factor(padded_hessians(self.hessian, batch[begin:end], reverse=True))
+            factors[begin:end, size - part.shape[-1] :, size - part.shape[-1] :] = part  # more leading identity
+            begin = end
+        return factors
 
     def codes(self, weights: np.ndarray, centroids: np.ndarray, mid: np.ndarray) -> np.ndarray:
         """Codes of the block's kept ``weights`` (``-1`` where pruned)."""
@@ -124,8 +141,8 @@ class _FeedbackPlanCache:
     weak reference: an entry goes when its Hessian is freed, so a later array
     with the same identity never finds it; Hessians are never modified) and the
     mask's contents. Plans whose factors exceed ``max_bytes`` are not kept: up to
-    ``call_bytes`` they hold their factors for their caller (the restarts of one
-    :func:`~onnx_dc.calibration.sharing_fit.quantize_layer`), beyond it they
+    ``call_bytes`` in float32 they hold their factors for their caller (the restarts
+    of one :func:`~onnx_dc.calibration.sharing_fit.quantize_layer`), beyond it they
     recompute them per rounding.
     """
 
@@ -146,8 +163,8 @@ class _FeedbackPlanCache:
                 self._plans.move_to_end(key)
                 return entry[1]
         with single_threaded_blas():
-            plan = _FeedbackPlan(hessian, mask, max(self.max_bytes, self.call_bytes))
-        if plan.factors is not None and plan.factor_bytes <= self.max_bytes:
+            plan = _FeedbackPlan(hessian, mask, self.max_bytes, self.call_bytes)
+        if plan.factors is not None and not plan.compact:
             plan.hessian = None  # the factors are all it needs; the cache must not keep the Hessian alive
             with self._lock:
                 self._remove(key)
@@ -231,16 +248,17 @@ def _round_with_feedback(weights: np.ndarray, factors: np.ndarray, centroids: np
     n_rows = weights.shape[1]
     for stop in range(n_rows, 0, -_FEEDBACK_BLOCK_ROWS):
         start = max(0, stop - _FEEDBACK_BLOCK_ROWS)
+        block = np.asarray(factors[:, start:, start:stop], dtype=np.float64)  # L_{>=start, start:stop}; compact: float32
         if stop < n_rows:
-            shift = np.matmul(np.swapaxes(factors[:, stop:, start:stop], 1, 2), errors[:, stop:, :])
+            shift = np.matmul(np.swapaxes(block[:, stop - start :, :], 1, 2), errors[:, stop:, :])
         else:
             shift = np.zeros((weights.shape[0], stop - start, weights.shape[2]))
-        for r in range(stop - 1, start - 1, -1):
-            row = weights[:, r, :]
-            moved = row + shift[:, r - start, :] / factors[:, r, r][:, None]
+        for i in range(stop - start - 1, -1, -1):  # row start + i
+            row = weights[:, start + i, :]
+            moved = row + shift[:, i, :] / block[:, i, i][:, None]
             q = np.searchsorted(mid, moved, side="left")
-            codes[:, r, :] = q
-            errors[:, r, :] = row - centroids[q]
-            if r > start:
-                shift[:, : r - start, :] += factors[:, r, start:r][:, :, None] * errors[:, r, None, :]
+            codes[:, start + i, :] = q
+            errors[:, start + i, :] = row - centroids[q]
+            if i > 0:
+                shift[:, :i, :] += block[:, i, :i][:, :, None] * errors[:, start + i, None, :]
     return codes
