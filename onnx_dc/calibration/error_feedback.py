@@ -102,11 +102,9 @@ class _FeedbackPlan:
         dtype = np.float32 if self.compact else np.float64
         factors = np.broadcast_to(np.eye(size, dtype=dtype), (len(batch), size, size)).copy()
         begin = 0
-        while begin < len(batch):
-            end = begin + 1
-            while end < len(batch) and (end - begin + 1) * batch[end][0].size ** 2 * 8 <= _FACTOR_CHUNK_BYTES:
-                end += 1
-            part = _feedback_factor(padded_hessians(self.hessian, batch[begin:end], reverse=True))
+        for chunk in column_batches(batch, _FACTOR_CHUNK_BYTES):  # the batch's order: its rows already increase
+            part = _feedback_factor(padded_hessians(self.hessian, chunk, reverse=True))
+            end = begin + len(chunk)
             factors[begin:end, size - part.shape[-1] :, size - part.shape[-1] :] = part  # more leading identity
             begin = end
         return factors
