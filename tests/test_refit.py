@@ -398,10 +398,11 @@ class TestManyClusters:
         starts: list[str] = []
         alternate = sharing_fit._alternate
 
-        def recording(problem, codes, centroids, error, rounds, history):
+        def recording(problem, codes, centroids, error, rounds, history, **kwargs):
             nearest = bool(history)  # the nearest run's history holds the k-means E; the feedback runs' starts empty
-            starts.append("nearest" if nearest else "feedback")
-            result = alternate(problem, codes, centroids, error, rounds, history)
+            refits = kwargs.get("refit_centroids", True)
+            starts.append(("nearest" if nearest else "feedback") + ("" if refits else " (re-assignments)"))
+            result = alternate(problem, codes, centroids, error, rounds, history, **kwargs)
             return result if nearest or ef_error is None else (result[0], result[1], ef_error)
 
         monkeypatch.setattr(sharing_fit, "_alternate", recording)
@@ -417,27 +418,30 @@ class TestManyClusters:
         p, weights, masks = self.layer()
         starts = self.recorded_starts(monkeypatch)
         q = quantize_layer(p, weights, masks, 128)
-        assert starts and set(starts) == {"feedback"}
+        assert starts and not any(s.startswith("nearest") for s in starts)
         assert len(q.history) <= 1 + len(starts)  # the k-means E, then each lower E a feedback run ended with
         starts.clear()
         quantize_layer(p, weights, masks, 64)
         assert starts[0] == "nearest" and "feedback" in starts
 
-    def test_restarts_stop_once_one_gains_less_than_a_round(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from onnx_dc.calibration import sharing_fit
-
+    def test_one_feedback_rounding_then_reassignments_alone(self, monkeypatch: pytest.MonkeyPatch) -> None:
         p, weights, masks = self.layer()
         starts = self.recorded_starts(monkeypatch)
-        monkeypatch.setattr(sharing_fit, "_ROUND_RTOL", 1.0)  # every restart gains "less than a round"
-        quantize_layer(p, weights, masks, 128)
-        assert starts == ["feedback", "feedback"]  # the first restart always, the second gained too little
+        q = quantize_layer(p, weights, masks, 128)
+        assert starts == ["feedback (re-assignments)"]
+        plain = quantize_layer(p, weights, masks, 128, refit=False)
+        np.testing.assert_array_equal(q.centroids, plain.centroids)  # the k-means centroids, never refitted
+        assert q.error < plain.error
+        starts.clear()
+        quantize_layer(p, weights, masks, 64)
+        assert starts.count("feedback") >= 1 and all(s in ("nearest", "feedback") for s in starts)
 
     def test_the_nearest_run_when_error_feedback_never_lowers_e(self, monkeypatch: pytest.MonkeyPatch) -> None:
         p, weights, masks = self.layer()
         nearest_only = quantize_layer(p, weights, masks, 128, error_feedback=False)
         starts = self.recorded_starts(monkeypatch, ef_error=float("inf"))
         q = quantize_layer(p, weights, masks, 128)
-        assert starts == ["feedback", "nearest"]
+        assert starts == ["feedback (re-assignments)", "nearest"]
         assert q.history == nearest_only.history
         for a, b in zip(q.codes, nearest_only.codes):
             np.testing.assert_array_equal(a, b)

@@ -66,6 +66,8 @@ class TestFeedbackPlanCache:
         plan = for_the_call.plan(p.hessians[0], select_mask(p, 0.5, "magnitude")[0])
         assert plan.factors is not None and not for_the_call._plans  # kept by its caller only
         assert plan.compact and all(f.dtype == np.float32 for f in plan.factors)  # in half the memory
+        once = for_the_call.plan(p.hessians[0], select_mask(p, 0.5, "magnitude")[0], one_rounding=True)
+        assert once.factors is None and not once.compact  # computed during its one rounding
 
     def test_compact_factors_round_as_the_full_ones(self) -> None:
         p = make_problem(3, k=60, n=12)

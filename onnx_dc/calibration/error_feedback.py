@@ -152,8 +152,12 @@ class _FeedbackPlanCache:
         self._bytes = 0
         self._lock = threading.RLock()  # layers are fitted in threads; a weakref callback may run inside
 
-    def plan(self, hessian: np.ndarray, mask: np.ndarray) -> _FeedbackPlan:
-        """The plan of ``(hessian, mask)``: cached, or built (and cached when its factors fit)."""
+    def plan(self, hessian: np.ndarray, mask: np.ndarray, *, one_rounding: bool = False) -> _FeedbackPlan:
+        """The plan of ``(hessian, mask)``: cached, or built (and cached when its factors fit).
+
+        With ``one_rounding`` (the caller rounds once) a plan too large for the cache
+        computes its factors during the rounding instead of holding them all at once.
+        """
         key = (id(hessian), mask.shape, np.packbits(mask).tobytes())
         with self._lock:
             entry = self._plans.get(key)
@@ -161,7 +165,7 @@ class _FeedbackPlanCache:
                 self._plans.move_to_end(key)
                 return entry[1]
         with single_threaded_blas():
-            plan = _FeedbackPlan(hessian, mask, self.max_bytes, self.call_bytes)
+            plan = _FeedbackPlan(hessian, mask, self.max_bytes, 0 if one_rounding else self.call_bytes)
         if plan.factors is not None and not plan.compact:
             plan.hessian = None  # the factors are all it needs; the cache must not keep the Hessian alive
             with self._lock:
@@ -189,9 +193,14 @@ _PlanKey = tuple[int, tuple[int, ...], bytes]  # (id of the Hessian, mask shape,
 _FEEDBACK_PLANS = _FeedbackPlanCache(_FEEDBACK_CACHE_BYTES, _FEEDBACK_CACHE_PLANS, _FEEDBACK_CALL_BYTES)
 
 
-def feedback_plans(problem: LayerProblem, masks: Sequence[np.ndarray]) -> list[_FeedbackPlan]:
-    """The error-feedback plans of ``problem``'s blocks for ``masks`` (shared through :data:`_FEEDBACK_PLANS`)."""
-    return [_FEEDBACK_PLANS.plan(h, m) for h, m in zip(problem.hessians, masks)]
+def feedback_plans(
+    problem: LayerProblem, masks: Sequence[np.ndarray], *, one_rounding: bool = False
+) -> list[_FeedbackPlan]:
+    """The error-feedback plans of ``problem``'s blocks for ``masks`` (shared through :data:`_FEEDBACK_PLANS`).
+
+    ``one_rounding``: the caller rounds once (see :meth:`_FeedbackPlanCache.plan`).
+    """
+    return [_FEEDBACK_PLANS.plan(h, m, one_rounding=one_rounding) for h, m in zip(problem.hessians, masks)]
 
 
 def feedback_codes(

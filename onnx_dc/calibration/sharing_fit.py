@@ -90,18 +90,20 @@ def quantize_layer(
     of :func:`assign_with_error_feedback` (first with the k-means centroids, then
     with the best centroids found, while that lowers ``E``) and the result with
     the lowest ``E`` is returned. From :data:`_FEEDBACK_ONLY_CLUSTERS` centroids
-    (7-8 bits) the nearest-centroid run is left out unless error feedback never
-    lowers ``E``, and the restarts stop after one that gains less than a round
-    must: on every real layer measured at 7-8 bits the error-feedback rounding
-    alone ended lower than the whole nearest-centroid run, and its restarts
-    gained under 0.3 % (docs/CALIBRATION.md); at fewer bits the nearest-centroid
-    run sometimes wins. ``weights`` should be the unquantized weights
-    that minimise ``E`` for ``masks`` (:func:`refit_weights`), which the
+    (7-8 bits) one error-feedback rounding of the k-means centroids is followed by
+    re-assignments alone: no nearest-centroid run (unless error feedback never
+    lowers ``E``), no centroid refits, no restarts. On the real layers measured
+    at 7-8 bits the error-feedback rounding alone ended lower than the whole
+    nearest-centroid run, and the refits and restarts lowered ``E`` by 0.1-0.3 %
+    at up to half of the layer's fitting time (docs/CALIBRATION.md); at fewer
+    bits the nearest-centroid run sometimes wins. ``weights`` should be the
+    unquantized weights that minimise ``E`` for ``masks`` (:func:`refit_weights`), which the
     error-feedback start assumes. Pruned weights (``masks`` False) stay exactly zero.
 
     ``history`` lists ``E`` after the k-means start and after every accepted step
     of the nearest-centroid run (when it runs first), then every lower ``E`` an
-    error-feedback run ended with; it never increases.
+    error-feedback run ended with (then the nearest-centroid run's, in the fallback
+    above); it never increases.
     """
     masks = _check_masks(masks, problem)
     weights = _blocks(weights, problem)
@@ -130,22 +132,19 @@ def quantize_layer(
     if not feedback_only:
         codes, centroids, error = _alternate(problem, codes, start_centroids, error, rounds, history)
     if error_feedback:
-        plans = feedback_rounding.feedback_plans(problem, masks)
+        plans = feedback_rounding.feedback_plans(problem, masks, one_rounding=feedback_only)
         feedback_centroids = start_centroids
-        for restart in range(_FEEDBACK_RESTARTS):
+        for _ in range(1 if feedback_only else _FEEDBACK_RESTARTS):
             trial_codes = feedback_rounding.feedback_codes(plans, weights, feedback_centroids)
             trial_error = problem.error([_dequantize(c, feedback_centroids) for c in trial_codes])
             trial_codes, trial_centroids, trial_error = _alternate(
-                problem, trial_codes, feedback_centroids, trial_error, rounds, []
+                problem, trial_codes, feedback_centroids, trial_error, rounds, [], refit_centroids=not feedback_only
             )
             if not _improves(trial_error, error):
                 break
-            gained = 1.0 - trial_error / error
             codes, centroids, error = trial_codes, trial_centroids, trial_error
             history.append(error)
             feedback_centroids = centroids
-            if feedback_only and restart > 0 and gained < _ROUND_RTOL:
-                break  # the restarts after one that gains less than a round gain less still
         if feedback_only and len(history) == 1:  # error feedback never lowered E: the nearest-centroid run after all
             codes, centroids, error = _alternate(problem, codes, start_centroids, error, rounds, history)
     return QuantizedLayer(codes, centroids, error, history)
@@ -368,19 +367,23 @@ def _solve_centroids(system: np.ndarray, rhs: np.ndarray, centroids: np.ndarray)
 
 def _alternate(
     problem: LayerProblem, codes: list[np.ndarray], centroids: np.ndarray, error: float, rounds: int,
-    history: list[float],
+    history: list[float], *, refit_centroids: bool = True,
 ) -> tuple[list[np.ndarray], np.ndarray, float]:
-    """Alternate centroid refit and re-assignment from ``codes``; accepted errors appended to ``history``."""
-    systems = _CentroidSystems(problem)
+    """Alternate centroid refit and re-assignment from ``codes``; accepted errors appended to ``history``.
+
+    Without ``refit_centroids`` only the re-assignments run (the centroids stay).
+    """
+    systems = _CentroidSystems(problem) if refit_centroids else None
     for _ in range(rounds):
         start = error
-        new_centroids = systems.refit(codes, centroids)
-        new_error = problem.error([_dequantize(c, new_centroids) for c in codes])
-        if _improves(new_error, error):
-            centroids, error = new_centroids, new_error
-            codes, centroids, rank = _sorted_codebook(codes, centroids)
-            systems.relabel(rank)
-            history.append(error)
+        if systems is not None:
+            new_centroids = systems.refit(codes, centroids)
+            new_error = problem.error([_dequantize(c, new_centroids) for c in codes])
+            if _improves(new_error, error):
+                centroids, error = new_centroids, new_error
+                codes, centroids, rank = _sorted_codebook(codes, centroids)
+                systems.relabel(rank)
+                history.append(error)
         new_codes = reassign_codes(problem, codes, centroids)
         new_error = problem.error([_dequantize(c, centroids) for c in new_codes])
         if _improves(new_error, error):
