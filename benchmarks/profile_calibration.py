@@ -94,7 +94,7 @@ STAGES: list[tuple[str, str, Label]] = [
     ("onnx_dc.calibration.pruning_fit", "select_mask", "numeric: select_mask"),
     ("onnx_dc.calibration.sharing_fit", "_CentroidSystems.refit", "numeric: refit_centroids"),
     ("onnx_dc.calibration.sharing_fit", "reassign_codes", "numeric: reassign_codes"),
-    ("onnx_dc.calibration.error_feedback", "_FeedbackPlan.__init__", "numeric: error-feedback factors"),
+    ("onnx_dc.calibration.error_feedback", "_FeedbackPlan._factor", "numeric: error-feedback factors"),
     ("onnx_dc.calibration.error_feedback", "feedback_codes", "numeric: error-feedback rounding"),
     ("onnx_dc.calibration.layer_problem", "LayerProblem.error", "numeric: LayerProblem.error"),
     ("onnx_dc.api.convert", "compress_model", "convert: compress_model"),
