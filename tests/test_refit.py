@@ -389,7 +389,7 @@ class TestReassign:
 
 
 class TestManyClusters:
-    """From _FEEDBACK_ONLY_CLUSTERS centroids (7-8 bits) quantize_layer starts from error feedback alone."""
+    """From _FEEDBACK_ONLY_CLUSTERS centroids (7-8 bits): one error-feedback rounding, then re-assignments."""
 
     @staticmethod
     def recorded_starts(monkeypatch: pytest.MonkeyPatch, ef_error: float | None = None) -> list[str]:

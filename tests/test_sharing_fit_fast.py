@@ -80,7 +80,6 @@ class TestFeedbackPlanCache:
         mid = 0.5 * (centroids[1:] + centroids[:-1])
         np.testing.assert_array_equal(compact.codes(weights, centroids, mid), full.codes(weights, centroids, mid))
 
-
     def test_factors_computed_a_few_columns_at_a_time_equal_one_stack(self, monkeypatch: pytest.MonkeyPatch) -> None:
         p = make_problem(6, k=50, n=10)
         mask = select_mask(p, 0.4, "magnitude")[0]
@@ -90,6 +89,7 @@ class TestFeedbackPlanCache:
         assert len(whole.batches) == 1 and len(whole.batches[0]) == p.targets[0].shape[1]  # one padded stack
         assert len({rows.size for rows, _ in whole.batches[0]}) > 1  # of columns padded by different amounts
         np.testing.assert_allclose(chunked.factors[0], whole.factors[0], rtol=0, atol=1e-12)
+
 
 def test_the_plan_cache_is_shared_safely_by_threads() -> None:
     """Layers are fitted in threads (compress_with_calibration's jobs): concurrent lookups, inserts and

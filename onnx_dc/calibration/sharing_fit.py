@@ -61,7 +61,7 @@ _UPDATE_MAX_CHANGED = 0.25  # _CentroidSystems updates M when at most this fract
 _REASSIGN_ROWS = 32  # rows whose coordinate moves reassign_codes computes together
 _ROUND_RTOL = 1e-3  # quantize_layer stops when a whole round gains less than this (relative)
 _FEEDBACK_RESTARTS = 3  # error-feedback starts quantize_layer tries at most (each from the best codebook so far)
-_FEEDBACK_ONLY_CLUSTERS = 128  # from this many centroids the nearest-centroid run is left out (see quantize_layer)
+_FEEDBACK_ONLY_CLUSTERS = 128  # from this many: one error-feedback rounding, then re-assignments (quantize_layer)
 
 
 # ---------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def quantize_layer(
     re-assignments alone: no nearest-centroid run (unless error feedback never
     lowers ``E``), no centroid refits, no restarts. On the real layers measured
     at 7-8 bits the error-feedback rounding alone ended lower than the whole
-    nearest-centroid run, and the refits and restarts lowered ``E`` by 0.1-0.3 %
+    nearest-centroid run, and the refits and restarts lowered ``E`` by 0.12-0.33 %
     at up to half of the layer's fitting time (docs/CALIBRATION.md); at fewer
     bits the nearest-centroid run sometimes wins. ``weights`` should be the
     unquantized weights that minimise ``E`` for ``masks`` (:func:`refit_weights`), which the
